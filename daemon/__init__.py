@@ -1,0 +1,1 @@
+"""The embedtune process: watcher, workers, scheduler, service lifecycle and CLI."""

@@ -1,0 +1,121 @@
+"""The `embedtune` command. Imports stay lazy: `status` must answer fast and never import torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from daemon.settings import ConfigError, Settings, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedtune", description=__doc__)
+    parser.add_argument("--config", help="config file (default: $EMBEDTUNE_CONFIG, else embedded defaults)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", help="run the daemon in the foreground (what the systemd unit starts)")
+
+    status = sub.add_parser("status", help="what the daemon is doing")
+    status.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
+
+    sub.add_parser("rollback", help="serve the previous model again")
+
+    config = sub.add_parser("config", help="configuration tools")
+    config_sub = config.add_subparsers(dest="config_command", required=True)
+    config_sub.add_parser("check", help="validate the config file and print the effective settings")
+
+    train = sub.add_parser("train", help="training rounds")
+    train.add_argument("--now", action="store_true", help="start a round now, whatever the schedule")
+    train.add_argument("--foreground", action="store_true",
+                       help="run the round here even if the daemon is running")
+
+    jobs = sub.add_parser("requeue", help="give dead jobs a fresh set of attempts")
+    jobs.add_argument("--kind", help="only jobs of this kind")
+
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(args.config)
+    except ConfigError as exc:
+        print(f"embedtune: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+
+
+def cmd_status(settings: Settings, as_json: bool) -> int:
+    from state.layout import StateLayout
+    from state.status import format_status, read_status
+
+    status = read_status(StateLayout(settings.paths.state_dir), settings.llm.url)
+    if as_json:
+        print(json.dumps(status, indent=2, ensure_ascii=False))
+    else:
+        print(format_status(status))
+    return 0
+
+
+def cmd_config_check(settings: Settings, source: str | None) -> int:
+    from daemon.settings import config_path
+
+    path = config_path(source)
+    print(f"configuration OK ({path or 'embedded defaults'})")
+    print(json.dumps(settings.model_dump(mode="json"), indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_rollback(settings: Settings) -> int:
+    from state.db import Database
+    from state.layout import StateLayout
+    from state.registry import ModelRegistry, RegistryError
+
+    layout = StateLayout(settings.paths.state_dir).ensure()
+    db = Database(layout.database)
+    try:
+        record = ModelRegistry(db.conn, layout).rollback()
+    except RegistryError as exc:
+        print(f"embedtune: {exc}", file=sys.stderr)
+        return 1
+    print(f"now serving {'v' + str(record.id) if record else 'the base model'}")
+    return 0
+
+
+def cmd_requeue(settings: Settings, kind: str | None) -> int:
+    from state.db import Database
+    from state.layout import StateLayout
+    from state.queue import JobQueue
+
+    layout = StateLayout(settings.paths.state_dir).ensure()
+    count = JobQueue(Database(layout.database).conn).requeue_dead(kind)
+    print(f"requeued {count} dead job(s)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    settings = _load(args)
+    if args.command == "status":
+        return cmd_status(settings, args.json)
+    if args.command == "config":
+        return cmd_config_check(settings, args.config)
+    from daemon.logs import configure_logging
+
+    configure_logging(settings.logging.level, settings.logging.format)
+    if args.command == "run":
+        from daemon.service import run_daemon
+
+        return run_daemon(settings, config_file=args.config)
+    if args.command == "rollback":
+        return cmd_rollback(settings)
+    if args.command == "requeue":
+        return cmd_requeue(settings, args.kind)
+    if args.command == "train":
+        from daemon.rounds import train_now
+
+        return train_now(settings, foreground=args.foreground, config_file=args.config)
+    raise SystemExit(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

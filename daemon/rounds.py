@@ -1,0 +1,185 @@
+"""Round management in the daemon: when to start one, the child process, and what happens when it dies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+
+from daemon.logs import get_logger
+from daemon.settings import Settings
+from state.db import Database, transaction
+from state.layout import StateLayout
+from state.queue import JobQueue
+from state.rounds import RoundStore
+from state.samples import SampleStore
+
+log = get_logger("embedtune.rounds")
+REQUEST_KIND = "round_request"
+STOP_GRACE_S = 20.0
+
+
+def in_window(window: str, now: datetime | None = None) -> bool:
+    """Whether `now` falls inside the cron window ('always', or a minute that the cron expression fires)."""
+    if window == "always":
+        return True
+    from apscheduler.triggers.cron import CronTrigger
+
+    now = (now or datetime.now().astimezone()).replace(second=0, microsecond=0)
+    trigger = CronTrigger.from_crontab(window, timezone=now.tzinfo)
+    fire = trigger.get_next_fire_time(None, now)
+    return fire is not None and fire == now
+
+
+def _die_with_parent() -> None:
+    """Child side: get SIGTERM if the daemon dies, so no orphan keeps training."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class RoundManager:
+    def __init__(self, settings: Settings, layout: StateLayout, config_file: str | None = None) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.config_file = config_file
+        self.process: subprocess.Popen | None = None
+        self.round_id: int | None = None
+        self.started_at = 0.0
+
+    # --- decisions ------------------------------------------------------------------------------
+    def request_pending(self, conn) -> bool:
+        return conn.execute(
+            "SELECT 1 FROM jobs WHERE kind=? AND state='pending' LIMIT 1", (REQUEST_KIND,)
+        ).fetchone() is not None
+
+    def maybe_start(self, conn) -> int | None:
+        if self.process is not None or RoundStore(conn).running() is not None:
+            return None
+        if self.request_pending(conn):
+            with transaction(conn):
+                conn.execute("UPDATE jobs SET state='done' WHERE kind=? AND state='pending'", (REQUEST_KIND,))
+            return self.start(conn, "manual")
+        unused = SampleStore(conn).unused_train_count()
+        if unused < self.settings.training.min_new_samples:
+            return None
+        if not in_window(self.settings.training.window):
+            return None
+        if conn.execute("SELECT COUNT(*) FROM jobs WHERE kind='filter' AND state IN ('pending','running')"
+                        ).fetchone()[0]:
+            return None  # let the filter pass finish so the round sees the latest kept pairs
+        return self.start(conn, "schedule")
+
+    # --- child process --------------------------------------------------------------------------
+    def start(self, conn, trigger: str) -> int:
+        round_id = RoundStore(conn).create(trigger, self.settings.model.base)
+        folder = self.layout.round_dir(round_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        settings_file = folder / "settings.json"
+        settings_file.write_text(json.dumps(self.settings.model_dump(mode="json"), indent=2))
+        log_file = open(folder / "child.log", "ab")  # noqa: SIM115 - handed to the child
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "daemon.round_child", "--settings", str(settings_file),
+             "--round-id", str(round_id)],
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent, cwd=os.getcwd(),
+        )
+        log_file.close()
+        self.round_id = round_id
+        self.started_at = time.monotonic()
+        RoundStore(conn).set_pid(round_id, self.process.pid)
+        log.info("round_started", round_id=round_id, trigger=trigger, pid=self.process.pid)
+        return round_id
+
+    def poll(self, conn) -> str | None:
+        """Reap a finished child; a child that died without finishing its round aborts it."""
+        if self.process is None:
+            return None
+        code = self.process.poll()
+        if code is None:
+            return None
+        round_id = self.round_id
+        self.process, self.round_id = None, None
+        if RoundStore(conn).abort(round_id, f"round process exited with code {code}" +
+                                  (" (killed by a signal)" if code < 0 else "") +
+                                  f"; see {self.layout.round_dir(round_id) / 'child.log'}"):
+            log.error("round_aborted", round_id=round_id, returncode=code)
+            return "aborted"
+        row = RoundStore(conn).get(round_id)
+        log.info("round_reaped", round_id=round_id, decision=row["decision"] if row else None)
+        return row["decision"] if row else None
+
+    def wait(self, conn, timeout: float | None = None) -> str | None:
+        if self.process is None:
+            return None
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        return self.poll(conn)
+
+    def stop(self, conn, reason: str = "daemon shutting down") -> None:
+        if self.process is None:
+            return
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        RoundStore(conn).abort(self.round_id, reason)
+        log.info("round_stopped", round_id=self.round_id, reason=reason)
+        self.process, self.round_id = None, None
+
+    def abort_orphans(self) -> int:
+        """At start-up: rounds left 'running' by a previous daemon are aborted (their child is killed)."""
+        db = Database(self.layout.database)
+        store = RoundStore(db.conn)
+        count = 0
+        for row in db.conn.execute("SELECT id, pid FROM rounds WHERE state='running'").fetchall():
+            if row["pid"]:
+                try:
+                    os.kill(row["pid"], signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            count += store.abort(row["id"], "daemon restarted while the round was running")
+        db.close()
+        return count
+
+    def describe(self) -> str:
+        if self.process is None:
+            return ""
+        return f"round {self.round_id} running {time.monotonic() - self.started_at:.0f}s"
+
+
+def train_now(settings: Settings, foreground: bool = False, config_file: str | None = None) -> int:
+    """`embedtune train --now`: ask the running daemon, or run a round here when none runs."""
+    from state.status import read_status
+
+    layout = StateLayout(settings.paths.state_dir).ensure()
+    status = read_status(layout, settings.llm.url)
+    db = Database(layout.database)
+    if status["daemon"]["alive"] and not foreground:
+        JobQueue(db.conn).enqueue(REQUEST_KIND, f"{REQUEST_KIND}:{time.time()}", {}, priority=0)
+        print(f"round requested from the running daemon (pid {status['daemon']['pid']}); "
+              "follow it with `embedtune status`")
+        return 0
+    manager = RoundManager(settings, layout, config_file)
+    round_id = manager.start(db.conn, "manual")
+    print(f"round {round_id} running in the foreground (log: {layout.round_dir(round_id) / 'child.log'})")
+    try:
+        outcome = manager.wait(db.conn)
+    except KeyboardInterrupt:
+        manager.stop(db.conn, "interrupted")
+        return 130
+    row = RoundStore(db.conn).get(round_id)
+    print(f"round {round_id}: {row['state']} {row['decision'] or ''} {row['reason'] or row['error'] or ''}")
+    return 0 if outcome in ("promoted", "rejected") else 1

@@ -1,0 +1,281 @@
+"""The daemon: composes watcher, worker pools, scheduler and round manager; owns signals and systemd.
+
+Signal handlers only set flags; the main loop acts on them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from daemon.lock import AlreadyRunning, InstanceLock
+from daemon.logs import configure_logging, get_logger
+from daemon.notify import Notifier
+from daemon.settings import ConfigError, Settings, diff_live, load_settings
+from daemon.watcher import InboxCallbacks, InboxWatcher
+from daemon.workers import WorkerPool
+from state.db import Database, transaction, utcnow
+from state.documents import DocumentStore
+from state.layout import StateLayout
+from state.queue import JobQueue
+from state.registry import ModelRegistry
+
+log = get_logger("embedtune.daemon")
+SHUTDOWN_GRACE_S = 30.0
+
+
+class DbCallbacks(InboxCallbacks):
+    """Watcher events become rows and jobs (on the watcher's own connection)."""
+
+    def __init__(self, db: Database, settings: Settings, wake) -> None:
+        self.db = db
+        self.settings = settings
+        self.wake = wake
+
+    def _store(self) -> DocumentStore:
+        return DocumentStore(self.db.conn)
+
+    def settled(self, path: str, size: int, mtime: float) -> None:
+        if self._store().file_seen(path, size, mtime):
+            self.wake()
+
+    def deleted(self, path: str) -> None:
+        if self._store().file_deleted(path, self.settings.ingest.retire_samples):
+            log.info("document_deleted", path=path)
+
+    def deleted_tree(self, folder: str) -> None:
+        store = self._store()
+        for path in store.paths_under(folder):
+            store.file_deleted(path, self.settings.ingest.retire_samples)
+
+    def moved(self, src: str, dest: str) -> None:
+        if self._store().file_moved(src, dest):
+            log.info("document_moved", src=src, dest=dest)
+
+    def moved_tree(self, src: str, dest: str) -> None:
+        store = self._store()
+        for path in store.paths_under(src):
+            store.file_moved(path, dest + path[len(src):])
+
+    def rejected(self, path: str, reason: str) -> None:
+        self._store().reject_path(path, reason)
+
+
+def model_in_service(layout: StateLayout, settings: Settings) -> Path:
+    from stages.models import resolve_model_path
+
+    if layout.current.is_symlink() and layout.current.resolve().is_dir():
+        return layout.current.resolve()
+    return resolve_model_path(settings.model.base)
+
+
+class Daemon:
+    def __init__(self, settings: Settings, config_file: str | None = None) -> None:
+        self.settings = settings
+        self.config_file = config_file
+        self.layout = StateLayout(settings.paths.state_dir).ensure()
+        self.notifier = Notifier()
+        self.stop_requested = threading.Event()
+        self.reload_requested = threading.Event()
+        self.lock = InstanceLock(self.layout.lock_file)
+        self.db: Database | None = None
+        self.pools: list[WorkerPool] = []
+        self.activity = "starting"
+
+    # --- start-up -------------------------------------------------------------------------------
+    def start(self) -> None:
+        from daemon.ingest import Chunker, make_ingest_handler
+        from daemon.rounds import RoundManager
+        from daemon.synthesis import FilterService, SynthesisService
+        from stages.llm import CircuitBreaker
+
+        self.lock.acquire()
+        self.db = Database(self.layout.database)
+        conn = self.db.conn
+        queue = JobQueue(conn)
+        released = queue.release_owner("")  # we hold the lock: every running job is an orphan
+        note = ModelRegistry(conn, self.layout).reconcile()
+        self.rounds = RoundManager(self.settings, self.layout, self.config_file)
+        aborted = self.rounds.abort_orphans()
+        with transaction(conn):
+            conn.execute(
+                "UPDATE daemon SET pid=?, host=?, started=?, heartbeat=?, heartbeat_ts=?, activity='starting' "
+                "WHERE id=1",
+                (os.getpid(), socket.gethostname(), utcnow(), utcnow(), time.time()),
+            )
+        log.info("daemon_starting", pid=os.getpid(), state_dir=str(self.layout.root),
+                 inbox=str(self.settings.paths.inbox), released_jobs=released, registry=note,
+                 aborted_rounds=aborted)
+
+        self.breaker = CircuitBreaker(self.settings.llm.breaker_failures, self.settings.llm.breaker_reset_s)
+        self.synthesis = SynthesisService(self.settings, self.breaker)
+        self.filter = FilterService(self.settings, lambda: (model_in_service(self.layout, self.settings),
+                                                            self.layout.cache))
+        chunker = Chunker(self.settings.model.base, self.settings.ingest.chunk_tokens,
+                          self.settings.ingest.chunk_overlap, self.settings.ingest.min_chunk_chars)
+        self.ingest_pool = WorkerPool("ingest", self.layout.database,
+                                      {"ingest": make_ingest_handler(self.settings, chunker)},
+                                      self.settings.ingest.workers)
+        synth_threads = self.settings.llm.concurrency if self.settings.llm.enabled else 1
+        self.synth_pool = WorkerPool("synthesize", self.layout.database,
+                                     {"synthesize": self.synthesis.handle}, synth_threads)
+        self.filter_pool = WorkerPool("filter", self.layout.database, {"filter": self.filter.handle}, 1,
+                                      lease_seconds=1800)
+        self.pools = [self.ingest_pool, self.synth_pool, self.filter_pool]
+        for pool in self.pools:
+            pool.start()
+
+        self.callbacks = DbCallbacks(Database(self.layout.database), self.settings, self.ingest_pool.wake.set)
+        self.watcher = InboxWatcher(self.settings.paths.inbox, self.callbacks, self.settings.ingest.settle_seconds)
+        self.watcher.start()
+        self.reconcile_inbox()
+        self._start_scheduler()
+        self.activity = "watching"
+        self.notifier.ready(self.describe())
+        log.info("daemon_ready")
+
+    def reconcile_inbox(self) -> None:
+        """Start-up scan and periodic rescan: offer every file, retire what vanished while we were away."""
+        store = DocumentStore(self.callbacks.db.conn)
+        seen = set()
+        for path in self.watcher.iter_inbox():
+            seen.add(path)
+            self.watcher.offer(path)
+        for path in store.live_paths():
+            if path not in seen and not os.path.lexists(path):
+                store.file_deleted(path, self.settings.ingest.retire_samples)
+
+    def _start_scheduler(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+
+        self.scheduler = BackgroundScheduler(daemon=True)
+        self.scheduler.add_job(self._check_round, "interval", seconds=self.settings.training.check_minutes * 60,
+                               id="round-check", max_instances=1, coalesce=True, next_run_time=None)
+        if self.settings.ingest.rescan_minutes > 0:
+            self.scheduler.add_job(self.reconcile_inbox, "interval", minutes=self.settings.ingest.rescan_minutes,
+                                   id="rescan", max_instances=1, coalesce=True)
+        self.scheduler.add_job(self._recover_leases, "interval", seconds=30, id="recover", max_instances=1)
+        self.scheduler.start()
+
+    def _recover_leases(self) -> None:
+        count = JobQueue(self.callbacks.db.conn).recover_expired()
+        if count:
+            log.warning("leases_recovered", jobs=count)
+
+    def _check_round(self) -> None:
+        try:
+            self.rounds.maybe_start(self.callbacks.db.conn)
+        except Exception:
+            log.exception("round_check_failed")
+
+    # --- main loop ------------------------------------------------------------------------------
+    def describe(self) -> str:
+        busy = {pool.name: pool.busy for pool in self.pools if pool.busy}
+        parts = [self.activity]
+        if busy:
+            parts.append(" ".join(f"{name}:{n}" for name, n in busy.items()))
+        round_text = self.rounds.describe() if hasattr(self, "rounds") else ""
+        if round_text:
+            parts.append(round_text)
+        if hasattr(self, "breaker") and self.breaker.state != "closed":
+            parts.append(f"llm breaker {self.breaker.state}")
+        return "; ".join(parts)
+
+    def heartbeat(self) -> None:
+        text = self.describe()
+        conn = self.db.conn
+        with transaction(conn):
+            conn.execute(
+                "UPDATE daemon SET heartbeat=?, heartbeat_ts=?, activity=?, breaker=? WHERE id=1",
+                (utcnow(), time.time(), text, self.breaker.state.value),
+            )
+        self.notifier.status(text)
+
+    def run_forever(self, tick: float = 1.0) -> None:
+        last_watchdog = 0.0
+        last_round_check = 0.0
+        while not self.stop_requested.is_set():
+            try:
+                self.heartbeat()
+                self.rounds.poll(self.db.conn)
+                if self.rounds.request_pending(self.db.conn) or time.monotonic() - last_round_check > 5.0:
+                    last_round_check = time.monotonic()
+                    if self.rounds.request_pending(self.db.conn) or self.settings.training.check_minutes * 60 <= 5:
+                        self._check_round()
+            except Exception:
+                log.exception("main_loop_error")
+            if self.notifier.watchdog_interval and time.monotonic() - last_watchdog >= self.notifier.watchdog_interval:
+                self.notifier.watchdog()
+                last_watchdog = time.monotonic()
+            if self.reload_requested.is_set():
+                self.reload_requested.clear()
+                self.reload()
+            self.stop_requested.wait(tick)
+
+    def reload(self) -> None:
+        self.notifier.reloading()
+        try:
+            new = load_settings(self.config_file)
+        except ConfigError as exc:
+            log.error("reload_rejected", error=str(exc))
+            self.notifier.ready(self.describe())
+            return
+        changes = diff_live(self.settings, new)
+        for section in ("llm", "synthesis", "training", "promotion", "logging"):
+            setattr(self.settings, section, getattr(new, section))
+        if any(key.startswith("llm.") for key in changes):
+            self.synthesis.reload(self.settings)
+            if self.settings.llm.enabled:
+                self.synth_pool.resize(self.settings.llm.concurrency)
+        if "logging.level" in changes:
+            configure_logging(self.settings.logging.level, self.settings.logging.format)
+        self.rounds.settings = self.settings
+        log.info("settings_reloaded", changed={k: [str(a), str(b)] for k, (a, b) in changes.items()})
+        self.notifier.ready(self.describe())
+
+    # --- shutdown -------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        self.activity = "stopping"
+        self.notifier.stopping()
+        log.info("daemon_stopping")
+        if hasattr(self, "watcher"):
+            self.watcher.stop()
+        if hasattr(self, "scheduler"):
+            self.scheduler.shutdown(wait=False)
+        if hasattr(self, "rounds"):
+            self.rounds.stop(self.db.conn)
+        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        for pool in self.pools:
+            pool.stop(max(0.0, deadline - time.monotonic()))
+        if self.db is not None:
+            released = JobQueue(self.db.conn).release_owner("")
+            with transaction(self.db.conn):
+                self.db.conn.execute("UPDATE daemon SET activity='stopped', heartbeat=? WHERE id=1", (utcnow(),))
+            log.info("daemon_stopped", released_jobs=released)
+        self.lock.release()
+
+
+def run_daemon(settings: Settings, config_file: str | None = None) -> int:
+    daemon = Daemon(settings, config_file)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop_requested.set())
+    signal.signal(signal.SIGINT, lambda *_: daemon.stop_requested.set())
+    signal.signal(signal.SIGHUP, lambda *_: daemon.reload_requested.set())
+    try:
+        daemon.start()
+    except AlreadyRunning as exc:
+        log.error("already_running", holder=exc.holder)
+        print(f"embedtune: {exc}", flush=True)
+        return 1
+    except Exception:
+        log.exception("start_failed")
+        daemon.shutdown()
+        return 1
+    try:
+        daemon.run_forever()
+    finally:
+        daemon.shutdown()
+    return 0

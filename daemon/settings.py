@@ -1,0 +1,265 @@
+"""One typed settings object, loaded from config.toml and validated with errors that name the key.
+
+Kept free of heavy imports: `embedtune status` loads it too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV = "EMBEDTUNE_CONFIG"
+PACKAGED_PREFIX = "packaged:"
+
+
+class ConfigError(Exception):
+    """The configuration file is missing, unreadable or invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PathsSettings(_Section):
+    inbox: Path = Path("~/embedtune/inbox")
+    state_dir: Path = Path("~/embedtune/state")
+
+    @field_validator("inbox", "state_dir")
+    @classmethod
+    def _expand(cls, value: Path) -> Path:
+        return Path(os.path.expandvars(str(value))).expanduser()
+
+
+class IngestSettings(_Section):
+    settle_seconds: float = Field(2.0, ge=0)
+    max_file_mb: float = Field(50.0, gt=0)
+    workers: int = Field(2, ge=1, le=64)
+    rescan_minutes: float = Field(10.0, ge=0)
+    retire_samples: Literal["keep", "drop"] = "keep"
+    chunk_tokens: int = Field(200, ge=16, le=8192)
+    chunk_overlap: int = Field(32, ge=0)
+    min_chunk_chars: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _overlap_smaller(self) -> IngestSettings:
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError("ingest.chunk_overlap must be smaller than ingest.chunk_tokens")
+        return self
+
+
+class LlmSettings(_Section):
+    url: str = ""
+    model: str = "qwen2.5-7b-instruct"
+    api_key_env: str = "EMBEDTUNE_LLM_API_KEY"
+    concurrency: int = Field(8, ge=1, le=1024)
+    timeout_s: float = Field(60.0, gt=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    max_retries: int = Field(5, ge=0, le=50)
+    max_retry_after_s: float = Field(120.0, gt=0)
+    reask_invalid: int = Field(2, ge=0, le=10)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_reset_s: float = Field(30.0, gt=0)
+    temperature: float = Field(0.7, ge=0, le=2)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url.strip())
+
+
+class SynthesisSettings(_Section):
+    questions_per_chunk: int = Field(2, ge=1, le=20)
+    rewrites_per_question: int = Field(1, ge=0, le=10)
+    judge_threshold: float = Field(0.6, ge=0, le=1)
+    featured_percentage: float = Field(0.2, gt=0, le=1)
+    heldout_fraction: float = Field(0.1, gt=0, lt=1)
+    pseudo_method: Literal["heading", "inverse_cloze", "span"] = "heading"
+    pseudo_per_chunk: int = Field(1, ge=1, le=10)
+    filter_candidates: int = Field(50, ge=2, le=1000)
+    filter_batch: int = Field(256, ge=1)
+    seed: int = 0
+
+
+class ModelSettings(_Section):
+    base: str = f"{PACKAGED_PREFIX}all-MiniLM-L6-v2"
+    reranker: str = ""
+    query_instruction: str = ""
+    device: str = "auto"
+    encode_batch_size: int = Field(64, ge=1)
+
+
+class TrainingSettings(_Section):
+    min_new_samples: int = Field(200, ge=1)
+    window: str = "always"
+    check_minutes: float = Field(5.0, gt=0)
+    init: Literal["base", "current"] = "base"
+    epochs: float = Field(1.0, gt=0)
+    max_pairs: int = Field(1000, ge=1)
+    max_minutes: float = Field(20.0, gt=0)
+    batch_size: int = Field(32, ge=2)
+    cached_batch: int = Field(0, ge=0)
+    learning_rate: float = Field(1e-5, gt=0, lt=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    temperature: float = Field(0.05, gt=0, le=1)
+    hard_negatives: int = Field(3, ge=0, le=64)
+    negative_range: tuple[int, int] = (2, 200)
+    negative_margin: float = Field(0.05, ge=0)
+    distill: bool = False
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+
+    @field_validator("negative_range")
+    @classmethod
+    def _range_order(cls, value: tuple[int, int]) -> tuple[int, int]:
+        low, high = value
+        if low < 1 or high <= low:
+            raise ValueError("training.negative_range must be [low, high] with 1 <= low < high")
+        return value
+
+    @field_validator("window")
+    @classmethod
+    def _window_is_cron(cls, value: str) -> str:
+        if value.strip() != "always" and len(value.split()) != 5:
+            raise ValueError("training.window must be 'always' or a 5-field cron expression")
+        return value.strip()
+
+
+class PromotionSettings(_Section):
+    metric: Literal[
+        "ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "mrr@10", "map@10"
+    ] = "ndcg@10"
+    min_gain: float = Field(0.005, ge=0)
+    merge_weights: list[float] = Field(default_factory=lambda: [0.5, 0.7])
+    merge_with_data: bool = False
+    guard_eval: str = ""
+    max_guard_drop: float = Field(0.01, ge=0)
+    human_tolerance: float = Field(0.0, ge=0)
+    user_eval: str = ""
+    user_eval_query_key: str = "anchor"
+    user_eval_positive_key: str = "positive"
+    on_promote: str = ""
+    bootstrap_samples: int = Field(1000, ge=0)
+
+    @field_validator("merge_weights")
+    @classmethod
+    def _weights_in_unit(cls, value: list[float]) -> list[float]:
+        for weight in value:
+            if not 0 < weight < 1:
+                raise ValueError("promotion.merge_weights entries must be in (0, 1) (candidate's share)")
+        return value
+
+
+class LoggingSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(_Section):
+    paths: PathsSettings = Field(default_factory=PathsSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    llm: LlmSettings = Field(default_factory=LlmSettings)
+    synthesis: SynthesisSettings = Field(default_factory=SynthesisSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    promotion: PromotionSettings = Field(default_factory=PromotionSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    def llm_api_key(self) -> str | None:
+        """The bearer key, read from the environment variable the config names (never from the file)."""
+        return os.environ.get(self.llm.api_key_env) or None
+
+
+# Settings that SIGHUP may change in a running daemon; the rest need a restart.
+LIVE_KEYS = (
+    "llm.url",
+    "llm.model",
+    "llm.concurrency",
+    "llm.timeout_s",
+    "synthesis.judge_threshold",
+    "synthesis.featured_percentage",
+    "training.min_new_samples",
+    "training.window",
+    "promotion.min_gain",
+    "promotion.max_guard_drop",
+    "logging.level",
+)
+
+ENV_OVERRIDES = {
+    "EMBEDTUNE_LLM_URL": ("llm", "url"),
+    "EMBEDTUNE_LLM_MODEL": ("llm", "model"),
+    "EMBEDTUNE_INBOX": ("paths", "inbox"),
+    "EMBEDTUNE_STATE_DIR": ("paths", "state_dir"),
+}
+
+
+def _format_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """The file to load: --config, else $EMBEDTUNE_CONFIG, else none (embedded defaults)."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else None
+
+
+def load_settings(path: str | os.PathLike[str] | None = None, *, env: bool = True) -> Settings:
+    """Read and validate a config file; with no file, the embedded defaults. Env overrides apply last."""
+    data: dict = {}
+    source = "embedded defaults"
+    resolved = config_path(path)
+    if resolved is not None:
+        source = str(resolved)
+        try:
+            with open(resolved, "rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {resolved}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{resolved} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read {resolved}: {exc}") from exc
+        base_dir = resolved.resolve().parent
+        _resolve_relative_paths(data, base_dir)
+    if env:
+        for variable, (section, key) in ENV_OVERRIDES.items():
+            if variable in os.environ:
+                data.setdefault(section, {})[key] = os.environ[variable]
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, source)) from exc
+
+
+def _resolve_relative_paths(data: dict, base_dir: Path) -> None:
+    """Relative paths in a config file are relative to that file, not to the working directory."""
+    paths = data.get("paths")
+    if isinstance(paths, dict):
+        for key in ("inbox", "state_dir"):
+            value = paths.get(key)
+            if isinstance(value, str) and value and not value.startswith(("~", "/", "$")):
+                paths[key] = str(base_dir / value)
+
+
+def diff_live(old: Settings, new: Settings) -> dict[str, tuple[object, object]]:
+    """The live-reloadable keys whose values differ, as {key: (old, new)}."""
+    changes: dict[str, tuple[object, object]] = {}
+    for dotted in LIVE_KEYS:
+        section, key = dotted.split(".")
+        before = getattr(getattr(old, section), key)
+        after = getattr(getattr(new, section), key)
+        if before != after:
+            changes[dotted] = (before, after)
+    return changes

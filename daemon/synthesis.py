@@ -1,0 +1,169 @@
+"""Synthesize and filter jobs: the daemon side of stages.synthesize, stages.pseudo and stages.filter."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from daemon.logs import get_logger
+from daemon.workers import JobContext, PermanentFailure, RetryLater
+from stages.filter import (
+    Bm25Index,
+    FilterInput,
+    embedding_pair_scorer,
+    filter_pairs,
+    reranker_pair_scorer,
+)
+from stages.llm import (
+    BreakerOpen,
+    CircuitBreaker,
+    InvalidReply,
+    LlmClient,
+    LlmConfig,
+    LlmRejected,
+    LlmUnavailable,
+)
+from stages.pseudo import pseudo_queries
+from stages.synthesize import synthesize_chunk
+from state.samples import FILTER_KEY, SampleIn, SampleStore
+
+log = get_logger("embedtune.synthesis")
+
+
+def make_llm_client(settings, breaker: CircuitBreaker) -> LlmClient | None:
+    if not settings.llm.enabled:
+        return None
+    llm = settings.llm
+    config = LlmConfig(
+        url=llm.url, model=llm.model, api_key=settings.llm_api_key(), timeout_s=llm.timeout_s,
+        connect_timeout_s=llm.connect_timeout_s, max_retries=llm.max_retries,
+        max_retry_after_s=llm.max_retry_after_s, reask_invalid=llm.reask_invalid,
+        concurrency=llm.concurrency, temperature=llm.temperature,
+    )
+    return LlmClient(config, breaker)
+
+
+class SynthesisService:
+    """Holds what synthesis jobs share: the LLM client (swapped on SIGHUP) and the breaker."""
+
+    def __init__(self, settings, breaker: CircuitBreaker) -> None:
+        self.settings = settings
+        self.breaker = breaker
+        self.client = make_llm_client(settings, breaker)
+
+    def reload(self, settings) -> None:
+        old = self.client
+        self.settings = settings
+        self.client = make_llm_client(settings, self.breaker)
+        if old is not None:
+            old.close()
+
+    def handle(self, ctx: JobContext) -> None:
+        store = SampleStore(ctx.conn, ctx.queue)
+        chunk = store.chunk(ctx.job.payload["chunk_id"])
+        if chunk is None or not chunk["active"]:
+            ctx.queue.complete(ctx.job)  # retired before its turn: nothing to make
+            return
+        settings = self.settings.synthesis
+        client = self.client
+        if client is None:
+            made = pseudo_queries(chunk["text"], chunk["heading"], chunk["language"], chunk["sha256"],
+                                  settings.pseudo_method, settings.pseudo_per_chunk, settings.seed)
+            candidates = [SampleIn(c.query, "pseudo", c.passage, None, None) for c in made]
+        else:
+            try:
+                made = synthesize_chunk(client, chunk["text"], chunk["language"],
+                                        settings.questions_per_chunk, settings.rewrites_per_question)
+            except BreakerOpen as exc:
+                raise RetryLater(str(exc), exc.retry_in) from exc
+            except LlmRejected as exc:
+                raise PermanentFailure(str(exc)) from exc
+            except InvalidReply as exc:
+                raise PermanentFailure(str(exc), raw_reply=exc.raw[:20000]) from exc
+            except LlmUnavailable as exc:
+                # The endpoint is down: wait for the breaker instead of burning attempts.
+                raise RetryLater(str(exc), max(5.0, self.settings.llm.breaker_reset_s)) from exc
+            candidates = [SampleIn(c.query, c.kind, c.passage, c.judge_score, c.reason, c.parent)
+                          for c in made]
+        added = store.store_candidates(ctx.job, chunk, candidates, settings.judge_threshold)
+        log.debug("chunk_synthesized", chunk_id=chunk["id"], added=added)
+
+
+class FilterService:
+    """The batch filter pass. Loads the scoring model once and keeps it until the model in service
+    changes."""
+
+    def __init__(self, settings, model_path_provider) -> None:
+        self.settings = settings
+        self.model_path_provider = model_path_provider
+        self._lock = threading.Lock()
+        self._loaded_key: str | None = None
+        self._scorer = None
+        self._cache = None
+
+    def _scoring(self):
+        from stages.embed_cache import EmbeddingCache, model_key
+        from stages.models import load_embedder, resolve_model_path
+
+        if self.settings.model.reranker:
+            key = f"reranker:{self.settings.model.reranker}"
+            if key != self._loaded_key:
+                from FlagEmbedding import FlagReranker
+
+                path = resolve_model_path(self.settings.model.reranker)
+                reranker = FlagReranker(str(path), use_fp16=False, devices="cpu" if
+                                        self.settings.model.device == "cpu" else None)
+                self._scorer, self._loaded_key = reranker_pair_scorer(reranker), key
+            return self._scorer
+        path, cache_root = self.model_path_provider()
+        key = model_key(path)
+        if key != self._loaded_key:
+            model = load_embedder(path, self.settings.model.device)
+            instruction = self.settings.model.query_instruction
+            batch = self.settings.model.encode_batch_size
+            cache = EmbeddingCache(cache_root, key)
+
+            def encode_queries(texts: list[str]) -> np.ndarray:
+                return model.encode([instruction + t for t in texts], batch_size=batch,
+                                    normalize_embeddings=True, convert_to_numpy=True)
+
+            def encode_passages(texts: list[str]) -> np.ndarray:
+                import hashlib
+
+                keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+                return cache.get_many(keys, texts, lambda missing: model.encode(
+                    missing, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True))
+
+            self._scorer = embedding_pair_scorer(encode_queries, encode_passages)
+            self._cache, self._loaded_key = cache, key
+        return self._scorer
+
+    def handle(self, ctx: JobContext) -> None:
+        store = SampleStore(ctx.conn, ctx.queue)
+        started = time.monotonic()
+        with self._lock:
+            rows = store.unfiltered(self.settings.synthesis.filter_batch)
+            inactive = [row["id"] for row in rows if not row["active"]]
+            if inactive:
+                store.drop_inactive(inactive)
+            rows = [row for row in rows if row["active"]]
+            if rows:
+                corpus = store.active_chunks()
+                index_of = {chunk["id"]: i for i, chunk in enumerate(corpus)}
+                texts = [chunk["text"] for chunk in corpus]
+                bm25 = Bm25Index(texts)
+                items = [FilterInput(row["id"], row["query"], index_of[row["chunk_id"]],
+                                     row["passage"] or row["chunk_text"]) for row in rows]
+                results = filter_pairs(items, texts, bm25, self._scoring(),
+                                       self.settings.synthesis.featured_percentage,
+                                       self.settings.synthesis.filter_candidates)
+                store.record_filter(results)
+                if self._cache is not None:
+                    self._cache.save()
+                log.info("filter_pass", samples=len(rows), kept=sum(r.kept for r in results),
+                         corpus=len(corpus), duration_s=round(time.monotonic() - started, 2))
+        ctx.queue.complete(ctx.job)
+        if store.count_unfiltered():
+            ctx.queue.enqueue("filter", FILTER_KEY, {}, priority=60, requeue_finished=True)

@@ -1,0 +1,153 @@
+"""Worker threads that claim jobs from the durable queue and run handlers.
+
+Each thread has its own SQLite connection. A handler either finishes the job inside its own
+transaction (so results and completion commit together) or raises; the pool records the failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from daemon.logs import get_logger
+from state.db import connect
+from state.queue import Job, JobQueue, LeaseLost
+
+log = get_logger("embedtune.workers")
+
+
+class RetryLater(Exception):
+    """Give the job back without counting an attempt (e.g. the LLM circuit breaker is open)."""
+
+    def __init__(self, reason: str, delay: float) -> None:
+        super().__init__(reason)
+        self.delay = delay
+
+
+class PermanentFailure(Exception):
+    """Do not retry: dead-letter the job now with this message (and the raw reply, if any)."""
+
+    def __init__(self, message: str, raw_reply: str | None = None) -> None:
+        super().__init__(message)
+        self.raw_reply = raw_reply
+
+
+def owner_prefix() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:"
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: its job, a connection of its own, and the queue on that connection."""
+
+    job: Job
+    queue: JobQueue
+
+    @property
+    def conn(self):
+        return self.queue.conn
+
+
+Handler = Callable[[JobContext], None]
+
+
+class WorkerPool:
+    def __init__(
+        self,
+        name: str,
+        db_path,
+        handlers: dict[str, Handler],
+        threads: int,
+        lease_seconds: float = 300.0,
+        idle_poll: float = 0.5,
+    ) -> None:
+        self.name = name
+        self.db_path = db_path
+        self.handlers = handlers
+        self.threads = threads
+        self.lease_seconds = lease_seconds
+        self.idle_poll = idle_poll
+        self.stop_event = threading.Event()
+        self.wake = threading.Event()
+        self.busy = 0
+        self._busy_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self.owner = owner_prefix() + name
+
+    def start(self) -> None:
+        for index in range(self.threads):
+            thread = threading.Thread(target=self._run, args=(index,), name=f"{self.name}-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def resize(self, threads: int) -> None:
+        """Grow the pool (SIGHUP raising llm.concurrency). Shrinking waits for the next restart."""
+        for index in range(len(self._threads), threads):
+            thread = threading.Thread(target=self._run, args=(index,), name=f"{self.name}-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        self.threads = max(self.threads, threads)
+
+    def stop(self, grace: float = 30.0) -> bool:
+        """Stop claiming; wait for running jobs up to `grace` seconds. True when all threads ended."""
+        self.stop_event.set()
+        self.wake.set()
+        deadline = time.monotonic() + grace
+        for thread in self._threads:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in self._threads)
+
+    def _run(self, index: int) -> None:
+        conn = connect(self.db_path)
+        queue = JobQueue(conn)
+        owner = f"{self.owner}-{index}-{uuid.uuid4().hex[:6]}"
+        kinds = list(self.handlers)
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    job = queue.claim(owner, kinds, self.lease_seconds)
+                except Exception:
+                    log.exception("claim_failed", pool=self.name)
+                    self.stop_event.wait(1.0)
+                    continue
+                if job is None:
+                    self.wake.wait(self.idle_poll)
+                    self.wake.clear()
+                    continue
+                self._execute(queue, job)
+        finally:
+            conn.close()
+
+    def _execute(self, queue: JobQueue, job: Job) -> None:
+        started = time.monotonic()
+        bound = log.bind(job_id=job.id, kind=job.kind, attempt=job.attempts)
+        with self._busy_lock:
+            self.busy += 1
+        try:
+            self.handlers[job.kind](JobContext(job, queue))
+            bound.info("job_done", duration_s=round(time.monotonic() - started, 3))
+        except RetryLater as exc:
+            queue.postpone(job, exc.delay, str(exc))
+            bound.info("job_postponed", reason=str(exc), delay_s=round(exc.delay, 1))
+        except LeaseLost as exc:
+            bound.warning("lease_lost", error=str(exc))
+        except PermanentFailure as exc:
+            queue.fail(job, str(exc), retry=False, raw_reply=exc.raw_reply)
+            bound.error("job_dead", error=str(exc), duration_s=round(time.monotonic() - started, 3))
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            try:
+                state = queue.fail(job, message)
+            except Exception:
+                bound.exception("fail_record_failed")
+                return
+            bound.warning("job_failed", error=message, state=state.value,
+                          duration_s=round(time.monotonic() - started, 3))
+        finally:
+            with self._busy_lock:
+                self.busy -= 1

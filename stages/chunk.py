@@ -1,0 +1,147 @@
+"""Sentence-aware chunking measured in the embedding model's tokens, with overlap.
+
+Deterministic: the same sections and tokenizer always give the same chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from stages.extract import Section
+
+# Sentence ends: Chinese full-width marks (and the ellipsis) end a sentence on their own; Latin marks
+# need whitespace after them. Closing quotes and brackets stay with their sentence.
+_SENTENCE_END = re.compile(
+    r"(?<=[。！？；!?;…])[”’」』）)\]\"']*"  # CJK / bang / semicolon, possibly followed by closers
+    r"|(?<=[.!?])[\"')\]]*(?=\s)"  # Latin full stop needs a following space
+    r"|\n\s*\n"  # paragraph break
+)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    ordinal: int
+    text: str
+    heading: str
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(f"{self.heading}\x00{self.text}".encode()).hexdigest()
+
+
+class TokenCounter:
+    """Counts and hard-splits text in a Hugging Face tokenizer's tokens (special tokens excluded)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def count(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def split(self, text: str, max_tokens: int) -> list[str]:
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        pieces = []
+        for start in range(0, len(offsets), max_tokens):
+            window = offsets[start:start + max_tokens]
+            begin = window[0][0]
+            end = offsets[start + max_tokens][0] if start + max_tokens < len(offsets) else len(text)
+            piece = text[begin:end].strip()
+            if piece:
+                pieces.append(piece)
+        return pieces
+
+
+def split_sentences(text: str) -> list[str]:
+    parts: list[str] = []
+    start = 0
+    for match in _SENTENCE_END.finditer(text):
+        end = match.end()
+        piece = text[start:end].strip()
+        if piece:
+            parts.append(piece)
+        start = end
+    tail = text[start:].strip()
+    if tail:
+        parts.append(tail)
+    return [" ".join(p.split()) if not _has_cjk(p) else re.sub(r"\s*\n\s*", "", p) for p in parts]
+
+
+def _has_cjk(text: str) -> bool:
+    return bool(re.search(r"[\u4e00-\u9fff]", text))
+
+
+def _join(sentences: Sequence[str]) -> str:
+    out = ""
+    for sentence in sentences:
+        if out and not (_has_cjk(out[-1]) and _has_cjk(sentence[:1])) and not out.endswith(
+            tuple("。！？；…”」")
+        ):
+            out += " "
+        elif out and not _has_cjk(sentence[:1]):
+            out += " "
+        out += sentence
+    return out
+
+
+def chunk_sections(
+    sections: Sequence[Section],
+    count_tokens: Callable[[str], int],
+    split_tokens: Callable[[str, int], list[str]],
+    max_tokens: int,
+    overlap_tokens: int,
+    min_chars: int = 1,
+) -> list[Chunk]:
+    """Pack whole sentences up to `max_tokens`; carry trailing sentences up to `overlap_tokens` into the
+    next chunk. Sentences longer than a chunk are split hard on token boundaries, never dropped."""
+    chunks: list[Chunk] = []
+    for section in sections:
+        units: list[tuple[str, int]] = []
+        for sentence in split_sentences(section.text):
+            size = count_tokens(sentence)
+            if size > max_tokens:
+                for piece in split_tokens(sentence, max_tokens):
+                    units.append((piece, count_tokens(piece)))
+            else:
+                units.append((sentence, size))
+        current: list[tuple[str, int]] = []
+        current_size = 0
+        fresh = 0  # sentences in `current` that are not overlap from the previous chunk
+
+        def emit(units_now: list[tuple[str, int]], heading: str) -> None:
+            text = _join([u for u, _n in units_now]).strip()
+            if text and not text.isspace():
+                chunks.append(Chunk(len(chunks), text, heading))
+
+        for unit, size in units:
+            if current and current_size + size > max_tokens and fresh:
+                emit(current, section.heading)
+                carried: list[tuple[str, int]] = []
+                carried_size = 0
+                for prev, prev_size in reversed(current):
+                    if carried_size + prev_size > overlap_tokens or carried_size + prev_size + size > max_tokens:
+                        break
+                    carried.insert(0, (prev, prev_size))
+                    carried_size += prev_size
+                current, current_size, fresh = carried, carried_size, 0
+            current.append((unit, size))
+            current_size += size
+            fresh += 1
+        if current and fresh:
+            emit(current, section.heading)
+    # Fold fragments too small to be useful into their predecessor in the same section.
+    merged: list[Chunk] = []
+    for chunk in chunks:
+        if (
+            merged
+            and len(chunk.text) < min_chars
+            and merged[-1].heading == chunk.heading
+            and count_tokens(merged[-1].text + " " + chunk.text) <= max_tokens
+        ):
+            previous = merged.pop()
+            chunk = Chunk(previous.ordinal, _join([previous.text, chunk.text]), previous.heading)
+        merged.append(chunk)
+    return [Chunk(i, c.text, c.heading) for i, c in enumerate(merged) if c.text.strip()]

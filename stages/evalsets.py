@@ -1,0 +1,105 @@
+"""Evaluation sets: the user's own file (classic anchor/positive lines or the RAG dataset JSON), BEIR
+folders, and sets built from the corpus. All become queries + corpus + graded relevance."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class EvalSet:
+    name: str
+    queries: list[str]
+    corpus_texts: list[str]
+    relevant: list[dict[int, float]]
+    corpus_keys: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.corpus_keys:
+            self.corpus_keys = [hashlib.sha256(t.encode()).hexdigest() for t in self.corpus_texts]
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
+class EvalFileError(Exception):
+    """An evaluation file that cannot be read; the message says what is wrong."""
+
+
+def load_pairs_jsonl(path: Path, query_key: str = "anchor", positive_key: str = "positive",
+                     name: str = "user", extra_corpus: list[str] | None = None) -> EvalSet:
+    queries: list[str] = []
+    positives: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                query, positive = str(row[query_key]), row[positive_key]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise EvalFileError(f"{path}:{number}: expected JSON with {query_key!r} and {positive_key!r}") from exc
+            if isinstance(positive, list):
+                positive = positive[0] if positive else ""
+            queries.append(query)
+            positives.append(str(positive))
+    corpus = list(dict.fromkeys(positives + (extra_corpus or [])))
+    index = {text: i for i, text in enumerate(corpus)}
+    return EvalSet(name, queries, corpus, [{index[p]: 1.0} for p in positives])
+
+
+def load_rag_json(path: Path, name: str = "user") -> EvalSet:
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        queries, corpus, relevant = data["queries"], data["corpus"], data["relevant_docs"]
+    except (KeyError, TypeError) as exc:
+        raise EvalFileError(f"{path}: expected keys queries, corpus, relevant_docs") from exc
+    corpus_ids = list(corpus)
+    position = {doc_id: i for i, doc_id in enumerate(corpus_ids)}
+    query_ids = [qid for qid in queries if relevant.get(qid)]
+    return EvalSet(
+        name, [queries[qid] for qid in query_ids], [corpus[d] for d in corpus_ids],
+        [{position[d]: 1.0 for d in relevant[qid] if d in position} for qid in query_ids],
+    )
+
+
+def load_beir(folder: Path, split: str = "test", name: str = "beir") -> EvalSet:
+    corpus_ids, corpus_texts = [], []
+    with open(folder / "corpus.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            corpus_ids.append(str(row["_id"]))
+            title = (row.get("title") or "").strip()
+            corpus_texts.append(f"{title}\n{row['text']}".strip() if title else row["text"])
+    position = {doc_id: i for i, doc_id in enumerate(corpus_ids)}
+    query_text = {}
+    with open(folder / "queries.jsonl", encoding="utf-8") as handle:
+        for line in handle:
+            row = json.loads(line)
+            query_text[str(row["_id"])] = row["text"]
+    qrels: dict[str, dict[int, float]] = {}
+    with open(folder / "qrels" / f"{split}.tsv", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle, delimiter="\t"):
+            score = float(row["score"])
+            if score > 0 and row["corpus-id"] in position:
+                qrels.setdefault(row["query-id"], {})[position[row["corpus-id"]]] = score
+    query_ids = [qid for qid in qrels if qid in query_text]
+    return EvalSet(name, [query_text[q] for q in query_ids], corpus_texts, [qrels[q] for q in query_ids])
+
+
+def load_eval_file(path: str | Path, query_key: str = "anchor", positive_key: str = "positive",
+                   name: str = "user", extra_corpus: list[str] | None = None) -> EvalSet:
+    """Dispatch on what the path holds: a BEIR folder, a RAG dataset JSON, or anchor/positive lines."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        return load_beir(path, name=name)
+    if not path.exists():
+        raise EvalFileError(f"evaluation file {path} does not exist")
+    head = path.read_text(encoding="utf-8")[:4096].lstrip()
+    if head.startswith("{") and '"relevant_docs"' in path.read_text(encoding="utf-8"):
+        return load_rag_json(path, name=name)
+    return load_pairs_jsonl(path, query_key, positive_key, name=name, extra_corpus=extra_corpus)

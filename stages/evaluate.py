@@ -1,0 +1,62 @@
+"""Retrieval evaluation: queries against a corpus with faiss inner product on normalized embeddings.
+
+Primary metric is configurable; greater is better for every metric here. Per-query values are kept
+so that two models can be compared query by query (paired bootstrap in stages.promote).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stages.negatives import build_index
+
+METRICS = ("recall@1", "recall@5", "recall@10", "recall@20", "ndcg@10", "mrr@10", "map@10")
+SEARCH_DEPTH = 100
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    per_query: dict[str, list[float]] = field(default_factory=dict)
+    n_queries: int = 0
+
+    def to_json(self) -> dict:
+        return {"n_queries": self.n_queries, **{k: round(v, 5) for k, v in self.metrics.items()}}
+
+
+def query_metrics(ranked: Sequence[int], relevant: dict[int, float]) -> dict[str, float]:
+    """Metrics of one ranked list; `relevant` maps corpus index to graded relevance (> 0)."""
+    hits = [1 if doc in relevant else 0 for doc in ranked]
+    n_rel = len(relevant)
+    out: dict[str, float] = {}
+    for k in (1, 5, 10, 20):
+        out[f"recall@{k}"] = sum(hits[:k]) / n_rel if n_rel else 0.0
+    gains = [relevant.get(doc, 0.0) for doc in ranked[:10]]
+    dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains))
+    ideal = sorted(relevant.values(), reverse=True)[:10]
+    idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+    out["ndcg@10"] = dcg / idcg if idcg else 0.0
+    out["mrr@10"] = next((1.0 / (i + 1) for i, h in enumerate(hits[:10]) if h), 0.0)
+    precisions = [sum(hits[: i + 1]) / (i + 1) for i, h in enumerate(hits[:10]) if h]
+    out["map@10"] = sum(precisions) / min(n_rel, 10) if n_rel else 0.0
+    return out
+
+
+def evaluate_retrieval(query_vectors: np.ndarray, corpus_vectors: np.ndarray,
+                       relevant: Sequence[dict[int, float]]) -> EvalResult:
+    if len(relevant) == 0 or len(corpus_vectors) == 0:
+        return EvalResult({name: 0.0 for name in METRICS}, {name: [] for name in METRICS}, 0)
+    index = build_index(corpus_vectors)
+    depth = min(SEARCH_DEPTH, index.ntotal)
+    _scores, ids = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), depth)
+    per_query: dict[str, list[float]] = {name: [] for name in METRICS}
+    for row, rel in enumerate(relevant):
+        values = query_metrics([int(i) for i in ids[row] if i >= 0], rel)
+        for name in METRICS:
+            per_query[name].append(values[name])
+    metrics = {name: float(np.mean(per_query[name])) for name in METRICS}
+    return EvalResult(metrics, per_query, len(relevant))

@@ -1,0 +1,282 @@
+"""OpenAI-compatible chat client for flaky endpoints: retries with back-off and jitter, Retry-After,
+a circuit breaker, and bounded re-asking when a reply is not the JSON we asked for.
+
+The API key is sent as a bearer token and never logged.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import httpx
+
+T = TypeVar("T")
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class LlmError(Exception):
+    """Root of the client's errors."""
+
+
+class LlmUnavailable(LlmError):
+    """The endpoint did not answer usefully after the retries (timeouts, 5xx, 429, connection errors)."""
+
+
+class LlmRejected(LlmError):
+    """The endpoint refused the request (400/401/403/404/422): retrying cannot help."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"LLM endpoint answered {status}: {message}")
+        self.status = status
+
+
+class InvalidReply(LlmError):
+    """The reply was not the JSON asked for, even after re-asking; `raw` keeps it for inspection."""
+
+    def __init__(self, message: str, raw: str) -> None:
+        super().__init__(message)
+        self.raw = raw
+
+
+class BreakerOpen(LlmError):
+    def __init__(self, retry_in: float) -> None:
+        super().__init__(f"LLM circuit breaker open; next probe in {retry_in:.0f}s")
+        self.retry_in = retry_in
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half-open"
+
+
+class CircuitBreaker:
+    """Opens after `failures` consecutive failed calls; after `reset_s` lets one probe through."""
+
+    def __init__(self, failures: int = 5, reset_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+        self.threshold = failures
+        self.reset_s = reset_s
+        self.clock = clock
+        self._failures = 0
+        self._opened_at = 0.0
+        self._state = BreakerState.CLOSED
+        self._probe_out = False
+        self._lock = threading.Lock()
+        self.on_change: Callable[[BreakerState], None] | None = None
+
+    @property
+    def state(self) -> BreakerState:
+        with self._lock:
+            if self._state is BreakerState.OPEN and self.clock() - self._opened_at >= self.reset_s:
+                return BreakerState.HALF_OPEN
+            return self._state
+
+    def acquire(self) -> None:
+        """Raise BreakerOpen unless a call may go out now."""
+        with self._lock:
+            if self._state is BreakerState.CLOSED:
+                return
+            elapsed = self.clock() - self._opened_at
+            if self._state is BreakerState.OPEN and elapsed < self.reset_s:
+                raise BreakerOpen(self.reset_s - elapsed)
+            if self._probe_out:
+                raise BreakerOpen(max(1.0, self.reset_s / 4))
+            self._state = BreakerState.HALF_OPEN
+            self._probe_out = True
+        self._notify(BreakerState.HALF_OPEN)
+
+    def success(self) -> None:
+        with self._lock:
+            changed = self._state is not BreakerState.CLOSED
+            self._failures = 0
+            self._state = BreakerState.CLOSED
+            self._probe_out = False
+        if changed:
+            self._notify(BreakerState.CLOSED)
+
+    def failure(self) -> None:
+        with self._lock:
+            self._failures += 1
+            opening = self._state is BreakerState.HALF_OPEN or (
+                self._state is BreakerState.CLOSED and self._failures >= self.threshold
+            )
+            if opening:
+                self._state = BreakerState.OPEN
+                self._opened_at = self.clock()
+                self._probe_out = False
+        if opening:
+            self._notify(BreakerState.OPEN)
+
+    def _notify(self, state: BreakerState) -> None:
+        if self.on_change is not None:
+            self.on_change(state)
+
+
+def chat_completions_url(url: str) -> str:
+    """Accept a base url, a /v1 url, or the full /v1/chat/completions url."""
+    base = url.strip().rstrip("/")
+    if base.endswith("/chat/completions"):
+        return base
+    if base.endswith("/v1"):
+        return base + "/chat/completions"
+    return base + "/v1/chat/completions"
+
+
+def parse_retry_after(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds to wait from `retry-after-ms`, `Retry-After` seconds or an HTTP date."""
+    if "retry-after-ms" in headers:
+        try:
+            return max(0.0, float(headers["retry-after-ms"]) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
+
+
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)```", re.S)
+
+
+def extract_json(text: str) -> Any:
+    """Parse the first JSON value in a reply, tolerating code fences and prose around it."""
+    candidates = [text.strip()]
+    candidates += [m.group(1).strip() for m in _FENCE.finditer(text)]
+    for opener, closer in (("{", "}"), ("[", "]")):
+        start, end = text.find(opener), text.rfind(closer)
+        if 0 <= start < end:
+            candidates.append(text[start:end + 1])
+    for candidate in candidates:
+        try:
+            return json.loads(candidate)
+        except (json.JSONDecodeError, ValueError):
+            continue
+    raise ValueError("no JSON value in the reply")
+
+
+@dataclass
+class LlmConfig:
+    url: str
+    model: str
+    api_key: str | None = None
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    max_retries: int = 5
+    max_retry_after_s: float = 120.0
+    reask_invalid: int = 2
+    concurrency: int = 8
+    temperature: float = 0.7
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+
+
+class LlmClient:
+    def __init__(self, config: LlmConfig, breaker: CircuitBreaker | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.config = config
+        self.endpoint = chat_completions_url(config.url)
+        self.breaker = breaker or CircuitBreaker()
+        self.sleep = sleep
+        self._slots = threading.BoundedSemaphore(config.concurrency)
+        headers = {"Content-Type": "application/json"}
+        if config.api_key:
+            headers["Authorization"] = f"Bearer {config.api_key}"
+        self._http = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
+            limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency),
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def chat(self, messages: list[dict[str, str]]) -> str:
+        """One completion's text, retried on transient failures. Raises LlmUnavailable, LlmRejected or
+        BreakerOpen."""
+        body = {"model": self.config.model, "messages": messages, "temperature": self.config.temperature}
+        last_error = "no attempt made"
+        for attempt in range(self.config.max_retries + 1):
+            self.breaker.acquire()
+            wait: float | None = None
+            try:
+                with self._slots:
+                    response = self._http.post(self.endpoint, json=body)
+            except httpx.TimeoutException as exc:
+                last_error = f"timeout ({type(exc).__name__})"
+            except httpx.TransportError as exc:
+                last_error = f"connection error ({type(exc).__name__}: {exc})"
+            else:
+                if response.status_code == 200:
+                    try:
+                        content = response.json()["choices"][0]["message"]["content"]
+                    except (ValueError, KeyError, IndexError, TypeError):
+                        # A 200 with a broken envelope: the server is up; let re-asking handle it.
+                        self.breaker.success()
+                        return response.text
+                    self.breaker.success()
+                    return content if isinstance(content, str) else json.dumps(content)
+                if response.status_code not in RETRY_STATUS:
+                    self.breaker.success()  # the endpoint is alive; the request is what is wrong
+                    raise LlmRejected(response.status_code, _error_message(response))
+                last_error = f"HTTP {response.status_code}: {_error_message(response)}"
+                wait = parse_retry_after(response.headers)
+                if wait is not None:
+                    wait = min(wait, self.config.max_retry_after_s)
+            self.breaker.failure()
+            if attempt == self.config.max_retries:
+                break
+            if wait is None:
+                cap = min(self.config.backoff_cap_s, self.config.backoff_base_s * 2**attempt)
+                wait = random.uniform(cap / 2, cap)
+            self.sleep(wait)
+        raise LlmUnavailable(f"LLM unavailable after {self.config.max_retries + 1} attempts: {last_error}")
+
+    def ask_json(self, messages: list[dict[str, str]], validate: Callable[[Any], T],
+                 reminder: str = "Reply with valid JSON only, exactly in the requested format.") -> T:
+        """Ask, parse and validate; re-ask a bounded number of times with the bad reply shown back."""
+        conversation = list(messages)
+        raw = ""
+        problem = ""
+        for _ in range(self.config.reask_invalid + 1):
+            raw = self.chat(conversation)
+            try:
+                return validate(extract_json(raw))
+            except (ValueError, TypeError, KeyError) as exc:
+                problem = str(exc) or type(exc).__name__
+                conversation = [*messages, {"role": "assistant", "content": raw[:4000]},
+                                {"role": "user", "content": f"{reminder} ({problem})"}]
+        raise InvalidReply(f"reply was not the expected JSON after {self.config.reask_invalid + 1} tries: "
+                           f"{problem}", raw)
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        data = response.json()
+        if isinstance(data, dict):
+            error = data.get("error", data)
+            if isinstance(error, dict):
+                return str(error.get("message") or error)[:300]
+            return str(error)[:300]
+    except ValueError:
+        pass
+    text = response.text.strip()
+    if text.lower().startswith(("<!doctype", "<html")):
+        return "HTML error page"
+    return text[:300] or response.reason_phrase

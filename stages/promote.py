@@ -1,0 +1,85 @@
+"""The promotion gate: which variant (if any) may replace the model in service, and why.
+
+Rule (docs/promotion.md):
+1. A variant is eligible only if, on the synthetic held-out set, metric(variant) - metric(current)
+   >= min_gain.
+2. Human-signal sets (the user's evaluation file, document-structure queries) veto: a variant that
+   loses more than `human_tolerance` on any of them is not eligible, whatever the synthetic gain.
+3. The guard set vetoes a variant that drops more than `max_guard_drop` on it (forgetting).
+4. Among eligible variants, the one with the best score on the strongest set wins: the user's file if
+   present, else the synthetic held-out set. No eligible variant: the round is rejected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+SYNTHETIC = "heldout"
+HUMAN_SETS = ("user", "structure")
+GUARD = "guard"
+
+
+@dataclass
+class Decision:
+    promote: bool
+    variant: str | None
+    reason: str
+    gains: dict[str, dict[str, float]] = field(default_factory=dict)
+    interval: tuple[float, float] | None = None
+
+
+def paired_bootstrap(new: Sequence[float], old: Sequence[float], samples: int = 1000,
+                     seed: int = 0) -> tuple[float, float] | None:
+    """95% interval of mean(new - old) by resampling queries with replacement."""
+    if samples <= 0 or len(new) == 0 or len(new) != len(old):
+        return None
+    diff = np.asarray(new, dtype=np.float64) - np.asarray(old, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(samples, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def decide(
+    scores: dict[str, dict[str, float]],
+    metric: str,
+    min_gain: float,
+    human_tolerance: float = 0.0,
+    max_guard_drop: float = 0.01,
+    current: str = "current",
+) -> Decision:
+    """`scores[variant][set]` is the metric value; `current` names the model in service."""
+    if current not in scores or SYNTHETIC not in scores[current]:
+        return Decision(False, None, "no held-out evaluation of the model in service")
+    baseline = scores[current]
+    gains = {
+        variant: {name: values[name] - baseline[name] for name in values if name in baseline}
+        for variant, values in scores.items() if variant != current
+    }
+    eligible: list[str] = []
+    refusals: list[str] = []
+    for variant, gain in gains.items():
+        synthetic = gain.get(SYNTHETIC, float("-inf"))
+        if synthetic < min_gain:
+            refusals.append(f"{variant}: held-out {metric} {synthetic:+.4f} < min_gain {min_gain}")
+            continue
+        vetoed = False
+        for name in HUMAN_SETS:
+            if name in gain and gain[name] < -human_tolerance:
+                refusals.append(f"{variant}: vetoed by {name} set ({metric} {gain[name]:+.4f})")
+                vetoed = True
+        if GUARD in gain and gain[GUARD] < -max_guard_drop:
+            refusals.append(f"{variant}: vetoed by guard set ({metric} {gain[GUARD]:+.4f} "
+                            f"< -{max_guard_drop})")
+            vetoed = True
+        if not vetoed:
+            eligible.append(variant)
+    if not eligible:
+        return Decision(False, None, "rejected: " + "; ".join(refusals), gains)
+    deciding = "user" if all("user" in gains[v] for v in eligible) else SYNTHETIC
+    best = max(eligible, key=lambda v: (gains[v][deciding], gains[v][SYNTHETIC]))
+    parts = [f"{name} {gains[best][name]:+.4f}" for name in gains[best]]
+    return Decision(True, best, f"promoted {best}: {metric} gain " + ", ".join(parts), gains)

@@ -1,0 +1,155 @@
+"""Fine-tuning with the sentence-transformers trainer and a contrastive loss over mined negatives.
+
+MultipleNegativesRankingLoss with scale = 1/temperature (CachedMNRL when `cached_batch` is set, so a large
+batch fits in small memory); the query instruction is applied to the query column only, as BGE models
+expect. bf16 (or fp16) on CUDA, all cores on CPU. Runs in the round's child process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class TrainParams:
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 1e-5
+    warmup_ratio: float = 0.1
+    temperature: float = 0.05
+    cached_batch: int = 0
+    precision: str = "auto"
+    gradient_checkpointing: bool = False
+    max_minutes: float = 20.0
+    query_instruction: str = ""
+    seed: int = 42
+    device: str = "auto"
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    total_steps: int
+    final_loss: float | None
+    seconds: float
+    pairs_per_second: float
+    stopped_early: bool
+    precision: str
+
+
+ProgressFn = Callable[[int, int, float | None], None]
+
+
+def build_dataset(examples: list[dict]):
+    """Columns anchor, positive, negative_1..k; every row gets the same number of negatives."""
+    from datasets import Dataset
+
+    n_neg = min((len(example["neg"]) for example in examples), default=0)
+    columns: dict[str, list[str]] = {"anchor": [], "positive": []}
+    for k in range(n_neg):
+        columns[f"negative_{k + 1}"] = []
+    for example in examples:
+        columns["anchor"].append(example["query"])
+        columns["positive"].append(example["pos"])
+        for k in range(n_neg):
+            columns[f"negative_{k + 1}"].append(example["neg"][k])
+    return Dataset.from_dict(columns)
+
+
+def resolve_precision(precision: str) -> str:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "fp32"
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def train_model(base_path: Path, output_dir: Path, examples: list[dict], params: TrainParams,
+                progress: ProgressFn | None = None, model=None) -> TrainOutcome:
+    import torch
+    from sentence_transformers import (
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.sentence_transformer.losses import (
+        CachedMultipleNegativesRankingLoss,
+        MultipleNegativesRankingLoss,
+    )
+    from transformers import TrainerCallback
+
+    from stages.models import load_embedder
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(os.cpu_count() or 1)
+    precision = resolve_precision(params.precision)
+    if model is None:
+        model = load_embedder(base_path, params.device)
+    if params.gradient_checkpointing:
+        transformer = model[0].auto_model
+        if hasattr(transformer, "gradient_checkpointing_enable"):
+            transformer.gradient_checkpointing_enable()
+    dataset = build_dataset(examples)
+    scale = 1.0 / params.temperature
+    if params.cached_batch:
+        loss = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=params.cached_batch)
+    else:
+        loss = MultipleNegativesRankingLoss(model, scale=scale)
+    batch_size = max(2, min(params.batch_size, len(dataset)))
+    work_dir = output_dir.parent / (output_dir.name + ".work")
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(work_dir),
+        num_train_epochs=params.epochs,
+        per_device_train_batch_size=batch_size,
+        learning_rate=params.learning_rate,
+        warmup_ratio=params.warmup_ratio,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        batch_sampler="no_duplicates",
+        prompts={"anchor": params.query_instruction} if params.query_instruction else None,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        seed=params.seed,
+        dataloader_drop_last=len(dataset) > batch_size,
+        disable_tqdm=True,
+        use_cpu=not torch.cuda.is_available() or params.device == "cpu",
+    )
+    started = time.monotonic()
+    state = {"stopped": False, "loss": None}
+
+    class Progress(TrainerCallback):
+        def on_log(self, _args, control_state, control, logs=None, **_):
+            if logs and "loss" in logs:
+                state["loss"] = float(logs["loss"])
+            if progress:
+                progress(control_state.global_step, control_state.max_steps, state["loss"])
+
+        def on_step_end(self, _args, control_state, control, **_):
+            if time.monotonic() - started > params.max_minutes * 60:
+                state["stopped"] = True
+                control.should_training_stop = True
+            return control
+
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
+                                         callbacks=[Progress()])
+    result = trainer.train()
+    seconds = time.monotonic() - started
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save(str(output_dir))
+    import shutil
+
+    shutil.rmtree(work_dir, ignore_errors=True)
+    steps = trainer.state.global_step
+    pairs = steps * batch_size
+    return TrainOutcome(
+        steps=steps, total_steps=trainer.state.max_steps,
+        final_loss=state["loss"] if state["loss"] is not None else getattr(result, "training_loss", None),
+        seconds=seconds, pairs_per_second=pairs / seconds if seconds else 0.0,
+        stopped_early=state["stopped"], precision=precision,
+    )

@@ -1,0 +1,258 @@
+"""SQLite connection handling and schema migrations keyed on PRAGMA user_version.
+
+Connections run in autocommit mode; writers open explicit `BEGIN IMMEDIATE` transactions so that a
+claim or a document's chunks are all-or-nothing. WAL lets the CLI read while the daemon writes.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+BUSY_TIMEOUT_MS = 30_000
+
+MIGRATIONS: list[str] = [
+    # 1: the tables of DESIGN.md §3, plus the daemon heartbeat and the promotion history.
+    """
+    CREATE TABLE documents (
+        id            INTEGER PRIMARY KEY,
+        path          TEXT NOT NULL UNIQUE,
+        sha256        TEXT,
+        first_sha256  TEXT,
+        size          INTEGER,
+        mtime         REAL,
+        status        TEXT NOT NULL DEFAULT 'pending'
+                      CHECK (status IN ('pending','ingested','rejected','deleted')),
+        error         TEXT,
+        language      TEXT,
+        duplicate_of  INTEGER REFERENCES documents(id) ON DELETE SET NULL,
+        split         TEXT CHECK (split IN ('train','heldout')),
+        first_seen    TEXT NOT NULL,
+        updated       TEXT NOT NULL
+    );
+    CREATE INDEX documents_sha ON documents(sha256);
+    CREATE INDEX documents_status ON documents(status);
+
+    CREATE TABLE chunks (
+        id            INTEGER PRIMARY KEY,
+        document_id   INTEGER NOT NULL REFERENCES documents(id),
+        version       TEXT NOT NULL,
+        ordinal       INTEGER NOT NULL,
+        text          TEXT NOT NULL,
+        heading       TEXT NOT NULL DEFAULT '',
+        sha256        TEXT NOT NULL,
+        language      TEXT NOT NULL DEFAULT 'en',
+        split         TEXT NOT NULL DEFAULT 'train' CHECK (split IN ('train','heldout')),
+        active        INTEGER NOT NULL DEFAULT 1,
+        created       TEXT NOT NULL,
+        UNIQUE (document_id, version, ordinal)
+    );
+    CREATE INDEX chunks_active ON chunks(active);
+    CREATE INDEX chunks_sha ON chunks(sha256);
+
+    CREATE TABLE samples (
+        id            INTEGER PRIMARY KEY,
+        chunk_id      INTEGER NOT NULL REFERENCES chunks(id),
+        query         TEXT NOT NULL,
+        kind          TEXT NOT NULL CHECK (kind IN ('question','rewrite','pseudo','structure')),
+        parent_id     INTEGER REFERENCES samples(id),
+        passage       TEXT,
+        split         TEXT NOT NULL CHECK (split IN ('train','heldout')),
+        judge_score   REAL,
+        rerank_score  REAL,
+        bm25_score    REAL,
+        rank          INTEGER,
+        kept          INTEGER,
+        reason        TEXT,
+        created       TEXT NOT NULL,
+        round_id      INTEGER REFERENCES rounds(id),
+        UNIQUE (chunk_id, kind, query)
+    );
+    CREATE INDEX samples_kept ON samples(kept, split);
+    CREATE INDEX samples_round ON samples(round_id);
+
+    CREATE TABLE jobs (
+        id            INTEGER PRIMARY KEY,
+        kind          TEXT NOT NULL,
+        key           TEXT NOT NULL UNIQUE,
+        payload       TEXT NOT NULL DEFAULT '{}',
+        state         TEXT NOT NULL DEFAULT 'pending'
+                      CHECK (state IN ('pending','running','done','failed','dead')),
+        priority      INTEGER NOT NULL DEFAULT 100,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        max_attempts  INTEGER NOT NULL DEFAULT 5,
+        not_before    REAL NOT NULL DEFAULT 0,
+        lease_owner   TEXT,
+        lease_until   REAL,
+        last_error    TEXT,
+        raw_reply     TEXT,
+        created       TEXT NOT NULL,
+        updated       TEXT NOT NULL
+    );
+    CREATE INDEX jobs_claim ON jobs(state, kind, not_before, priority);
+
+    CREATE TABLE rounds (
+        id                INTEGER PRIMARY KEY,
+        started           TEXT NOT NULL,
+        finished          TEXT,
+        state             TEXT NOT NULL CHECK (state IN ('running','finished','aborted')),
+        stage             TEXT NOT NULL DEFAULT 'snapshot',
+        progress          TEXT NOT NULL DEFAULT '{}',
+        pid               INTEGER,
+        trigger           TEXT NOT NULL DEFAULT 'schedule',
+        n_train           INTEGER,
+        n_heldout         INTEGER,
+        base_model        TEXT,
+        candidate_metrics TEXT,
+        merged_metrics    TEXT,
+        current_metrics   TEXT,
+        eval_sets         TEXT,
+        decision          TEXT CHECK (decision IN ('promoted','rejected') OR decision IS NULL),
+        reason            TEXT,
+        model_id          INTEGER REFERENCES models(id),
+        error             TEXT
+    );
+
+    CREATE TABLE models (
+        id            INTEGER PRIMARY KEY,
+        path          TEXT NOT NULL,
+        parent_id     INTEGER REFERENCES models(id),
+        round_id      INTEGER,
+        created       TEXT NOT NULL,
+        metrics       TEXT NOT NULL DEFAULT '{}',
+        promoted_at   TEXT,
+        retired_at    TEXT
+    );
+
+    CREATE TABLE promotions (
+        id            INTEGER PRIMARY KEY,
+        model_id      INTEGER REFERENCES models(id),
+        action        TEXT NOT NULL CHECK (action IN ('promote','rollback','reconcile')),
+        at            TEXT NOT NULL,
+        note          TEXT
+    );
+
+    CREATE TABLE daemon (
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        pid           INTEGER,
+        host          TEXT,
+        started       TEXT,
+        heartbeat     TEXT,
+        heartbeat_ts  REAL,
+        activity      TEXT NOT NULL DEFAULT 'stopped',
+        breaker       TEXT NOT NULL DEFAULT 'closed'
+    );
+    INSERT INTO daemon (id) VALUES (1);
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def connect(path: Path | str, *, readonly: bool = False) -> sqlite3.Connection:
+    """Open a connection with the pragmas every connection needs (FKs and busy timeout are per connection)."""
+    if readonly:
+        uri = f"file:{Path(path).as_posix()}?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                               check_same_thread=False)
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000,
+                               check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    if not readonly:
+        conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator[sqlite3.Connection]:
+    """One explicit transaction; rolled back on any exception. IMMEDIATE takes the write lock up front
+    so two writers never deadlock upgrading a read lock."""
+    conn.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    else:
+        conn.execute("COMMIT")
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to SCHEMA_VERSION, one migration per transaction. Returns the new version."""
+    conn.execute("PRAGMA journal_mode = WAL")
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > SCHEMA_VERSION:
+        raise RuntimeError(
+            f"database schema {version} is newer than this embedtune ({SCHEMA_VERSION}); upgrade embedtune"
+        )
+    while version < SCHEMA_VERSION:
+        script = MIGRATIONS[version]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split_sql(script):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        version += 1
+    return version
+
+
+def _split_sql(script: str) -> list[str]:
+    statements, buffer = [], ""
+    for line in script.splitlines(keepends=True):
+        buffer += line
+        if sqlite3.complete_statement(buffer):
+            if buffer.strip():
+                statements.append(buffer.strip())
+            buffer = ""
+    if buffer.strip():
+        statements.append(buffer.strip())
+    return statements
+
+
+class Database:
+    """Owner of the database file: migrates once, then hands out one connection per thread."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        with connect(self.path) as conn:
+            migrate(conn)
+        conn.close()
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = connect(self.path)
+            self._local.conn = conn
+        return conn
+
+    def transaction(self) -> contextmanager:
+        return transaction(self.conn)
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+
+def now_ts() -> float:
+    return time.time()

@@ -1,0 +1,47 @@
+"""The folder layout under `paths.state_dir` (DESIGN.md §2), in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    root: Path
+
+    @property
+    def database(self) -> Path:
+        return self.root / "embedtune.db"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / "embedtune.lock"
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
+    def versions(self) -> Path:
+        return self.models / "versions"
+
+    @property
+    def current(self) -> Path:
+        return self.models / "current"
+
+    @property
+    def rounds(self) -> Path:
+        return self.root / "rounds"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    def round_dir(self, round_id: int) -> Path:
+        return self.rounds / str(round_id)
+
+    def ensure(self) -> StateLayout:
+        for folder in (self.root, self.versions, self.rounds, self.cache):
+            folder.mkdir(parents=True, exist_ok=True)
+        return self

@@ -1,0 +1,224 @@
+"""A durable job queue in SQLite: idempotent enqueue, leased claims, back-off, dead letters.
+
+Delivery is at-least-once: a worker that dies keeps its lease until it expires, then the job is
+claimable again. Handlers must be idempotent (unique keys on content hashes make them so).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from state.db import transaction, utcnow
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"  # failed at least once, waiting for its back-off before the next attempt
+    DEAD = "dead"  # gave up after max_attempts; kept with its error for `status`
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: str
+    key: str
+    payload: dict[str, Any]
+    attempts: int
+    max_attempts: int
+    lease_owner: str
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Job:
+        return cls(
+            id=row["id"],
+            kind=row["kind"],
+            key=row["key"],
+            payload=json.loads(row["payload"]),
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            lease_owner=row["lease_owner"],
+        )
+
+
+class LeaseLost(Exception):
+    """The job's lease expired and someone else may own it now; the caller must not write its result."""
+
+
+def backoff_seconds(attempt: int, base: float = 2.0, cap: float = 600.0) -> float:
+    """Exponential back-off with full jitter, so that many failing jobs do not retry in lock-step."""
+    return random.uniform(0, min(cap, base * (2 ** max(0, attempt - 1))))
+
+
+class JobQueue:
+    def __init__(self, conn: sqlite3.Connection, *, clock=time.time) -> None:
+        self.conn = conn
+        self.clock = clock
+
+    def enqueue(
+        self,
+        kind: str,
+        key: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        priority: int = 100,
+        max_attempts: int = 5,
+        delay: float = 0.0,
+        requeue_finished: bool = False,
+        in_transaction: bool = False,
+    ) -> bool:
+        """Add a job unless one with this key exists. With requeue_finished, a done/dead job with the
+        same key is made pending again (used for recurring work such as the filter pass).
+        Returns True when a job was added or re-armed."""
+        now = utcnow()
+        body = json.dumps(payload or {}, ensure_ascii=False, sort_keys=True)
+        update = (
+            "ON CONFLICT(key) DO UPDATE SET state='pending', attempts=0, not_before=excluded.not_before, "
+            "payload=excluded.payload, last_error=NULL, updated=excluded.updated "
+            "WHERE jobs.state IN ('done','dead')"
+            if requeue_finished
+            else "ON CONFLICT(key) DO NOTHING"
+        )
+        sql = (
+            "INSERT INTO jobs (kind, key, payload, priority, max_attempts, not_before, created, updated) "
+            f"VALUES (?, ?, ?, ?, ?, ?, ?, ?) {update}"
+        )
+        params = (kind, key, body, priority, max_attempts, self.clock() + delay, now, now)
+        if in_transaction:
+            cursor = self.conn.execute(sql, params)
+        else:
+            with transaction(self.conn):
+                cursor = self.conn.execute(sql, params)
+        return cursor.rowcount > 0
+
+    def claim(self, owner: str, kinds: list[str] | None = None, lease_seconds: float = 300.0) -> Job | None:
+        """Take the next ready job with a lease, in one statement inside one write transaction."""
+        now = self.clock()
+        kind_filter = ""
+        params: list[Any] = [owner, now + lease_seconds, utcnow(), now]
+        if kinds:
+            kind_filter = f"AND kind IN ({','.join('?' * len(kinds))})"
+            params.extend(kinds)
+        sql = f"""
+            UPDATE jobs SET state='running', lease_owner=?, lease_until=?, attempts=attempts+1, updated=?
+            WHERE id = (
+                SELECT id FROM jobs
+                WHERE state IN ('pending','failed') AND not_before <= ? {kind_filter}
+                ORDER BY priority, not_before, id LIMIT 1
+            )
+            RETURNING *
+        """
+        with transaction(self.conn):
+            row = self.conn.execute(sql, params).fetchone()
+        return Job.from_row(row) if row else None
+
+    def heartbeat(self, job: Job, lease_seconds: float = 300.0) -> None:
+        """Extend the lease of a long job. Raises LeaseLost if the lease is no longer ours."""
+        with transaction(self.conn):
+            cursor = self.conn.execute(
+                "UPDATE jobs SET lease_until=?, updated=? WHERE id=? AND state='running' AND lease_owner=?",
+                (self.clock() + lease_seconds, utcnow(), job.id, job.lease_owner),
+            )
+        if cursor.rowcount == 0:
+            raise LeaseLost(f"job {job.id} is no longer leased to {job.lease_owner}")
+
+    def complete(self, job: Job, *, in_transaction: bool = False) -> None:
+        """Mark done. Inside the handler's own transaction, this commits atomically with its results."""
+        sql = (
+            "UPDATE jobs SET state='done', lease_owner=NULL, lease_until=NULL, last_error=NULL, updated=? "
+            "WHERE id=? AND state='running' AND lease_owner=?"
+        )
+        params = (utcnow(), job.id, job.lease_owner)
+        if in_transaction:
+            cursor = self.conn.execute(sql, params)
+        else:
+            with transaction(self.conn):
+                cursor = self.conn.execute(sql, params)
+        if cursor.rowcount == 0:
+            raise LeaseLost(f"job {job.id} is no longer leased to {job.lease_owner}")
+
+    def fail(
+        self,
+        job: Job,
+        error: str,
+        *,
+        retry: bool = True,
+        delay: float | None = None,
+        raw_reply: str | None = None,
+    ) -> JobState:
+        """Record a failure: back off and retry, or dead-letter when attempts are spent or retry=False."""
+        dead = not retry or job.attempts >= job.max_attempts
+        state = JobState.DEAD if dead else JobState.FAILED
+        wait = 0.0 if dead else (delay if delay is not None else backoff_seconds(job.attempts))
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE jobs SET state=?, lease_owner=NULL, lease_until=NULL, last_error=?, "
+                "raw_reply=COALESCE(?, raw_reply), not_before=?, updated=? "
+                "WHERE id=? AND state='running' AND lease_owner=?",
+                (state.value, error[:2000], raw_reply, self.clock() + wait, utcnow(), job.id,
+                 job.lease_owner),
+            )
+        return state
+
+    def postpone(self, job: Job, delay: float, reason: str) -> None:
+        """Give a job back without counting the attempt (e.g. the LLM breaker is open)."""
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE jobs SET state='pending', attempts=MAX(0, attempts-1), lease_owner=NULL, "
+                "lease_until=NULL, not_before=?, last_error=?, updated=? "
+                "WHERE id=? AND state='running' AND lease_owner=?",
+                (self.clock() + delay, reason, utcnow(), job.id, job.lease_owner),
+            )
+
+    def recover_expired(self) -> int:
+        """Make jobs whose lease ran out claimable again (their worker crashed or hung)."""
+        with transaction(self.conn):
+            cursor = self.conn.execute(
+                "UPDATE jobs SET state='pending', lease_owner=NULL, lease_until=NULL, "
+                "last_error=COALESCE(last_error, 'lease expired'), updated=? "
+                "WHERE state='running' AND lease_until < ?",
+                (utcnow(), self.clock()),
+            )
+        return cursor.rowcount
+
+    def release_owner(self, owner_prefix: str) -> int:
+        """On shutdown: hand back every lease this process holds, without counting the attempt."""
+        with transaction(self.conn):
+            cursor = self.conn.execute(
+                "UPDATE jobs SET state='pending', attempts=MAX(0, attempts-1), lease_owner=NULL, "
+                "lease_until=NULL, updated=? WHERE state='running' AND lease_owner LIKE ?",
+                (utcnow(), owner_prefix + "%"),
+            )
+        return cursor.rowcount
+
+    def requeue_dead(self, kind: str | None = None) -> int:
+        """Operator action: give dead jobs a fresh set of attempts."""
+        sql = "UPDATE jobs SET state='pending', attempts=0, not_before=0, updated=? WHERE state='dead'"
+        params: list[Any] = [utcnow()]
+        if kind:
+            sql += " AND kind=?"
+            params.append(kind)
+        with transaction(self.conn):
+            return self.conn.execute(sql, params).rowcount
+
+    def counts(self) -> dict[str, int]:
+        rows = self.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        result = {state.value: 0 for state in JobState}
+        result.update({row[0]: row[1] for row in rows})
+        return result
+
+    def outstanding(self, kinds: list[str] | None = None) -> int:
+        """Jobs not yet finished (pending, running or waiting to retry)."""
+        sql = "SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running','failed')"
+        params: list[Any] = []
+        if kinds:
+            sql += f" AND kind IN ({','.join('?' * len(kinds))})"
+            params = list(kinds)
+        return self.conn.execute(sql, params).fetchone()[0]

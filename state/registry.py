@@ -1,0 +1,238 @@
+"""Model registry: versions are immutable folders; `models/current` is a symlink swapped atomically.
+
+Protocol (DESIGN.md §4): copy into `versions/<id>.tmp`, fsync, rename to `versions/<id>`, point a fresh
+symlink at it and `os.replace` it over `current`, then commit the registry row. A crash at any step
+leaves either the old model or the new one in service; `reconcile()` makes the database agree with
+the symlink at start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from state.db import transaction, utcnow
+from state.layout import StateLayout
+
+
+class RegistryError(Exception):
+    """A registry operation cannot be done (e.g. nothing to roll back to)."""
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    id: int
+    path: Path
+    parent_id: int | None
+    round_id: int | None
+    metrics: dict[str, Any]
+    promoted_at: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> ModelRecord:
+        return cls(
+            id=row["id"],
+            path=Path(row["path"]),
+            parent_id=row["parent_id"],
+            round_id=row["round_id"],
+            metrics=json.loads(row["metrics"] or "{}"),
+            promoted_at=row["promoted_at"],
+        )
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file and folder under `folder` to disk, so a rename after it publishes whole files."""
+    for dirpath, _dirnames, filenames in os.walk(folder):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ModelRegistry:
+    def __init__(self, conn: sqlite3.Connection, layout: StateLayout) -> None:
+        self.conn = conn
+        self.layout = layout
+
+    # --- writing versions -------------------------------------------------------------------------
+    def register(
+        self,
+        source: Path,
+        *,
+        round_id: int | None = None,
+        parent_id: int | None = None,
+        metrics: dict[str, Any] | None = None,
+    ) -> ModelRecord:
+        """Copy a finished model folder into `versions/<id>` (never modified afterwards)."""
+        if not (source / "modules.json").exists() and not (source / "config.json").exists():
+            raise RegistryError(f"{source} is not a model folder (no modules.json or config.json)")
+        self.layout.versions.mkdir(parents=True, exist_ok=True)
+        with transaction(self.conn):
+            model_id = self.conn.execute(
+                "INSERT INTO models (path, parent_id, round_id, created, metrics) VALUES (?, ?, ?, ?, ?) "
+                "RETURNING id",
+                ("", parent_id, round_id, utcnow(), json.dumps(metrics or {})),
+            ).fetchone()[0]
+            final = self.layout.versions / str(model_id)
+            self.conn.execute("UPDATE models SET path=? WHERE id=?", (str(final), model_id))
+        staging = final.with_name(f"{model_id}.tmp")
+        try:
+            if staging.exists():
+                shutil.rmtree(staging)
+            shutil.copytree(source, staging, symlinks=False)
+            fsync_tree(staging)
+            os.rename(staging, final)
+            fsync_dir(self.layout.versions)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            with transaction(self.conn):
+                self.conn.execute("DELETE FROM models WHERE id=?", (model_id,))
+            raise
+        return self.get(model_id)
+
+    def get(self, model_id: int) -> ModelRecord:
+        row = self.conn.execute("SELECT * FROM models WHERE id=?", (model_id,)).fetchone()
+        if row is None:
+            raise RegistryError(f"no model with id {model_id}")
+        return ModelRecord.from_row(row)
+
+    def current(self) -> ModelRecord | None:
+        """The model in service according to the database (None: the base model serves)."""
+        row = self.conn.execute(
+            "SELECT * FROM models WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
+            "ORDER BY promoted_at DESC, id DESC LIMIT 1"
+        ).fetchone()
+        return ModelRecord.from_row(row) if row else None
+
+    def history(self) -> list[sqlite3.Row]:
+        return self.conn.execute("SELECT * FROM promotions ORDER BY id").fetchall()
+
+    # --- serving ----------------------------------------------------------------------------------
+    def promote(self, model_id: int, note: str = "") -> ModelRecord:
+        record = self.get(model_id)
+        if not record.path.is_dir():
+            raise RegistryError(f"model {model_id} folder {record.path} is missing")
+        self._swap_symlink(record.path)
+        self._record_serving(model_id, "promote", note)
+        return self.get(model_id)
+
+    def rollback(self) -> ModelRecord | None:
+        """Serve the model that served before the current one (or the base model when there was none)."""
+        current = self.current()
+        if current is None:
+            raise RegistryError("no promoted model in service; nothing to roll back")
+        served = [row["model_id"] for row in self.history() if row["action"] in ("promote", "rollback",
+                                                                                 "reconcile")]
+        previous = None
+        # Walk the history backwards to the entry before the current model took over.
+        for model_id in reversed(served):
+            if model_id != current.id:
+                previous = model_id
+                break
+        if previous is None:
+            self._unlink_current()
+            with transaction(self.conn):
+                self.conn.execute("UPDATE models SET retired_at=? WHERE id=?", (utcnow(), current.id))
+                self.conn.execute(
+                    "INSERT INTO promotions (model_id, action, at, note) VALUES (NULL, 'rollback', ?, ?)",
+                    (utcnow(), "back to the base model"),
+                )
+            return None
+        record = self.get(previous)
+        self._swap_symlink(record.path)
+        self._record_serving(previous, "rollback", f"from model {current.id}")
+        return self.get(previous)
+
+    def reconcile(self) -> str:
+        """Start-up check: remove half-copied versions and make the database agree with the symlink."""
+        notes = []
+        if self.layout.versions.is_dir():
+            for entry in self.layout.versions.iterdir():
+                if entry.name.endswith(".tmp"):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    notes.append(f"removed staging folder {entry.name}")
+        for row in self.conn.execute("SELECT id, path, promoted_at FROM models").fetchall():
+            if not Path(row["path"]).is_dir() and row["promoted_at"] is None:
+                with transaction(self.conn):
+                    self.conn.execute("DELETE FROM models WHERE id=?", (row["id"],))
+                notes.append(f"dropped unfinished model row {row['id']}")
+        link_target = self._symlink_model_id()
+        current = self.current()
+        current_id = current.id if current else None
+        if link_target == current_id:
+            return "; ".join(notes) or "consistent"
+        if link_target is not None:
+            # The symlink was swapped but the row was not committed: the symlink is the truth.
+            self._record_serving(link_target, "reconcile", "symlink ahead of the database")
+            notes.append(f"registry now serves model {link_target} as the symlink does")
+        elif current is not None and current.path.is_dir():
+            self._swap_symlink(current.path)
+            notes.append(f"symlink restored to model {current.id}")
+        elif current is not None:
+            with transaction(self.conn):
+                self.conn.execute("UPDATE models SET retired_at=? WHERE id=?", (utcnow(), current.id))
+            notes.append(f"model {current.id} folder missing; serving the base model")
+        return "; ".join(notes)
+
+    # --- helpers ----------------------------------------------------------------------------------
+    def _record_serving(self, model_id: int, action: str, note: str) -> None:
+        now = utcnow()
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE models SET retired_at=? WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
+                "AND id != ?",
+                (now, model_id),
+            )
+            self.conn.execute(
+                "UPDATE models SET promoted_at=?, retired_at=NULL WHERE id=?", (now, model_id)
+            )
+            self.conn.execute(
+                "INSERT INTO promotions (model_id, action, at, note) VALUES (?, ?, ?, ?)",
+                (model_id, action, now, note),
+            )
+
+    def _swap_symlink(self, target: Path) -> None:
+        link = self.layout.current
+        link.parent.mkdir(parents=True, exist_ok=True)
+        staging = link.with_name(f"current.{os.getpid()}.tmp")
+        if staging.is_symlink() or staging.exists():
+            staging.unlink()
+        os.symlink(os.path.relpath(target, link.parent), staging)
+        os.replace(staging, link)
+        fsync_dir(link.parent)
+
+    def _unlink_current(self) -> None:
+        link = self.layout.current
+        if link.is_symlink():
+            link.unlink()
+            fsync_dir(link.parent)
+
+    def _symlink_model_id(self) -> int | None:
+        link = self.layout.current
+        if not link.is_symlink():
+            return None
+        target = (link.parent / os.readlink(link)).resolve()
+        if not target.is_dir():
+            return None
+        try:
+            model_id = int(target.name)
+        except ValueError:
+            return None
+        exists = self.conn.execute("SELECT 1 FROM models WHERE id=?", (model_id,)).fetchone()
+        return model_id if exists else None

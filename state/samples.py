@@ -1,0 +1,99 @@
+"""Training samples: stored once per (chunk, kind, query), filtered later, used by rounds."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from state.db import transaction, utcnow
+from state.queue import Job, JobQueue
+
+FILTER_KEY = "filter"
+
+
+@dataclass(frozen=True)
+class SampleIn:
+    query: str
+    kind: str
+    passage: str | None
+    judge_score: float | None
+    reason: str | None
+    parent: str | None = None
+
+
+class SampleStore:
+    def __init__(self, conn: sqlite3.Connection, queue: JobQueue | None = None) -> None:
+        self.conn = conn
+        self.queue = queue or JobQueue(conn)
+
+    def chunk(self, chunk_id: int) -> sqlite3.Row | None:
+        return self.conn.execute("SELECT * FROM chunks WHERE id=?", (chunk_id,)).fetchone()
+
+    def store_candidates(self, job: Job, chunk: sqlite3.Row, candidates: Sequence[SampleIn],
+                         judge_threshold: float) -> int:
+        """Insert the chunk's pairs and finish its job in one transaction; a re-run inserts nothing new."""
+        now = utcnow()
+        added = 0
+        with transaction(self.conn):
+            parents: dict[str, int] = {}
+            for candidate in sorted(candidates, key=lambda c: c.kind != "question"):
+                kept, reason = None, candidate.reason
+                if reason is not None:
+                    kept = 0
+                elif candidate.judge_score is not None and candidate.judge_score < judge_threshold:
+                    kept, reason = 0, f"judge score {candidate.judge_score:.2f} < {judge_threshold}"
+                row = self.conn.execute(
+                    "INSERT INTO samples (chunk_id, query, kind, parent_id, passage, split, judge_score, kept, "
+                    "reason, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT(chunk_id, kind, query) DO NOTHING RETURNING id",
+                    (chunk["id"], candidate.query, candidate.kind, parents.get(candidate.parent or ""),
+                     candidate.passage, chunk["split"], candidate.judge_score, kept, reason, now),
+                ).fetchone()
+                if row is not None:
+                    added += 1
+                    if candidate.kind == "question":
+                        parents[candidate.query] = row[0]
+            self.queue.complete(job, in_transaction=True)
+            if added:
+                self.queue.enqueue("filter", FILTER_KEY, {}, priority=60, delay=2.0, requeue_finished=True,
+                                   in_transaction=True)
+        return added
+
+    def unfiltered(self, limit: int) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            "SELECT s.id, s.query, s.passage, s.chunk_id, c.text AS chunk_text, c.sha256 AS chunk_sha, "
+            "c.active FROM samples s JOIN chunks c ON c.id = s.chunk_id WHERE s.kept IS NULL "
+            "ORDER BY s.id LIMIT ?",
+            (limit,),
+        ).fetchall()
+
+    def count_unfiltered(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM samples WHERE kept IS NULL").fetchone()[0]
+
+    def record_filter(self, results: Sequence) -> None:
+        with transaction(self.conn):
+            self.conn.executemany(
+                "UPDATE samples SET kept=?, rank=?, bm25_score=?, rerank_score=?, reason=? "
+                "WHERE id=? AND kept IS NULL",
+                [(int(r.kept), r.rank, r.bm25_score, r.rerank_score, r.reason, r.sample_id) for r in results],
+            )
+
+    def drop_inactive(self, sample_ids: Sequence[int]) -> None:
+        with transaction(self.conn):
+            self.conn.executemany(
+                "UPDATE samples SET kept=0, reason='source retired' WHERE id=? AND kept IS NULL",
+                [(sid,) for sid in sample_ids],
+            )
+
+    def active_chunks(self) -> list[sqlite3.Row]:
+        return self.conn.execute(
+            "SELECT id, text, heading, sha256, language, split, document_id FROM chunks WHERE active=1 "
+            "ORDER BY id"
+        ).fetchall()
+
+    def unused_train_count(self) -> int:
+        return self.conn.execute(
+            "SELECT COUNT(*) FROM samples s JOIN chunks c ON c.id=s.chunk_id "
+            "WHERE s.kept=1 AND s.split='train' AND s.round_id IS NULL"
+        ).fetchone()[0]

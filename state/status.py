@@ -1,0 +1,198 @@
+"""The `status` report: one read-only pass over the database, no model, no torch.
+
+The JSON shape is a stable interface for scripts and monitoring; add keys, never rename them.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from state.db import connect
+from state.layout import StateLayout
+
+HEARTBEAT_STALE_S = 60.0
+MAX_REJECTIONS = 50
+MAX_ERRORS = 20
+MAX_ROUNDS = 10
+
+
+def empty_status(llm_url: str = "") -> dict[str, Any]:
+    return {
+        "daemon": {"alive": False, "pid": None, "heartbeat": None, "activity": "never started"},
+        "documents": {"pending": 0, "ingested": 0, "rejected": 0, "deleted": 0, "rejections": []},
+        "chunks": {"active": 0, "retired": 0},
+        "samples": {"total": 0, "question": 0, "rewrite": 0, "pseudo": 0, "structure": 0, "train": 0,
+                    "heldout": 0, "kept": 0, "dropped": 0, "unfiltered": 0, "unused_train": 0},
+        "jobs": {"pending": 0, "running": 0, "done": 0, "failed": 0, "dead": 0, "recent_errors": []},
+        "llm": {"url": llm_url, "breaker": "closed"},
+        "rounds": [],
+        "model": {"current": None, "path": None, "metrics": {}},
+    }
+
+
+def read_status(layout: StateLayout, llm_url: str = "", now: float | None = None) -> dict[str, Any]:
+    status = empty_status(llm_url)
+    if not layout.database.exists():
+        return status
+    conn = connect(layout.database, readonly=True)
+    try:
+        _fill(conn, status, layout, now if now is not None else time.time())
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+    finally:
+        conn.close()
+    return status
+
+
+def _loads(text: str | None) -> Any:
+    return json.loads(text) if text else None
+
+
+def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout, now: float) -> None:
+    row = conn.execute("SELECT * FROM daemon WHERE id=1").fetchone()
+    if row is not None:
+        alive = bool(row["pid"]) and row["heartbeat_ts"] is not None and (
+            now - row["heartbeat_ts"] < HEARTBEAT_STALE_S
+        ) and row["activity"] != "stopped"
+        status["daemon"] = {
+            "alive": alive,
+            "pid": row["pid"] if alive else None,
+            "heartbeat": row["heartbeat"],
+            "activity": row["activity"] if alive else f"not running (last: {row['activity']})",
+            "started": row["started"],
+        }
+        status["llm"]["breaker"] = row["breaker"]
+
+    docs = status["documents"]
+    for state, count in conn.execute("SELECT status, COUNT(*) FROM documents GROUP BY status"):
+        docs[state] = count
+    docs["rejections"] = [
+        {"path": r["path"], "reason": r["error"], "updated": r["updated"]}
+        for r in conn.execute(
+            "SELECT path, error, updated FROM documents WHERE status='rejected' ORDER BY updated DESC LIMIT ?",
+            (MAX_REJECTIONS,),
+        )
+    ]
+
+    for active, count in conn.execute("SELECT active, COUNT(*) FROM chunks GROUP BY active"):
+        status["chunks"]["active" if active else "retired"] = count
+
+    samples = status["samples"]
+    for kind, count in conn.execute("SELECT kind, COUNT(*) FROM samples GROUP BY kind"):
+        samples[kind] = count
+        samples["total"] += count
+    for split, count in conn.execute("SELECT split, COUNT(*) FROM samples GROUP BY split"):
+        samples[split] = count
+    agg = conn.execute(
+        "SELECT SUM(kept = 1), SUM(kept = 0), SUM(kept IS NULL), "
+        "SUM(kept = 1 AND split='train' AND round_id IS NULL) FROM samples"
+    ).fetchone()
+    samples["kept"], samples["dropped"], samples["unfiltered"], samples["unused_train"] = (
+        int(value or 0) for value in agg
+    )
+
+    jobs = status["jobs"]
+    for state, count in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
+        jobs[state] = count
+    jobs["by_kind"] = {
+        f"{r['kind']}:{r['state']}": r["n"]
+        for r in conn.execute("SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state")
+    }
+    jobs["recent_errors"] = [
+        {"id": r["id"], "kind": r["kind"], "state": r["state"], "attempts": r["attempts"],
+         "error": r["last_error"], "updated": r["updated"]}
+        for r in conn.execute(
+            "SELECT id, kind, state, attempts, last_error, updated FROM jobs "
+            "WHERE state IN ('failed','dead') AND last_error IS NOT NULL ORDER BY updated DESC LIMIT ?",
+            (MAX_ERRORS,),
+        )
+    ]
+
+    rounds = []
+    for r in conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT ?", (MAX_ROUNDS,)):
+        rounds.append({
+            "id": r["id"],
+            "state": r["state"],
+            "stage": r["stage"],
+            "decision": r["decision"],
+            "reason": r["reason"] or r["error"] or "",
+            "started": r["started"],
+            "finished": r["finished"],
+            "trigger": r["trigger"],
+            "progress": _loads(r["progress"]) or {},
+            "n_train": r["n_train"],
+            "n_heldout": r["n_heldout"],
+            "metrics": {
+                "candidate": _loads(r["candidate_metrics"]),
+                "merged": _loads(r["merged_metrics"]),
+                "current": _loads(r["current_metrics"]),
+                "eval_sets": _loads(r["eval_sets"]),
+            },
+            "model_id": r["model_id"],
+        })
+    status["rounds"] = rounds
+
+    model = conn.execute(
+        "SELECT * FROM models WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
+        "ORDER BY promoted_at DESC, id DESC LIMIT 1"
+    ).fetchone()
+    if model is not None:
+        status["model"] = {
+            "current": f"v{model['id']}",
+            "path": str(Path(layout.current)),
+            "version_path": model["path"],
+            "metrics": _loads(model["metrics"]) or {},
+            "promoted_at": model["promoted_at"],
+        }
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A compact human table."""
+    d = status["daemon"]
+    docs = status["documents"]
+    s = status["samples"]
+    j = status["jobs"]
+    lines = [
+        f"daemon    {'alive' if d['alive'] else 'down'}  pid={d['pid'] or '-'}  heartbeat={d['heartbeat'] or '-'}",
+        f"          {d['activity']}",
+        f"documents pending={docs['pending']} ingested={docs['ingested']} rejected={docs['rejected']} "
+        f"deleted={docs['deleted']}",
+        f"chunks    active={status['chunks']['active']} retired={status['chunks']['retired']}",
+        f"samples   total={s['total']} question={s['question']} rewrite={s['rewrite']} pseudo={s['pseudo']} "
+        f"kept={s['kept']} dropped={s.get('dropped', 0)} unfiltered={s.get('unfiltered', 0)} "
+        f"train={s['train']} heldout={s['heldout']} new-for-training={s.get('unused_train', 0)}",
+        f"jobs      pending={j['pending']} running={j['running']} done={j['done']} failed={j['failed']} "
+        f"dead={j['dead']}",
+        f"llm       {status['llm']['url'] or '(none: built-in synthesizer)'}  breaker={status['llm']['breaker']}",
+    ]
+    model = status["model"]
+    lines.append(f"model     {model['current'] or 'base model (nothing promoted yet)'}"
+                 + (f"  {model['path']}" if model["path"] else ""))
+    if status["rounds"]:
+        lines.append("rounds")
+        for r in status["rounds"]:
+            progress = r.get("progress") or {}
+            step = ""
+            if progress.get("total"):
+                step = f" step {progress.get('step', 0)}/{progress['total']}"
+                if progress.get("loss") is not None:
+                    step += f" loss {progress['loss']:.4f}"
+            lines.append(
+                f"  #{r['id']:<4} {r['state']:<9} {r['stage']:<10}{step} "
+                f"{r['decision'] or '':<9} {r['reason'][:90]}"
+            )
+    if docs["rejections"]:
+        lines.append("rejected files")
+        for item in docs["rejections"][:20]:
+            lines.append(f"  {item['path']}: {item['reason']}")
+    if j["recent_errors"]:
+        lines.append("job errors")
+        for item in j["recent_errors"][:10]:
+            lines.append(f"  #{item['id']} {item['kind']} {item['state']} x{item['attempts']}: "
+                         f"{(item['error'] or '')[:120]}")
+    return "\n".join(lines)
