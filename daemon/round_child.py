@@ -284,12 +284,27 @@ def run_on_promote(command: str, model_path: Path, metrics: dict) -> None:
         log.error("on_promote_timeout", command=command)
 
 
+def _quiet_libraries() -> None:
+    """Progress bars belong to interactive use; the round's log should hold our own lines."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="run one embedtune training round")
     parser.add_argument("--settings", required=True, help="settings JSON written by the daemon")
     parser.add_argument("--round-id", type=int, required=True)
     args = parser.parse_args(argv)
     settings = Settings.model_validate(json.loads(Path(args.settings).read_text()))
+    _quiet_libraries()
     configure_logging(settings.logging.level, settings.logging.format)
     layout = StateLayout(settings.paths.state_dir)
     try:

@@ -129,6 +129,9 @@ class RoundManager:
     def stop(self, conn, reason: str = "daemon shutting down") -> None:
         if self.process is None:
             return
+        if self.process.poll() is not None:
+            self.poll(conn)  # it finished on its own: record that, not an abort
+            return
         self.process.send_signal(signal.SIGTERM)
         try:
             self.process.wait(timeout=STOP_GRACE_S)

@@ -60,6 +60,15 @@ def build_dataset(examples: list[dict]):
     return Dataset.from_dict(columns)
 
 
+def _warmup_argument(ratio: float) -> dict:
+    """transformers 5 takes the warm-up ratio as a float `warmup_steps`; 4.x calls it `warmup_ratio`."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"warmup_steps": float(ratio)}
+    return {"warmup_ratio": ratio}
+
+
 def resolve_precision(precision: str) -> str:
     import torch
 
@@ -107,7 +116,7 @@ def train_model(base_path: Path, output_dir: Path, examples: list[dict], params:
         num_train_epochs=params.epochs,
         per_device_train_batch_size=batch_size,
         learning_rate=params.learning_rate,
-        warmup_ratio=params.warmup_ratio,
+        **_warmup_argument(params.warmup_ratio),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         batch_sampler="no_duplicates",

@@ -132,31 +132,51 @@ class ModelRegistry:
         self._record_serving(model_id, "promote", note)
         return self.get(model_id)
 
+    def serving_stack(self) -> list[int | None]:
+        """Which model served, as a stack rebuilt from the append-only history: a promotion pushes, a
+        rollback pops, a reconcile replaces the top. None stands for the base model."""
+        stack: list[int | None] = []
+        for row in self.history():
+            if row["action"] == "promote":
+                stack.append(row["model_id"])
+            elif row["action"] == "rollback":
+                if stack:
+                    stack.pop()
+            elif row["action"] == "reconcile":
+                if stack:
+                    stack[-1] = row["model_id"]
+                else:
+                    stack.append(row["model_id"])
+        return stack
+
     def rollback(self) -> ModelRecord | None:
         """Serve the model that served before the current one (or the base model when there was none)."""
         current = self.current()
         if current is None:
             raise RegistryError("no promoted model in service; nothing to roll back")
-        served = [row["model_id"] for row in self.history() if row["action"] in ("promote", "rollback",
-                                                                                 "reconcile")]
-        previous = None
-        # Walk the history backwards to the entry before the current model took over.
-        for model_id in reversed(served):
-            if model_id != current.id:
-                previous = model_id
-                break
+        stack = self.serving_stack()
+        previous = stack[-2] if len(stack) >= 2 else None
+        if previous is not None and not self.get(previous).path.is_dir():
+            previous = None
+        now = utcnow()
         if previous is None:
             self._unlink_current()
             with transaction(self.conn):
-                self.conn.execute("UPDATE models SET retired_at=? WHERE id=?", (utcnow(), current.id))
+                self.conn.execute("UPDATE models SET retired_at=? WHERE id=?", (now, current.id))
                 self.conn.execute(
-                    "INSERT INTO promotions (model_id, action, at, note) VALUES (NULL, 'rollback', ?, ?)",
-                    (utcnow(), "back to the base model"),
+                    "INSERT INTO promotions (model_id, action, at, note) VALUES (?, 'rollback', ?, ?)",
+                    (current.id, now, "back to the base model"),
                 )
             return None
         record = self.get(previous)
         self._swap_symlink(record.path)
-        self._record_serving(previous, "rollback", f"from model {current.id}")
+        with transaction(self.conn):
+            self.conn.execute("UPDATE models SET retired_at=? WHERE id=?", (now, current.id))
+            self.conn.execute("UPDATE models SET promoted_at=?, retired_at=NULL WHERE id=?", (now, previous))
+            self.conn.execute(
+                "INSERT INTO promotions (model_id, action, at, note) VALUES (?, 'rollback', ?, ?)",
+                (current.id, now, f"back to model {previous}"),
+            )
         return self.get(previous)
 
     def reconcile(self) -> str:

@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.llm_server import FakeLlm  # noqa: E402
+from tests.tiny_models import build_tiny_cross_encoder, build_tiny_embedder  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_embedder(tmp_path_factory) -> Path:
+    return build_tiny_embedder(tmp_path_factory.mktemp("models") / "tiny-st")
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker(tmp_path_factory) -> Path:
+    return build_tiny_cross_encoder(tmp_path_factory.mktemp("models") / "tiny-ce")
+
+
+@pytest.fixture
+def make_settings(tmp_path, tiny_embedder):
+    from daemon.settings import Settings
+
+    def make(**sections) -> Settings:
+        data = {
+            "paths": {"inbox": str(tmp_path / "inbox"), "state_dir": str(tmp_path / "state")},
+            "ingest": {"settle_seconds": 0.3, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
+            "model": {"base": str(tiny_embedder), "device": "cpu", "encode_batch_size": 16},
+            "training": {"min_new_samples": 10_000, "batch_size": 8, "max_pairs": 64, "max_minutes": 5,
+                         "hard_negatives": 1, "learning_rate": 1e-3, "check_minutes": 0.05},
+            "promotion": {"merge_weights": [0.5], "bootstrap_samples": 100},
+            "logging": {"format": "json", "level": "warning"},
+        }
+        for section, values in sections.items():
+            data.setdefault(section, {}).update(values)
+        (tmp_path / "inbox").mkdir(exist_ok=True)
+        return Settings.model_validate(data)
+
+    return make
+
+
+@pytest.fixture
+def fake_llm():
+    with FakeLlm() as server:
+        yield server
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: str = "condition"):
+    """Poll until predicate() is truthy (event-driven code has no other completion signal to join on)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")

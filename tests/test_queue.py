@@ -1,0 +1,166 @@
+from __future__ import annotations
+
+import multiprocessing
+import threading
+
+import pytest
+
+from state.db import Database, connect
+from state.queue import JobQueue, JobState, LeaseLost
+
+
+class Clock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def db(tmp_path):
+    return Database(tmp_path / "q.db")
+
+
+def test_schema_pragmas(db):
+    conn = db.conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] >= 1
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] in (1, 2)  # NORMAL or FULL
+
+
+def test_enqueue_is_idempotent_by_key(db):
+    queue = JobQueue(db.conn)
+    assert queue.enqueue("ingest", "k1", {"a": 1})
+    assert not queue.enqueue("ingest", "k1", {"a": 2})
+    assert queue.counts()["pending"] == 1
+
+
+def test_claim_complete_and_lease_checks(db):
+    clock = Clock()
+    queue = JobQueue(db.conn, clock=clock)
+    queue.enqueue("ingest", "k1", {"x": 1})
+    job = queue.claim("w1", ["ingest"], lease_seconds=10)
+    assert job is not None and job.payload == {"x": 1} and job.attempts == 1
+    assert queue.claim("w2", ["ingest"]) is None
+    queue.heartbeat(job, 10)
+    queue.complete(job)
+    assert queue.counts()["done"] == 1
+    with pytest.raises(LeaseLost):
+        queue.complete(job)
+
+
+def test_claim_respects_kinds_and_priority(db):
+    queue = JobQueue(db.conn)
+    queue.enqueue("synthesize", "s", priority=50)
+    queue.enqueue("ingest", "i", priority=10)
+    assert queue.claim("w", ["filter"]) is None
+    assert queue.claim("w").kind == "ingest"
+    assert queue.claim("w").kind == "synthesize"
+
+
+def test_fail_backs_off_then_dead_letters(db):
+    clock = Clock()
+    queue = JobQueue(db.conn, clock=clock)
+    queue.enqueue("ingest", "k", max_attempts=3)
+    for attempt in range(1, 4):
+        job = queue.claim("w", lease_seconds=5)
+        assert job is not None and job.attempts == attempt
+        state = queue.fail(job, f"boom {attempt}", delay=30)
+        if attempt < 3:
+            assert state is JobState.FAILED
+            assert queue.claim("w") is None  # backing off
+            clock.now += 31
+    assert state is JobState.DEAD
+    row = db.conn.execute("SELECT state, last_error FROM jobs").fetchone()
+    assert tuple(row) == ("dead", "boom 3")
+    assert queue.requeue_dead() == 1
+    assert queue.claim("w").attempts == 1
+
+
+def test_permanent_failure_dead_letters_at_once(db):
+    queue = JobQueue(db.conn)
+    queue.enqueue("synthesize", "k", max_attempts=5)
+    job = queue.claim("w")
+    assert queue.fail(job, "401", retry=False, raw_reply="<raw>") is JobState.DEAD
+    assert db.conn.execute("SELECT raw_reply FROM jobs").fetchone()[0] == "<raw>"
+
+
+def test_expired_lease_is_recovered_and_old_owner_cannot_finish(db):
+    clock = Clock()
+    queue = JobQueue(db.conn, clock=clock)
+    queue.enqueue("ingest", "k")
+    first = queue.claim("crashed", lease_seconds=10)
+    clock.now += 5
+    assert queue.recover_expired() == 0
+    clock.now += 10
+    assert queue.recover_expired() == 1
+    second = queue.claim("w2", lease_seconds=10)
+    assert second.id == first.id and second.attempts == 2
+    with pytest.raises(LeaseLost):
+        queue.heartbeat(first)
+    queue.complete(second)
+
+
+def test_postpone_does_not_count_an_attempt(db):
+    clock = Clock()
+    queue = JobQueue(db.conn, clock=clock)
+    queue.enqueue("synthesize", "k")
+    job = queue.claim("w")
+    queue.postpone(job, 60, "breaker open")
+    assert queue.claim("w") is None
+    clock.now += 61
+    assert queue.claim("w").attempts == 1
+
+
+def test_requeue_finished_rearms_recurring_jobs(db):
+    queue = JobQueue(db.conn)
+    queue.enqueue("filter", "filter", requeue_finished=True)
+    job = queue.claim("w")
+    assert not queue.enqueue("filter", "filter", requeue_finished=True)  # running: left alone
+    queue.complete(job)
+    assert queue.enqueue("filter", "filter", requeue_finished=True)
+    assert queue.counts()["pending"] == 1
+
+
+def _claim_all(path: str, owner: str, out) -> None:
+    conn = connect(path)
+    queue = JobQueue(conn)
+    claimed = []
+    while (job := queue.claim(owner, lease_seconds=60)) is not None:
+        claimed.append(job.id)
+        queue.complete(job)
+    conn.close()
+    out.put(claimed) if hasattr(out, "put") else out.extend(claimed)
+
+
+def test_concurrent_threads_never_share_a_job(db):
+    queue = JobQueue(db.conn)
+    for i in range(300):
+        queue.enqueue("ingest", f"k{i}")
+    results: list[list[int]] = [[] for _ in range(6)]
+    threads = [threading.Thread(target=_claim_all, args=(str(db.path), f"t{i}", results[i])) for i in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    claimed = [job for batch in results for job in batch]
+    assert len(claimed) == 300 and len(set(claimed)) == 300
+
+
+def test_concurrent_processes_never_share_a_job(db):
+    queue = JobQueue(db.conn)
+    for i in range(200):
+        queue.enqueue("ingest", f"k{i}")
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    processes = [ctx.Process(target=_claim_all, args=(str(db.path), f"p{i}", out)) for i in range(4)]
+    for process in processes:
+        process.start()
+    batches = [out.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    claimed = [job for batch in batches for job in batch]
+    assert len(claimed) == 200 and len(set(claimed)) == 200
+    assert sum(1 for batch in batches if batch) >= 2 or len(claimed) == 200

@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from state.db import Database
+from state.layout import StateLayout
+from state.registry import ModelRegistry, RegistryError
+
+
+def _model(folder, marker: str):
+    folder.mkdir(parents=True)
+    (folder / "modules.json").write_text("[]")
+    (folder / "weights.bin").write_text(marker)
+    return folder
+
+
+@pytest.fixture
+def registry(tmp_path):
+    layout = StateLayout(tmp_path / "state").ensure()
+    return ModelRegistry(Database(layout.database).conn, layout)
+
+
+def _served(registry) -> str:
+    return (registry.layout.current / "weights.bin").read_text()
+
+
+def test_promote_swaps_the_symlink_and_records_history(registry, tmp_path):
+    first = registry.register(_model(tmp_path / "a", "A"), metrics={"ndcg@10": 0.5})
+    assert first.path.name == str(first.id) and (first.path / "weights.bin").read_text() == "A"
+    assert registry.current() is None
+    registry.promote(first.id)
+    assert _served(registry) == "A" and registry.current().id == first.id
+    second = registry.register(_model(tmp_path / "b", "B"), parent_id=first.id)
+    registry.promote(second.id)
+    assert _served(registry) == "B" and registry.current().id == second.id
+    assert [row["action"] for row in registry.history()] == ["promote", "promote"]
+    assert os.path.islink(registry.layout.current)
+    assert not os.path.isabs(os.readlink(registry.layout.current))  # relocatable state dir
+
+
+def test_rollback_returns_to_previous_and_then_to_base(registry, tmp_path):
+    a = registry.register(_model(tmp_path / "a", "A"))
+    b = registry.register(_model(tmp_path / "b", "B"))
+    registry.promote(a.id)
+    registry.promote(b.id)
+    assert registry.rollback().id == a.id
+    assert _served(registry) == "A"
+    assert registry.rollback() is None
+    assert not registry.layout.current.exists()
+    with pytest.raises(RegistryError):
+        registry.rollback()
+
+
+def test_register_rejects_non_model_folders(registry, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RegistryError):
+        registry.register(tmp_path / "empty")
+    assert registry.conn.execute("SELECT COUNT(*) FROM models").fetchone()[0] == 0
+
+
+def test_reconcile_trusts_a_symlink_that_ran_ahead_of_the_database(registry, tmp_path):
+    a = registry.register(_model(tmp_path / "a", "A"))
+    b = registry.register(_model(tmp_path / "b", "B"))
+    registry.promote(a.id)
+    registry._swap_symlink(b.path)  # crash after os.replace, before the row was committed
+    assert registry.current().id == a.id
+    note = registry.reconcile()
+    assert "symlink" in note and registry.current().id == b.id
+
+
+def test_reconcile_restores_a_missing_symlink_and_cleans_staging(registry, tmp_path):
+    a = registry.register(_model(tmp_path / "a", "A"))
+    registry.promote(a.id)
+    registry.layout.current.unlink()
+    (registry.layout.versions / "99.tmp").mkdir()
+    registry.reconcile()
+    assert _served(registry) == "A"
+    assert not (registry.layout.versions / "99.tmp").exists()
+    assert registry.reconcile() == "consistent"

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.settings import ConfigError, Settings, diff_live, load_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_is_valid_and_matches_embedded_defaults():
+    from_file = load_settings(ROOT / "config.toml", env=False)
+    embedded = Settings()
+    assert from_file.model_dump() == embedded.model_dump()
+    assert from_file.model.base == "packaged:all-MiniLM-L6-v2"
+    assert from_file.llm.enabled is False
+
+
+def test_every_documented_key_exists():
+    settings = Settings()
+    for dotted in ["paths.inbox", "paths.state_dir", "ingest.settle_seconds", "ingest.max_file_mb", "llm.url",
+                   "llm.model", "llm.api_key_env", "llm.concurrency", "llm.timeout_s",
+                   "synthesis.questions_per_chunk", "synthesis.rewrites_per_question", "synthesis.judge_threshold",
+                   "synthesis.featured_percentage", "synthesis.heldout_fraction", "model.base", "model.reranker",
+                   "model.query_instruction", "training.min_new_samples", "training.window", "promotion.metric",
+                   "promotion.min_gain", "promotion.on_promote"]:
+        section, key = dotted.split(".")
+        assert hasattr(getattr(settings, section), key), dotted
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("[synthesis]\nfeatured_percentage = 0\n", "synthesis.featured_percentage"),
+        ("[synthesis]\nfeatured_percentage = 1.5\n", "synthesis.featured_percentage"),
+        ("[promotion]\nmin_gain = -0.1\n", "promotion.min_gain"),
+        ("[llm]\nconcurrency = \"many\"\n", "llm.concurrency"),
+        ("[llm]\nendpoint = \"x\"\n", "llm.endpoint"),
+        ("[nonsense]\nx = 1\n", "nonsense"),
+        ("[training]\nwindow = \"every night\"\n", "training.window"),
+        ("[training]\nnegative_range = [10, 5]\n", "training.negative_range"),
+        ("[ingest]\nchunk_tokens = 64\nchunk_overlap = 64\n", "ingest"),
+    ],
+)
+def test_invalid_values_name_the_key(tmp_path, text, key):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as error:
+        load_settings(path, env=False)
+    assert key in str(error.value)
+
+
+def test_broken_toml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[llm\nurl=")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(path)
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_relative_paths_resolve_against_the_config_file(tmp_path):
+    path = tmp_path / "conf" / "c.toml"
+    path.parent.mkdir()
+    path.write_text('[paths]\ninbox = "in"\nstate_dir = "st"\n')
+    settings = load_settings(path, env=False)
+    assert settings.paths.inbox == tmp_path / "conf" / "in"
+
+
+def test_environment_overrides_and_secret(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBEDTUNE_LLM_URL", "http://127.0.0.1:9/v1")
+    monkeypatch.setenv("MY_KEY", "sekret")
+    path = tmp_path / "c.toml"
+    path.write_text('[llm]\napi_key_env = "MY_KEY"\n')
+    settings = load_settings(path)
+    assert settings.llm.url == "http://127.0.0.1:9/v1"
+    assert settings.llm_api_key() == "sekret"
+    assert "sekret" not in settings.model_dump_json()
+
+
+def test_config_env_variable_selects_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "c.toml"
+    path.write_text("[training]\nmin_new_samples = 7\n")
+    monkeypatch.setenv("EMBEDTUNE_CONFIG", str(path))
+    assert load_settings().training.min_new_samples == 7
+
+
+def test_diff_live_lists_changed_reloadable_keys():
+    old, new = Settings(), Settings()
+    new.llm.concurrency = 3
+    new.synthesis.judge_threshold = 0.9
+    new.paths.inbox = Path("/elsewhere")  # not live: ignored by the diff
+    assert set(diff_live(old, new)) == {"llm.concurrency", "synthesis.judge_threshold"}
+
+
+def test_cli_config_check(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(ROOT / "config.toml"), "config",
+                         "check"], capture_output=True, text=True, cwd=ROOT)
+    assert ok.returncode == 0, ok.stderr
+    assert "configuration OK" in ok.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[promotion]\nmin_gain = -1\n")
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(bad), "config", "check"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert "promotion.min_gain" in result.stderr
