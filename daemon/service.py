@@ -16,7 +16,7 @@ from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.logs import configure_logging, get_logger
 from daemon.notify import Notifier
 from daemon.settings import ConfigError, Settings, diff_live, load_settings
-from daemon.watcher import InboxCallbacks, InboxWatcher
+from daemon.watcher import InboxCallbacks, InboxWatcher, safe_path
 from daemon.workers import WorkerPool
 from state.db import Database, transaction, utcnow
 from state.documents import DocumentStore
@@ -143,7 +143,7 @@ class Daemon:
         store = DocumentStore(self.callbacks.db.conn)
         seen = set()
         for path in self.watcher.iter_inbox():
-            seen.add(path)
+            seen.add(safe_path(path))  # rows of undecodable names hold this printable form
             self.watcher.offer(path)
         for path in store.live_paths():
             if path not in seen and not os.path.lexists(path):

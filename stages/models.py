@@ -64,7 +64,9 @@ def load_embedder(path: Path | str, device: str = "auto", max_seq_length: int | 
         model = SentenceTransformer(str(folder), device=device, local_files_only=True)
     else:
         transformer = models.Transformer(str(folder))
-        pooling = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode="cls")
+        dim = (transformer.get_embedding_dimension() if hasattr(transformer, "get_embedding_dimension")
+           else transformer.get_word_embedding_dimension())
+        pooling = models.Pooling(dim, pooling_mode="cls")
         model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device=device)
     if max_seq_length:
         model.max_seq_length = max_seq_length

@@ -61,3 +61,63 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: s
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+class RunningDaemon:
+    """A real Daemon (watcher, pools, scheduler) in this process, its main loop on a thread."""
+
+    def __init__(self, settings) -> None:
+        import threading
+
+        from daemon.service import Daemon
+
+        self.settings = settings
+        self.daemon = Daemon(settings)
+        self.daemon.start()
+        self.thread = threading.Thread(target=self.daemon.run_forever, kwargs={"tick": 0.2}, daemon=True)
+        self.thread.start()
+
+    @property
+    def conn(self):
+        return self.daemon.db.conn
+
+    def query(self, sql: str, *params):
+        from state.db import connect
+
+        conn = connect(self.daemon.layout.database, readonly=True)
+        try:
+            return conn.execute(sql, params).fetchall()
+        finally:
+            conn.close()
+
+    def scalar(self, sql: str, *params):
+        return self.query(sql, *params)[0][0]
+
+    def status(self) -> dict:
+        from state.status import read_status
+
+        return read_status(self.daemon.layout, self.settings.llm.url)
+
+    def idle(self) -> bool:
+        return self.scalar("SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running','failed')") == 0 and \
+            len(self.daemon.watcher.tracker) == 0
+
+    def stop(self) -> None:
+        self.daemon.stop_requested.set()
+        self.thread.join(timeout=60)
+        self.daemon.shutdown()
+
+
+@pytest.fixture
+def start_daemon():
+    started = []
+
+    def start(settings) -> RunningDaemon:
+        running = RunningDaemon(settings)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.thread.is_alive() or running.daemon.lock._fd is not None:
+            running.stop()

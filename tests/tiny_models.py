@@ -48,7 +48,9 @@ def build_tiny_embedder(folder: Path, pooling: str = "mean", seed: int = 0) -> P
 
     hf = build_tiny_bert(folder.parent / (folder.name + "-hf"), seed)
     transformer = models.Transformer(str(hf), max_seq_length=128)
-    pool = models.Pooling(transformer.get_word_embedding_dimension(), pooling_mode=pooling)
+    dim = (transformer.get_embedding_dimension() if hasattr(transformer, "get_embedding_dimension")
+           else transformer.get_word_embedding_dimension())
+    pool = models.Pooling(dim, pooling_mode=pooling)
     model = SentenceTransformer(modules=[transformer, pool, models.Normalize()], device="cpu")
     model.save(str(folder))
     return folder
