@@ -91,8 +91,9 @@ def test_move_modify_delete(make_settings, start_daemon):
     assert running.scalar("SELECT COUNT(*) FROM jobs WHERE kind='ingest'") == 1  # not re-ingested
     assert running.scalar("SELECT COUNT(*) FROM documents") == 1
     moved.write_text(ENGLISH + " A new closing sentence about batteries.")
-    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM chunks WHERE active=1 AND id NOT IN (%s)" %
-                                    ",".join(map(str, chunk_ids))) > 0, message="new version chunks")
+    old_ids = ",".join(map(str, chunk_ids))
+    wait_for(lambda: running.scalar(f"SELECT COUNT(*) FROM chunks WHERE active=1 AND id NOT IN ({old_ids})") > 0,
+             message="new version chunks")
     wait_for(running.idle)
     assert running.scalar("SELECT COUNT(*) FROM chunks WHERE active=0") == len(chunk_ids)
     moved.unlink()
