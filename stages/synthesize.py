@@ -38,12 +38,12 @@ def check_query(query: str, passage: str, language: str) -> str | None:
     """Why a generated query is unusable, or None."""
     if len(query) < 3:
         return "query too short"
-    if len(query) >= len(passage):
-        return "query longer than the passage"
     if language == "zh" and detect_language(query) != "zh":
         return "query not in the passage's language (zh)"
     if language == "en" and detect_language(query) == "zh":
         return "query not in the passage's language (en)"
+    if len(query) >= len(passage):
+        return "query longer than the passage"
     return None
 
 
