@@ -1,0 +1,208 @@
+"""Training rounds end to end on the tiny models: files -> chunks -> samples -> round -> decision."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from stages.evaluate import evaluate_retrieval, query_metrics
+from stages.negatives import build_index, mine_hard_negatives
+from stages.promote import decide, paired_bootstrap
+from tests.conftest import wait_for
+
+TOPICS = ["river", "city", "music", "history", "solar", "energy", "water", "database", "server", "network"]
+
+
+def _corpus(inbox, documents: int = 8) -> None:
+    for i in range(documents):
+        a, b = TOPICS[i % len(TOPICS)], TOPICS[(i + 3) % len(TOPICS)]
+        (inbox / f"doc{i}.md").write_text(
+            f"# The {a} guide {i}\n\nThe {a} and the {b} are linked in part {i}. People study the {a} often. "
+            f"It has a long history with {b}.\n\n## About {b} {i}\n\nThe {b} system runs a {a} server. "
+            f"A database stores {b} files in a folder.\n"
+        )
+
+
+def _round_settings(make_settings, **training):
+    return make_settings(
+        training={"min_new_samples": 6, "check_minutes": 0.02, **training},
+        synthesis={"heldout_fraction": 0.3, "featured_percentage": 1.0},
+        promotion={"min_gain": 0.0, "merge_weights": [0.5]},
+    )
+
+
+def _finished_round(running, timeout=180):
+    def done():
+        rows = running.query("SELECT * FROM rounds WHERE state != 'running' ORDER BY id DESC")
+        return rows[0] if rows else None
+    return wait_for(done, timeout=timeout, message="a round to finish")
+
+
+def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
+    from sentence_transformers import SentenceTransformer
+
+    settings = _round_settings(make_settings)
+    _corpus(settings.paths.inbox)
+    running = start_daemon(settings)
+    row = _finished_round(running)
+    assert row["state"] == "finished", row["error"]
+    assert row["decision"] == "promoted", row["reason"]
+    folder = running.daemon.layout.round_dir(row["id"])
+    for name in ("train.jsonl", "heldout.jsonl", "corpus.jsonl", "metrics.json", "settings.json"):
+        assert (folder / name).exists(), name
+    train_chunks = {json.loads(line)["sample_id"] for line in (folder / "train.jsonl").open()}
+    heldout_docs = {r[0] for r in running.query("SELECT id FROM documents WHERE split='heldout'")}
+    trained_docs = {r[0] for r in running.query(
+        f"SELECT DISTINCT c.document_id FROM samples s JOIN chunks c ON c.id=s.chunk_id "
+        f"WHERE s.id IN ({','.join(map(str, train_chunks))})")}
+    assert heldout_docs and not heldout_docs & trained_docs  # no held-out document is trained on
+    metrics = json.loads(row["candidate_metrics"])
+    assert set(metrics["heldout"]) >= {"recall@1", "recall@10", "ndcg@10", "mrr@10", "map@10"}
+    status = running.status()
+    assert status["model"]["current"] == f"v{row['model_id']}"
+    model = SentenceTransformer(str(running.daemon.layout.current), device="cpu")
+    assert model.encode(["river"]).shape[1] == 32
+    assert running.scalar("SELECT COUNT(*) FROM samples WHERE round_id=?", row["id"]) == row["n_train"]
+
+
+def test_round_rejected_when_gain_below_min_gain(make_settings, tmp_path):
+    from daemon.rounds import train_now
+    from tests.conftest import RunningDaemon
+
+    settings = _round_settings(make_settings, min_new_samples=10_000)
+    settings.promotion.min_gain = 0.5
+    _corpus(settings.paths.inbox)
+    running = RunningDaemon(settings)
+    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM samples WHERE kept IS NOT NULL") > 6)
+    wait_for(running.idle)
+    running.stop()
+    assert train_now(settings, foreground=True) == 0  # `embedtune train --now` with no daemon running
+    from state.db import connect
+
+    conn = connect(running.daemon.layout.database)
+    row = conn.execute("SELECT * FROM rounds ORDER BY id DESC").fetchone()
+    assert row["decision"] == "rejected" and "min_gain" in row["reason"]
+    assert not running.daemon.layout.current.exists()
+    assert conn.execute("SELECT COUNT(*) FROM models").fetchone()[0] == 0
+
+
+def test_sigkill_mid_training_aborts_then_next_round_succeeds(make_settings, start_daemon):
+    settings = _round_settings(make_settings, epochs=200.0, max_minutes=10.0)
+    _corpus(settings.paths.inbox)
+    running = start_daemon(settings)
+
+    def training():
+        rows = running.query("SELECT * FROM rounds WHERE state='running' AND stage='train'")
+        return rows[0] if rows and json.loads(rows[0]["progress"]).get("step", 0) > 0 else None
+
+    row = wait_for(training, timeout=120, message="training in progress")
+    os.kill(row["pid"], signal.SIGKILL)
+    wait_for(lambda: running.scalar("SELECT state FROM rounds WHERE id=?", row["id"]) == "aborted",
+             message="round aborted")
+    assert not running.daemon.layout.current.exists()  # model in service untouched
+    assert running.scalar("SELECT COUNT(*) FROM samples WHERE round_id IS NOT NULL") == 0
+    running.daemon.settings.training.epochs = 1.0
+    running.daemon.rounds.settings = running.daemon.settings
+    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM rounds WHERE state='finished'") == 1, timeout=180,
+             message="next round finishes")
+
+
+def test_merge_keeps_mean_pooling(tiny_embedder, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    from stages.merge import merge_with_base
+
+    other = tmp_path / "cand"
+    model = SentenceTransformer(str(tiny_embedder), device="cpu")
+    model.save(str(other))
+    merged = merge_with_base(other, tiny_embedder, 0.5, tmp_path / "merged")
+    pooling = json.loads((merged / "1_Pooling" / "config.json").read_text())
+    # sentence-transformers 3-5 write pooling_mode_* flags, 6 writes pooling_mode
+    assert pooling.get("pooling_mode") == "mean" or (
+        pooling.get("pooling_mode_mean_tokens") and not pooling.get("pooling_mode_cls_token"))
+    reloaded = SentenceTransformer(str(merged), device="cpu")
+    np.testing.assert_allclose(reloaded.encode(["the river city"]), model.encode(["the river city"]), atol=1e-5)
+
+
+def test_metrics_by_hand():
+    values = query_metrics([5, 3, 9], {3: 1.0})
+    assert values["recall@1"] == 0 and values["recall@5"] == 1 and values["mrr@10"] == 0.5
+    assert values["ndcg@10"] == pytest.approx(1 / np.log2(3))
+    corpus = np.eye(4, dtype=np.float32)
+    result = evaluate_retrieval(corpus[[0, 1]], corpus, [{0: 1.0}, {2: 1.0}])
+    assert result.metrics["recall@1"] == 0.5 and result.n_queries == 2
+
+
+def test_negative_mining_skips_positive_and_near_ties():
+    rng = np.random.default_rng(0)
+    corpus = rng.normal(size=(50, 8)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    query = corpus[[0]] + 0.01
+    mined = mine_hard_negatives(query, [{0}], corpus[[0]], build_index(corpus), 5, (2, 40), margin=0.05)
+    assert len(mined[0].negatives) == 5 and 0 not in mined[0].negatives
+    assert all(score <= mined[0].positive_score - 0.05 for score in mined[0].negative_scores)
+
+
+@pytest.mark.parametrize(
+    ("scores", "promote", "variant", "fragment"),
+    [
+        ({"current": {"heldout": 0.5}, "candidate": {"heldout": 0.6}}, True, "candidate", "promoted"),
+        ({"current": {"heldout": 0.5}, "candidate": {"heldout": 0.501}}, False, None, "min_gain"),
+        ({"current": {"heldout": 0.5, "user": 0.7}, "candidate": {"heldout": 0.6, "user": 0.6}}, False, None,
+         "vetoed by user"),
+        ({"current": {"heldout": 0.5, "structure": 0.7}, "candidate": {"heldout": 0.6, "structure": 0.69}},
+         False, None, "vetoed by structure"),
+        ({"current": {"heldout": 0.5, "guard": 0.7}, "candidate": {"heldout": 0.6, "guard": 0.6}}, False, None,
+         "guard"),
+        ({"current": {"heldout": 0.5, "guard": 0.7}, "candidate": {"heldout": 0.6, "guard": 0.695}}, True,
+         "candidate", "promoted"),
+        ({"current": {"heldout": 0.5, "user": 0.5}, "candidate": {"heldout": 0.7, "user": 0.52},
+          "merged-0.5": {"heldout": 0.6, "user": 0.58}}, True, "merged-0.5", "promoted merged"),
+        ({"current": {"heldout": 0.5}, "candidate": {"heldout": 0.6}, "merged-0.5": {"heldout": 0.65}}, True,
+         "merged-0.5", "promoted"),
+    ],
+)
+def test_gate_branches(scores, promote, variant, fragment):
+    decision = decide(scores, "ndcg@10", min_gain=0.01, human_tolerance=0.0, max_guard_drop=0.01)
+    assert decision.promote is promote and decision.variant == variant
+    assert fragment in decision.reason
+
+
+def test_paired_bootstrap_interval():
+    low, high = paired_bootstrap([1.0] * 50 + [0.0] * 50, [0.0] * 100, samples=500)
+    assert 0.35 < low < 0.5 < high < 0.65
+    assert paired_bootstrap([], [], 10) is None
+
+
+def test_cron_window():
+    from datetime import datetime, timezone
+
+    from daemon.rounds import in_window
+
+    night = datetime(2026, 1, 1, 3, 30, tzinfo=timezone.utc)
+    day = datetime(2026, 1, 1, 13, 30, tzinfo=timezone.utc)
+    assert in_window("always", day)
+    assert in_window("* 0-6 * * *", night) and not in_window("* 0-6 * * *", day)
+
+
+def test_status_shows_round_progress_while_training(make_settings, start_daemon):
+    settings = _round_settings(make_settings, epochs=50.0)
+    _corpus(settings.paths.inbox)
+    running = start_daemon(settings)
+    wait_for(lambda: any(r["stage"] == "train" and r["progress"].get("total") for r in running.status()["rounds"]),
+             timeout=120, message="progress visible")
+    round_info = running.status()["rounds"][0]
+    assert round_info["state"] == "running" and "elapsed_s" in round_info["progress"]
+    started = time.monotonic()
+    running.stop()  # SIGTERM path: the child is stopped, the round aborted, leases released
+    assert time.monotonic() - started < 60
+    from state.db import connect
+
+    conn = connect(running.daemon.layout.database, readonly=True)
+    assert conn.execute("SELECT state FROM rounds").fetchone()[0] == "aborted"
+    assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state='running'").fetchone()[0] == 0
