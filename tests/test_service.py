@@ -1,0 +1,138 @@
+"""The daemon as systemd runs it: notify protocol, single instance, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.lock import AlreadyRunning, InstanceLock
+from daemon.notify import Notifier
+from tests.conftest import wait_for
+from tests.docs_factory import ENGLISH
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def notify_socket(tmp_path):
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(0.2)
+    yield path, sock
+    sock.close()
+
+
+def _drain(sock) -> list[str]:
+    messages = []
+    while True:
+        try:
+            messages.append(sock.recv(4096).decode())
+        except TimeoutError:
+            return messages
+
+
+def test_notifier_sends_datagrams(notify_socket, monkeypatch):
+    path, sock = notify_socket
+    monkeypatch.setenv("WATCHDOG_USEC", "20000000")
+    notifier = Notifier(str(path))
+    assert notifier.watchdog_interval == 10.0
+    assert notifier.ready("watching")
+    assert notifier.watchdog() and notifier.status("busy")
+    messages = _drain(sock)
+    assert messages[0].startswith("READY=1\nSTATUS=watching\nMAINPID=")
+    assert messages[1:] == ["WATCHDOG=1", "STATUS=busy"]
+    assert not Notifier("").ready()
+
+
+def test_abstract_socket_address():
+    name = f"embedtune-test-{os.getpid()}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + name)
+    sock.settimeout(1)
+    try:
+        assert Notifier("@" + name).send("READY=1")
+        assert sock.recv(100) == b"READY=1"
+    finally:
+        sock.close()
+
+
+def test_second_instance_is_refused_with_the_holder(tmp_path):
+    first = InstanceLock(tmp_path / "embedtune.lock").acquire()
+    with pytest.raises(AlreadyRunning) as error:
+        InstanceLock(tmp_path / "embedtune.lock").acquire()
+    assert str(os.getpid()) in error.value.holder
+    first.release()
+    InstanceLock(tmp_path / "embedtune.lock").acquire().release()
+
+
+def _config(tmp_path: Path, tiny_embedder: Path, extra: str = "") -> Path:
+    config = tmp_path / "embedtune.toml"
+    config.write_text(
+        f'[paths]\ninbox = "{tmp_path / "inbox"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        f'[ingest]\nsettle_seconds = 0.3\nchunk_tokens = 64\nchunk_overlap = 8\n'
+        f'[model]\nbase = "{tiny_embedder}"\ndevice = "cpu"\n'
+        f'[logging]\nformat = "json"\n{extra}'
+    )
+    (tmp_path / "inbox").mkdir(exist_ok=True)
+    return config
+
+
+def _status(config: Path) -> dict:
+    result = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(config), "status", "--json"],
+                            capture_output=True, text=True, cwd=ROOT)
+    return json.loads(result.stdout)
+
+
+def test_daemon_process_notify_lock_sighup_and_sigterm(tmp_path, tiny_embedder, notify_socket):
+    path, sock = notify_socket
+    config = _config(tmp_path, tiny_embedder)
+    env = dict(os.environ, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="2000000")
+    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115
+    process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(config), "run"], cwd=ROOT,
+                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        messages: list[str] = []
+        wait_for(lambda: messages.extend(_drain(sock)) or any(m.startswith("READY=1") for m in messages),
+                 timeout=60, message="READY=1")
+        wait_for(lambda: messages.extend(_drain(sock)) or "WATCHDOG=1" in messages, timeout=10,
+                 message="watchdog ping")
+        assert any(m.startswith("STATUS=") for m in messages)
+        assert _status(config)["daemon"]["alive"] is True
+
+        second = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(config), "run"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and str(process.pid) in second.stdout
+
+        for i in range(5):
+            (tmp_path / "inbox" / f"f{i}.txt").write_text(f"File {i}. " + ENGLISH)
+        wait_for(lambda: _status(config)["documents"]["ingested"] == 5, timeout=60, message="ingested")
+
+        config.write_text(config.read_text() + "\n[synthesis]\njudge_threshold = 0.9\n")
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: b"settings_reloaded" in (tmp_path / "daemon.log").read_bytes(), timeout=20,
+                 message="reload logged")
+        line = next(json.loads(x) for x in (tmp_path / "daemon.log").read_bytes().splitlines()
+                    if b"settings_reloaded" in x)
+        assert "synthesis.judge_threshold" in line["changed"]
+
+        (tmp_path / "inbox" / "late.txt").write_text("Late file. " + ENGLISH)
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log.close()
+    status = _status(config)
+    assert status["daemon"]["alive"] is False
+    assert status["jobs"]["running"] == 0  # leases released
+    assert "STOPPING=1" in messages + _drain(sock)
