@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from daemon.settings import ConfigError, Settings, load_settings
 
@@ -33,6 +34,17 @@ def _parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("requeue", help="give dead jobs a fresh set of attempts")
     jobs.add_argument("--kind", help="only jobs of this kind")
 
+    from daemon.once import add_once_arguments
+
+    add_once_arguments(sub.add_parser("once", help="one-shot: ingest, synthesize and train, then exit"))
+
+    export = sub.add_parser("export", help="write the training data for other tools")
+    export.add_argument("--format", required=True, choices=["flagembedding", "sentence-transformers",
+                                                            "rag-eval"])
+    export.add_argument("--output", required=True, help="output file")
+
+    report = sub.add_parser("report", help="write an HTML report (and a PNG chart)")
+    report.add_argument("--output", default=None, help="folder (default: <state_dir>/report)")
     return parser
 
 
@@ -114,6 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.rounds import train_now
 
         return train_now(settings, foreground=args.foreground, config_file=args.config)
+    if args.command == "once":
+        from daemon.once import run_once
+
+        return run_once(settings, args)
+    if args.command == "export":
+        from daemon.exports import export
+
+        return export(settings, args.format, Path(args.output))
+    if args.command == "report":
+        from daemon.report import write_report
+
+        return write_report(settings, Path(args.output) if args.output else None)
     raise SystemExit(f"unknown command {args.command}")
 
 

@@ -54,5 +54,12 @@ def mine_hard_negatives(
                 continue  # too close to (or above) the positive: probably relevant too
             window.append((candidate, float(scores[row][rank])))
         picked = rng.sample(window, k=min(count, len(window))) if window else []
+        if len(picked) < count:
+            # Too few in the window (a small corpus): top up from the whole corpus, as hn_mine does.
+            taken = {c for c, _s in picked} | set(positives)
+            pool = [i for i in range(index.ntotal) if i not in taken]
+            for candidate in rng.sample(pool, k=min(count - len(picked), len(pool))):
+                score = float(np.dot(queries[row], index.reconstruct(candidate)))
+                picked.append((candidate, score))
         results.append(MinedNegatives([c for c, _s in picked], positive_score, [s for _c, s in picked]))
     return results

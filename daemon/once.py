@@ -1,0 +1,187 @@
+"""`embedtune once`: the classic one-off fine-tuning script as one foreground run of the same stages.
+
+Ingests a documents folder, synthesizes and filters pairs, then runs up to --max-iterations rounds over
+successive slices of the kept pairs (each round takes the pairs no earlier round used), stopping early
+once the gain over the base model reaches --increase-rate. Progress bars while it works, a summary table
+at the end, and the model in service copied to --output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from daemon.settings import Settings
+
+# classic script parameter -> our option (documented in the README)
+CLASSIC_NAMES = {
+    "documents path": "--documents",
+    "dataset output path": "--dataset-output",
+    "LLM url / model name": "--llm-url / --llm-model",
+    "embedding model path": "--embedding-model",
+    "reranker model path": "--reranker-model",
+    "output path": "--output",
+    "featured percentage": "--featured-percentage",
+    "judge threshold": "--judge-threshold",
+    "questions per chunk": "--questions-per-chunk",
+    "rewrites": "--rewrites",
+    "eval data path": "--eval-data",
+    "max iterations": "--max-iterations",
+    "increase rate": "--increase-rate",
+}
+
+
+def add_once_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--documents", required=True, help="folder of documents (read recursively)")
+    parser.add_argument("--output", default="embedtune-output", help="where the final model and state go")
+    parser.add_argument("--dataset-output", help="also write the kept pairs as FlagEmbedding JSON lines here")
+    parser.add_argument("--llm-url", help="OpenAI-compatible endpoint (default: config llm.url; empty = no LLM)")
+    parser.add_argument("--llm-model", help="model name for the endpoint")
+    parser.add_argument("--embedding-model", help="base embedding model folder (or packaged:...)")
+    parser.add_argument("--reranker-model", help="cross-encoder folder used by the filter")
+    parser.add_argument("--featured-percentage", type=float)
+    parser.add_argument("--judge-threshold", type=float)
+    parser.add_argument("--questions-per-chunk", type=int)
+    parser.add_argument("--rewrites", type=int, help="rewrites per question")
+    parser.add_argument("--eval-data", help="your evaluation file (anchor/positive lines or RAG JSON)")
+    parser.add_argument("--max-iterations", type=int, default=1, help="rounds at most")
+    parser.add_argument("--increase-rate", type=float, default=0.0,
+                        help="stop once the model beats the base by this much on the gate metric")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def once_settings(settings: Settings, args: argparse.Namespace) -> Settings:
+    data = settings.model_dump(mode="json")
+    output = Path(args.output).resolve()
+    data["paths"] = {"inbox": str(Path(args.documents).resolve()), "state_dir": str(output / "state")}
+    data["ingest"]["settle_seconds"] = 0.0
+    data["ingest"]["rescan_minutes"] = 0.0
+    data["training"]["min_new_samples"] = 10**9  # rounds are started here, not by the scheduler
+    overrides = {
+        ("llm", "url"): args.llm_url, ("llm", "model"): args.llm_model,
+        ("model", "base"): args.embedding_model, ("model", "reranker"): args.reranker_model,
+        ("synthesis", "featured_percentage"): args.featured_percentage,
+        ("synthesis", "judge_threshold"): args.judge_threshold,
+        ("synthesis", "questions_per_chunk"): args.questions_per_chunk,
+        ("synthesis", "rewrites_per_question"): args.rewrites,
+        ("promotion", "user_eval"): args.eval_data,
+    }
+    for (section, key), value in overrides.items():
+        if value is not None:
+            data[section][key] = value
+    return Settings.model_validate(data)
+
+
+def _bars(enabled: bool):
+    from tqdm import tqdm
+
+    names = ("documents", "chunks synthesized", "pairs filtered")
+    return {name: tqdm(desc=name, unit="", disable=not enabled, leave=True) for name in names}
+
+
+def run_once(settings: Settings, args: argparse.Namespace) -> int:
+    from daemon.rounds import RoundManager
+    from daemon.service import Daemon
+    from state.db import connect
+    from state.rounds import RoundStore
+
+    settings = once_settings(settings, args)
+    documents = Path(args.documents)
+    if not documents.is_dir():
+        print(f"embedtune: {documents} is not a folder")
+        return 2
+    daemon = Daemon(settings)
+    daemon.start()
+    bars = _bars(not args.no_progress)
+    conn = connect(daemon.layout.database)
+    try:
+        quiet_since = None
+        while True:
+            daemon.heartbeat()
+            docs = conn.execute("SELECT COUNT(*) FROM documents WHERE status != 'pending'").fetchone()[0]
+            total_docs = conn.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+            synth = conn.execute("SELECT COUNT(*) FROM jobs WHERE kind='synthesize' AND state IN ('done','dead')"
+                                 ).fetchone()[0]
+            total_synth = conn.execute("SELECT COUNT(*) FROM jobs WHERE kind='synthesize'").fetchone()[0]
+            filtered = conn.execute("SELECT COUNT(*) FROM samples WHERE kept IS NOT NULL").fetchone()[0]
+            total_samples = conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
+            for bar, (done, total) in zip(bars.values(), ((docs, total_docs), (synth, total_synth),
+                                                          (filtered, total_samples)), strict=True):
+                bar.total = total
+                bar.n = done
+                bar.refresh()
+            busy = conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running','failed') "
+                                "AND kind != 'round_request'").fetchone()[0] or len(daemon.watcher.tracker)
+            if busy:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 1.0:
+                break
+            time.sleep(0.3)
+        for bar in bars.values():
+            bar.close()
+        daemon.watcher.stop()
+        kept = conn.execute("SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train'").fetchone()[0]
+        iterations = max(1, args.max_iterations)
+        daemon.rounds.settings.training.max_pairs = max(2, math.ceil(kept / iterations))
+        manager = RoundManager(daemon.rounds.settings, daemon.layout)
+        base_score = None
+        metric = settings.promotion.metric
+        summary = []
+        for iteration in range(iterations):
+            if iteration:
+                manager.settings.training.init = "current"
+            round_id = manager.start(conn, "once")
+            print(f"round {round_id} ({iteration + 1}/{iterations}) ...", flush=True)
+            manager.wait(conn)
+            row = RoundStore(conn).get(round_id)
+            current = json.loads(row["current_metrics"] or "{}").get("heldout", {})
+            if base_score is None and current:
+                base_score = current.get(metric)
+            best = {}
+            if row["eval_sets"]:
+                best_name = json.loads(row["eval_sets"]).get("best")
+                variants = {"candidate": json.loads(row["candidate_metrics"] or "{}"),
+                            **json.loads(row["merged_metrics"] or "{}")}
+                best = variants.get(best_name, {}).get("heldout", {})
+            summary.append((round_id, row["state"], row["decision"] or "-", current.get(metric),
+                            best.get(metric), row["reason"] or row["error"] or ""))
+            if row["decision"] == "promoted" and base_score is not None and best.get(metric) is not None:
+                if best[metric] - base_score >= args.increase_rate > 0:
+                    print(f"gain over the base reached --increase-rate ({args.increase_rate}); stopping")
+                    break
+            if RoundStore(conn).conn.execute(
+                    "SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train' AND round_id IS NULL"
+            ).fetchone()[0] < 2:
+                break
+        _print_summary(summary, metric)
+        output = Path(args.output).resolve()
+        if daemon.layout.current.exists():
+            target = output / "model"
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(daemon.layout.current.resolve(), target)
+            print(f"model in service copied to {target}")
+        else:
+            print("no round promoted a model; the base model stays the best one")
+        if args.dataset_output:
+            from daemon.exports import export
+
+            export(settings, "flagembedding", Path(args.dataset_output))
+    finally:
+        daemon.stop_requested.set()
+        daemon.shutdown()
+    return 0
+
+
+def _print_summary(rows, metric: str) -> None:
+    print()
+    print(f"{'round':>5}  {'state':<9} {'decision':<9} {'served ' + metric:>16} {'best ' + metric:>14}  reason")
+    for round_id, state, decision, served, best, reason in rows:
+        served_text = f"{served:.4f}" if served is not None else "-"
+        best_text = f"{best:.4f}" if best is not None else "-"
+        print(f"{round_id:>5}  {state:<9} {decision:<9} {served_text:>16} {best_text:>14}  {reason[:100]}")
