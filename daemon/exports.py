@@ -24,6 +24,7 @@ def mined_examples(settings: Settings, layout: StateLayout, conn) -> list[dict]:
     """Kept training pairs with negatives mined now by the model in service (as a round would)."""
     from daemon.round_child import Encoder
     from daemon.service import model_in_service
+    from stages.embed_cache import text_key
     from stages.negatives import build_index, mine_hard_negatives
 
     rows = _kept_train(conn)
@@ -33,7 +34,7 @@ def mined_examples(settings: Settings, layout: StateLayout, conn) -> list[dict]:
     encoder = Encoder(model_in_service(layout, settings), settings, layout.cache)
     texts = [c["text"] for c in corpus]
     position = {c["id"]: i for i, c in enumerate(corpus)}
-    corpus_vectors = encoder.passages([c["sha256"] for c in corpus], texts)
+    corpus_vectors = encoder.passages([text_key(t) for t in texts], texts)
     query_vectors = encoder.queries([r["query"] for r in rows])
     positive_vectors = encoder.model.encode([r["passage"] for r in rows], normalize_embeddings=True,
                                             convert_to_numpy=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from daemon.logs import configure_logging, get_logger
 from daemon.settings import Settings
+from stages.embed_cache import text_key
 from state.db import Database
 from state.layout import StateLayout
 from state.registry import ModelRegistry
@@ -73,7 +74,7 @@ def structure_set(corpus, name: str = "structure"):
             queries.append(query)
             relevant.append({m: 1.0 for m in members})
     texts = [c["text"] for c in corpus]
-    return EvalSet(name, queries, texts, relevant, [c["sha256"] for c in corpus])
+    return EvalSet(name, queries, texts, relevant, [text_key(t) for t in texts])
 
 
 def run_round(settings: Settings, layout: StateLayout, round_id: int) -> str:
@@ -126,8 +127,8 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> str:
     # --- negatives --------------------------------------------------------------------------------
     stage("negatives", queries=len(train_rows), corpus=len(corpus))
     serving = Encoder(current_path, settings, layout.cache)
-    corpus_keys = [c["sha256"] for c in corpus]
     corpus_texts = [c["text"] for c in corpus]
+    corpus_keys = [text_key(t) for t in corpus_texts]
     corpus_vectors = serving.passages(corpus_keys, corpus_texts)
     examples = []
     if settings.training.hard_negatives > 0 and len(corpus) > 2:

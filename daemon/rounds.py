@@ -73,9 +73,6 @@ class RoundManager:
             return None
         if not in_window(self.settings.training.window):
             return None
-        if conn.execute("SELECT COUNT(*) FROM jobs WHERE kind='filter' AND state IN ('pending','running')"
-                        ).fetchone()[0]:
-            return None  # let the filter pass finish so the round sees the latest kept pairs
         return self.start(conn, "schedule")
 
     # --- child process --------------------------------------------------------------------------

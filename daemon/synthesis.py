@@ -104,7 +104,7 @@ class FilterService:
         self._cache = None
 
     def _scoring(self):
-        from stages.embed_cache import EmbeddingCache, model_key
+        from stages.embed_cache import EmbeddingCache, model_key, text_key
         from stages.models import load_embedder, resolve_model_path
 
         if self.settings.model.reranker:
@@ -130,9 +130,7 @@ class FilterService:
                                     normalize_embeddings=True, convert_to_numpy=True)
 
             def encode_passages(texts: list[str]) -> np.ndarray:
-                import hashlib
-
-                keys = [hashlib.sha256(t.encode()).hexdigest() for t in texts]
+                keys = [text_key(t) for t in texts]
                 return cache.get_many(keys, texts, lambda missing: model.encode(
                     missing, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True))
 

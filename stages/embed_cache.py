@@ -71,6 +71,11 @@ class EmbeddingCache:
         os.replace(tmp_keys, self.folder / "keys.txt")
 
 
+def text_key(text: str) -> str:
+    """Cache key of a passage: the hash of exactly the text that is encoded."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def model_key(path: Path | str) -> str:
     """Identity of a model's weights: its folder plus the weight file's size and mtime."""
     folder = Path(path).resolve()

@@ -4,10 +4,11 @@ folders, and sets built from the corpus. All become queries + corpus + graded re
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from stages.embed_cache import text_key
 
 
 @dataclass
@@ -20,7 +21,7 @@ class EvalSet:
 
     def __post_init__(self) -> None:
         if not self.corpus_keys:
-            self.corpus_keys = [hashlib.sha256(t.encode()).hexdigest() for t in self.corpus_texts]
+            self.corpus_keys = [text_key(t) for t in self.corpus_texts]
 
     def __len__(self) -> int:
         return len(self.queries)

@@ -101,9 +101,16 @@ class FakeLlm:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # as real servers do; otherwise delayed ACKs add 40 ms
 
             def log_message(self, *args) -> None:
                 pass
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except (ConnectionResetError, BrokenPipeError):
+                    pass  # the client was killed mid-request: that is the point of some tests
 
             def _send(self, status: int, body: bytes, content_type: str = "application/json",
                       headers: dict | None = None) -> None:
