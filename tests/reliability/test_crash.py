@@ -72,7 +72,7 @@ def test_sigkill_campaign(tmp_path, tiny_embedder, scale):
         round_kill_done = False
         while kills < sizes["kills"]:
             daemon = DaemonProcess(config, log).start()
-            wait(lambda: daemon.pid == scalar(state, "SELECT pid FROM daemon") and
+            wait(lambda d=daemon: d.pid == scalar(state, "SELECT pid FROM daemon") and
                  scalar(state, "SELECT activity FROM daemon") != "starting", timeout=120, message="daemon ready")
             if batches:  # files land while the daemon runs, so some kills hit ingestion
                 for path in batches.pop(0):
