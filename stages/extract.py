@@ -100,7 +100,10 @@ def decode_text(data: bytes) -> tuple[str, str]:
     """Decode text bytes: BOMs, UTF-8, then charset-normalizer (GB2312/GBK/GB18030, Big5, UTF-16...)."""
     for bom, encoding in _BOMS:
         if data.startswith(bom):
-            text = data.decode(encoding, errors="strict")
+            try:
+                text = data.decode(encoding, errors="strict")
+            except UnicodeDecodeError as exc:
+                raise ExtractionError(f"undecodable text: invalid {encoding} after its byte-order mark") from exc
             return _checked_text(text), encoding
     try:
         return _checked_text(data.decode("utf-8")), "utf-8"
