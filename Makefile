@@ -33,8 +33,9 @@ test: venv
 test-all: venv
 	$(BIN)/python -m pytest -q -m ''
 
+# All reliability campaigns; EMBEDTUNE_CAMPAIGN=full runs the full-size ones as well.
 reliability: venv
-	$(BIN)/python -m pytest -q -m slow tests/reliability
+	$(BIN)/python -m pytest -q -s -m '' tests/reliability
 
 lint: venv
 	$(BIN)/ruff check .
