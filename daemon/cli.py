@@ -34,6 +34,9 @@ def _parser() -> argparse.ArgumentParser:
     jobs = sub.add_parser("requeue", help="give dead jobs a fresh set of attempts")
     jobs.add_argument("--kind", help="only jobs of this kind")
 
+    samples = sub.add_parser("samples", help="write sample documents (e.g. into the inbox) for a first run")
+    samples.add_argument("--into", default=None, help="folder (default: the configured inbox)")
+
     from daemon.once import add_once_arguments
 
     add_once_arguments(sub.add_parser("once", help="one-shot: ingest, synthesize and train, then exit"))
@@ -126,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.rounds import train_now
 
         return train_now(settings, foreground=args.foreground, config_file=args.config)
+    if args.command == "samples":
+        from daemon.samples import write_samples
+
+        target = Path(args.into) if args.into else settings.paths.inbox
+        print(f"wrote {write_samples(target)} sample documents to {target}")
+        return 0
     if args.command == "once":
         from daemon.once import run_once
 
