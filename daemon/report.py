@@ -56,6 +56,7 @@ def _chart(rounds, growth, funnel) -> bytes:
         for name in ("ndcg@10", "recall@10"):
             axes[0].plot(ids, [p[1][name] for p in series], marker="o", label=name)
         axes[0].legend()
+        axes[0].set_xticks(ids)
     axes[0].set_title("model in service (held-out)")
     axes[0].set_xlabel("round")
     if growth:
@@ -63,7 +64,7 @@ def _chart(rounds, growth, funnel) -> bytes:
         for row in growth:
             total += row["n"]
             cumulative.append(total)
-        axes[1].plot([row["day"] for row in growth], cumulative, marker=".")
+        axes[1].bar([row["day"] for row in growth], cumulative, color="#69c")
         axes[1].tick_params(axis="x", rotation=45)
     axes[1].set_title("documents ingested")
     labels = ["generated", "judged", "filtered", "kept"]
@@ -93,7 +94,7 @@ def render_html(rounds, growth, funnel, chunks, png: bytes) -> str:
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>embedtune report</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;color:#222}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}}th{{background:#f3f3f3}}</style>
+td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px;text-align:left}}th{{background:#f3f3f3}}img{{max-width:100%;height:auto}}</style>
 </head><body>
 <h1>embedtune report</h1>
 <p>{len(rounds)} round(s); {chunks} active chunks; samples generated {funnel[0]}, judged {funnel[1]},

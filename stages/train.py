@@ -7,6 +7,7 @@ expect. bf16 (or fp16) on CUDA, all cores on CPU. Runs in the round's child proc
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -60,13 +61,10 @@ def build_dataset(examples: list[dict]):
     return Dataset.from_dict(columns)
 
 
-def _warmup_argument(ratio: float) -> dict:
-    """transformers 5 takes the warm-up ratio as a float `warmup_steps`; 4.x calls it `warmup_ratio`."""
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        return {"warmup_steps": float(ratio)}
-    return {"warmup_ratio": ratio}
+def _warmup_steps(ratio: float, examples: int, batch_size: int, epochs: float) -> int:
+    """Warm-up as whole steps, rounded down: a tiny round must not spend its only step at lr 0."""
+    steps = math.ceil(max(1, examples // batch_size) * epochs)
+    return int(ratio * steps)
 
 
 def resolve_precision(precision: str) -> str:
@@ -116,7 +114,7 @@ def train_model(base_path: Path, output_dir: Path, examples: list[dict], params:
         num_train_epochs=params.epochs,
         per_device_train_batch_size=batch_size,
         learning_rate=params.learning_rate,
-        **_warmup_argument(params.warmup_ratio),
+        warmup_steps=_warmup_steps(params.warmup_ratio, len(dataset), batch_size, params.epochs),
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         batch_sampler="no_duplicates",

@@ -105,3 +105,16 @@ def test_report_writes_html_and_png(once_run, tmp_path):
     page = (tmp_path / "report" / "index.html").read_text()
     assert "<table>" in page and "data:image/png;base64," in page and "sample funnel" in page
     assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(not __import__("shutil").which("chromium"), reason="chromium is not installed "
+                    "(apt-get install chromium); see docs/report.md")
+def test_report_renders_in_headless_chromium(once_run, tmp_path):
+    _tmp, _output, _stdout, config = once_run
+    assert _cli(config, "report", "--output", str(tmp_path / "report")).returncode == 0
+    shot = tmp_path / "shot.png"
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", f"--screenshot={shot}",
+                    (tmp_path / "report" / "index.html").as_uri()], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 20_000
