@@ -178,3 +178,16 @@ def test_pseudo_methods():
     assert ict[0].query not in ict[0].passage
     assert pseudo_queries(text, "", "en", "sha", "inverse_cloze", 1) == ict  # deterministic
     assert pseudo_queries(text * 3, "", "en", "sha", "span", 2)[0].query in text * 3
+
+
+def test_filter_with_a_cross_encoder_reranker(make_settings, start_daemon, tiny_reranker):
+    from sentence_transformers import CrossEncoder
+
+    assert CrossEncoder(str(tiny_reranker), device="cpu").predict([("river", "the river flows")]).shape == (1,)
+    settings = make_settings(model={"reranker": str(tiny_reranker)}, synthesis={"featured_percentage": 0.5})
+    _write_corpus(settings.paths.inbox)
+    running = start_daemon(settings)
+    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM chunks") >= 3)
+    wait_for(running.idle, timeout=90)
+    rows = running.query("SELECT kept, rerank_score, rank FROM samples")
+    assert rows and all(r["rerank_score"] is not None and r["rank"] >= 1 for r in rows)
