@@ -9,8 +9,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from tests.conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -112,13 +113,7 @@ def settled(state_dir: Path) -> bool:
 
 
 def wait(predicate, timeout: float, message: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+    return wait_for(predicate, timeout, interval, message)
 
 
 def reference_chunks(settings, files: list[Path]) -> dict[str, list[str]]:
