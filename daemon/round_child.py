@@ -170,6 +170,10 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> str:
     candidate_dir = folder / "candidate"
     outcome = train_model(init_path, candidate_dir, examples, params, progress)
     (folder / "train_outcome.json").write_text(json.dumps(outcome.__dict__, indent=2))
+    if outcome.steps == 0:
+        rounds.finish(round_id, "rejected", "training ran no step (too few distinct pairs for one batch)",
+                      None, [])
+        return "rejected"
 
     # --- evaluate ---------------------------------------------------------------------------------
     stage("evaluate")

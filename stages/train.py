@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,6 +68,41 @@ def _warmup_steps(ratio: float, examples: int, batch_size: int, epochs: float) -
     return int(ratio * steps)
 
 
+def _texts(example: dict) -> set[str]:
+    return {example["query"], example["pos"], *example.get("neg", [])}
+
+
+def feasible_batch_size(examples: list[dict], wanted: int, seed: int = 0) -> int:
+    """Largest batch size <= wanted for which the trainer can fill a batch without repeated texts.
+
+    The trainer's no-duplicates sampler drops batches it cannot fill; on a small corpus where mined
+    negatives are other pairs' positives, a batch of `wanted` may be impossible and the epoch would
+    run zero steps. A size counts as feasible when a greedy fill succeeds in a few shuffled orders,
+    as the sampler's own fill is greedy over a shuffled order.
+    """
+    rng = random.Random(seed)
+    texts = [_texts(example) for example in examples]
+    orders = [list(range(len(texts)))]
+    for _ in range(3):
+        orders.append(rng.sample(orders[0], len(orders[0])))
+    size = max(2, min(wanted, len(examples)))
+    while size > 2 and not all(_greedy_fills(texts, order, size) for order in orders):
+        size -= 1
+    return size
+
+
+def _greedy_fills(texts: list[set[str]], order: list[int], size: int) -> bool:
+    seen: set[str] = set()
+    filled = 0
+    for i in order:
+        if seen.isdisjoint(texts[i]):
+            seen |= texts[i]
+            filled += 1
+            if filled == size:
+                return True
+    return False
+
+
 def resolve_precision(precision: str) -> str:
     import torch
 
@@ -107,7 +143,7 @@ def train_model(base_path: Path, output_dir: Path, examples: list[dict], params:
         loss = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=params.cached_batch)
     else:
         loss = MultipleNegativesRankingLoss(model, scale=scale)
-    batch_size = max(2, min(params.batch_size, len(dataset)))
+    batch_size = feasible_batch_size(examples, params.batch_size)
     work_dir = output_dir.parent / (output_dir.name + ".work")
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work_dir),

@@ -206,3 +206,15 @@ def test_status_shows_round_progress_while_training(make_settings, start_daemon)
     conn = connect(running.daemon.layout.database, readonly=True)
     assert conn.execute("SELECT state FROM rounds").fetchone()[0] == "aborted"
     assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state='running'").fetchone()[0] == 0
+
+
+def test_batch_size_shrinks_until_a_batch_without_repeated_texts_exists():
+    from stages.train import feasible_batch_size
+
+    # Each pair's mined negative is the next pair's positive: a batch can hold every other pair only.
+    examples = [{"query": f"q{i}", "pos": f"p{i}", "neg": [f"p{(i + 1) % 12}"]} for i in range(12)]
+    size = feasible_batch_size(examples, 8)
+    assert 2 <= size < 8
+    distinct = [{"query": f"q{i}", "pos": f"p{i}", "neg": [f"n{i}"]} for i in range(12)]
+    assert feasible_batch_size(distinct, 8) == 8
+    assert feasible_batch_size(distinct[:3], 8) == 3

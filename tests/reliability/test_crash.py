@@ -4,6 +4,7 @@ restart it each time, then check that nothing was lost, duplicated or half-writt
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 
@@ -26,8 +27,11 @@ from tests.reliability.harness import (
 SCALES = {"reduced": {"files": 40, "kills": 20}, "full": {"files": 300, "kills": 30}}
 
 
-def _phase(state) -> set[str]:
+def _phase(state, landed) -> set[str]:
     phases = set()
+    known = {row[0] for row in query(state, "SELECT path FROM documents WHERE status != 'pending'")}
+    if any(str(path) not in known for path in landed):
+        phases.add("ingest")  # landed but not yet ingested: settling, queued or being extracted
     for kind, count in query(state, "SELECT kind, COUNT(*) FROM jobs WHERE state IN ('pending','running','failed') "
                                     "GROUP BY kind"):
         if count:
@@ -77,9 +81,13 @@ def test_sigkill_campaign(tmp_path, tiny_embedder, scale):
             if batches:  # files land while the daemon runs, so some kills hit ingestion
                 for path in batches.pop(0):
                     target = inbox / path.name
+                    os.utime(path)  # fresh mtime, as a copy would leave: the file must settle first
                     path.rename(target)
                     landed.append(target)
-            if not round_kill_done and kills >= sizes["kills"] // 2:
+            if kills in (0, 2, 4):
+                # Kills aimed at ingestion: right after a batch lands, while it settles or is extracted.
+                time.sleep(rng.uniform(0.0, 0.15))  # under settle_seconds
+            elif not round_kill_done and kills >= sizes["kills"] // 2:
                 # One kill aimed at a round in training, so the campaign surely covers it.
                 try:
                     wait(lambda: scalar(state, "SELECT COUNT(*) FROM rounds WHERE state='running' AND stage='train'"),
@@ -89,7 +97,7 @@ def test_sigkill_campaign(tmp_path, tiny_embedder, scale):
                     pass
             else:
                 time.sleep(rng.uniform(0.3, 4.0))
-            for phase in _phase(state):
+            for phase in _phase(state, landed):
                 phases_hit[phase] = phases_hit.get(phase, 0) + 1
             assert daemon.alive(), log.read_text()[-2000:]
             daemon.kill()
