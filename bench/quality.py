@@ -42,7 +42,7 @@ def score(model_path: Path, eval_set, batch: int = 64) -> dict:
     queries = model.encode(eval_set.queries, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True)
     corpus = model.encode(eval_set.corpus_texts, batch_size=batch, normalize_embeddings=True,
                           convert_to_numpy=True)
-    return evaluate_retrieval(queries, corpus, eval_set.relevant).metrics
+    return evaluate_retrieval(queries, corpus, eval_set.relevant)
 
 
 def main() -> int:
@@ -119,7 +119,12 @@ def main() -> int:
     for weight in settings.promotion.merge_weights:
         variants[f"merged-{weight:g}"] = merge_with_base(round_dir / "candidate", base_path, weight,
                                                          round_dir / f"bench-merged-{weight:g}")
-    results = {name: score(path, real) for name, path in variants.items()}
+    from stages.promote import paired_bootstrap
+
+    scored = {name: score(path, real) for name, path in variants.items()}
+    results = {name: result.metrics for name, result in scored.items()}
+    real_ci = {name: paired_bootstrap(result.per_query["ndcg@10"], scored["base"].per_query["ndcg@10"])
+               for name, result in scored.items() if name != "base"}
     promoted = row["decision"] == "promoted"
     served = metrics["best"] if promoted else "base"
     results["promoted" if promoted else "served (base kept)"] = results[served]
@@ -127,15 +132,19 @@ def main() -> int:
           f"{settings.synthesis.pseudo_method}; samples kept/dropped {funnel.get(1, 0)}/{funnel.get(0, 0)}; "
           f"train pairs {row['n_train']}, held-out queries {row['n_heldout']}; "
           f"prep {prepared:.0f}s, total {time.monotonic() - started:.0f}s")
-    print(f"{'model':<22} {'real nDCG@10':>12} {'real R@10':>10}   gate sets ({settings.promotion.metric})")
+    print(f"{'model':<22} {'real nDCG@10':>12} {'95% CI vs base':>18} {'real R@10':>10}   "
+          f"gate sets ({settings.promotion.metric})")
     for name, values in results.items():
         gate = metrics["variants"].get("current" if name == "base" else name, {})
         gate_text = "  ".join(f"{set_name} {v.get(settings.promotion.metric, 0):.4f}" for set_name, v in gate.items())
-        print(f"{name:<22} {values['ndcg@10']:>12.4f} {values['recall@10']:>10.4f}   {gate_text}")
+        ci = real_ci.get(name)
+        ci_text = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+        print(f"{name:<22} {values['ndcg@10']:>12.4f} {ci_text:>18} {values['recall@10']:>10.4f}   {gate_text}")
     print(f"decision: {row['decision']} - {row['reason']}")
     if args.json:
         args.json.write_text(json.dumps({"dataset": args.dataset.name, "method": settings.synthesis.pseudo_method,
-                                         "real": results, "gate": metrics["variants"], "decision": row["decision"],
+                                         "real": results, "real_ci_vs_base": real_ci,
+                                         "gate": metrics["variants"], "gate_interval": metrics["interval"], "decision": row["decision"],
                                          "reason": row["reason"], "n_train": row["n_train"],
                                          "n_heldout": row["n_heldout"]}, indent=1))
     if args.keep:

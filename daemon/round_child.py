@@ -239,16 +239,19 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> str:
     stage("decide")
     scores = {variant: {name: r.metrics[metric] for name, r in per_set.items() if r.n_queries}
               for variant, per_set in results.items()}
-    decision = decide(scores, metric, settings.promotion.min_gain, settings.promotion.human_tolerance,
-                      settings.promotion.max_guard_drop)
-    table = {variant: {name: r.to_json() for name, r in per_set.items()} for variant, per_set in results.items()}
     per_query = {variant: {name: r.per_query.get(metric, []) for name, r in per_set.items()}
                  for variant, per_set in results.items()}
     (folder / "per_query.json").write_text(json.dumps(per_query))
+    intervals = {variant: paired_bootstrap(per_query[variant]["heldout"], per_query["current"]["heldout"],
+                                           settings.promotion.bootstrap_samples, settings.training.seed)
+                 for variant in per_query if variant != "current"}
+    decision = decide(scores, metric, settings.promotion.min_gain, settings.promotion.human_tolerance,
+                      settings.promotion.max_guard_drop, intervals=intervals,
+                      synthetic_only_min_gain=settings.promotion.synthetic_only_min_gain)
+    table = {variant: {name: r.to_json() for name, r in per_set.items()} for variant, per_set in results.items()}
     best = decision.variant or max((v for v in scores if v != "current"),
                                    key=lambda v: scores[v].get("heldout", 0.0))
-    interval = paired_bootstrap(per_query[best]["heldout"], per_query["current"]["heldout"],
-                                settings.promotion.bootstrap_samples, settings.training.seed)
+    interval = intervals.get(best)
     reason = decision.reason
     if interval:
         reason += f" (95% CI of held-out gain for {best}: [{interval[0]:+.4f}, {interval[1]:+.4f}])"

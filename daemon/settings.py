@@ -138,6 +138,7 @@ class PromotionSettings(_Section):
     guard_eval: str = ""
     max_guard_drop: float = Field(0.01, ge=0)
     human_tolerance: float = Field(0.0, ge=0)
+    synthetic_only_min_gain: float = Field(0.01, ge=0)
     user_eval: str = ""
     user_eval_query_key: str = "anchor"
     user_eval_positive_key: str = "positive"

@@ -6,6 +6,8 @@ Rule (docs/promotion.md):
 2. Human-signal sets (the user's evaluation file, document-structure queries) veto: a variant that
    loses more than `human_tolerance` on any of them is not eligible, whatever the synthetic gain.
 3. The guard set vetoes a variant that drops more than `max_guard_drop` on it (forgetting).
+3b. With no human-signal set at all, the synthetic gain alone must be convincing: the lower end of its
+    paired-bootstrap 95% interval must reach `synthetic_only_min_gain`.
 4. Among eligible variants, the one with the best score on the strongest set wins: the user's file if
    present, else the synthetic held-out set. No eligible variant: the round is rejected.
 """
@@ -50,8 +52,13 @@ def decide(
     human_tolerance: float = 0.0,
     max_guard_drop: float = 0.01,
     current: str = "current",
+    intervals: dict[str, tuple[float, float] | None] | None = None,
+    synthetic_only_min_gain: float = 0.0,
 ) -> Decision:
-    """`scores[variant][set]` is the metric value; `current` names the model in service."""
+    """`scores[variant][set]` is the metric value; `current` names the model in service.
+
+    `intervals[variant]` is the bootstrap interval of the variant's held-out gain (used by rule 3b).
+    """
     if current not in scores or SYNTHETIC not in scores[current]:
         return Decision(False, None, "no held-out evaluation of the model in service")
     baseline = scores[current]
@@ -59,6 +66,7 @@ def decide(
         variant: {name: values[name] - baseline[name] for name in values if name in baseline}
         for variant, values in scores.items() if variant != current
     }
+    human_signal = any(name in baseline for name in HUMAN_SETS)
     eligible: list[str] = []
     refusals: list[str] = []
     for variant, gain in gains.items():
@@ -66,6 +74,13 @@ def decide(
         if synthetic < min_gain:
             refusals.append(f"{variant}: held-out {metric} {synthetic:+.4f} < min_gain {min_gain}")
             continue
+        if not human_signal and synthetic_only_min_gain > 0:
+            interval = (intervals or {}).get(variant)
+            low = interval[0] if interval else synthetic
+            if low < synthetic_only_min_gain:
+                refusals.append(f"{variant}: synthetic-only gain not convincing (95% CI low {low:+.4f} "
+                                f"< synthetic_only_min_gain {synthetic_only_min_gain})")
+                continue
         vetoed = False
         for name in HUMAN_SETS:
             if name in gain and gain[name] < -human_tolerance:

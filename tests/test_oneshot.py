@@ -25,7 +25,7 @@ def once_run(tmp_path_factory, tiny_embedder):
         '[ingest]\nchunk_tokens = 64\nchunk_overlap = 8\n[model]\ndevice = "cpu"\n'
         '[synthesis]\nheldout_fraction = 0.3\n'
         '[training]\nbatch_size = 4\nhard_negatives = 1\nlearning_rate = 1e-3\n'
-        '[promotion]\nmin_gain = 0.0\nmerge_weights = [0.5]\nbootstrap_samples = 50\n'
+        '[promotion]\nmin_gain = 0.0\nsynthetic_only_min_gain = 0.0\nmerge_weights = [0.5]\nbootstrap_samples = 50\n'
         '[logging]\nformat = "json"\nlevel = "warning"\n'
     )
     output = tmp / "out"

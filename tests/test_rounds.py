@@ -32,7 +32,7 @@ def _round_settings(make_settings, **training):
     return make_settings(
         training={"min_new_samples": 6, "check_minutes": 0.02, **training},
         synthesis={"heldout_fraction": 0.3, "featured_percentage": 1.0},
-        promotion={"min_gain": 0.0, "merge_weights": [0.5]},
+        promotion={"min_gain": 0.0, "merge_weights": [0.5], "synthetic_only_min_gain": 0.0},
     )
 
 
@@ -170,6 +170,28 @@ def test_negative_mining_skips_positive_and_near_ties():
 def test_gate_branches(scores, promote, variant, fragment):
     decision = decide(scores, "ndcg@10", min_gain=0.01, human_tolerance=0.0, max_guard_drop=0.01)
     assert decision.promote is promote and decision.variant == variant
+    assert fragment in decision.reason
+
+
+@pytest.mark.parametrize(
+    ("scores", "intervals", "promote", "fragment"),
+    [
+        # Synthetic only, gain within noise (the dbpedia-5k heading round): rejected.
+        ({"current": {"heldout": 0.9687}, "merged-0.5": {"heldout": 0.9773}},
+         {"merged-0.5": (0.0026, 0.0159)}, False, "not convincing"),
+        # Synthetic only, clear gain: promoted.
+        ({"current": {"heldout": 0.50}, "candidate": {"heldout": 0.60}}, {"candidate": (0.07, 0.13)}, True,
+         "promoted candidate"),
+        # No interval recorded: the point gain stands in for the lower bound.
+        ({"current": {"heldout": 0.50}, "candidate": {"heldout": 0.505}}, {}, False, "not convincing"),
+        # A human-signal set is present: it decides, the synthetic-only bar does not apply.
+        ({"current": {"heldout": 0.50, "structure": 0.40}, "candidate": {"heldout": 0.505, "structure": 0.41}},
+         {"candidate": (-0.001, 0.011)}, True, "promoted candidate"),
+    ],
+)
+def test_gate_synthetic_only_rule(scores, intervals, promote, fragment):
+    decision = decide(scores, "ndcg@10", min_gain=0.005, intervals=intervals, synthetic_only_min_gain=0.01)
+    assert decision.promote is promote
     assert fragment in decision.reason
 
 

@@ -31,7 +31,8 @@ def write_config(path: Path, tmp: Path, model: Path, llm_url: str = "", extra: d
         "model": {"base": str(model), "device": "cpu"},
         "training": {"min_new_samples": 30, "check_minutes": 0.02, "batch_size": 8, "hard_negatives": 1,
                      "learning_rate": 1e-3, "max_pairs": 128},
-        "promotion": {"min_gain": 0.0, "merge_weights": [0.5], "bootstrap_samples": 50},
+        "promotion": {"min_gain": 0.0, "merge_weights": [0.5], "bootstrap_samples": 50,
+                      "synthetic_only_min_gain": 0.0},
         "logging": {"format": "json", "level": "info"},
     }
     for section, values in (extra or {}).items():
