@@ -10,6 +10,7 @@ import signal
 import socket
 import threading
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from daemon.lock import AlreadyRunning, InstanceLock
@@ -153,8 +154,11 @@ class Daemon:
         from apscheduler.schedulers.background import BackgroundScheduler
 
         self.scheduler = BackgroundScheduler(daemon=True)
+        # First check soon after start-up (work may have accrued while the daemon was down), then every
+        # check_minutes. next_run_time=None would add the job paused: it must be a time.
+        first_check = datetime.now(timezone.utc) + timedelta(seconds=min(30.0, self.settings.training.check_minutes * 60))
         self.scheduler.add_job(self._check_round, "interval", seconds=self.settings.training.check_minutes * 60,
-                               id="round-check", max_instances=1, coalesce=True, next_run_time=None)
+                               id="round-check", max_instances=1, coalesce=True, next_run_time=first_check)
         if self.settings.ingest.rescan_minutes > 0:
             self.scheduler.add_job(self.reconcile_inbox, "interval", minutes=self.settings.ingest.rescan_minutes,
                                    id="rescan", max_instances=1, coalesce=True)
@@ -231,6 +235,9 @@ class Daemon:
             self.synthesis.reload(self.settings)
             if self.settings.llm.enabled:
                 self.synth_pool.resize(self.settings.llm.concurrency)
+        if "training.check_minutes" in changes and hasattr(self, "scheduler"):
+            self.scheduler.reschedule_job("round-check", trigger="interval",
+                                          seconds=self.settings.training.check_minutes * 60)
         if "logging.level" in changes:
             configure_logging(self.settings.logging.level, self.settings.logging.format)
         self.rounds.settings = self.settings

@@ -184,8 +184,10 @@ LIVE_KEYS = (
     "synthesis.featured_percentage",
     "training.min_new_samples",
     "training.window",
+    "training.check_minutes",
     "promotion.min_gain",
     "promotion.max_guard_drop",
+    "promotion.synthetic_only_min_gain",
     "logging.level",
 )
 

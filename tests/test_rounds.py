@@ -46,11 +46,13 @@ def _finished_round(running, timeout=180):
 def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
     from sentence_transformers import SentenceTransformer
 
-    settings = _round_settings(make_settings)
+    # check_minutes over 5 s: the round is started by the apscheduler job, not the main loop's fast path.
+    settings = _round_settings(make_settings, check_minutes=0.1)
     _corpus(settings.paths.inbox)
     running = start_daemon(settings)
     row = _finished_round(running)
     assert row["state"] == "finished", row["error"]
+    assert row["trigger"] == "schedule"
     assert row["decision"] == "promoted", row["reason"]
     folder = running.daemon.layout.round_dir(row["id"])
     for name in ("train.jsonl", "heldout.jsonl", "corpus.jsonl", "metrics.json", "settings.json"):
