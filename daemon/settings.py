@@ -76,7 +76,7 @@ class SynthesisSettings(_Section):
     judge_threshold: float = Field(0.6, ge=0, le=1)
     featured_percentage: float = Field(0.2, gt=0, le=1)
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
-    pseudo_method: Literal["heading", "inverse_cloze", "span"] = "heading"
+    pseudo_method: Literal["heading", "inverse_cloze", "span"] = "inverse_cloze"
     pseudo_per_chunk: int = Field(1, ge=1, le=10)
     filter_candidates: int = Field(50, ge=2, le=1000)
     filter_batch: int = Field(256, ge=1)
