@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from daemon.logs import get_logger
-from daemon.workers import JobContext, PermanentFailure, RetryLater
+from daemon.workers import AttemptFailed, JobContext, PermanentFailure, RetryLater
 from stages.filter import (
     Bm25Index,
     FilterInput,
@@ -81,7 +81,8 @@ class SynthesisService:
             except LlmRejected as exc:
                 raise PermanentFailure(str(exc)) from exc
             except InvalidReply as exc:
-                raise PermanentFailure(str(exc), raw_reply=exc.raw[:20000]) from exc
+                # A model that garbles JSON under load usually recovers: retry with back-off, keep the reply.
+                raise AttemptFailed(str(exc), raw_reply=exc.raw[:20000]) from exc
             except LlmUnavailable as exc:
                 # The endpoint is down: wait for the breaker instead of burning attempts.
                 raise RetryLater(str(exc), max(5.0, self.settings.llm.breaker_reset_s)) from exc

@@ -29,6 +29,18 @@ class RetryLater(Exception):
         self.delay = delay
 
 
+class AttemptFailed(Exception):
+    """Count the attempt and back off like any failure, keeping the raw reply for inspection.
+
+    For faults that are likely transient but came with evidence worth keeping (an LLM reply that was
+    not the expected JSON after the re-asks): the job dead-letters only once its attempts are spent.
+    """
+
+    def __init__(self, message: str, raw_reply: str | None = None) -> None:
+        super().__init__(message)
+        self.raw_reply = raw_reply
+
+
 class PermanentFailure(Exception):
     """Do not retry: dead-letter the job now with this message (and the raw reply, if any)."""
 
@@ -139,6 +151,10 @@ class WorkerPool:
         except PermanentFailure as exc:
             queue.fail(job, str(exc), retry=False, raw_reply=exc.raw_reply)
             bound.error("job_dead", error=str(exc), duration_s=round(time.monotonic() - started, 3))
+        except AttemptFailed as exc:
+            state = queue.fail(job, str(exc), raw_reply=exc.raw_reply)
+            bound.warning("job_failed", error=str(exc), state=state.value,
+                          duration_s=round(time.monotonic() - started, 3))
         except Exception as exc:
             message = f"{type(exc).__name__}: {exc}"
             try:

@@ -107,7 +107,7 @@ def test_random_faults_lose_nothing(make_settings, start_daemon):
         assert sum(server.faults.get(name, 0) for name in ("500", "html", "truncated", "nonjson")) > 0
 
 
-def test_rejected_requests_and_bad_replies_dead_letter_with_reason(make_settings, start_daemon):
+def test_rejected_requests_dead_letter_and_bad_replies_retry_with_reason(make_settings, start_daemon):
     from tests.llm_server import FakeLlm
 
     with FakeLlm(script=["401"] + ["nonjson"] * 3) as server:
@@ -115,11 +115,17 @@ def test_rejected_requests_and_bad_replies_dead_letter_with_reason(make_settings
         (settings.paths.inbox / "a.txt").write_text(ENGLISH)
         (settings.paths.inbox / "b.txt").write_text(ENGLISH + " Another sentence about music.")
         running = start_daemon(settings)
-        wait_for(lambda: running.scalar("SELECT COUNT(*) FROM jobs WHERE state='dead'") == 2, message="dead")
+        wait_for(lambda: running.scalar("SELECT COUNT(*) FROM jobs WHERE state='dead'") == 1, message="dead")
+        # The 401 is final; the garbled replies fail one attempt, keep the raw reply, and retry later.
+        garbled = wait_for(lambda: running.scalar(
+            "SELECT id FROM jobs WHERE raw_reply LIKE '%questions you might ask%' AND last_error LIKE '%expected JSON%'"),
+            message="failed attempt with its raw reply")
         errors = running.status()["jobs"]["recent_errors"]
-        assert any("401" in e["error"] for e in errors)
-        assert any("expected JSON" in e["error"] for e in errors)
-        assert running.scalar("SELECT COUNT(*) FROM jobs WHERE raw_reply LIKE '%questions you might ask%'") == 1
+        assert any("401" in e["error"] and e["state"] == "dead" for e in errors)
+        wait_for(lambda: running.scalar("SELECT state FROM jobs WHERE id=?", garbled) == "done", timeout=60,
+                 message="the garbled job succeeds on retry")
+        assert running.scalar("SELECT attempts FROM jobs WHERE id=?", garbled) == 2
+        assert running.scalar("SELECT COUNT(*) FROM jobs WHERE state='dead'") == 1
 
 
 def test_wrong_language_questions_are_kept_visible_but_not_used(make_settings, start_daemon):
