@@ -83,13 +83,26 @@ def load_beir(folder: Path, split: str = "test", name: str = "beir") -> EvalSet:
             row = json.loads(line)
             query_text[str(row["_id"])] = row["text"]
     qrels: dict[str, dict[int, float]] = {}
-    with open(folder / "qrels" / f"{split}.tsv", encoding="utf-8") as handle:
-        for row in csv.DictReader(handle, delimiter="\t"):
-            score = float(row["score"])
-            if score > 0 and row["corpus-id"] in position:
-                qrels.setdefault(row["query-id"], {})[position[row["corpus-id"]]] = score
+    for query_id, corpus_id, score in _read_qrels(folder / "qrels" / f"{split}.tsv"):
+        if score > 0 and corpus_id in position:
+            qrels.setdefault(query_id, {})[position[corpus_id]] = score
     query_ids = [qid for qid in qrels if qid in query_text]
     return EvalSet(name, [query_text[q] for q in query_ids], corpus_texts, [qrels[q] for q in query_ids])
+
+
+def _read_qrels(path: Path):
+    """(query-id, corpus-id, score) rows of a BEIR qrels file, with or without its header line."""
+    with open(path, encoding="utf-8") as handle:
+        for index, row in enumerate(csv.reader(handle, delimiter="\t")):
+            if len(row) < 3:
+                continue
+            try:
+                score = float(row[-1])
+            except ValueError:
+                if index == 0:
+                    continue  # the "query-id corpus-id score" header
+                raise
+            yield row[0], row[1], score
 
 
 def load_eval_file(path: str | Path, query_key: str = "anchor", positive_key: str = "positive",

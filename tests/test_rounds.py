@@ -242,3 +242,17 @@ def test_batch_size_shrinks_until_a_batch_without_repeated_texts_exists():
     distinct = [{"query": f"q{i}", "pos": f"p{i}", "neg": [f"n{i}"]} for i in range(12)]
     assert feasible_batch_size(distinct, 8) == 8
     assert feasible_batch_size(distinct[:3], 8) == 3
+
+
+@pytest.mark.parametrize("header", [True, False])
+def test_beir_qrels_with_or_without_header(tmp_path, header):
+    from stages.evalsets import load_beir
+
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "corpus.jsonl").write_text(
+        '{"_id": "d1", "title": "River", "text": "The river floods."}\n{"_id": "d2", "text": "A city."}\n')
+    (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "flood"}\n{"_id": "q2", "text": "town"}\n')
+    rows = "q1\td1\t2\nq2\td2\t0\nq2\tmissing\t1\n"
+    (tmp_path / "qrels" / "test.tsv").write_text(("query-id\tcorpus-id\tscore\n" if header else "") + rows)
+    eval_set = load_beir(tmp_path)
+    assert eval_set.queries == ["flood"] and eval_set.relevant == [{0: 2.0}]
