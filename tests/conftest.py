@@ -91,7 +91,9 @@ class RunningDaemon:
             conn.close()
 
     def scalar(self, sql: str, *params):
-        return self.query(sql, *params)[0][0]
+        """First column of the first row, None when there is no row yet (polled predicates start empty)."""
+        rows = self.query(sql, *params)
+        return rows[0][0] if rows else None
 
     def status(self) -> dict:
         from state.status import read_status
