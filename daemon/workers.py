@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from daemon.logs import get_logger
 from state.db import connect
-from state.queue import Job, JobQueue, LeaseLost
+from state.queue import Job, JobQueue, JobState, LeaseLost
 
 log = get_logger("embedtune.workers")
 
@@ -29,24 +29,28 @@ class RetryLater(Exception):
         self.delay = delay
 
 
-class AttemptFailed(Exception):
-    """Count the attempt and back off like any failure, keeping the raw reply for inspection.
+class JobFailed(Exception):
+    """A handler's failure that carries evidence worth keeping (the raw LLM reply) with the error."""
 
-    For faults that are likely transient but came with evidence worth keeping (an LLM reply that was
-    not the expected JSON after the re-asks): the job dead-letters only once its attempts are spent.
+    retry = True
+
+    def __init__(self, message: str, raw_reply: str | None = None) -> None:
+        super().__init__(message)
+        self.raw_reply = raw_reply
+
+
+class AttemptFailed(JobFailed):
+    """Count the attempt and back off like any failure; the job dead-letters once its attempts are spent.
+
+    For faults that are likely transient, such as an LLM reply that was still not the expected JSON
+    after the re-asks.
     """
 
-    def __init__(self, message: str, raw_reply: str | None = None) -> None:
-        super().__init__(message)
-        self.raw_reply = raw_reply
 
-
-class PermanentFailure(Exception):
+class PermanentFailure(JobFailed):
     """Do not retry: dead-letter the job now with this message (and the raw reply, if any)."""
 
-    def __init__(self, message: str, raw_reply: str | None = None) -> None:
-        super().__init__(message)
-        self.raw_reply = raw_reply
+    retry = False
 
 
 def owner_prefix() -> str:
@@ -148,22 +152,21 @@ class WorkerPool:
             bound.info("job_postponed", reason=str(exc), delay_s=round(exc.delay, 1))
         except LeaseLost as exc:
             bound.warning("lease_lost", error=str(exc))
-        except PermanentFailure as exc:
-            queue.fail(job, str(exc), retry=False, raw_reply=exc.raw_reply)
-            bound.error("job_dead", error=str(exc), duration_s=round(time.monotonic() - started, 3))
-        except AttemptFailed as exc:
-            state = queue.fail(job, str(exc), raw_reply=exc.raw_reply)
-            bound.warning("job_failed", error=str(exc), state=state.value,
-                          duration_s=round(time.monotonic() - started, 3))
         except Exception as exc:
-            message = f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, JobFailed):
+                message, retry, raw_reply = str(exc), exc.retry, exc.raw_reply
+            else:
+                message, retry, raw_reply = f"{type(exc).__name__}: {exc}", True, None
             try:
-                state = queue.fail(job, message)
+                state = queue.fail(job, message, retry=retry, raw_reply=raw_reply)
             except Exception:
                 bound.exception("fail_record_failed")
                 return
-            bound.warning("job_failed", error=message, state=state.value,
-                          duration_s=round(time.monotonic() - started, 3))
+            duration_s = round(time.monotonic() - started, 3)
+            if state is JobState.DEAD:
+                bound.error("job_dead", error=message, duration_s=duration_s)
+            else:
+                bound.warning("job_failed", error=message, state=state.value, duration_s=duration_s)
         finally:
             with self._busy_lock:
                 self.busy -= 1
