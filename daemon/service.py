@@ -19,8 +19,9 @@ from daemon.notify import Notifier
 from daemon.settings import ConfigError, Settings, diff_live, load_settings
 from daemon.watcher import InboxCallbacks, InboxWatcher, safe_path
 from daemon.workers import WorkerPool
-from state.db import Database, transaction, utcnow
+from state.db import Database
 from state.documents import DocumentStore
+from state.heartbeat import mark_started, mark_stopped, write_heartbeat
 from state.layout import StateLayout
 from state.queue import JobQueue
 from state.registry import ModelRegistry
@@ -102,12 +103,7 @@ class Daemon:
         note = ModelRegistry(conn, self.layout).reconcile()
         self.rounds = RoundManager(self.settings, self.layout, self.config_file)
         aborted = self.rounds.abort_orphans()
-        with transaction(conn):
-            conn.execute(
-                "UPDATE daemon SET pid=?, host=?, started=?, heartbeat=?, heartbeat_ts=?, activity='starting' "
-                "WHERE id=1",
-                (os.getpid(), socket.gethostname(), utcnow(), utcnow(), time.time()),
-            )
+        mark_started(conn, os.getpid(), socket.gethostname())
         log.info("daemon_starting", pid=os.getpid(), state_dir=str(self.layout.root),
                  inbox=str(self.settings.paths.inbox), released_jobs=released, registry=note,
                  aborted_rounds=aborted)
@@ -191,12 +187,7 @@ class Daemon:
 
     def heartbeat(self) -> None:
         text = self.describe()
-        conn = self.db.conn
-        with transaction(conn):
-            conn.execute(
-                "UPDATE daemon SET heartbeat=?, heartbeat_ts=?, activity=?, breaker=? WHERE id=1",
-                (utcnow(), time.time(), text, self.breaker.state.value),
-            )
+        write_heartbeat(self.db.conn, text, self.breaker.state.value, self.synthesis.llm_state())
         self.notifier.status(text)
 
     def run_forever(self, tick: float = 1.0) -> None:
@@ -260,8 +251,7 @@ class Daemon:
             pool.stop(max(0.0, deadline - time.monotonic()))
         if self.db is not None:
             released = JobQueue(self.db.conn).release_owner("")
-            with transaction(self.db.conn):
-                self.db.conn.execute("UPDATE daemon SET activity='stopped', heartbeat=? WHERE id=1", (utcnow(),))
+            mark_stopped(self.db.conn)
             log.info("daemon_stopped", released_jobs=released)
         self.lock.release()
 

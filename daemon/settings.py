@@ -64,6 +64,11 @@ class LlmSettings(_Section):
     breaker_failures: int = Field(5, ge=1)
     breaker_reset_s: float = Field(30.0, gt=0)
     temperature: float = Field(0.7, ge=0, le=2)
+    structured: Literal["auto", "json_schema", "json_object", "off"] = "auto"
+    question_tokens: int = Field(64, ge=8, le=4096)
+    rewrite_tokens: int = Field(48, ge=8, le=4096)
+    score_tokens: int = Field(8, ge=2, le=256)
+    reply_overhead_tokens: int = Field(64, ge=0, le=4096)
 
     @property
     def enabled(self) -> bool:

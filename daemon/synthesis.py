@@ -24,9 +24,10 @@ from stages.llm import (
     LlmConfig,
     LlmRejected,
     LlmUnavailable,
+    StructuredMode,
 )
 from stages.pseudo import pseudo_queries
-from stages.synthesize import synthesize_chunk
+from stages.synthesize import ReplyBudget, synthesize_chunk
 from state.samples import FILTER_KEY, SampleIn, SampleStore
 
 log = get_logger("embedtune.synthesis")
@@ -40,9 +41,14 @@ def make_llm_client(settings, breaker: CircuitBreaker) -> LlmClient | None:
         url=llm.url, model=llm.model, api_key=settings.llm_api_key(), timeout_s=llm.timeout_s,
         connect_timeout_s=llm.connect_timeout_s, max_retries=llm.max_retries,
         max_retry_after_s=llm.max_retry_after_s, reask_invalid=llm.reask_invalid,
-        concurrency=llm.concurrency, temperature=llm.temperature,
+        concurrency=llm.concurrency, temperature=llm.temperature, structured=StructuredMode(llm.structured),
     )
     return LlmClient(config, breaker)
+
+
+def reply_budget(settings) -> ReplyBudget:
+    llm = settings.llm
+    return ReplyBudget(llm.question_tokens, llm.rewrite_tokens, llm.score_tokens, llm.reply_overhead_tokens)
 
 
 class SynthesisService:
@@ -60,6 +66,17 @@ class SynthesisService:
         if old is not None:
             old.close()
 
+    def llm_state(self) -> dict | None:
+        """The client's adaptive state for `status`: requests in flight allowed now and why, and the
+        structured-output mode the server accepted."""
+        client = self.client
+        if client is None:
+            return None
+        snapshot = client.concurrency.snapshot()
+        return {"concurrency": snapshot.limit, "max_concurrency": snapshot.maximum,
+                "in_flight": snapshot.in_flight, "concurrency_reason": snapshot.reason,
+                "structured": client.structured.value}
+
     def handle(self, ctx: JobContext) -> None:
         store = SampleStore(ctx.conn, ctx.queue)
         chunk = store.chunk(ctx.job.payload["chunk_id"])
@@ -75,7 +92,8 @@ class SynthesisService:
         else:
             try:
                 made = synthesize_chunk(client, chunk["text"], chunk["language"],
-                                        settings.questions_per_chunk, settings.rewrites_per_question)
+                                        settings.questions_per_chunk, settings.rewrites_per_question,
+                                        reply_budget(self.settings))
             except BreakerOpen as exc:
                 raise RetryLater(str(exc), exc.retry_in) from exc
             except LlmRejected as exc:

@@ -18,8 +18,12 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 import httpx
+import structlog
+
+from stages.llm_concurrency import AdaptiveConcurrency
 
 T = TypeVar("T")
+log = structlog.get_logger("embedtune.llm")
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
@@ -37,6 +41,11 @@ class LlmRejected(LlmError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"LLM endpoint answered {status}: {message}")
         self.status = status
+
+
+class FormatRefused(LlmRejected):
+    """The server refused the `response_format` field. Some answer 400 or 422; llama-cpp-python's server
+    answers 500 with a validation error naming the field, so the message decides, not only the status."""
 
 
 class InvalidReply(LlmError):
@@ -171,6 +180,50 @@ def extract_json(text: str) -> Any:
     raise ValueError("no JSON value in the reply")
 
 
+class StructuredMode(StrEnum):
+    """How a reply's JSON shape is asked for: `response_format` with the schema, plain JSON mode, or only
+    in the prompt (the tolerant parser then does the work)."""
+
+    AUTO = "auto"
+    JSON_SCHEMA = "json_schema"
+    JSON_OBJECT = "json_object"
+    OFF = "off"
+
+
+# What `auto` tries, strongest first; a server that refuses one with a 4xx gets the next, remembered.
+FALLBACK = {StructuredMode.JSON_SCHEMA: StructuredMode.JSON_OBJECT, StructuredMode.JSON_OBJECT: StructuredMode.OFF}
+
+
+def response_format(mode: StructuredMode, name: str, schema: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The `response_format` body field for a mode (OpenAI, vLLM, llama.cpp and Ollama spell it alike)."""
+    if mode is StructuredMode.JSON_SCHEMA and schema is not None:
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
+    if mode in (StructuredMode.JSON_SCHEMA, StructuredMode.JSON_OBJECT):
+        # llama.cpp and llama-cpp-python constrain JSON mode to a schema given here; others ignore it.
+        return {"type": "json_object", "schema": schema} if schema is not None else {"type": "json_object"}
+    return None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str | None = None
+
+    @property
+    def cut_by_length(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass(frozen=True)
+class JsonRequest:
+    """What a JSON question needs besides its messages: a name and schema for structured output, and a
+    reply budget in tokens (`max_tokens`) sized to what the prompt asks for."""
+
+    name: str
+    schema: dict[str, Any] | None = None
+    max_tokens: int | None = None
+
+
 @dataclass
 class LlmConfig:
     url: str
@@ -185,16 +238,26 @@ class LlmConfig:
     temperature: float = 0.7
     backoff_base_s: float = 1.0
     backoff_cap_s: float = 60.0
+    structured: StructuredMode = StructuredMode.AUTO
 
 
 class LlmClient:
+    """Sends chat requests. Two different signals come back from a struggling server and get different
+    answers: *down* (connection refused, 5xx) feeds the circuit breaker, which pauses synthesis; *busy*
+    (read timeout while queued, 429) halves the requests in flight (`AdaptiveConcurrency`) and never opens
+    the breaker: a one-slot server is slow, not down."""
+
     def __init__(self, config: LlmConfig, breaker: CircuitBreaker | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
         self.config = config
         self.endpoint = chat_completions_url(config.url)
         self.breaker = breaker or CircuitBreaker()
         self.sleep = sleep
-        self._slots = threading.BoundedSemaphore(config.concurrency)
+        self.concurrency = AdaptiveConcurrency(config.concurrency)
+        mode = StructuredMode(config.structured)
+        self._fallback_allowed = mode is StructuredMode.AUTO
+        self.structured = StructuredMode.JSON_SCHEMA if mode is StructuredMode.AUTO else mode
+        self._mode_lock = threading.Lock()
         headers = {"Content-Type": "application/json"}
         if config.api_key:
             headers["Authorization"] = f"Bearer {config.api_key}"
@@ -207,39 +270,79 @@ class LlmClient:
     def close(self) -> None:
         self._http.close()
 
-    def chat(self, messages: list[dict[str, str]]) -> str:
-        """One completion's text, retried on transient failures. Raises LlmUnavailable, LlmRejected or
-        BreakerOpen."""
-        body = {"model": self.config.model, "messages": messages, "temperature": self.config.temperature}
+    def chat(self, messages: list[dict[str, str]], request: JsonRequest | None = None) -> Completion:
+        """One completion, retried on transient failures. With a JsonRequest, `max_tokens` and (per the
+        structured mode) `response_format` are sent; in `auto` mode a 4xx refusal of `response_format`
+        steps down one mode, is remembered, and the request is sent again at once.
+        Raises LlmUnavailable, LlmRejected or BreakerOpen."""
+        while True:
+            mode = self.structured
+            body: dict[str, Any] = {"model": self.config.model, "messages": messages,
+                                    "temperature": self.config.temperature}
+            if request is not None:
+                if request.max_tokens:
+                    body["max_tokens"] = request.max_tokens
+                fmt = response_format(mode, request.name, request.schema)
+                if fmt is not None:
+                    body["response_format"] = fmt
+            try:
+                return self._send(body)
+            except LlmRejected as exc:
+                if "response_format" not in body or not self._step_down(mode, exc):
+                    raise
+
+    def _step_down(self, refused: StructuredMode, error: LlmRejected) -> bool:
+        """Remember that the server refused `refused`; False when there is nothing weaker to try."""
+        refusal = isinstance(error, FormatRefused) or error.status in (400, 404, 415, 422, 501)
+        if not self._fallback_allowed or not refusal:
+            return False
+        with self._mode_lock:
+            if self.structured is refused:
+                self.structured = FALLBACK.get(refused, StructuredMode.OFF)
+                log.warning("llm_structured_fallback", refused=refused.value, now=self.structured.value,
+                            error=str(error)[:200])
+        return True
+
+    def _send(self, body: dict[str, Any]) -> Completion:
         last_error = "no attempt made"
         for attempt in range(self.config.max_retries + 1):
             self.breaker.acquire()
             wait: float | None = None
+            started = self.concurrency.acquire()
             try:
-                with self._slots:
-                    response = self._http.post(self.endpoint, json=body)
+                response = self._http.post(self.endpoint, json=body)
+            except httpx.ConnectTimeout as exc:
+                last_error = f"connect timeout ({type(exc).__name__})"
+                self.breaker.failure()
             except httpx.TimeoutException as exc:
-                last_error = f"timeout ({type(exc).__name__})"
+                # Queued behind other requests in a busy server: slow, not down.
+                last_error = f"timeout after {self.config.timeout_s:g}s ({type(exc).__name__})"
+                self.concurrency.congestion(started, "a read timeout")
             except httpx.TransportError as exc:
                 last_error = f"connection error ({type(exc).__name__}: {exc})"
+                self.breaker.failure()
             else:
                 if response.status_code == 200:
-                    try:
-                        content = response.json()["choices"][0]["message"]["content"]
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        # A 200 with a broken envelope: the server is up; let re-asking handle it.
-                        self.breaker.success()
-                        return response.text
                     self.breaker.success()
-                    return content if isinstance(content, str) else json.dumps(content)
+                    self.concurrency.success()
+                    return _completion(response)
                 if response.status_code not in RETRY_STATUS:
                     self.breaker.success()  # the endpoint is alive; the request is what is wrong
                     raise LlmRejected(response.status_code, _error_message(response))
-                last_error = f"HTTP {response.status_code}: {_error_message(response)}"
+                message = _error_message(response)
+                if "response_format" in body and "response_format" in message:
+                    self.breaker.success()  # up, but refuses the field: retrying the same body cannot help
+                    raise FormatRefused(response.status_code, message)
+                last_error = f"HTTP {response.status_code}: {message}"
+                if response.status_code in (408, 409, 425, 429):
+                    self.concurrency.congestion(started, f"HTTP {response.status_code}")
+                else:
+                    self.breaker.failure()
                 wait = parse_retry_after(response.headers)
                 if wait is not None:
                     wait = min(wait, self.config.max_retry_after_s)
-            self.breaker.failure()
+            finally:
+                self.concurrency.release()
             if attempt == self.config.max_retries:
                 break
             if wait is None:
@@ -249,21 +352,42 @@ class LlmClient:
         raise LlmUnavailable(f"LLM unavailable after {self.config.max_retries + 1} attempts: {last_error}")
 
     def ask_json(self, messages: list[dict[str, str]], validate: Callable[[Any], T],
+                 request: JsonRequest | None = None,
                  reminder: str = "Reply with valid JSON only, exactly in the requested format.") -> T:
-        """Ask, parse and validate; re-ask a bounded number of times with the bad reply shown back."""
+        """Ask, parse and validate; re-ask a bounded number of times with the bad reply shown back.
+
+        A reply cut by the length limit whose JSON is still complete is used; one whose JSON is broken is
+        a malformed reply like any other (never an outage)."""
         conversation = list(messages)
         raw = ""
         problem = ""
         for _ in range(self.config.reask_invalid + 1):
-            raw = self.chat(conversation)
+            completion = self.chat(conversation, request)
+            raw = completion.text
             try:
                 return validate(extract_json(raw))
             except (ValueError, TypeError, KeyError) as exc:
                 problem = str(exc) or type(exc).__name__
+                if completion.cut_by_length:
+                    limit = request.max_tokens if request is not None else None
+                    problem = f"reply cut at the length limit (max_tokens={limit}): {problem}"
                 conversation = [*messages, {"role": "assistant", "content": raw[:4000]},
-                                {"role": "user", "content": f"{reminder} ({problem})"}]
+                                {"role": "user", "content": f"{reminder} Be brief. ({problem})"}]
         raise InvalidReply(f"reply was not the expected JSON after {self.config.reask_invalid + 1} tries: "
                            f"{problem}", raw)
+
+
+def _completion(response: httpx.Response) -> Completion:
+    """The first choice's text and finish reason; a 200 with a broken envelope comes back as its raw text
+    so that re-asking can handle it (the server is up)."""
+    try:
+        choice = response.json()["choices"][0]
+        content = choice["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return Completion(response.text, None)
+    finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+    text = content if isinstance(content, str) else json.dumps(content)
+    return Completion(text, finish if isinstance(finish, str) else None)
 
 
 def _error_message(response: httpx.Response) -> str:

@@ -60,6 +60,43 @@ PROMPTS: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
+# The JSON shape of each task's reply, sent as `response_format` where the server supports it. Strict
+# schemas (OpenAI's rule: every property required, no others) so that one schema fits every server.
+SCHEMAS: dict[str, dict] = {
+    "questions": {
+        "type": "object",
+        "properties": {"questions": {"type": "array", "items": {"type": "string"}}},
+        "required": ["questions"],
+        "additionalProperties": False,
+    },
+    "rewrites": {
+        "type": "object",
+        "properties": {
+            "items": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "question": {"type": "string"},
+                        "rewrites": {"type": "array", "items": {"type": "string"}},
+                    },
+                    "required": ["question", "rewrites"],
+                    "additionalProperties": False,
+                },
+            }
+        },
+        "required": ["items"],
+        "additionalProperties": False,
+    },
+    "judge": {
+        "type": "object",
+        "properties": {"scores": {"type": "array", "items": {"type": "number"}}},
+        "required": ["scores"],
+        "additionalProperties": False,
+    },
+}
+
+
 def messages(task: str, language: str, **fields: object) -> list[dict[str, str]]:
     variant = PROMPTS[task]["zh" if language == "zh" else "en"]
     return [

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stages.llm import LlmClient
-from stages.prompts import messages, numbered
+from stages.llm import JsonRequest, LlmClient
+from stages.prompts import SCHEMAS, messages, numbered
 from stages.text import detect_language
 
 
@@ -22,6 +22,30 @@ class Candidate:
     passage: str | None = None  # a positive other than the chunk text (inverse cloze); None = chunk
     judge_score: float | None = None
     reason: str | None = None  # set when the candidate is refused before filtering
+
+
+@dataclass(frozen=True)
+class ReplyBudget:
+    """`max_tokens` for each request, sized to what its prompt asks for.
+
+    Why: a request with no cap let a small model ramble for 3,576 tokens and hold a one-slot server for
+    98 s. A question is one short sentence; a judge score is a number; JSON punctuation and a code fence
+    are the overhead. A reply cut at the cap whose JSON is broken counts as malformed and is re-asked."""
+
+    question_tokens: int = 64
+    rewrite_tokens: int = 48
+    score_tokens: int = 8
+    overhead_tokens: int = 64
+
+    def questions(self, count: int) -> int:
+        return self.overhead_tokens + count * self.question_tokens
+
+    def rewrites(self, questions: int, per_question: int) -> int:
+        # each item repeats its question, then lists the rewrites
+        return self.overhead_tokens + questions * (self.question_tokens + per_question * self.rewrite_tokens)
+
+    def judge(self, count: int) -> int:
+        return self.overhead_tokens + count * self.score_tokens
 
 
 def _string_list(value: Any, key: str) -> list[str]:
@@ -48,10 +72,12 @@ def check_query(query: str, passage: str, language: str) -> str | None:
 
 
 def synthesize_chunk(client: LlmClient, passage: str, language: str, questions_per_chunk: int,
-                     rewrites_per_question: int) -> list[Candidate]:
+                     rewrites_per_question: int, budget: ReplyBudget | None = None) -> list[Candidate]:
+    budget = budget or ReplyBudget()
     questions = client.ask_json(
         messages("questions", language, n=questions_per_chunk, passage=passage),
         lambda value: _string_list(value, "questions"),
+        JsonRequest("questions", SCHEMAS["questions"], budget.questions(questions_per_chunk)),
     )[: questions_per_chunk * 2]
     candidates: list[Candidate] = []
     seen: set[str] = set()
@@ -80,6 +106,8 @@ def synthesize_chunk(client: LlmClient, passage: str, language: str, questions_p
         for parent, rewrites in client.ask_json(
             messages("rewrites", language, n=rewrites_per_question, questions=numbered(good_questions)),
             parse_rewrites,
+            JsonRequest("rewrites", SCHEMAS["rewrites"], budget.rewrites(len(good_questions),
+                                                                         rewrites_per_question)),
         ):
             for rewrite in rewrites:
                 if rewrite in seen:
@@ -101,6 +129,7 @@ def synthesize_chunk(client: LlmClient, passage: str, language: str, questions_p
             messages("judge", language, n=len(to_judge), passage=passage,
                      questions=numbered([c.query for c in to_judge])),
             parse_scores,
+            JsonRequest("judge", SCHEMAS["judge"], budget.judge(len(to_judge))),
         )
         for candidate, score in zip(to_judge, scores, strict=True):
             candidate.judge_score = score

@@ -149,6 +149,10 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO daemon (id) VALUES (1);
     """,
+    # 2: the LLM client's state as the daemon last saw it (concurrency in use and why, structured mode).
+    """
+    ALTER TABLE daemon ADD COLUMN llm TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -28,7 +28,8 @@ def empty_status(llm_url: str = "") -> dict[str, Any]:
         "samples": {"total": 0, "question": 0, "rewrite": 0, "pseudo": 0, "structure": 0, "train": 0,
                     "heldout": 0, "kept": 0, "dropped": 0, "unfiltered": 0, "unused_train": 0},
         "jobs": {"pending": 0, "running": 0, "done": 0, "failed": 0, "dead": 0, "recent_errors": []},
-        "llm": {"url": llm_url, "breaker": "closed"},
+        "llm": {"url": llm_url, "breaker": "closed", "concurrency": None, "max_concurrency": None,
+                "concurrency_reason": None, "structured": None},
         "rounds": [],
         "model": {"current": None, "path": None, "metrics": {}},
     }
@@ -67,6 +68,10 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
             "started": row["started"],
         }
         status["llm"]["breaker"] = row["breaker"]
+        llm_state = _loads(row["llm"]) if "llm" in row.keys() else None
+        if alive and isinstance(llm_state, dict):
+            for key in ("concurrency", "max_concurrency", "concurrency_reason", "structured"):
+                status["llm"][key] = llm_state.get(key)
 
     docs = status["documents"]
     for state, count in conn.execute("SELECT status, COUNT(*) FROM documents GROUP BY status"):
@@ -170,6 +175,10 @@ def format_status(status: dict[str, Any]) -> str:
         f"dead={j['dead']}",
         f"llm       {status['llm']['url'] or '(none: built-in synthesizer)'}  breaker={status['llm']['breaker']}",
     ]
+    llm = status["llm"]
+    if llm.get("concurrency") is not None:
+        lines.append(f"          concurrency {llm['concurrency']}/{llm['max_concurrency']} "
+                     f"({llm['concurrency_reason']})  structured={llm['structured']}")
     model = status["model"]
     lines.append(f"model     {model['current'] or 'base model (nothing promoted yet)'}"
                  + (f"  {model['path']}" if model["path"] else ""))

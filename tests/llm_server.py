@@ -2,7 +2,15 @@
 
 Faults are taken from a script (one per request, in order) or drawn at random with given weights:
 ok, latency:<s>, 429:<retry-after s>, 500, html, hang, truncated, nonjson, empty, wronglang, 400, 401,
-down (503 until cleared). The replies are deterministic functions of the prompt.
+length (half a JSON reply with finish_reason "length"), down (503 until cleared). The replies are
+deterministic functions of the prompt.
+
+Two behaviours of real servers that once stalled synthesis can be switched on:
+- `ramble_tokens`: after the JSON the model goes on writing that many words, one per `token_s`, unless the
+  request's `max_tokens` stops it (finish_reason "length"), as a small instruct model does;
+- `slots`: requests are served one slot at a time (llama.cpp's server with `--parallel 1`); the others
+  wait in a queue, and the time queued counts against the client's read timeout.
+`accepts` lists the `response_format` types the server takes; any other is refused with `refusal_status`.
 """
 
 from __future__ import annotations
@@ -56,8 +64,16 @@ def answer(prompt: str, wrong_language: bool = False) -> dict:
 
 class FakeLlm:
     def __init__(self, script: list[str] | None = None, weights: dict[str, float] | None = None,
-                 seed: int = 0, latency: float = 0.0) -> None:
+                 seed: int = 0, latency: float = 0.0, ramble_tokens: int = 0, token_s: float = 0.0,
+                 slots: int = 0, accepts: tuple[str, ...] = ("json_schema", "json_object"),
+                 refusal_status: int = 400) -> None:
         self.script = list(script or [])
+        self.ramble_tokens = ramble_tokens
+        self.token_s = token_s
+        self.slot_gate = threading.BoundedSemaphore(slots) if slots else None
+        self.accepts = accepts
+        self.refusal_status = refusal_status  # llama-cpp-python's server refuses with 500
+        self.completion_tokens: list[int] = []
         self.weights = weights
         self.latency = latency
         self.rng = random.Random(seed)
@@ -95,6 +111,17 @@ class FakeLlm:
                 fault = "ok"
             self.faults[fault.split(":")[0]] = self.faults.get(fault.split(":")[0], 0) + 1
             return fault
+
+    def ramble(self, content: str, max_tokens: int | None) -> tuple[str, str]:
+        """The JSON, then words without end until `max_tokens` (one word = one token here)."""
+        words = content.split(" ") + ["and", "furthermore"] * (self.ramble_tokens // 2)
+        finish = "stop"
+        if max_tokens is not None and len(words) > max_tokens:
+            words, finish = words[:max_tokens], "length"
+        time.sleep(self.token_s * len(words))
+        with self.lock:
+            self.completion_tokens.append(len(words))
+        return " ".join(words), finish
 
     def _handler(self):
         fake = self
@@ -134,6 +161,18 @@ class FakeLlm:
                 if not self.path.endswith("/v1/chat/completions"):
                     self._send(404, b'{"error": {"message": "not found"}}')
                     return
+                fmt = (body.get("response_format") or {}).get("type")
+                if fmt is not None and fmt not in fake.accepts:
+                    message = f"validation error: ('body', 'response_format', 'type') {fmt} not supported"
+                    self._send(fake.refusal_status, json.dumps({"error": {"message": message}}).encode())
+                    return
+                if fake.slot_gate is not None:
+                    with fake.slot_gate:  # queued behind the busy slot, as a one-slot server does
+                        self._serve(body)
+                else:
+                    self._serve(body)
+
+            def _serve(self, body: dict) -> None:
                 fault = fake.next_fault()
                 name, _, arg = fault.partition(":")
                 if fake.latency:
@@ -165,9 +204,14 @@ class FakeLlm:
                     prompt_for_answer = first_prompt if "TASK:" not in prompt else prompt
                     content = json.dumps(answer(prompt_for_answer, wrong_language=name == "wronglang"),
                                          ensure_ascii=False)
+                finish = "stop"
+                if name == "length":
+                    content, finish = content[: len(content) // 2], "length"
+                elif fake.ramble_tokens:
+                    content, finish = fake.ramble(content, body.get("max_tokens"))
                 reply = json.dumps({"id": "x", "object": "chat.completion", "model": body.get("model"),
                                     "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                                 "finish_reason": "stop"}]}, ensure_ascii=False).encode()
+                                                 "finish_reason": finish}]}, ensure_ascii=False).encode()
                 if name == "truncated":
                     reply = reply[: len(reply) // 2]
                     self._send(200, reply)

@@ -151,3 +151,145 @@ def test_failed_probe_reopens_the_breaker():
         breaker.acquire()  # only one probe at a time
     breaker.failure()
     assert breaker.state is BreakerState.OPEN
+
+
+# --- real servers: bounded replies, structured output, slow is not down ----------------------------------
+
+PASSAGE = "Solar panels on the roof feed the city grid. Batteries store the energy for the night."
+
+
+def test_every_request_carries_max_tokens_sized_to_what_it_asks():
+    from stages.synthesize import ReplyBudget, synthesize_chunk
+
+    budget = ReplyBudget(question_tokens=50, rewrite_tokens=30, score_tokens=5, overhead_tokens=20)
+    with FakeLlm() as server:
+        synthesize_chunk(_client(server), PASSAGE, "en", 3, 2, budget)
+        sent = {r["body"]["messages"][-1]["content"].split("\n")[0]: r["body"]["max_tokens"]
+                for r in server.requests}
+    assert sent["TASK:questions"] == 20 + 3 * 50
+    assert sent["TASK:rewrites"] == 20 + 3 * (50 + 2 * 30)
+    assert sent["TASK:judge"] == 20 + 6 * 5  # 3 questions + 3 rewrites (the test server writes one each)
+
+
+def test_a_rambling_model_is_stopped_by_max_tokens():
+    """The model writes 4,000 words after its JSON unless max_tokens stops it (4 s, over the 1.5 s read
+    timeout): with the cap every request answers at once and the JSON before the cut is used."""
+    from stages.synthesize import synthesize_chunk
+
+    with FakeLlm(ramble_tokens=4000, token_s=0.001) as server:
+        client = _client(server, timeout_s=1.5, max_retries=1)
+        candidates = synthesize_chunk(client, PASSAGE, "en", 2, 1)
+        assert {c.kind for c in candidates} == {"question", "rewrite"}
+        assert all(c.judge_score is not None for c in candidates)
+        assert len(server.requests) == 3 and max(server.completion_tokens) <= 400
+    assert client.breaker.state is BreakerState.CLOSED
+
+
+def test_reply_cut_by_the_length_limit_is_malformed_not_an_outage():
+    with FakeLlm(script=["length"] * 3) as server:
+        client = _client(server, reask_invalid=2)
+        with pytest.raises(InvalidReply, match="length limit") as error:
+            client.ask_json(MESSAGES, _questions)
+        assert error.value.raw and len(server.requests) == 3
+        assert client.breaker.state is BreakerState.CLOSED
+        assert client.concurrency.limit == client.config.concurrency
+
+
+def test_structured_output_sends_the_schema():
+    from stages.llm import JsonRequest
+    from stages.prompts import SCHEMAS
+
+    with FakeLlm() as server:
+        _client(server).ask_json(MESSAGES, _questions, JsonRequest("questions", SCHEMAS["questions"], 100))
+        fmt = server.requests[0]["body"]["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == SCHEMAS["questions"]
+
+
+@pytest.mark.parametrize(("accepts", "refusal", "settles_on"), [
+    ((), 400, "off"), (("json_object",), 422, "json_object"), (("json_object",), 500, "json_object")])
+def test_auto_structured_mode_falls_back_once_and_remembers(accepts, refusal, settles_on):
+    """500 is how llama-cpp-python's server refuses json_schema (a validation error naming the field)."""
+    from stages.llm import JsonRequest, StructuredMode
+    from stages.prompts import SCHEMAS
+
+    request = JsonRequest("questions", SCHEMAS["questions"], 100)
+    with FakeLlm(accepts=accepts, refusal_status=refusal) as server:
+        client = _client(server)
+        assert client.ask_json(MESSAGES, _questions, request)
+        assert client.structured is StructuredMode(settles_on)
+        refused = len(server.requests) - 1
+        assert refused == (2 if settles_on == "off" else 1)
+        client.ask_json(MESSAGES, _questions, request)  # remembered: one request, accepted at once
+        assert len(server.requests) == refused + 2
+        last = server.requests[-1]["body"].get("response_format")
+        assert (last or {}).get("type") == (None if settles_on == "off" else settles_on)
+        assert client.breaker.state is BreakerState.CLOSED
+
+
+def test_an_explicit_structured_mode_is_not_second_guessed():
+    from stages.llm import JsonRequest, StructuredMode
+    from stages.prompts import SCHEMAS
+
+    with FakeLlm(accepts=()) as server:
+        client = _client(server, structured=StructuredMode.JSON_SCHEMA)
+        client.structured = StructuredMode.JSON_SCHEMA
+        with pytest.raises(LlmRejected, match="response_format"):
+            client.ask_json(MESSAGES, _questions, JsonRequest("questions", SCHEMAS["questions"], 100))
+        assert len(server.requests) == 1
+
+
+def test_a_one_slot_server_is_slow_not_down():
+    """Eight requests at once into a server that serves one at a time (0.25 s each) with a 0.8 s read
+    timeout: the queued ones time out. That must lower the requests in flight, not open the breaker."""
+    import threading
+
+    opened: list[BreakerState] = []
+    breaker = CircuitBreaker(failures=3, reset_s=30)
+    breaker.on_change = opened.append
+    with FakeLlm(slots=1, latency=0.25) as server:
+        config = LlmConfig(url=server.url, model="m", timeout_s=0.8, max_retries=8, concurrency=8,
+                           backoff_base_s=0.05, backoff_cap_s=0.2)
+        client = LlmClient(config, breaker)
+        results: list[object] = []
+
+        def worker() -> None:
+            for _ in range(3):
+                try:
+                    results.append(client.ask_json(MESSAGES, _questions))
+                except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                    results.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert len(results) == 24 and not errors, errors[:3]
+    assert BreakerState.OPEN not in opened
+    snapshot = client.concurrency.snapshot()
+    assert snapshot.limit < 8 and "timeout" in snapshot.reason
+
+
+def test_adaptive_concurrency_halves_once_per_window_and_grows_back():
+    from stages.llm_concurrency import AdaptiveConcurrency
+
+    clock = [0.0]
+    limiter = AdaptiveConcurrency(8, clock=lambda: clock[0])
+    tokens = [limiter.acquire() for _ in range(8)]
+    for _ in range(8):
+        limiter.release()
+    clock[0] = 1.0
+    assert limiter.congestion(tokens[0], "a read timeout")
+    assert not limiter.congestion(tokens[1], "a read timeout")  # in flight before the cut: no second cut
+    assert limiter.limit == 4
+    clock[0] = 2.0
+    assert limiter.congestion(limiter.acquire(), "HTTP 429")
+    limiter.release()
+    assert limiter.limit == 2 and "HTTP 429" in limiter.snapshot().reason
+    for _ in range(6):  # a window of successes per slot gained: 2 to reach 3, 4 more to reach 4
+        limiter.success()
+    assert limiter.limit == 4
+    for _ in range(100):
+        limiter.success()
+    assert limiter.limit == 8 and limiter.snapshot().reason.startswith("configured maximum")

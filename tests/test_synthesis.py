@@ -197,3 +197,25 @@ def test_filter_with_a_cross_encoder_reranker(make_settings, start_daemon, tiny_
     wait_for(running.idle, timeout=90)
     rows = running.query("SELECT kept, rerank_score, rank FROM samples")
     assert rows and all(r["rerank_score"] is not None and r["rank"] >= 1 for r in rows)
+
+
+def test_one_slot_rambling_server_finishes_with_nothing_dead(make_settings, start_daemon):
+    """The stall seen against a real llama.cpp server: one slot, a model that rambles unless capped, and
+    more workers than slots. Every chunk is synthesized, nothing is dead, the breaker never opens, and
+    `status` shows the lowered concurrency and why."""
+    from tests.llm_server import FakeLlm
+
+    with FakeLlm(slots=1, latency=0.1, ramble_tokens=3000, token_s=0.001) as server:
+        settings = _llm_settings(make_settings, server, concurrency=6, timeout_s=0.8, max_retries=8,
+                                 breaker_failures=3)
+        _write_corpus(settings.paths.inbox)
+        running = start_daemon(settings)
+        wait_for(lambda: running.scalar("SELECT COUNT(*) FROM chunks") >= 3)
+        wait_for(running.idle, timeout=120, message="synthesis done behind a one-slot server")
+        assert running.scalar("SELECT COUNT(*) FROM jobs WHERE state='dead'") == 0
+        assert running.scalar("SELECT COUNT(DISTINCT chunk_id) FROM samples") == running.scalar(
+            "SELECT COUNT(*) FROM chunks")
+        assert all(r["body"].get("max_tokens") for r in server.requests)
+        llm = running.status()["llm"]
+        assert llm["breaker"] == "closed" and llm["max_concurrency"] == 6
+        assert llm["structured"] == "json_schema" and llm["concurrency_reason"]
