@@ -26,10 +26,10 @@ def _parser() -> argparse.ArgumentParser:
     config_sub = config.add_subparsers(dest="config_command", required=True)
     config_sub.add_parser("check", help="validate the config file and print the effective settings")
 
-    train = sub.add_parser("train", help="training rounds")
+    train = sub.add_parser("train", help="training rounds: without --now, say when the next one starts")
     train.add_argument("--now", action="store_true", help="start a round now, whatever the schedule")
     train.add_argument("--foreground", action="store_true",
-                       help="run the round here even if the daemon is running")
+                       help="with --now: run the round here even if the daemon is running")
 
     jobs = sub.add_parser("requeue", help="give dead jobs a fresh set of attempts")
     jobs.add_argument("--kind", help="only jobs of this kind")
@@ -72,9 +72,15 @@ def cmd_status(settings: Settings, as_json: bool) -> int:
 
 
 def cmd_config_check(settings: Settings, source: str | None) -> int:
-    from daemon.settings import config_path
+    from daemon.settings import config_path, missing_files
 
     path = config_path(source)
+    problems = missing_files(settings)
+    if problems:
+        print(f"embedtune: invalid configuration in {path or 'embedded defaults'}:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
     print(f"configuration OK ({path or 'embedded defaults'})")
     print(json.dumps(settings.model_dump(mode="json"), indent=2, ensure_ascii=False))
     return 0
@@ -126,8 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "requeue":
         return cmd_requeue(settings, args.kind)
     if args.command == "train":
-        from daemon.rounds import train_now
+        from daemon.rounds import round_outlook, train_now
 
+        if not args.now:
+            if args.foreground:
+                print("embedtune: --foreground runs a round now; add --now", file=sys.stderr)
+                return 2
+            print(round_outlook(settings))
+            return 0
         return train_now(settings, foreground=args.foreground, config_file=args.config)
     if args.command == "samples":
         from daemon.samples import write_samples

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, tzinfo
 
 from daemon.logs import get_logger
 from daemon.settings import Settings
@@ -23,16 +23,17 @@ REQUEST_KIND = "round_request"
 STOP_GRACE_S = 20.0
 
 
-def in_window(window: str, now: datetime | None = None) -> bool:
-    """Whether `now` falls inside the cron window ('always', or a minute that the cron expression fires)."""
+def window_trigger(window: str, timezone: tzinfo | None = None):
+    """The cron trigger whose fire times are the moments a scheduled round may start; None for 'always'.
+
+    Why fire times and not "is this minute in the cron": a check every `check_minutes` almost never lands
+    in the one minute that `0 2 * * *` names, so nightly rounds never ran. Each fire time now runs a round
+    check of its own (`* 0-6 * * *` fires every minute of the night: a range works the same way)."""
     if window == "always":
-        return True
+        return None
     from apscheduler.triggers.cron import CronTrigger
 
-    now = (now or datetime.now().astimezone()).replace(second=0, microsecond=0)
-    trigger = CronTrigger.from_crontab(window, timezone=now.tzinfo)
-    fire = trigger.get_next_fire_time(None, now)
-    return fire is not None and fire == now
+    return CronTrigger.from_crontab(window, timezone=timezone or datetime.now().astimezone().tzinfo)
 
 
 def _die_with_parent() -> None:
@@ -61,7 +62,10 @@ class RoundManager:
             "SELECT 1 FROM jobs WHERE kind=? AND state='pending' LIMIT 1", (REQUEST_KIND,)
         ).fetchone() is not None
 
-    def maybe_start(self, conn) -> int | None:
+    def maybe_start(self, conn, window_open: bool | None = None) -> int | None:
+        """Start a round if one was asked for, or if enough new samples wait and the window is open.
+
+        `window_open` is True at a cron window's fire time; None means "open when the window is always"."""
         if self.process is not None or RoundStore(conn).running() is not None:
             return None
         if self.request_pending(conn):
@@ -71,7 +75,9 @@ class RoundManager:
         unused = SampleStore(conn).unused_train_count()
         if unused < self.settings.training.min_new_samples:
             return None
-        if not in_window(self.settings.training.window):
+        if window_open is None:
+            window_open = self.settings.training.window == "always"
+        if not window_open:
             return None
         return self.start(conn, "schedule")
 
@@ -158,6 +164,32 @@ class RoundManager:
         if self.process is None:
             return ""
         return f"round {self.round_id} running {time.monotonic() - self.started_at:.0f}s"
+
+
+def round_outlook(settings: Settings) -> str:
+    """`embedtune train` without --now: when would the next round start, and what is it waiting for."""
+    from state.status import read_status
+
+    status = read_status(StateLayout(settings.paths.state_dir), settings.llm.url)
+    training = settings.training
+    unused = status["samples"].get("unused_train", 0)
+    running = [r for r in status["rounds"] if r["state"] == "running"]
+    lines = [f"new kept training pairs: {unused} (a scheduled round needs {training.min_new_samples})"]
+    if running:
+        lines.append(f"round {running[0]['id']} is running ({running[0]['stage']})")
+    elif unused < training.min_new_samples:
+        lines.append("waiting for more pairs")
+    if training.window == "always":
+        lines.append(f"window: always (the daemon checks every {training.check_minutes:g} min)")
+    else:
+        trigger = window_trigger(training.window)
+        now = datetime.now().astimezone()
+        fire = trigger.get_next_fire_time(None, now)
+        lines.append(f"window: '{training.window}', next opening {fire.isoformat(timespec='minutes')}")
+    if not status["daemon"]["alive"]:
+        lines.append("the daemon is not running")
+    lines.append("start one now, whatever the schedule: embedtune train --now")
+    return "\n".join(lines)
 
 
 def train_now(settings: Settings, foreground: bool = False, config_file: str | None = None) -> int:

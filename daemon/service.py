@@ -16,7 +16,7 @@ from pathlib import Path
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.logs import configure_logging, get_logger
 from daemon.notify import Notifier
-from daemon.settings import ConfigError, Settings, diff_live, load_settings
+from daemon.settings import ConfigError, Settings, diff_live, load_settings, missing_files
 from daemon.watcher import InboxCallbacks, InboxWatcher, safe_path
 from daemon.workers import WorkerPool
 from state.db import Database
@@ -104,6 +104,8 @@ class Daemon:
         self.rounds = RoundManager(self.settings, self.layout, self.config_file)
         aborted = self.rounds.abort_orphans()
         mark_started(conn, os.getpid(), socket.gethostname())
+        for problem in missing_files(self.settings):  # rounds would fail on it: say so at start
+            log.error("config_file_missing", problem=problem)
         log.info("daemon_starting", pid=os.getpid(), state_dir=str(self.layout.root),
                  inbox=str(self.settings.paths.inbox), released_jobs=released, registry=note,
                  aborted_rounds=aborted)
@@ -159,6 +161,7 @@ class Daemon:
             self.scheduler.add_job(self.reconcile_inbox, "interval", minutes=self.settings.ingest.rescan_minutes,
                                    id="rescan", max_instances=1, coalesce=True)
         self.scheduler.add_job(self._recover_leases, "interval", seconds=30, id="recover", max_instances=1)
+        self._schedule_window()
         self.scheduler.start()
 
     def _recover_leases(self) -> None:
@@ -166,11 +169,22 @@ class Daemon:
         if count:
             log.warning("leases_recovered", jobs=count)
 
-    def _check_round(self) -> None:
+    def _check_round(self, window_open: bool | None = None) -> None:
         try:
-            self.rounds.maybe_start(self.callbacks.db.conn)
+            self.rounds.maybe_start(self.callbacks.db.conn, window_open)
         except Exception:
             log.exception("round_check_failed")
+
+    def _schedule_window(self) -> None:
+        """With a cron `training.window`, each fire time is a round check with the window open."""
+        from daemon.rounds import window_trigger
+
+        if self.scheduler.get_job("round-window") is not None:
+            self.scheduler.remove_job("round-window")
+        trigger = window_trigger(self.settings.training.window)
+        if trigger is not None:
+            self.scheduler.add_job(self._check_round, trigger, kwargs={"window_open": True}, id="round-window",
+                                   max_instances=1, coalesce=True, misfire_grace_time=300)
 
     # --- main loop ------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -229,6 +243,8 @@ class Daemon:
         if "training.check_minutes" in changes and hasattr(self, "scheduler"):
             self.scheduler.reschedule_job("round-check", trigger="interval",
                                           seconds=self.settings.training.check_minutes * 60)
+        if "training.window" in changes and hasattr(self, "scheduler"):
+            self._schedule_window()
         if "logging.level" in changes:
             configure_logging(self.settings.logging.level, self.settings.logging.format)
         self.rounds.settings = self.settings

@@ -128,9 +128,19 @@ class TrainingSettings(_Section):
     @field_validator("window")
     @classmethod
     def _window_is_cron(cls, value: str) -> str:
-        if value.strip() != "always" and len(value.split()) != 5:
-            raise ValueError("training.window must be 'always' or a 5-field cron expression")
-        return value.strip()
+        value = value.strip()
+        if value == "always":
+            return value
+        if len(value.split()) != 5:
+            raise ValueError("training.window must be 'always' or a 5-field cron expression "
+                             "(minute hour day month weekday), e.g. '0 2 * * *'")
+        from apscheduler.triggers.cron import CronTrigger  # light; only for a configured window
+
+        try:
+            CronTrigger.from_crontab(value)
+        except ValueError as exc:
+            raise ValueError(f"training.window is not a valid cron expression ({exc})") from exc
+        return value
 
 
 class PromotionSettings(_Section):
@@ -251,14 +261,33 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, env: bool = Tru
         raise ConfigError(_format_error(exc, source)) from exc
 
 
+# Keys holding file or folder paths that a config file may give relative to itself.
+RELATIVE_PATH_KEYS = (("paths", "inbox"), ("paths", "state_dir"), ("promotion", "user_eval"),
+                      ("promotion", "guard_eval"))
+# Files that must exist when set; checked by `config check` and at daemon start, not by every load
+# (`status` must answer even when an evaluation file went missing).
+REQUIRED_FILE_KEYS = (("promotion", "user_eval"), ("promotion", "guard_eval"))
+
+
 def _resolve_relative_paths(data: dict, base_dir: Path) -> None:
     """Relative paths in a config file are relative to that file, not to the working directory."""
-    paths = data.get("paths")
-    if isinstance(paths, dict):
-        for key in ("inbox", "state_dir"):
-            value = paths.get(key)
-            if isinstance(value, str) and value and not value.startswith(("~", "/", "$")):
-                paths[key] = str(base_dir / value)
+    for section, key in RELATIVE_PATH_KEYS:
+        table = data.get(section)
+        if not isinstance(table, dict):
+            continue
+        value = table.get(key)
+        if isinstance(value, str) and value and not value.startswith(("~", "/", "$")):
+            table[key] = str(base_dir / value)
+
+
+def missing_files(settings: Settings) -> list[str]:
+    """One message per configured file that does not exist, naming its key."""
+    problems = []
+    for section, key in REQUIRED_FILE_KEYS:
+        value = getattr(getattr(settings, section), key)
+        if value and not Path(os.path.expandvars(value)).expanduser().exists():
+            problems.append(f"{section}.{key}: file not found: {value}")
+    return problems
 
 
 def diff_live(old: Settings, new: Settings) -> dict[str, tuple[object, object]]:

@@ -203,15 +203,47 @@ def test_paired_bootstrap_interval():
     assert paired_bootstrap([], [], 10) is None
 
 
-def test_cron_window():
+def test_cron_window_fire_times():
     from datetime import datetime, timezone
 
-    from daemon.rounds import in_window
+    from daemon.rounds import window_trigger
 
-    night = datetime(2026, 1, 1, 3, 30, tzinfo=timezone.utc)
+    assert window_trigger("always") is None
+    nightly = window_trigger("0 2 * * *", timezone.utc)
+    before = datetime(2026, 1, 1, 1, 59, 30, tzinfo=timezone.utc)
+    assert nightly.get_next_fire_time(None, before) == datetime(2026, 1, 1, 2, 0, tzinfo=timezone.utc)
+    nights = window_trigger("* 0-6 * * *", timezone.utc)
     day = datetime(2026, 1, 1, 13, 30, tzinfo=timezone.utc)
-    assert in_window("always", day)
-    assert in_window("* 0-6 * * *", night) and not in_window("* 0-6 * * *", day)
+    assert nights.get_next_fire_time(None, day) == datetime(2026, 1, 2, 0, 0, tzinfo=timezone.utc)
+
+
+def test_a_nightly_style_window_starts_a_round_at_its_fire_time(make_settings, start_daemon):
+    """`M H * * *` names one minute a day. Interval checks (hourly here) never land in it; the fire time
+    itself must run the check."""
+    from datetime import datetime, timedelta, timezone
+
+    fire = (datetime.now().astimezone() + timedelta(seconds=75)).replace(second=0, microsecond=0)
+    settings = _round_settings(make_settings, check_minutes=60, window=f"{fire.minute} {fire.hour} * * *")
+    _corpus(settings.paths.inbox)
+    running = start_daemon(settings)
+    wait_for(lambda: running.status()["samples"]["unused_train"] >= 6, timeout=60, message="samples")
+    trigger = wait_for(lambda: running.scalar("SELECT trigger FROM rounds"), timeout=150,
+                       message="a round at the window's fire time")
+    assert trigger == "schedule"
+    assert running.scalar("SELECT started FROM rounds") >= fire.astimezone(timezone.utc).isoformat()[:16]
+
+
+def test_train_without_now_says_when_and_starts_nothing(tmp_path, capsys):
+    from daemon.cli import main
+
+    config = tmp_path / "c.toml"
+    config.write_text(f'[paths]\ninbox = "{tmp_path / "inbox"}"\nstate_dir = "{tmp_path / "state"}"\n'
+                      '[training]\nwindow = "0 2 * * *"\n')
+    assert main(["--config", str(config), "train"]) == 0
+    out = capsys.readouterr().out
+    assert "needs 200" in out and "next opening" in out and "train --now" in out
+    assert not (tmp_path / "state" / "rounds").exists() or not any((tmp_path / "state" / "rounds").iterdir())
+    assert main(["--config", str(config), "train", "--foreground"]) == 2
 
 
 def test_status_shows_round_progress_while_training(make_settings, start_daemon):

@@ -41,6 +41,9 @@ def test_every_documented_key_exists():
         ("[llm]\nendpoint = \"x\"\n", "llm.endpoint"),
         ("[nonsense]\nx = 1\n", "nonsense"),
         ("[training]\nwindow = \"every night\"\n", "training.window"),
+        ("[training]\nwindow = \"61 * * * *\"\n", "training.window"),
+        ("[training]\nwindow = \"* * *\"\n", "training.window"),
+        ("[training]\nwindow = \"0 25 * * *\"\n", "training.window"),
         ("[training]\nnegative_range = [10, 5]\n", "training.negative_range"),
         ("[ingest]\nchunk_tokens = 64\nchunk_overlap = 64\n", "ingest"),
     ],
@@ -68,6 +71,25 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path):
     path.write_text('[paths]\ninbox = "in"\nstate_dir = "st"\n')
     settings = load_settings(path, env=False)
     assert settings.paths.inbox == tmp_path / "conf" / "in"
+
+
+def test_relative_eval_files_resolve_against_the_config_file_and_must_exist(tmp_path, monkeypatch, capsys):
+    from daemon.cli import main
+
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "eval.jsonl").write_text('{"anchor": "q", "positive": "p"}\n')
+    path = folder / "c.toml"
+    path.write_text('[promotion]\nuser_eval = "eval.jsonl"\nguard_eval = "guard.jsonl"\n')
+    monkeypatch.chdir(tmp_path)  # not the config's folder
+    settings = load_settings(path, env=False)
+    assert settings.promotion.user_eval == str(folder / "eval.jsonl")
+    assert settings.promotion.guard_eval == str(folder / "guard.jsonl")
+    assert main(["--config", str(path), "config", "check"]) == 2
+    error = capsys.readouterr().err
+    assert "promotion.guard_eval: file not found" in error and "user_eval" not in error
+    (folder / "guard.jsonl").write_text('{"anchor": "q", "positive": "p"}\n')
+    assert main(["--config", str(path), "config", "check"]) == 0
 
 
 def test_environment_overrides_and_secret(tmp_path, monkeypatch):
