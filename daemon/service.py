@@ -16,7 +16,7 @@ from pathlib import Path
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.logs import configure_logging, get_logger
 from daemon.notify import Notifier
-from daemon.settings import ConfigError, Settings, diff_live, load_settings, missing_files
+from daemon.settings import ConfigError, Settings, apply_live, load_settings, missing_files, restart_keys
 from daemon.watcher import InboxCallbacks, InboxWatcher, safe_path
 from daemon.workers import WorkerPool
 from state.db import Database
@@ -87,6 +87,7 @@ class Daemon:
         self.db: Database | None = None
         self.pools: list[WorkerPool] = []
         self.activity = "starting"
+        self.restart_needed: list[str] = []  # keys changed in the file that only a restart applies
 
     # --- start-up -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -201,7 +202,8 @@ class Daemon:
 
     def heartbeat(self) -> None:
         text = self.describe()
-        write_heartbeat(self.db.conn, text, self.breaker.state.value, self.synthesis.llm_state())
+        write_heartbeat(self.db.conn, text, self.breaker.state.value, self.synthesis.llm_state(),
+                        self.restart_needed)
         self.notifier.status(text)
 
     def run_forever(self, tick: float = 1.0) -> None:
@@ -233,9 +235,10 @@ class Daemon:
             log.error("reload_rejected", error=str(exc))
             self.notifier.ready(self.describe())
             return
-        changes = diff_live(self.settings, new)
-        for section in ("llm", "synthesis", "training", "promotion", "logging"):
-            setattr(self.settings, section, getattr(new, section))
+        changes = apply_live(self.settings, new)
+        self.restart_needed = restart_keys(self.settings, new)
+        self.breaker.threshold = self.settings.llm.breaker_failures
+        self.breaker.reset_s = self.settings.llm.breaker_reset_s
         if any(key.startswith("llm.") for key in changes):
             self.synthesis.reload(self.settings)
             if self.settings.llm.enabled:
@@ -248,7 +251,8 @@ class Daemon:
         if "logging.level" in changes:
             configure_logging(self.settings.logging.level, self.settings.logging.format)
         self.rounds.settings = self.settings
-        log.info("settings_reloaded", changed={k: [str(a), str(b)] for k, (a, b) in changes.items()})
+        log.info("settings_reloaded", changed={k: [str(a), str(b)] for k, (a, b) in changes.items()},
+                 restart_needed=self.restart_needed)
         self.notifier.ready(self.describe())
 
     # --- shutdown -------------------------------------------------------------------------------

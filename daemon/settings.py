@@ -189,22 +189,52 @@ class Settings(_Section):
         return os.environ.get(self.llm.api_key_env) or None
 
 
-# Settings that SIGHUP may change in a running daemon; the rest need a restart.
-LIVE_KEYS = (
-    "llm.url",
-    "llm.model",
-    "llm.concurrency",
-    "llm.timeout_s",
-    "synthesis.judge_threshold",
-    "synthesis.featured_percentage",
-    "training.min_new_samples",
-    "training.window",
-    "training.check_minutes",
-    "promotion.min_gain",
-    "promotion.max_guard_drop",
-    "promotion.synthetic_only_min_gain",
-    "logging.level",
-)
+# What SIGHUP may change in a running daemon. Every key of these sections is read when it is used (the
+# LLM client is rebuilt, the breaker's limits updated, each job and each new round reads its settings), so
+# a change applies at once; logging.level is applied by reconfiguring the logger. Everything else (paths,
+# ingest, model, logging.format) is fixed at start-up: a changed value is reported as needing a restart
+# and the running value is kept, so what the daemon says it uses is what it uses.
+LIVE_SECTIONS = ("llm", "synthesis", "training", "promotion")
+LIVE_EXTRA_KEYS = ("logging.level",)
+
+
+def _dotted_items(settings: Settings) -> dict[str, object]:
+    return {f"{section}.{key}": getattr(getattr(settings, section), key)
+            for section, model in type(settings).model_fields.items()
+            for key in model.annotation.model_fields}
+
+
+def is_live(dotted: str) -> bool:
+    return dotted.split(".")[0] in LIVE_SECTIONS or dotted in LIVE_EXTRA_KEYS
+
+
+LIVE_KEYS = tuple(key for key in _dotted_items(Settings()) if is_live(key))
+
+
+def changed_keys(old: Settings, new: Settings) -> dict[str, tuple[object, object]]:
+    """Every key whose value differs, as {dotted key: (old, new)}."""
+    before, after = _dotted_items(old), _dotted_items(new)
+    return {key: (before[key], after[key]) for key in before if before[key] != after[key]}
+
+
+def diff_live(old: Settings, new: Settings) -> dict[str, tuple[object, object]]:
+    """The live-reloadable keys whose values differ, as {key: (old, new)}."""
+    return {key: change for key, change in changed_keys(old, new).items() if is_live(key)}
+
+
+def restart_keys(running: Settings, wanted: Settings) -> list[str]:
+    """Keys changed in the file that only a restart applies (empty again once the file matches)."""
+    return sorted(key for key in changed_keys(running, wanted) if not is_live(key))
+
+
+def apply_live(running: Settings, wanted: Settings) -> dict[str, tuple[object, object]]:
+    """Copy the changed live keys into the running settings object; returns what changed."""
+    changes = diff_live(running, wanted)
+    for dotted, (_old, new) in changes.items():
+        section, key = dotted.split(".")
+        setattr(getattr(running, section), key, new)
+    return changes
+
 
 ENV_OVERRIDES = {
     "EMBEDTUNE_LLM_URL": ("llm", "url"),
@@ -288,15 +318,3 @@ def missing_files(settings: Settings) -> list[str]:
         if value and not Path(os.path.expandvars(value)).expanduser().exists():
             problems.append(f"{section}.{key}: file not found: {value}")
     return problems
-
-
-def diff_live(old: Settings, new: Settings) -> dict[str, tuple[object, object]]:
-    """The live-reloadable keys whose values differ, as {key: (old, new)}."""
-    changes: dict[str, tuple[object, object]] = {}
-    for dotted in LIVE_KEYS:
-        section, key = dotted.split(".")
-        before = getattr(getattr(old, section), key)
-        after = getattr(getattr(new, section), key)
-        if before != after:
-            changes[dotted] = (before, after)
-    return changes

@@ -264,8 +264,12 @@ class InboxWatcher(FileSystemEventHandler):
             for path, size, mtime in self.tracker.poll():
                 try:
                     self.callbacks.settled(path, size, mtime)
-                except Exception:
-                    log.exception("settle_callback_failed", path=safe_path(path))
+                except Exception as exc:
+                    # e.g. the database is locked or the disk is full: keep the file, retry after it
+                    # settles again, and say why. Dropping it here would lose it until the next rescan.
+                    self.tracker.touch(path)
+                    log.exception("settle_callback_failed", path=safe_path(path), will_retry=True,
+                                  error=f"{type(exc).__name__}: {exc}")
 
     def stop(self) -> None:
         self._stop.set()

@@ -53,6 +53,51 @@ class PermanentFailure(JobFailed):
     retry = False
 
 
+class LeaseKeeper:
+    """Extends the leases of a pool's running jobs every third of the lease, on a connection of its own.
+
+    Why: an LLM request may wait on Retry-After for minutes; without heartbeats its lease would expire,
+    `recover_expired` would hand the job to a second worker, and both would do it."""
+
+    def __init__(self, db_path, lease_seconds: float, stop_event: threading.Event) -> None:
+        self.db_path = db_path
+        self.lease_seconds = lease_seconds
+        self.stop_event = stop_event
+        self._jobs: dict[int, Job] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self, name: str) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"{name}-leases", daemon=True)
+        self._thread.start()
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._jobs[job.id] = job
+
+    def remove(self, job: Job) -> None:
+        with self._lock:
+            self._jobs.pop(job.id, None)
+
+    def _run(self) -> None:
+        conn = connect(self.db_path)
+        queue = JobQueue(conn)
+        try:
+            while not self.stop_event.wait(self.lease_seconds / 3):
+                with self._lock:
+                    jobs = list(self._jobs.values())
+                for job in jobs:
+                    try:
+                        queue.heartbeat(job, self.lease_seconds)
+                    except LeaseLost:
+                        log.warning("lease_lost", job_id=job.id, kind=job.kind)
+                        self.remove(job)
+                    except Exception:
+                        log.exception("lease_heartbeat_failed", job_id=job.id)
+        finally:
+            conn.close()
+
+
 def owner_prefix() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:"
 
@@ -94,8 +139,10 @@ class WorkerPool:
         self._busy_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.owner = owner_prefix() + name
+        self.leases = LeaseKeeper(db_path, lease_seconds, self.stop_event)
 
     def start(self) -> None:
+        self.leases.start(self.name)
         for index in range(self.threads):
             thread = threading.Thread(target=self._run, args=(index,), name=f"{self.name}-{index}", daemon=True)
             thread.start()
@@ -144,12 +191,16 @@ class WorkerPool:
         bound = log.bind(job_id=job.id, kind=job.kind, attempt=job.attempts)
         with self._busy_lock:
             self.busy += 1
+        self.leases.add(job)
         try:
             self.handlers[job.kind](JobContext(job, queue))
             bound.info("job_done", duration_s=round(time.monotonic() - started, 3))
         except RetryLater as exc:
-            queue.postpone(job, exc.delay, str(exc))
-            bound.info("job_postponed", reason=str(exc), delay_s=round(exc.delay, 1))
+            try:
+                queue.postpone(job, exc.delay, str(exc))
+                bound.info("job_postponed", reason=str(exc), delay_s=round(exc.delay, 1))
+            except LeaseLost as lost:
+                bound.warning("lease_lost", error=str(lost))
         except LeaseLost as exc:
             bound.warning("lease_lost", error=str(exc))
         except Exception as exc:
@@ -159,6 +210,9 @@ class WorkerPool:
                 message, retry, raw_reply = f"{type(exc).__name__}: {exc}", True, None
             try:
                 state = queue.fail(job, message, retry=retry, raw_reply=raw_reply)
+            except LeaseLost as lost:
+                bound.warning("lease_lost", error=str(lost), failure=message)  # the new owner decides
+                return
             except Exception:
                 bound.exception("fail_record_failed")
                 return
@@ -168,5 +222,6 @@ class WorkerPool:
             else:
                 bound.warning("job_failed", error=message, state=state.value, duration_s=duration_s)
         finally:
+            self.leases.remove(job)
             with self._busy_lock:
                 self.busy -= 1

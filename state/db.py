@@ -149,9 +149,11 @@ MIGRATIONS: list[str] = [
     );
     INSERT INTO daemon (id) VALUES (1);
     """,
-    # 2: the LLM client's state as the daemon last saw it (concurrency in use and why, structured mode).
+    # 2: the LLM client's state as the daemon last saw it (concurrency in use and why, structured mode),
+    # and the config keys changed since start-up that only a restart applies.
     """
     ALTER TABLE daemon ADD COLUMN llm TEXT;
+    ALTER TABLE daemon ADD COLUMN restart_keys TEXT;
     """,
 ]
 

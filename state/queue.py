@@ -153,29 +153,37 @@ class JobQueue:
         delay: float | None = None,
         raw_reply: str | None = None,
     ) -> JobState:
-        """Record a failure: back off and retry, or dead-letter when attempts are spent or retry=False."""
+        """Record a failure: back off and retry, or dead-letter when attempts are spent or retry=False.
+
+        Raises LeaseLost when the job is no longer ours: its new owner's work must not be marked failed
+        or dead by a worker whose lease ran out."""
         dead = not retry or job.attempts >= job.max_attempts
         state = JobState.DEAD if dead else JobState.FAILED
         wait = 0.0 if dead else (delay if delay is not None else backoff_seconds(job.attempts))
         with transaction(self.conn):
-            self.conn.execute(
+            cursor = self.conn.execute(
                 "UPDATE jobs SET state=?, lease_owner=NULL, lease_until=NULL, last_error=?, "
                 "raw_reply=COALESCE(?, raw_reply), not_before=?, updated=? "
                 "WHERE id=? AND state='running' AND lease_owner=?",
                 (state.value, error[:2000], raw_reply, self.clock() + wait, utcnow(), job.id,
                  job.lease_owner),
             )
+        if cursor.rowcount == 0:
+            raise LeaseLost(f"job {job.id} is no longer leased to {job.lease_owner}")
         return state
 
     def postpone(self, job: Job, delay: float, reason: str) -> None:
-        """Give a job back without counting the attempt (e.g. the LLM breaker is open)."""
+        """Give a job back without counting the attempt (e.g. the LLM breaker is open). Raises LeaseLost
+        when the job is no longer ours."""
         with transaction(self.conn):
-            self.conn.execute(
+            cursor = self.conn.execute(
                 "UPDATE jobs SET state='pending', attempts=MAX(0, attempts-1), lease_owner=NULL, "
                 "lease_until=NULL, not_before=?, last_error=?, updated=? "
                 "WHERE id=? AND state='running' AND lease_owner=?",
                 (self.clock() + delay, reason, utcnow(), job.id, job.lease_owner),
             )
+        if cursor.rowcount == 0:
+            raise LeaseLost(f"job {job.id} is no longer leased to {job.lease_owner}")
 
     def recover_expired(self) -> int:
         """Make jobs whose lease ran out claimable again (their worker crashed or hung)."""

@@ -22,7 +22,8 @@ MAX_ROUNDS = 10
 
 def empty_status(llm_url: str = "") -> dict[str, Any]:
     return {
-        "daemon": {"alive": False, "pid": None, "heartbeat": None, "activity": "never started"},
+        "daemon": {"alive": False, "pid": None, "heartbeat": None, "activity": "never started",
+                   "restart_needed": []},
         "documents": {"pending": 0, "ingested": 0, "rejected": 0, "deleted": 0, "rejections": []},
         "chunks": {"active": 0, "retired": 0},
         "samples": {"total": 0, "question": 0, "rewrite": 0, "pseudo": 0, "structure": 0, "train": 0,
@@ -66,6 +67,7 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
             "heartbeat": row["heartbeat"],
             "activity": row["activity"] if alive else f"not running (last: {row['activity']})",
             "started": row["started"],
+            "restart_needed": (_loads(row["restart_keys"]) or []) if alive and "restart_keys" in row.keys() else [],
         }
         status["llm"]["breaker"] = row["breaker"]
         llm_state = _loads(row["llm"]) if "llm" in row.keys() else None
@@ -165,6 +167,7 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"daemon    {'alive' if d['alive'] else 'down'}  pid={d['pid'] or '-'}  heartbeat={d['heartbeat'] or '-'}",
         f"          {d['activity']}",
+        *([f"          restart needed to apply: {', '.join(d['restart_needed'])}"] if d.get("restart_needed") else []),
         f"documents pending={docs['pending']} ingested={docs['ingested']} rejected={docs['rejected']} "
         f"deleted={docs['deleted']}",
         f"chunks    active={status['chunks']['active']} retired={status['chunks']['retired']}",

@@ -205,3 +205,35 @@ def test_unreadable_file(make_settings, start_daemon):
     running = start_daemon(settings)
     wait_for(lambda: _status_of(running, path) == "rejected")
     assert "permission" in _doc(running, path)["error"]
+
+
+def test_a_failing_settle_callback_keeps_the_file_for_a_retry(tmp_path):
+    """The database is locked (or the disk full) when a file settles: the file must be offered again,
+    not dropped until the next rescan, and the log must say why."""
+    from structlog.testing import capture_logs
+
+    from daemon.watcher import InboxCallbacks, InboxWatcher
+
+    class Flaky(InboxCallbacks):
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def settled(self, path: str, size: int, mtime: float) -> None:
+            self.calls.append(path)
+            if len(self.calls) == 1:
+                raise RuntimeError("database is locked")
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    callbacks = Flaky()
+    watcher = InboxWatcher(inbox, callbacks, settle_seconds=0.2, poll_interval=0.05)
+    with capture_logs() as logs:
+        watcher.start()
+        try:
+            (inbox / "a.txt").write_text("A file that settles while the database is locked.")
+            wait_for(lambda: len(callbacks.calls) >= 2, timeout=10, message="a second offer")
+        finally:
+            watcher.stop()
+    assert callbacks.calls[0] == callbacks.calls[1] == str(inbox / "a.txt")
+    failure = next(e for e in logs if e["event"] == "settle_callback_failed")
+    assert failure["will_retry"] and "database is locked" in failure["error"]

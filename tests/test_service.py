@@ -161,13 +161,17 @@ def test_daemon_process_notify_lock_sighup_and_sigterm(tmp_path, tiny_embedder, 
             (tmp_path / "inbox" / f"f{i}.txt").write_text(f"File {i}. " + ENGLISH)
         wait_for(lambda: _status(config)["documents"]["ingested"] == 5, timeout=60, message="ingested")
 
-        config.write_text(config.read_text() + "\n[synthesis]\njudge_threshold = 0.9\n")
+        text = config.read_text().replace("chunk_overlap = 8\n", "chunk_overlap = 8\nworkers = 3\n")
+        config.write_text(text + "\n[synthesis]\njudge_threshold = 0.9\n")
         process.send_signal(signal.SIGHUP)
         wait_for(lambda: b"settings_reloaded" in (tmp_path / "daemon.log").read_bytes(), timeout=20,
                  message="reload logged")
         line = next(json.loads(x) for x in (tmp_path / "daemon.log").read_bytes().splitlines()
                     if b"settings_reloaded" in x)
-        assert "synthesis.judge_threshold" in line["changed"]
+        assert set(line["changed"]) == {"synthesis.judge_threshold"}  # ingest.workers is not applied live
+        assert line["restart_needed"] == ["ingest.workers"]
+        wait_for(lambda: _status(config)["daemon"]["restart_needed"] == ["ingest.workers"], timeout=10,
+                 message="status says a restart is needed")
 
         (tmp_path / "inbox" / "late.txt").write_text("Late file. " + ENGLISH)
         wait_for(lambda: sum(_status(config)["documents"][k] for k in ("pending", "ingested")) == 6,

@@ -115,7 +115,24 @@ def test_diff_live_lists_changed_reloadable_keys():
     new.llm.concurrency = 3
     new.synthesis.judge_threshold = 0.9
     new.paths.inbox = Path("/elsewhere")  # not live: ignored by the diff
+    new.logging.format = "json"
     assert set(diff_live(old, new)) == {"llm.concurrency", "synthesis.judge_threshold"}
+
+
+def test_reload_applies_live_keys_only_and_names_the_rest():
+    from daemon.settings import apply_live, restart_keys
+
+    running, wanted = Settings(), Settings()
+    wanted.llm.concurrency = 3
+    wanted.ingest.workers = 5
+    wanted.model.device = "cpu"
+    wanted.logging.level = "debug"
+    changes = apply_live(running, wanted)
+    assert set(changes) == {"llm.concurrency", "logging.level"}
+    assert running.llm.concurrency == 3 and running.ingest.workers == 2 and running.model.device == "auto"
+    assert restart_keys(running, wanted) == ["ingest.workers", "model.device"]
+    wanted.ingest.workers = 2  # changed back in the file: no restart needed for it any more
+    assert restart_keys(running, wanted) == ["model.device"]
 
 
 def test_cli_config_check(tmp_path):
