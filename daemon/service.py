@@ -10,7 +10,7 @@ import signal
 import socket
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from daemon.lock import AlreadyRunning, InstanceLock
@@ -155,7 +155,7 @@ class Daemon:
         self.scheduler = BackgroundScheduler(daemon=True)
         # First check soon after start-up (work may have accrued while the daemon was down), then every
         # check_minutes. next_run_time=None would add the job paused: it must be a time.
-        first_check = datetime.now(timezone.utc) + timedelta(seconds=min(30.0, self.settings.training.check_minutes * 60))
+        first_check = datetime.now(UTC) + timedelta(seconds=min(30.0, self.settings.training.check_minutes * 60))
         self.scheduler.add_job(self._check_round, "interval", seconds=self.settings.training.check_minutes * 60,
                                id="round-check", max_instances=1, coalesce=True, next_run_time=first_check)
         if self.settings.ingest.rescan_minutes > 0:

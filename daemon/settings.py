@@ -6,10 +6,10 @@ Kept free of heavy imports: `embedtune status` loads it too.
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Literal
 
-import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CONFIG_ENV = "EMBEDTUNE_CONFIG"

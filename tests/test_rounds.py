@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import time
+from datetime import UTC
 
 import numpy as np
 import pytest
@@ -204,23 +205,23 @@ def test_paired_bootstrap_interval():
 
 
 def test_cron_window_fire_times():
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     from daemon.rounds import window_trigger
 
     assert window_trigger("always") is None
-    nightly = window_trigger("0 2 * * *", timezone.utc)
-    before = datetime(2026, 1, 1, 1, 59, 30, tzinfo=timezone.utc)
-    assert nightly.get_next_fire_time(None, before) == datetime(2026, 1, 1, 2, 0, tzinfo=timezone.utc)
-    nights = window_trigger("* 0-6 * * *", timezone.utc)
-    day = datetime(2026, 1, 1, 13, 30, tzinfo=timezone.utc)
-    assert nights.get_next_fire_time(None, day) == datetime(2026, 1, 2, 0, 0, tzinfo=timezone.utc)
+    nightly = window_trigger("0 2 * * *", UTC)
+    before = datetime(2026, 1, 1, 1, 59, 30, tzinfo=UTC)
+    assert nightly.get_next_fire_time(None, before) == datetime(2026, 1, 1, 2, 0, tzinfo=UTC)
+    nights = window_trigger("* 0-6 * * *", UTC)
+    day = datetime(2026, 1, 1, 13, 30, tzinfo=UTC)
+    assert nights.get_next_fire_time(None, day) == datetime(2026, 1, 2, 0, 0, tzinfo=UTC)
 
 
 def test_a_nightly_style_window_starts_a_round_at_its_fire_time(make_settings, start_daemon):
     """`M H * * *` names one minute a day. Interval checks (hourly here) never land in it; the fire time
     itself must run the check."""
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     fire = (datetime.now().astimezone() + timedelta(seconds=75)).replace(second=0, microsecond=0)
     settings = _round_settings(make_settings, check_minutes=60, window=f"{fire.minute} {fire.hour} * * *")
@@ -230,7 +231,7 @@ def test_a_nightly_style_window_starts_a_round_at_its_fire_time(make_settings, s
     trigger = wait_for(lambda: running.scalar("SELECT trigger FROM rounds"), timeout=150,
                        message="a round at the window's fire time")
     assert trigger == "schedule"
-    assert running.scalar("SELECT started FROM rounds") >= fire.astimezone(timezone.utc).isoformat()[:16]
+    assert running.scalar("SELECT started FROM rounds") >= fire.astimezone(UTC).isoformat()[:16]
 
 
 def test_train_without_now_says_when_and_starts_nothing(tmp_path, capsys):
