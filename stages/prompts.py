@@ -97,6 +97,19 @@ SCHEMAS: dict[str, dict] = {
 }
 
 
+def schema(task: str, count: int) -> dict:
+    """The task's schema with its list held to the `count` items the prompt asks for: servers that
+    decode under a grammar (llama.cpp, vLLM) then cannot miscount, which small models otherwise do."""
+    import copy
+
+    result = copy.deepcopy(SCHEMAS[task])
+    key = {"questions": "questions", "rewrites": "items", "judge": "scores"}[task]
+    items = result["properties"][key]
+    items["minItems"] = count
+    items["maxItems"] = count if task != "questions" else count * 2
+    return result
+
+
 def messages(task: str, language: str, **fields: object) -> list[dict[str, str]]:
     variant = PROMPTS[task]["zh" if language == "zh" else "en"]
     return [

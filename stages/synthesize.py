@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from stages.llm import JsonRequest, LlmClient
-from stages.prompts import SCHEMAS, messages, numbered
+from stages.llm import InvalidReply, JsonRequest, LlmClient
+from stages.prompts import messages, numbered, schema
 from stages.text import detect_language
 
 
@@ -77,7 +77,7 @@ def synthesize_chunk(client: LlmClient, passage: str, language: str, questions_p
     questions = client.ask_json(
         messages("questions", language, n=questions_per_chunk, passage=passage),
         lambda value: _string_list(value, "questions"),
-        JsonRequest("questions", SCHEMAS["questions"], budget.questions(questions_per_chunk)),
+        JsonRequest("questions", schema("questions", questions_per_chunk), budget.questions(questions_per_chunk)),
     )[: questions_per_chunk * 2]
     candidates: list[Candidate] = []
     seen: set[str] = set()
@@ -106,8 +106,8 @@ def synthesize_chunk(client: LlmClient, passage: str, language: str, questions_p
         for parent, rewrites in client.ask_json(
             messages("rewrites", language, n=rewrites_per_question, questions=numbered(good_questions)),
             parse_rewrites,
-            JsonRequest("rewrites", SCHEMAS["rewrites"], budget.rewrites(len(good_questions),
-                                                                         rewrites_per_question)),
+            JsonRequest("rewrites", schema("rewrites", len(good_questions)),
+                        budget.rewrites(len(good_questions), rewrites_per_question)),
         ):
             for rewrite in rewrites:
                 if rewrite in seen:
@@ -117,20 +117,41 @@ def synthesize_chunk(client: LlmClient, passage: str, language: str, questions_p
                                             reason=check_query(rewrite, passage, language)))
     to_judge = [c for c in candidates if c.reason is None]
     if to_judge:
+        _judge(client, passage, language, to_judge, budget)
+    return candidates
+
+
+def _judge(client: LlmClient, passage: str, language: str, to_judge: list[Candidate], budget: ReplyBudget) -> None:
+    """Score every candidate in one request; when a (small) model keeps returning the wrong number of
+    scores, score them one at a time, and mark a candidate whose single judgement still fails instead of
+    failing the whole chunk (measured: a 0.5B model miscounts a 7-item list, rarely a 1-item one)."""
+
+    def ask(batch: list[Candidate]) -> list[float]:
         def parse_scores(value: Any) -> list[float]:
             if not isinstance(value, dict) or not isinstance(value.get("scores"), list):
                 raise ValueError('expected {"scores": [...]}')
             scores = [float(score) for score in value["scores"]]
-            if len(scores) != len(to_judge):
-                raise ValueError(f"expected {len(to_judge)} scores, got {len(scores)}")
+            if len(scores) != len(batch):
+                raise ValueError(f"expected {len(batch)} scores, got {len(scores)}")
             return [min(1.0, max(0.0, score)) for score in scores]
 
-        scores = client.ask_json(
-            messages("judge", language, n=len(to_judge), passage=passage,
-                     questions=numbered([c.query for c in to_judge])),
+        return client.ask_json(
+            messages("judge", language, n=len(batch), passage=passage, questions=numbered([c.query for c in batch])),
             parse_scores,
-            JsonRequest("judge", SCHEMAS["judge"], budget.judge(len(to_judge))),
+            JsonRequest("judge", schema("judge", len(batch)), budget.judge(len(batch))),
         )
-        for candidate, score in zip(to_judge, scores, strict=True):
+
+    try:
+        groups = [(to_judge, ask(to_judge))]
+    except InvalidReply:
+        if len(to_judge) == 1:
+            raise
+        groups = []
+        for candidate in to_judge:
+            try:
+                groups.append(([candidate], ask([candidate])))
+            except InvalidReply as exc:
+                candidate.reason = f"judge reply malformed: {exc}"[:300]
+    for batch, scores in groups:
+        for candidate, score in zip(batch, scores, strict=True):
             candidate.judge_score = score
-    return candidates

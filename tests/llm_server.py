@@ -2,7 +2,7 @@
 
 Faults are taken from a script (one per request, in order) or drawn at random with given weights:
 ok, latency:<s>, 429:<retry-after s>, 500, html, hang, truncated, nonjson, empty, wronglang, 400, 401,
-length (half a JSON reply with finish_reason "length"), down (503 until cleared). The replies are
+length (half a JSON reply with finish_reason "length"), miscount (a judge reply one score short), down (503 until cleared). The replies are
 deterministic functions of the prompt.
 
 Two behaviours of real servers that once stalled synthesis can be switched on:
@@ -196,7 +196,11 @@ class FakeLlm:
                 elif name in ("400", "401"):
                     self._send(int(name), json.dumps({"error": {"message": f"fake {name} error"}}).encode())
                     return
-                if name == "nonjson":
+                if name == "miscount":  # a small model's judge reply: one score short
+                    reply_value = answer(first_prompt if "TASK:" not in prompt else prompt)
+                    reply_value["scores"] = reply_value.get("scores", [0.5, 0.5])[:-1]
+                    content = json.dumps(reply_value)
+                elif name == "nonjson":
                     content = "Sure! Here are some questions you might ask."
                 elif name == "empty":
                     content = json.dumps({"questions": []})

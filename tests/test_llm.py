@@ -293,3 +293,15 @@ def test_adaptive_concurrency_halves_once_per_window_and_grows_back():
     for _ in range(100):
         limiter.success()
     assert limiter.limit == 8 and limiter.snapshot().reason.startswith("configured maximum")
+
+
+def test_a_judge_that_miscounts_is_asked_one_question_at_a_time():
+    from stages.synthesize import synthesize_chunk
+
+    with FakeLlm(script=["ok", "ok", "miscount", "miscount", "miscount"]) as server:
+        candidates = synthesize_chunk(_client(server, reask_invalid=2), PASSAGE, "en", 2, 1)
+        judge_requests = [r for r in server.requests if "TASK:judge" in r["body"]["messages"][1]["content"]]
+    assert len(candidates) == 4 and all(c.judge_score is not None and c.reason is None for c in candidates)
+    assert len(judge_requests) == 3 + 4  # the batch and its two re-asks, then one request per candidate
+    schema = judge_requests[-1]["body"]["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["scores"]["minItems"] == schema["properties"]["scores"]["maxItems"] == 1
