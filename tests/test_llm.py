@@ -58,22 +58,36 @@ def test_happy_path_sends_model_and_bearer_key():
         assert request["auth"] == "Bearer secret-key" and request["body"]["model"] == "m"
 
 
+def _recording_client(server: FakeLlm, **overrides) -> tuple[LlmClient, list[float]]:
+    """A client whose back-off waits are recorded instead of slept: assertions on the waits it chose,
+    not on the wall clock."""
+    waits: list[float] = []
+    client = _client(server, **overrides)
+    client.sleep = waits.append
+    return client, waits
+
+
 def test_retry_after_is_honoured():
-    with FakeLlm(script=["429:1", "ok"]) as server:
-        client = _client(server)
-        started = time.monotonic()
+    with FakeLlm(script=["429:7", "ok"]) as server:
+        client, waits = _recording_client(server)
         client.ask_json(MESSAGES, _questions)
-        gap = server.requests[1]["time"] - server.requests[0]["time"]
-        assert gap >= 0.95, gap
-        assert time.monotonic() - started < 5
+        assert waits == [7.0] and len(server.requests) == 2
 
 
 def test_retry_after_is_capped():
     with FakeLlm(script=["429:3600", "ok"]) as server:
-        client = _client(server, max_retry_after_s=0.2)
-        started = time.monotonic()
+        client, waits = _recording_client(server, max_retry_after_s=0.2)
         client.ask_json(MESSAGES, _questions)
-        assert time.monotonic() - started < 2
+        assert waits == [0.2]
+
+
+def test_without_retry_after_back_off_grows_with_jitter():
+    with FakeLlm(script=["500", "500", "500", "ok"]) as server:
+        client, waits = _recording_client(server, backoff_base_s=1.0, backoff_cap_s=60.0)
+        client.ask_json(MESSAGES, _questions)
+    assert len(waits) == 3
+    for attempt, wait in enumerate(waits):
+        assert 2**attempt / 2 <= wait <= 2**attempt  # half to full of base * 2^attempt
 
 
 @pytest.mark.parametrize("fault", ["500", "html", "latency:1", "hang"])

@@ -53,8 +53,17 @@ def test_once_runs_rounds_and_prints_a_summary(once_run):
     lines = [line for line in stdout.splitlines() if line.strip().split(" ")[0].isdigit()]
     assert 1 <= len(lines) <= 2
     assert (output / "state" / "embedtune.db").exists()
-    if "promoted" in stdout:
-        assert (output / "model" / "modules.json").exists()
+    from state.db import connect
+
+    conn = connect(output / "state" / "embedtune.db", readonly=True)
+    decisions = [row[0] for row in conn.execute("SELECT decision FROM rounds ORDER BY id")]
+    conn.close()
+    assert len(decisions) == len(lines) and all(d in ("promoted", "rejected") for d in decisions)
+    # whichever way the rounds went, the output says so and matches the files
+    if "promoted" in decisions:
+        assert (output / "model" / "modules.json").exists() and "model in service copied to" in stdout
+    else:
+        assert not (output / "model").exists() and "no round promoted a model" in stdout
 
 
 def test_dataset_output_and_flagembedding_export_load_in_flagembedding(once_run, tmp_path):
