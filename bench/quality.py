@@ -47,14 +47,14 @@ def score(model_path: Path, eval_set, batch: int = 64) -> dict:
 
 def main() -> int:
     from daemon.logs import configure_logging
-    from daemon.rounds import RoundManager
+    from daemon.round_scheduler import RoundScheduler
     from daemon.service import Daemon
     from daemon.settings import load_settings
     from stages.evalsets import load_beir
     from stages.merge import merge_with_base
     from stages.models import resolve_model_path
     from state.db import connect
-    from state.rounds import RoundStore
+    from state.round_records import RoundStore
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dataset", type=Path)
@@ -100,7 +100,7 @@ def main() -> int:
             time.sleep(1.0)
         prepared = time.monotonic() - started
         funnel = dict(conn.execute("SELECT COALESCE(kept, -1), COUNT(*) FROM samples GROUP BY kept").fetchall())
-        manager = RoundManager(daemon.settings, daemon.layout)
+        manager = RoundScheduler(daemon.settings, daemon.layout)
         round_id = manager.start(conn, "bench")
         manager.wait(conn)
         row = RoundStore(conn).get(round_id)

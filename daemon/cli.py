@@ -120,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_status(settings, args.json)
     if args.command == "config":
         return cmd_config_check(settings, args.config)
+    if args.command == "train" and not args.now:  # read-only, like status: no logging set-up, no torch
+        if args.foreground:
+            print("embedtune: --foreground runs a round now; add --now", file=sys.stderr)
+            return 2
+        from daemon.round_scheduler import round_outlook
+
+        print(round_outlook(settings))
+        return 0
     from daemon.logs import configure_logging
 
     configure_logging(settings.logging.level, settings.logging.format)
@@ -132,14 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "requeue":
         return cmd_requeue(settings, args.kind)
     if args.command == "train":
-        from daemon.rounds import round_outlook, train_now
+        from daemon.round_scheduler import train_now
 
-        if not args.now:
-            if args.foreground:
-                print("embedtune: --foreground runs a round now; add --now", file=sys.stderr)
-                return 2
-            print(round_outlook(settings))
-            return 0
         return train_now(settings, foreground=args.foreground, config_file=args.config)
     if args.command == "samples":
         from daemon.samples import write_samples

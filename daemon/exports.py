@@ -3,50 +3,35 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from daemon.logs import get_logger
 from daemon.settings import Settings
 from state.db import Database
 from state.layout import StateLayout
+from state.round_records import RoundStore
 
 log = get_logger("embedtune.export")
 
 
-def _kept_train(conn) -> list:
-    return conn.execute(
-        "SELECT s.id, s.query, COALESCE(s.passage, c.text) AS passage, s.chunk_id FROM samples s "
-        "JOIN chunks c ON c.id=s.chunk_id WHERE s.kept=1 AND s.split='train' ORDER BY s.id"
-    ).fetchall()
-
-
 def mined_examples(settings: Settings, layout: StateLayout, conn) -> list[dict]:
-    """Kept training pairs with negatives mined now by the model in service (as a round would)."""
-    from daemon.round_child import Encoder
+    """Kept training pairs with negatives mined now by the model in service, by the round's own miner."""
+    from daemon.round_process import encode_params, negative_params
     from daemon.service import model_in_service
-    from stages.embed_cache import text_key
-    from stages.negatives import build_index, mine_hard_negatives
+    from stages.encoder import Encoder
+    from stages.round_steps import Snapshot, mine_negatives
 
-    rows = _kept_train(conn)
-    corpus = conn.execute("SELECT id, text, sha256 FROM chunks WHERE active=1 ORDER BY id").fetchall()
-    if not rows:
+    inputs = RoundStore(conn).inputs(max_pairs=-1)
+    if not inputs.train:
         return []
-    encoder = Encoder(model_in_service(layout, settings), settings, layout.cache)
-    texts = [c["text"] for c in corpus]
-    position = {c["id"]: i for i, c in enumerate(corpus)}
-    corpus_vectors = encoder.passages([text_key(t) for t in texts], texts)
-    query_vectors = encoder.queries([r["query"] for r in rows])
-    positive_vectors = encoder.model.encode([r["passage"] for r in rows], normalize_embeddings=True,
-                                            convert_to_numpy=True)
-    mined = mine_hard_negatives(query_vectors, [{position.get(r["chunk_id"], -1)} for r in rows],
-                                positive_vectors, build_index(corpus_vectors),
-                                max(1, settings.training.hard_negatives), tuple(settings.training.negative_range),
-                                settings.training.negative_margin, settings.training.seed)
-    examples = []
-    for row, found in zip(rows, mined, strict=True):
-        examples.append({"query": row["query"], "pos": row["passage"],
-                         "neg": [texts[i] for i in found.negatives], "pos_score": found.positive_score,
-                         "neg_scores": found.negative_scores})
+    snapshot = Snapshot(inputs.corpus, sorted(inputs.train, key=lambda s: s.id), inputs.heldout)
+    params = negative_params(settings)
+    params = replace(params, count=max(1, params.count))  # an export always carries negatives
+    encoder = Encoder(model_in_service(conn, layout, settings), encode_params(settings), layout.cache)
+    mined = mine_negatives(snapshot, encoder, params)
+    examples = [{"query": e.query, "pos": e.pos, "neg": e.neg, "pos_score": e.pos_score,
+                 "neg_scores": e.neg_scores} for e in mined.examples]
     if settings.model.reranker:
         from FlagEmbedding import FlagReranker
 
@@ -70,14 +55,12 @@ def export(settings: Settings, fmt: str, output: Path) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     count = 0
     if fmt == "rag-eval":
-        rows = conn.execute(
-            "SELECT s.id, s.query, s.chunk_id FROM samples s JOIN chunks c ON c.id=s.chunk_id "
-            "WHERE s.kept=1 AND s.split='heldout' AND c.active=1 ORDER BY s.id").fetchall()
-        corpus = {str(c["id"]): c["text"] for c in conn.execute("SELECT id, text FROM chunks WHERE active=1")}
-        data = {"queries": {f"q{r['id']}": r["query"] for r in rows}, "corpus": corpus,
-                "relevant_docs": {f"q{r['id']}": [str(r["chunk_id"])] for r in rows}}
+        inputs = RoundStore(conn).inputs(max_pairs=0)
+        data = {"queries": {f"q{h.id}": h.query for h in inputs.heldout},
+                "corpus": {str(c.id): c.text for c in inputs.corpus},
+                "relevant_docs": {f"q{h.id}": [str(h.chunk_id)] for h in inputs.heldout}}
         output.write_text(json.dumps(data, ensure_ascii=False, indent=1))
-        count = len(rows)
+        count = len(inputs.heldout)
     else:
         examples = mined_examples(settings, layout, conn)
         with open(output, "w", encoding="utf-8") as handle:

@@ -84,10 +84,12 @@ def _bars(enabled: bool):
 
 
 def run_once(settings: Settings, args: argparse.Namespace) -> int:
-    from daemon.rounds import RoundManager
+    from daemon.round_scheduler import RoundScheduler
     from daemon.service import Daemon
     from state.db import connect
-    from state.rounds import RoundStore
+    from state.pipeline_progress import pipeline_progress
+    from state.round_records import RoundStore
+    from state.samples import SampleStore
 
     settings = once_settings(settings, args)
     documents = Path(args.documents)
@@ -102,20 +104,14 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
         quiet_since = None
         while True:
             daemon.heartbeat()
-            docs = conn.execute("SELECT COUNT(*) FROM documents WHERE status != 'pending'").fetchone()[0]
-            total_docs = conn.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
-            synth = conn.execute("SELECT COUNT(*) FROM jobs WHERE kind='synthesize' AND state IN ('done','dead')"
-                                 ).fetchone()[0]
-            total_synth = conn.execute("SELECT COUNT(*) FROM jobs WHERE kind='synthesize'").fetchone()[0]
-            filtered = conn.execute("SELECT COUNT(*) FROM samples WHERE kept IS NOT NULL").fetchone()[0]
-            total_samples = conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
-            for bar, (done, total) in zip(bars.values(), ((docs, total_docs), (synth, total_synth),
-                                                          (filtered, total_samples)), strict=True):
+            now = pipeline_progress(conn)
+            for bar, (done, total) in zip(bars.values(), ((now.documents_done, now.documents_total),
+                                                          (now.synthesized, now.synthesize_jobs),
+                                                          (now.filtered, now.samples)), strict=True):
                 bar.total = total
                 bar.n = done
                 bar.refresh()
-            busy = conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running','failed') "
-                                "AND kind != 'round_request'").fetchone()[0] or len(daemon.watcher.tracker)
+            busy = now.busy_jobs or len(daemon.watcher.tracker)
             if busy:
                 quiet_since = None
             elif quiet_since is None:
@@ -126,10 +122,10 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
         for bar in bars.values():
             bar.close()
         daemon.watcher.stop()
-        kept = conn.execute("SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train'").fetchone()[0]
+        kept = SampleStore(conn).kept_train_count()
         iterations = max(1, args.max_iterations)
         daemon.rounds.settings.training.max_pairs = max(2, math.ceil(kept / iterations))
-        manager = RoundManager(daemon.rounds.settings, daemon.layout)
+        manager = RoundScheduler(daemon.rounds.settings, daemon.layout)
         base_score = None
         metric = settings.promotion.metric
         summary = []
@@ -155,9 +151,7 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
                 if best[metric] - base_score >= args.increase_rate > 0:
                     print(f"gain over the base reached --increase-rate ({args.increase_rate}); stopping")
                     break
-            if RoundStore(conn).conn.execute(
-                    "SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train' AND round_id IS NULL"
-            ).fetchone()[0] < 2:
+            if SampleStore(conn).unused_train_count() < 2:
                 break
         _print_summary(summary, metric)
         output = Path(args.output).resolve()

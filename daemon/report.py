@@ -11,19 +11,7 @@ from pathlib import Path
 from daemon.settings import Settings
 from state.db import connect
 from state.layout import StateLayout
-
-
-def _load(conn):
-    rounds = conn.execute("SELECT * FROM rounds ORDER BY id").fetchall()
-    growth = conn.execute(
-        "SELECT substr(first_seen, 1, 10) AS day, COUNT(*) AS n FROM documents WHERE status='ingested' "
-        "GROUP BY day ORDER BY day").fetchall()
-    funnel = conn.execute(
-        "SELECT COUNT(*), SUM(judge_score IS NOT NULL OR kind='pseudo'), "
-        "SUM(kept IS NOT NULL AND (reason IS NULL OR reason NOT LIKE 'judge score%')), SUM(kept=1) FROM samples"
-    ).fetchone()
-    chunks = conn.execute("SELECT COUNT(*) FROM chunks WHERE active=1").fetchone()[0]
-    return rounds, growth, [int(v or 0) for v in funnel], chunks
+from state.pipeline_progress import report_data
 
 
 def _served_series(rounds, metric_names=("ndcg@10", "recall@10")):
@@ -123,7 +111,8 @@ def write_report(settings: Settings, output: Path | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     conn = connect(layout.database, readonly=True)
     try:
-        rounds, growth, funnel, chunks = _load(conn)
+        data = report_data(conn)
+        rounds, growth, funnel, chunks = data.rounds, data.growth, data.funnel, data.active_chunks
     finally:
         conn.close()
     png = _chart(rounds, growth, funnel)

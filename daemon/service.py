@@ -67,12 +67,10 @@ class DbCallbacks(InboxCallbacks):
         self._store().reject_path(path, reason)
 
 
-def model_in_service(layout: StateLayout, settings: Settings) -> Path:
+def model_in_service(conn, layout: StateLayout, settings: Settings) -> Path:
     from stages.models import resolve_model_path
 
-    if layout.current.is_symlink() and layout.current.resolve().is_dir():
-        return layout.current.resolve()
-    return resolve_model_path(settings.model.base)
+    return ModelRegistry(conn, layout).serving_path(resolve_model_path(settings.model.base))
 
 
 class Daemon:
@@ -92,7 +90,7 @@ class Daemon:
     # --- start-up -------------------------------------------------------------------------------
     def start(self) -> None:
         from daemon.ingest import Chunker, make_ingest_handler
-        from daemon.rounds import RoundManager
+        from daemon.round_scheduler import RoundScheduler
         from daemon.synthesis import FilterService, SynthesisService
         from stages.llm import CircuitBreaker
 
@@ -102,7 +100,7 @@ class Daemon:
         queue = JobQueue(conn)
         released = queue.release_owner("")  # we hold the lock: every running job is an orphan
         note = ModelRegistry(conn, self.layout).reconcile()
-        self.rounds = RoundManager(self.settings, self.layout, self.config_file)
+        self.rounds = RoundScheduler(self.settings, self.layout, self.config_file)
         aborted = self.rounds.abort_orphans()
         mark_started(conn, os.getpid(), socket.gethostname())
         for problem in missing_files(self.settings):  # rounds would fail on it: say so at start
@@ -113,8 +111,8 @@ class Daemon:
 
         self.breaker = CircuitBreaker(self.settings.llm.breaker_failures, self.settings.llm.breaker_reset_s)
         self.synthesis = SynthesisService(self.settings, self.breaker)
-        self.filter = FilterService(self.settings, lambda: (model_in_service(self.layout, self.settings),
-                                                            self.layout.cache))
+        self.filter = FilterService(self.settings, lambda conn: (model_in_service(conn, self.layout, self.settings),
+                                                                 self.layout.cache))
         chunker = Chunker(self.settings.model.base, self.settings.ingest.chunk_tokens,
                           self.settings.ingest.chunk_overlap, self.settings.ingest.min_chunk_chars)
         self.ingest_pool = WorkerPool("ingest", self.layout.database,
@@ -178,7 +176,7 @@ class Daemon:
 
     def _schedule_window(self) -> None:
         """With a cron `training.window`, each fire time is a round check with the window open."""
-        from daemon.rounds import window_trigger
+        from daemon.round_scheduler import window_trigger
 
         if self.scheduler.get_job("round-window") is not None:
             self.scheduler.remove_job("round-window")

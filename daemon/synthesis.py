@@ -5,8 +5,6 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
-
 from daemon.logs import get_logger
 from daemon.workers import AttemptFailed, JobContext, PermanentFailure, RetryLater
 from stages.filter import (
@@ -120,11 +118,11 @@ class FilterService:
         self._lock = threading.Lock()
         self._loaded_key: str | None = None
         self._scorer = None
-        self._cache = None
+        self._encoder = None  # keeps the embedding cache of the model in service
 
-    def _scoring(self):
-        from stages.embed_cache import EmbeddingCache, model_key, text_key
-        from stages.models import load_embedder, resolve_model_path
+    def _scoring(self, conn):
+        from stages.encoder import EncodeParams, Encoder
+        from stages.models import resolve_model_path
 
         if self.settings.model.reranker:
             key = f"reranker:{self.settings.model.reranker}"
@@ -136,25 +134,13 @@ class FilterService:
                                         self.settings.model.device == "cpu" else None)
                 self._scorer, self._loaded_key = reranker_pair_scorer(reranker), key
             return self._scorer
-        path, cache_root = self.model_path_provider()
-        key = model_key(path)
-        if key != self._loaded_key:
-            model = load_embedder(path, self.settings.model.device)
-            instruction = self.settings.model.query_instruction
-            batch = self.settings.model.encode_batch_size
-            cache = EmbeddingCache(cache_root, key)
-
-            def encode_queries(texts: list[str]) -> np.ndarray:
-                return model.encode([instruction + t for t in texts], batch_size=batch,
-                                    normalize_embeddings=True, convert_to_numpy=True)
-
-            def encode_passages(texts: list[str]) -> np.ndarray:
-                keys = [text_key(t) for t in texts]
-                return cache.get_many(keys, texts, lambda missing: model.encode(
-                    missing, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True))
-
-            self._scorer = embedding_pair_scorer(encode_queries, encode_passages)
-            self._cache, self._loaded_key = cache, key
+        path, cache_root = self.model_path_provider(conn)
+        if str(path) != self._loaded_key:
+            model = self.settings.model
+            encoder = Encoder(path, EncodeParams(model.device, model.query_instruction, model.encode_batch_size),
+                              cache_root)
+            self._scorer = embedding_pair_scorer(encoder.queries, encoder.passages)
+            self._loaded_key, self._encoder = str(path), encoder
         return self._scorer
 
     def handle(self, ctx: JobContext) -> None:
@@ -173,12 +159,12 @@ class FilterService:
                 bm25 = Bm25Index(texts)
                 items = [FilterInput(row["id"], row["query"], index_of[row["chunk_id"]],
                                      row["passage"] or row["chunk_text"]) for row in rows]
-                results = filter_pairs(items, texts, bm25, self._scoring(),
+                results = filter_pairs(items, texts, bm25, self._scoring(ctx.conn),
                                        self.settings.synthesis.featured_percentage,
                                        self.settings.synthesis.filter_candidates)
                 store.record_filter(results)
-                if self._cache is not None:
-                    self._cache.save()
+                if self._encoder is not None:
+                    self._encoder.save_cache()
                 log.info("filter_pass", samples=len(rows), kept=sum(r.kept for r in results),
                          corpus=len(corpus), duration_s=round(time.monotonic() - started, 2))
         ctx.queue.complete(ctx.job)

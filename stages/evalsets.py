@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stages.embed_cache import text_key
+from state.round_records import CorpusChunk
 
 
 @dataclass
@@ -117,3 +118,20 @@ def load_eval_file(path: str | Path, query_key: str = "anchor", positive_key: st
     if head.startswith("{") and '"relevant_docs"' in path.read_text(encoding="utf-8"):
         return load_rag_json(path, name=name)
     return load_pairs_jsonl(path, query_key, positive_key, name=name, extra_corpus=extra_corpus)
+
+
+def structure_set(corpus: list[CorpusChunk], name: str = "structure") -> EvalSet:
+    """Document-structure queries: headings of held-out documents as queries for the text under them.
+    Written by people, never trained on: the gate's human signal when the user gives no file."""
+    groups: dict[tuple[int, str], list[int]] = {}
+    for index, chunk in enumerate(corpus):
+        if chunk.split == "heldout" and chunk.heading:
+            groups.setdefault((chunk.document_id, chunk.heading), []).append(index)
+    queries, relevant = [], []
+    for (_doc, heading), members in sorted(groups.items()):
+        query = heading.split(" > ")[-1].strip()
+        if len(query) >= 3:
+            queries.append(query)
+            relevant.append({m: 1.0 for m in members})
+    texts = [chunk.text for chunk in corpus]
+    return EvalSet(name, queries, texts, relevant, [text_key(t) for t in texts])

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from stages.evalsets import EvalSet
 from stages.negatives import build_index
 
 METRICS = ("recall@1", "recall@5", "recall@10", "recall@20", "ndcg@10", "mrr@10", "map@10")
@@ -23,6 +24,16 @@ class EvalResult:
     metrics: dict[str, float]
     per_query: dict[str, list[float]] = field(default_factory=dict)
     n_queries: int = 0
+    primary_metric: str = "ndcg@10"
+
+    @property
+    def primary(self) -> float:
+        """The value the gate compares (greater is better for every metric here)."""
+        return self.metrics[self.primary_metric]
+
+    @property
+    def primary_per_query(self) -> list[float]:
+        return self.per_query.get(self.primary_metric, [])
 
     def to_json(self) -> dict:
         return {"n_queries": self.n_queries, **{k: round(v, 5) for k, v in self.metrics.items()}}
@@ -60,3 +71,28 @@ def evaluate_retrieval(query_vectors: np.ndarray, corpus_vectors: np.ndarray,
             per_query[name].append(values[name])
     metrics = {name: float(np.mean(per_query[name])) for name in METRICS}
     return EvalResult(metrics, per_query, len(relevant))
+
+
+class RetrievalEvaluator:
+    """Scores an encoder on one evaluation set. Like sentence-transformers' evaluators it names its
+    primary metric and says that greater is better, so the gate compares named results, never dict keys
+    picked by the caller.
+
+    `corpus_vectors` lets the round pass passage vectors it already has (the model in service's, from
+    its embedding cache) instead of encoding the corpus again."""
+
+    greater_is_better = True
+
+    def __init__(self, eval_set: EvalSet, primary_metric: str = "ndcg@10") -> None:
+        if primary_metric not in METRICS:
+            raise ValueError(f"unknown metric {primary_metric!r}; one of {', '.join(METRICS)}")
+        self.eval_set = eval_set
+        self.name = eval_set.name
+        self.primary_metric = primary_metric
+
+    def __call__(self, encoder, corpus_vectors: np.ndarray | None = None) -> EvalResult:
+        passages = (corpus_vectors if corpus_vectors is not None
+                    else encoder.passages(self.eval_set.corpus_texts, self.eval_set.corpus_keys))
+        result = evaluate_retrieval(encoder.queries(self.eval_set.queries), passages, self.eval_set.relevant)
+        result.primary_metric = self.primary_metric
+        return result

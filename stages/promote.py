@@ -16,12 +16,26 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
 SYNTHETIC = "heldout"
 HUMAN_SETS = ("user", "structure")
 GUARD = "guard"
+
+
+class RejectionCause(StrEnum):
+    """Why a round was rejected, for scripts and the report (the reason text is for people)."""
+
+    NOT_ENOUGH_SAMPLES = "not_enough_samples"
+    NO_HELDOUT = "no_heldout"
+    NO_TRAINING_STEP = "no_training_step"
+    NO_BASELINE = "no_baseline_evaluation"
+    BELOW_MIN_GAIN = "below_min_gain"
+    NOT_CONVINCING = "synthetic_gain_not_convincing"
+    HUMAN_VETO = "human_signal_veto"
+    GUARD_VETO = "guard_veto"
 
 
 @dataclass
@@ -31,6 +45,7 @@ class Decision:
     reason: str
     gains: dict[str, dict[str, float]] = field(default_factory=dict)
     interval: tuple[float, float] | None = None
+    cause: RejectionCause | None = None  # set when promote is False
 
 
 def paired_bootstrap(new: Sequence[float], old: Sequence[float], samples: int = 1000,
@@ -60,7 +75,7 @@ def decide(
     `intervals[variant]` is the bootstrap interval of the variant's held-out gain (used by rule 3b).
     """
     if current not in scores or SYNTHETIC not in scores[current]:
-        return Decision(False, None, "no held-out evaluation of the model in service")
+        return Decision(False, None, "no held-out evaluation of the model in service", cause=RejectionCause.NO_BASELINE)
     baseline = scores[current]
     gains = {
         variant: {name: values[name] - baseline[name] for name in values if name in baseline}
@@ -69,10 +84,12 @@ def decide(
     human_signal = any(name in baseline for name in HUMAN_SETS)
     eligible: list[str] = []
     refusals: list[str] = []
+    causes: dict[str, RejectionCause] = {}
     for variant, gain in gains.items():
         synthetic = gain.get(SYNTHETIC, float("-inf"))
         if synthetic < min_gain:
             refusals.append(f"{variant}: held-out {metric} {synthetic:+.4f} < min_gain {min_gain}")
+            causes[variant] = RejectionCause.BELOW_MIN_GAIN
             continue
         if not human_signal and synthetic_only_min_gain > 0:
             interval = (intervals or {}).get(variant)
@@ -80,20 +97,22 @@ def decide(
             if low < synthetic_only_min_gain:
                 refusals.append(f"{variant}: synthetic-only gain not convincing (95% CI low {low:+.4f} "
                                 f"< synthetic_only_min_gain {synthetic_only_min_gain})")
+                causes[variant] = RejectionCause.NOT_CONVINCING
                 continue
-        vetoed = False
         for name in HUMAN_SETS:
             if name in gain and gain[name] < -human_tolerance:
                 refusals.append(f"{variant}: vetoed by {name} set ({metric} {gain[name]:+.4f})")
-                vetoed = True
+                causes.setdefault(variant, RejectionCause.HUMAN_VETO)
         if GUARD in gain and gain[GUARD] < -max_guard_drop:
             refusals.append(f"{variant}: vetoed by guard set ({metric} {gain[GUARD]:+.4f} "
                             f"< -{max_guard_drop})")
-            vetoed = True
-        if not vetoed:
+            causes.setdefault(variant, RejectionCause.GUARD_VETO)
+        if variant not in causes:
             eligible.append(variant)
     if not eligible:
-        return Decision(False, None, "rejected: " + "; ".join(refusals), gains)
+        # the cause of the variant that came closest on the held-out set
+        closest = max(gains, key=lambda v: gains[v].get(SYNTHETIC, float("-inf")))
+        return Decision(False, None, "rejected: " + "; ".join(refusals), gains, cause=causes[closest])
     deciding = "user" if all("user" in gains[v] for v in eligible) else SYNTHETIC
     best = max(eligible, key=lambda v: (gains[v][deciding], gains[v][SYNTHETIC]))
     parts = [f"{name} {gains[best][name]:+.4f}" for name in gains[best]]

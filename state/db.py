@@ -155,6 +155,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE daemon ADD COLUMN llm TEXT;
     ALTER TABLE daemon ADD COLUMN restart_keys TEXT;
     """,
+    # 3: a rejected round's machine-readable cause, and what the on_promote hook did after a promotion.
+    """
+    ALTER TABLE rounds ADD COLUMN cause TEXT;
+    ALTER TABLE rounds ADD COLUMN hook TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -216,6 +216,19 @@ class JobQueue:
         with transaction(self.conn):
             return self.conn.execute(sql, params).rowcount
 
+    def has_pending(self, kind: str) -> bool:
+        return self.conn.execute(
+            "SELECT 1 FROM jobs WHERE kind=? AND state='pending' LIMIT 1", (kind,)
+        ).fetchone() is not None
+
+    def take_pending(self, kind: str) -> int:
+        """Mark every pending job of `kind` done at once (requests that one action answers, such as
+        "start a round now"). Returns how many there were."""
+        with transaction(self.conn):
+            return self.conn.execute(
+                "UPDATE jobs SET state='done', updated=? WHERE kind=? AND state='pending'", (utcnow(), kind)
+            ).rowcount
+
     def counts(self) -> dict[str, int]:
         rows = self.conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
         result = {state.value: 0 for state in JobState}

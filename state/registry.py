@@ -120,6 +120,12 @@ class ModelRegistry:
         ).fetchone()
         return ModelRecord.from_row(row) if row else None
 
+    def serving_path(self, base_path: Path) -> Path:
+        """The folder of the model in service: the promoted version, else the base model. The one lookup
+        of "the model in service" (rounds, the filter and exports all ask here)."""
+        current = self.current()
+        return current.path if current else Path(base_path)
+
     def history(self) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM promotions ORDER BY id").fetchall()
 

@@ -93,7 +93,15 @@ class SampleStore:
         ).fetchall()
 
     def unused_train_count(self) -> int:
-        return self.conn.execute(
-            "SELECT COUNT(*) FROM samples s JOIN chunks c ON c.id=s.chunk_id "
-            "WHERE s.kept=1 AND s.split='train' AND s.round_id IS NULL"
-        ).fetchone()[0]
+        return count_unused_train(self.conn)
+
+    def kept_train_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train'").fetchone()[0]
+
+
+def count_unused_train(conn: sqlite3.Connection) -> int:
+    """Kept training pairs no round has used yet: what `training.min_new_samples` is compared with.
+    The one count (the scheduler, `status`, `train` and `once` all ask here)."""
+    return conn.execute(
+        "SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train' AND round_id IS NULL"
+    ).fetchone()[0]

@@ -13,6 +13,7 @@ from typing import Any
 
 from state.db import connect
 from state.layout import StateLayout
+from state.samples import count_unused_train
 
 HEARTBEAT_STALE_S = 60.0
 MAX_REJECTIONS = 50
@@ -95,13 +96,9 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
         samples["total"] += count
     for split, count in conn.execute("SELECT split, COUNT(*) FROM samples GROUP BY split"):
         samples[split] = count
-    agg = conn.execute(
-        "SELECT SUM(kept = 1), SUM(kept = 0), SUM(kept IS NULL), "
-        "SUM(kept = 1 AND split='train' AND round_id IS NULL) FROM samples"
-    ).fetchone()
-    samples["kept"], samples["dropped"], samples["unfiltered"], samples["unused_train"] = (
-        int(value or 0) for value in agg
-    )
+    agg = conn.execute("SELECT SUM(kept = 1), SUM(kept = 0), SUM(kept IS NULL) FROM samples").fetchone()
+    samples["kept"], samples["dropped"], samples["unfiltered"] = (int(value or 0) for value in agg)
+    samples["unused_train"] = count_unused_train(conn)
 
     jobs = status["jobs"]
     for state, count in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
@@ -141,6 +138,8 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
                 "eval_sets": _loads(r["eval_sets"]),
             },
             "model_id": r["model_id"],
+            "cause": r["cause"] if "cause" in r.keys() else None,
+            "hook": (_loads(r["hook"]) if "hook" in r.keys() else None),
         })
     status["rounds"] = rounds
 
@@ -198,6 +197,10 @@ def format_status(status: dict[str, Any]) -> str:
                 f"  #{r['id']:<4} {r['state']:<9} {r['stage']:<10}{step} "
                 f"{r['decision'] or '':<9} {r['reason'][:90]}"
             )
+            hook = r.get("hook")
+            if hook and not hook.get("ok"):
+                lines.append(f"        on_promote hook failed (exit {hook.get('returncode')}): "
+                             f"{(hook.get('stderr') or '').strip()[-120:]}")
     if docs["rejections"]:
         lines.append("rejected files")
         for item in docs["rejections"][:20]:

@@ -74,7 +74,7 @@ def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
 
 
 def test_round_rejected_when_gain_below_min_gain(make_settings, tmp_path):
-    from daemon.rounds import train_now
+    from daemon.round_scheduler import train_now
     from tests.conftest import RunningDaemon
 
     settings = _round_settings(make_settings, min_new_samples=10_000)
@@ -207,7 +207,7 @@ def test_paired_bootstrap_interval():
 def test_cron_window_fire_times():
     from datetime import datetime
 
-    from daemon.rounds import window_trigger
+    from daemon.round_scheduler import window_trigger
 
     assert window_trigger("always") is None
     nightly = window_trigger("0 2 * * *", UTC)

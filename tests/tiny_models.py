@@ -25,15 +25,32 @@ def build_vocab() -> list[str]:
     return vocab
 
 
+def build_tokenizer(folder: Path, tokenize_chinese_chars: bool = True):
+    """A WordPiece tokenizer over the small vocabulary, checked to know its words.
+
+    transformers 5 reads the vocabulary from `vocab=` (a dict or a file path); the older `vocab_file=`
+    is silently ignored there and every word becomes [UNK], which once left every test model blind to
+    its input (all texts of one length embedded alike)."""
+    from transformers import BertTokenizerFast
+
+    words = build_vocab()
+    vocab_file = folder / "vocab.txt"
+    vocab_file.write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizerFast(vocab={word: index for index, word in enumerate(words)}, do_lower_case=True,
+                                  tokenize_chinese_chars=tokenize_chinese_chars)
+    ids = tokenizer("river 河流")["input_ids"]
+    if tokenizer.unk_token_id in ids:
+        raise RuntimeError(f"tiny tokenizer maps known words to [UNK]: {ids}")
+    return tokenizer
+
+
 def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
     """A plain Hugging Face BERT folder (config, weights, WordPiece tokenizer)."""
     import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
+    from transformers import BertConfig, BertModel
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(build_vocab()) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, tokenize_chinese_chars=True)
+    tokenizer = build_tokenizer(folder)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(build_vocab()), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
@@ -58,12 +75,10 @@ def build_tiny_embedder(folder: Path, pooling: str = "mean", seed: int = 0) -> P
 
 def build_tiny_cross_encoder(folder: Path, seed: int = 0) -> Path:
     import torch
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from transformers import BertConfig, BertForSequenceClassification
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab_file = folder / "vocab.txt"
-    vocab_file.write_text("\n".join(build_vocab()) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+    tokenizer = build_tokenizer(folder)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(build_vocab()), hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from daemon.rounds import train_now
+from daemon.round_scheduler import train_now
 from daemon.settings import load_settings
 from tests.conftest import RunningDaemon, wait_for
 from tests.reliability.harness import query, scalar, write_config

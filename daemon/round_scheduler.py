@@ -12,10 +12,10 @@ from datetime import datetime, tzinfo
 
 from daemon.logs import get_logger
 from daemon.settings import Settings
-from state.db import Database, transaction
+from state.db import Database
 from state.layout import StateLayout
 from state.queue import JobQueue
-from state.rounds import RoundStore
+from state.round_records import RoundStore
 from state.samples import SampleStore
 
 log = get_logger("embedtune.rounds")
@@ -47,7 +47,7 @@ def _die_with_parent() -> None:
         pass
 
 
-class RoundManager:
+class RoundScheduler:
     def __init__(self, settings: Settings, layout: StateLayout, config_file: str | None = None) -> None:
         self.settings = settings
         self.layout = layout
@@ -58,9 +58,7 @@ class RoundManager:
 
     # --- decisions ------------------------------------------------------------------------------
     def request_pending(self, conn) -> bool:
-        return conn.execute(
-            "SELECT 1 FROM jobs WHERE kind=? AND state='pending' LIMIT 1", (REQUEST_KIND,)
-        ).fetchone() is not None
+        return JobQueue(conn).has_pending(REQUEST_KIND)
 
     def maybe_start(self, conn, window_open: bool | None = None) -> int | None:
         """Start a round if one was asked for, or if enough new samples wait and the window is open.
@@ -68,9 +66,7 @@ class RoundManager:
         `window_open` is True at a cron window's fire time; None means "open when the window is always"."""
         if self.process is not None or RoundStore(conn).running() is not None:
             return None
-        if self.request_pending(conn):
-            with transaction(conn):
-                conn.execute("UPDATE jobs SET state='done' WHERE kind=? AND state='pending'", (REQUEST_KIND,))
+        if JobQueue(conn).take_pending(REQUEST_KIND):
             return self.start(conn, "manual")
         unused = SampleStore(conn).unused_train_count()
         if unused < self.settings.training.min_new_samples:
@@ -90,7 +86,7 @@ class RoundManager:
         settings_file.write_text(json.dumps(self.settings.model_dump(mode="json"), indent=2))
         log_file = open(folder / "child.log", "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon.round_child", "--settings", str(settings_file),
+            [sys.executable, "-m", "daemon.round_process", "--settings", str(settings_file),
              "--round-id", str(round_id)],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent, cwd=os.getcwd(),
@@ -150,7 +146,7 @@ class RoundManager:
         db = Database(self.layout.database)
         store = RoundStore(db.conn)
         count = 0
-        for row in db.conn.execute("SELECT id, pid FROM rounds WHERE state='running'").fetchall():
+        for row in store.running_rounds():
             if row["pid"]:
                 try:
                     os.kill(row["pid"], signal.SIGKILL)
@@ -204,7 +200,7 @@ def train_now(settings: Settings, foreground: bool = False, config_file: str | N
         print(f"round requested from the running daemon (pid {status['daemon']['pid']}); "
               "follow it with `embedtune status`")
         return 0
-    manager = RoundManager(settings, layout, config_file)
+    manager = RoundScheduler(settings, layout, config_file)
     round_id = manager.start(db.conn, "manual")
     print(f"round {round_id} running in the foreground (log: {layout.round_dir(round_id) / 'child.log'})")
     try:

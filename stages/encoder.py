@@ -1,0 +1,67 @@
+"""The one way embedtune encodes text with an embedding model.
+
+Queries get the model's query instruction (BGE convention; passages never do), every vector is
+normalised (inner product = cosine, as faiss and the gate expect), and passage vectors of a model go
+through its embedding cache when one is given, so chunks already encoded by that model are not encoded
+again. The round, the filter, exports and the benchmarks all use this class.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.embed_cache import EmbeddingCache, model_key, text_key
+
+
+@dataclass(frozen=True)
+class EncodeParams:
+    device: str = "auto"
+    query_instruction: str = ""
+    batch_size: int = 64
+
+
+class Encoder:
+    """Loads a model once; `queries` and `passages` return normalised float32 matrices.
+
+    >>> encoder = Encoder(Path("models/current"), EncodeParams(device="cpu"))
+    >>> encoder.queries(["how do rivers form?"]).shape  # doctest: +SKIP
+    (1, 384)
+    """
+
+    def __init__(self, path: Path, params: EncodeParams, cache_root: Path | None = None, model=None) -> None:
+        from stages.models import load_embedder
+
+        self.path = Path(path)
+        self.params = params
+        self.model = model if model is not None else load_embedder(self.path, params.device)
+        self.cache = EmbeddingCache(cache_root, model_key(self.path)) if cache_root is not None else None
+
+    def _encode(self, texts: Sequence[str]) -> np.ndarray:
+        if not texts:
+            dim = self.model.get_sentence_embedding_dimension() or 0
+            return np.zeros((0, dim), dtype=np.float32)
+        return self.model.encode(list(texts), batch_size=self.params.batch_size, normalize_embeddings=True,
+                                 convert_to_numpy=True).astype(np.float32, copy=False)
+
+    def queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._encode([self.params.query_instruction + text for text in texts])
+
+    def passages(self, texts: Sequence[str], keys: Sequence[str] | None = None) -> np.ndarray:
+        """Passage vectors; cached by text hash when the encoder has a cache (`save_cache` writes it)."""
+        if self.cache is None:
+            return self._encode(texts)
+        keys = list(keys) if keys is not None else [text_key(text) for text in texts]
+        return self.cache.get_many(keys, list(texts), self._encode)
+
+    def save_cache(self) -> None:
+        """Write new cached vectors to disk (atomic); a no-op without a cache or without new vectors."""
+        if self.cache is not None:
+            self.cache.save()
+
+    def release(self) -> None:
+        """Drop the model (the round evaluates several in turn; only one needs to be in memory)."""
+        self.model = None

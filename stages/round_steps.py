@@ -1,0 +1,267 @@
+"""The steps of a training round, each a function over typed data: snapshot → negatives → train →
+evaluate → merge → decide. The round process (daemon/round_process.py) only sequences them, records
+progress and handles faults; promotion itself belongs to the registry in state/.
+
+A step that finds the round cannot go on raises RoundRejected with a machine-readable cause. Each step
+writes its artifacts into the round's folder (the audit trail of docs/promotion.md).
+
+Adding a step (teacher scoring, say) means one function here and one line in the round process.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import structlog
+
+from stages.embed_cache import text_key
+from stages.encoder import Encoder
+from stages.evalsets import EvalSet, load_eval_file, structure_set
+from stages.evaluate import EvalResult, RetrievalEvaluator
+from stages.negatives import build_index, mine_hard_negatives
+from stages.promote import Decision, RejectionCause, decide, paired_bootstrap
+from stages.train import ProgressFn, TrainOutcome, TrainParams, train_model
+from state.round_records import CorpusChunk, HeldoutSample, RoundInputs, TrainSample
+
+log = structlog.get_logger("embedtune.round")
+
+CURRENT = "current"
+CANDIDATE = "candidate"
+
+
+class RoundRejected(Exception):
+    """The round cannot produce a candidate worth judging; `cause` is for scripts, the message for people."""
+
+    def __init__(self, cause: RejectionCause, reason: str) -> None:
+        super().__init__(reason)
+        self.cause = cause
+        self.reason = reason
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+# --- snapshot ----------------------------------------------------------------------------------------
+@dataclass
+class Snapshot:
+    """The round's fixed view of the data: every later step reads this, never the database."""
+
+    corpus: list[CorpusChunk]
+    train: list[TrainSample]
+    heldout: list[HeldoutSample]
+    texts: list[str] = field(init=False)
+    keys: list[str] = field(init=False)
+    position: dict[int, int] = field(init=False)  # chunk id -> corpus index
+
+    def __post_init__(self) -> None:
+        self.texts = [chunk.text for chunk in self.corpus]
+        self.keys = [text_key(text) for text in self.texts]
+        self.position = {chunk.id: index for index, chunk in enumerate(self.corpus)}
+
+
+def take_snapshot(inputs: RoundInputs, folder: Path) -> Snapshot:
+    """Fix the round's data and write it down (corpus.jsonl, heldout.jsonl)."""
+    active = {chunk.id for chunk in inputs.corpus}
+    snapshot = Snapshot(inputs.corpus, inputs.train, [h for h in inputs.heldout if h.chunk_id in active])
+    write_jsonl(folder / "corpus.jsonl", ({"chunk_id": c.id, "sha256": c.sha256, "split": c.split,
+                                           "heading": c.heading, "text": c.text} for c in snapshot.corpus))
+    write_jsonl(folder / "heldout.jsonl", ({"sample_id": h.id, "query": h.query, "chunk_id": h.chunk_id,
+                                            "kind": h.kind} for h in snapshot.heldout))
+    if len(snapshot.train) < 2:
+        raise RoundRejected(RejectionCause.NOT_ENOUGH_SAMPLES, "not enough kept training samples")
+    if not snapshot.heldout:
+        raise RoundRejected(RejectionCause.NO_HELDOUT,
+                            "no held-out queries yet (need a held-out document with kept samples)")
+    return snapshot
+
+
+# --- negatives ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NegativeParams:
+    count: int = 3
+    rank_range: tuple[int, int] = (2, 200)
+    margin: float = 0.05
+    seed: int = 42
+
+
+@dataclass
+class TrainingExample:
+    query: str
+    pos: str
+    neg: list[str]
+    sample_id: int
+    pos_score: float | None = None
+    neg_scores: list[float] = field(default_factory=list)
+
+
+@dataclass
+class MinedSet:
+    examples: list[TrainingExample]
+    corpus_vectors: np.ndarray  # the serving model's passage vectors, reused by evaluation
+
+
+def mine_negatives(snapshot: Snapshot, serving: Encoder, params: NegativeParams,
+                   folder: Path | None = None) -> MinedSet:
+    """Hard negatives for every training pair, retrieved by the model in service (hn_mine's recipe).
+    The one miner: rounds and `embedtune export` both call it."""
+    corpus_vectors = serving.passages(snapshot.texts, snapshot.keys)
+    serving.save_cache()  # the corpus vectors survive even if mining is interrupted
+    mined = None
+    if params.count > 0 and len(snapshot.corpus) > 2 and snapshot.train:
+        mined = mine_hard_negatives(
+            serving.queries([s.query for s in snapshot.train]),
+            [{snapshot.position.get(s.chunk_id, -1)} for s in snapshot.train],
+            serving.passages([s.passage for s in snapshot.train]),
+            build_index(corpus_vectors), params.count, params.rank_range, params.margin, params.seed,
+        )
+    examples = [
+        TrainingExample(sample.query, sample.passage,
+                        [snapshot.texts[j] for j in mined[i].negatives] if mined else [], sample.id,
+                        mined[i].positive_score if mined else None, mined[i].negative_scores if mined else [])
+        for i, sample in enumerate(snapshot.train)
+    ]
+    serving.save_cache()
+    if folder is not None:
+        write_jsonl(folder / "train.jsonl", (asdict(e) for e in examples))
+    return MinedSet(examples, corpus_vectors)
+
+
+# --- train -------------------------------------------------------------------------------------------
+def train_candidate(init_path: Path, folder: Path, examples: list[TrainingExample], params: TrainParams,
+                    progress: ProgressFn | None = None) -> TrainOutcome:
+    """Fine-tune from `init_path` into folder/candidate; a run that took no step is a rejection."""
+    outcome = train_model(init_path, folder / CANDIDATE, [asdict(e) for e in examples], params, progress)
+    (folder / "train_outcome.json").write_text(json.dumps(asdict(outcome), indent=2))
+    if outcome.steps == 0:
+        raise RoundRejected(RejectionCause.NO_TRAINING_STEP,
+                            "training ran no step (too few distinct pairs for one batch)")
+    return outcome
+
+
+# --- evaluate ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalPlan:
+    """Which sets judge the variants, beside the synthetic held-out queries."""
+
+    metric: str = "ndcg@10"
+    use_structure: bool = True
+    user_eval: str = ""
+    user_query_key: str = "anchor"
+    user_positive_key: str = "positive"
+    guard_eval: str = ""
+
+
+HELDOUT = "heldout"
+
+
+def build_evaluators(snapshot: Snapshot, plan: EvalPlan) -> list[RetrievalEvaluator]:
+    sets = [EvalSet(HELDOUT, [h.query for h in snapshot.heldout], snapshot.texts,
+                    [{snapshot.position[h.chunk_id]: 1.0} for h in snapshot.heldout], snapshot.keys)]
+    structure = structure_set(snapshot.corpus)
+    if plan.use_structure and len(structure) >= 3:
+        sets.append(structure)
+    if plan.user_eval:
+        sets.append(load_eval_file(plan.user_eval, plan.user_query_key, plan.user_positive_key, "user",
+                                   snapshot.texts))
+    if plan.guard_eval:
+        sets.append(load_eval_file(plan.guard_eval, name="guard"))
+    return [RetrievalEvaluator(eval_set, plan.metric) for eval_set in sets]
+
+
+Results = dict[str, dict[str, EvalResult]]  # variant -> evaluator name -> result
+
+
+def evaluate_variant(encoder: Encoder, evaluators: list[RetrievalEvaluator],
+                     heldout_vectors: np.ndarray | None = None) -> dict[str, EvalResult]:
+    """One model on every set; `heldout_vectors` are the model's own corpus vectors when known."""
+    return {e.name: e(encoder, heldout_vectors if e.name == HELDOUT else None) for e in evaluators}
+
+
+# --- merge -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MergeParams:
+    weights: tuple[float, ...] = (0.5, 0.7)
+    with_data: bool = False
+    neg_number: int = 1
+
+
+def merge_variants(candidate_dir: Path, base_path: Path, params: MergeParams, folder: Path,
+                   examples: list[TrainingExample]) -> Iterator[tuple[str, Path]]:
+    """LM-Cocktail merges of candidate and base, one at a time (the caller evaluates each before the next
+    is made, so one model is in memory). A failed merge is logged and skipped: it must not cost the
+    candidate."""
+    from stages.merge import merge_with_base, merge_with_data
+
+    for weight in params.weights:
+        name = f"merged-{weight:g}"
+        try:
+            yield name, merge_with_base(candidate_dir, base_path, weight, folder / name)
+        except Exception as exc:  # noqa: BLE001 - any merge fault; the candidate stands
+            log.warning("merge_failed", weight=weight, error=str(exc))
+    if params.with_data:
+        try:
+            merged, _weights = merge_with_data(candidate_dir, base_path, [asdict(e) for e in examples],
+                                               folder / "merged-data", neg_number=params.neg_number)
+            yield "merged-data", merged
+        except Exception as exc:  # noqa: BLE001
+            log.warning("merge_with_data_failed", error=str(exc))
+
+
+# --- decide ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GateParams:
+    metric: str = "ndcg@10"
+    min_gain: float = 0.005
+    human_tolerance: float = 0.0
+    max_guard_drop: float = 0.01
+    synthetic_only_min_gain: float = 0.01
+    bootstrap_samples: int = 1000
+    seed: int = 42
+
+
+@dataclass
+class Verdict:
+    decision: Decision
+    best: str  # the promoted variant, or the one closest to promotion
+    interval: tuple[float, float] | None
+    reason: str
+    table: dict[str, dict[str, dict]]  # variant -> set -> metrics (JSON)
+
+    @property
+    def promote(self) -> bool:
+        return self.decision.promote
+
+
+def decide_round(results: Results, params: GateParams, folder: Path, train: TrainOutcome | None = None) -> Verdict:
+    """Apply the gate (stages.promote.decide) to the evaluators' primary results; write metrics.json and
+    per_query.json."""
+    scores = {variant: {name: r.primary for name, r in per_set.items() if r.n_queries}
+              for variant, per_set in results.items()}
+    per_query = {variant: {name: r.primary_per_query for name, r in per_set.items()}
+                 for variant, per_set in results.items()}
+    (folder / "per_query.json").write_text(json.dumps(per_query))
+    intervals = {variant: paired_bootstrap(per_query[variant][HELDOUT], per_query[CURRENT][HELDOUT],
+                                           params.bootstrap_samples, params.seed)
+                 for variant in per_query if variant != CURRENT}
+    decision = decide(scores, params.metric, params.min_gain, params.human_tolerance, params.max_guard_drop,
+                      intervals=intervals, synthetic_only_min_gain=params.synthetic_only_min_gain)
+    table = {variant: {name: r.to_json() for name, r in per_set.items()} for variant, per_set in results.items()}
+    best = decision.variant or max((v for v in scores if v != CURRENT), key=lambda v: scores[v].get(HELDOUT, 0.0))
+    interval = intervals.get(best)
+    reason = decision.reason
+    if interval:
+        reason += f" (95% CI of held-out gain for {best}: [{interval[0]:+.4f}, {interval[1]:+.4f}])"
+    verdict = Verdict(decision, best, interval, reason, table)
+    (folder / "metrics.json").write_text(json.dumps({
+        "metric": params.metric, "variants": table, "gains": decision.gains, "interval": interval,
+        "best": best, "cause": decision.cause.value if decision.cause else None,
+        "train": asdict(train) if train else None}, indent=2))
+    return verdict
+

@@ -1,0 +1,188 @@
+"""The promotion gate's policy end to end: real rounds on the tiny model, one per reason to promote or
+reject, on one prepared state directory (copied per case). Rounds run in this process through the same
+`run_round` the round process runs.
+
+The veto cases use evaluation files that the model in service answers perfectly (each query labelled
+with the chunk that model ranks first): a trained candidate can only lose there, and the gate must refuse
+it on that set whatever the held-out gain says.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RunningDaemon, wait_for
+from tests.test_rounds import _corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _settings(root: Path, tiny_embedder: Path, **promotion):
+    from daemon.settings import Settings
+
+    return Settings.model_validate({
+        "paths": {"inbox": str(root / "inbox"), "state_dir": str(root / "state")},
+        "ingest": {"settle_seconds": 0.3, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
+        "model": {"base": str(tiny_embedder), "device": "cpu", "encode_batch_size": 16},
+        "synthesis": {"heldout_fraction": 0.3, "featured_percentage": 1.0},
+        "training": {"min_new_samples": 10_000, "batch_size": 8, "max_pairs": 64, "max_minutes": 5,
+                     "hard_negatives": 1, "learning_rate": 1e-3, "epochs": 10.0},  # ~10 steps: rankings move
+        "promotion": {"min_gain": 0.0, "synthetic_only_min_gain": 0.0, "merge_weights": [0.5],
+                      "bootstrap_samples": 100, **promotion},
+        "logging": {"format": "json", "level": "warning"},
+    })
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory, tiny_embedder) -> Path:
+    """A state directory with ingested documents and filtered pseudo-query pairs, no round yet."""
+    root = tmp_path_factory.mktemp("gate")
+    (root / "inbox").mkdir()
+    _corpus(root / "inbox", documents=10)
+    running = RunningDaemon(_settings(root, tiny_embedder))
+    try:
+        wait_for(lambda: running.scalar("SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train'") >= 10,
+                 timeout=120, message="kept training pairs")
+        wait_for(running.idle, timeout=120, message="pipeline idle")
+    finally:
+        running.stop()
+    return root
+
+
+# Several merges: at least one variant stays close enough to the base to pass the held-out rule, so the
+# veto, not min_gain, is what decides.
+MERGES = [0.3, 0.5, 0.7]
+
+
+def _case(prepared: Path, tmp_path: Path, tiny_embedder: Path, **promotion):
+    shutil.copytree(prepared / "state", tmp_path / "state")
+    (tmp_path / "inbox").mkdir()
+    return _settings(tmp_path, tiny_embedder, **promotion)
+
+
+def _run(settings):
+    from daemon.round_process import run_round
+    from state.db import Database
+    from state.layout import StateLayout
+    from state.round_records import RoundStore
+
+    layout = StateLayout(settings.paths.state_dir).ensure()
+    db = Database(layout.database)
+    round_id = RoundStore(db.conn).create("test", settings.model.base)
+    run_round(settings, layout, round_id)
+    row = RoundStore(db.conn).get(round_id)
+    return row, layout, db
+
+
+def _served_perfectly(settings, path: Path) -> str:
+    """An evaluation file the model in service answers perfectly: every kept query labelled with the
+    chunk that model ranks first. A candidate that learned anything can only tie or lose on it, so a
+    gate that ignores the file's drop would promote a model that got worse there."""
+    import numpy as np
+
+    from daemon.round_process import encode_params
+    from stages.encoder import Encoder
+    from state.db import Database
+    from state.round_records import RoundStore
+
+    inputs = RoundStore(Database(Path(settings.paths.state_dir) / "embedtune.db").conn).inputs(max_pairs=-1)
+    texts = [chunk.text for chunk in inputs.corpus]
+    queries = list(dict.fromkeys([s.query for s in inputs.train] + [h.query for h in inputs.heldout]))
+    encoder = Encoder(Path(settings.model.base), encode_params(settings))
+    top = np.argmax(encoder.queries(queries) @ encoder.passages(texts).T, axis=1)
+    with open(path, "w", encoding="utf-8") as handle:
+        for query, index in zip(queries, top, strict=True):
+            handle.write(json.dumps({"anchor": query, "positive": texts[index]}) + "\n")
+    return str(path)
+
+
+def test_gate_promotes_and_a_failing_hook_is_recorded_after_the_promotion(prepared, tmp_path, tiny_embedder):
+    settings = _case(prepared, tmp_path, tiny_embedder, on_promote="echo reindex failed >&2; exit 3")
+    row, layout, _db = _run(settings)
+    assert (row["state"], row["decision"], row["cause"]) == ("finished", "promoted", None), row["reason"]
+    assert layout.current.resolve().name == str(row["model_id"])
+    hook = json.loads(row["hook"])
+    assert hook["ok"] is False and hook["returncode"] == 3 and "reindex failed" in hook["stderr"]
+    from state.status import format_status, read_status
+
+    status = read_status(layout)
+    assert status["rounds"][0]["hook"]["returncode"] == 3
+    assert "on_promote hook failed (exit 3): reindex failed" in format_status(status)
+
+
+def test_gate_rejects_below_min_gain(prepared, tmp_path, tiny_embedder):
+    row, layout, _db = _run(_case(prepared, tmp_path, tiny_embedder, min_gain=0.9))
+    assert (row["decision"], row["cause"]) == ("rejected", "below_min_gain")
+    assert "min_gain 0.9" in row["reason"] and not layout.current.exists()
+
+
+def test_gate_rule_3b_without_human_signal(prepared, tmp_path, tiny_embedder):
+    settings = _case(prepared, tmp_path, tiny_embedder, synthetic_only_min_gain=0.9)
+    settings.synthesis.pseudo_method = "heading"  # headings were the queries: no structure set
+    row, layout, _db = _run(settings)
+    assert (row["decision"], row["cause"]) == ("rejected", "synthetic_gain_not_convincing")
+    assert json.loads(row["eval_sets"])["sets"] == ["heldout"] and not layout.current.exists()
+
+
+def test_gate_user_file_vetoes_a_candidate_that_loses_on_it(prepared, tmp_path, tiny_embedder):
+    settings = _case(prepared, tmp_path, tiny_embedder, merge_weights=MERGES)
+    settings.promotion.user_eval = _served_perfectly(settings, tmp_path / "user.jsonl")
+    row, layout, _db = _run(settings)
+    gains = json.loads(row["eval_sets"])["gains"]
+    assert any(g["heldout"] >= 0 for g in gains.values()), gains  # the synthetic set alone would promote
+    assert all(g["user"] < 0 for g in gains.values()), gains
+    assert (row["decision"], row["cause"]) == ("rejected", "human_signal_veto"), row["reason"]
+    assert "vetoed by user set" in row["reason"] and not layout.current.exists()
+
+
+def test_gate_guard_set_vetoes_forgetting(prepared, tmp_path, tiny_embedder):
+    settings = _case(prepared, tmp_path, tiny_embedder, max_guard_drop=0.0, merge_weights=MERGES)
+    settings.promotion.guard_eval = _served_perfectly(settings, tmp_path / "guard.jsonl")
+    row, layout, _db = _run(settings)
+    gains = json.loads(row["eval_sets"])["gains"]
+    assert any(g["heldout"] >= 0 for g in gains.values()), gains
+    assert all(g["guard"] < 0 for g in gains.values()), gains
+    assert (row["decision"], row["cause"]) == ("rejected", "guard_veto"), row["reason"]
+    assert not layout.current.exists()
+
+
+def test_sigterm_during_the_hook_leaves_the_round_promoted(prepared, tmp_path, tiny_embedder):
+    """The promotion is recorded before on_promote runs: stopping the round process while the hook runs
+    cannot leave a new model in service beside a round recorded as aborted."""
+    from daemon.round_scheduler import RoundScheduler
+    from state.db import Database
+    from state.layout import StateLayout
+    from state.round_records import RoundStore
+
+    marker = tmp_path / "hook-started"
+    settings = _case(prepared, tmp_path, tiny_embedder, on_promote=f"touch {marker}; sleep 60")
+    layout = StateLayout(settings.paths.state_dir).ensure()
+    db = Database(layout.database)
+    scheduler = RoundScheduler(settings, layout)
+    round_id = scheduler.start(db.conn, "test")
+    wait_for(marker.exists, timeout=180, message="the on_promote hook running")
+    started = time.monotonic()
+    scheduler.stop(db.conn, "daemon shutting down")
+    assert time.monotonic() - started < 30
+    row = RoundStore(db.conn).get(round_id)
+    assert (row["state"], row["decision"]) == ("finished", "promoted"), (row["state"], row["error"])
+    assert layout.current.resolve().name == str(row["model_id"])
+
+
+def test_rounds_never_import_upward():
+    """stages/ and state/ never import daemon/; state/ never imports stages/ (three floors)."""
+    script = ("import sys, stages.round_steps, stages.synthesize, state.status, state.round_records; "
+              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'daemon'))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == "[]"
+    for path in (ROOT / "state").glob("*.py"):
+        assert "from stages" not in path.read_text() and "import stages" not in path.read_text(), path
+
+
