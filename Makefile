@@ -27,7 +27,8 @@ venv: $(BIN)/embedtune
 run: venv
 	$(BIN)/embedtune --config $(CONFIG) run
 
-test: venv
+# CI runs this through .ci/run: lint first (ruff check and ruff format --check), then the suite.
+test: venv lint
 	$(BIN)/python -m pytest -q
 
 test-all: venv

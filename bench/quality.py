@@ -34,15 +34,12 @@ def write_inbox(dataset: Path, inbox: Path) -> int:
     return count
 
 
-def score(model_path: Path, eval_set, batch: int = 64) -> dict:
-    from stages.evaluate import evaluate_retrieval
-    from stages.models import load_embedder
+def score(model_path: Path, eval_set, params) -> dict:
+    """The gate's own evaluator and encoder (query instruction included) on the real queries."""
+    from stages.encoder import Encoder
+    from stages.evaluate import RetrievalEvaluator
 
-    model = load_embedder(model_path, "auto")
-    queries = model.encode(eval_set.queries, batch_size=batch, normalize_embeddings=True, convert_to_numpy=True)
-    corpus = model.encode(eval_set.corpus_texts, batch_size=batch, normalize_embeddings=True,
-                          convert_to_numpy=True)
-    return evaluate_retrieval(queries, corpus, eval_set.relevant)
+    return RetrievalEvaluator(eval_set, "ndcg@10")(Encoder(model_path, params))
 
 
 def main() -> int:
@@ -54,7 +51,9 @@ def main() -> int:
     from stages.merge import merge_with_base
     from stages.models import resolve_model_path
     from state.db import connect
+    from state.pipeline_progress import pipeline_progress
     from state.round_records import RoundStore
+    from state.samples import SampleStore
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dataset", type=Path)
@@ -92,14 +91,13 @@ def main() -> int:
     try:
         while True:
             daemon.heartbeat()
-            busy = conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running','failed')"
-                                ).fetchone()[0]
-            ingested = conn.execute("SELECT COUNT(*) FROM documents WHERE status != 'pending'").fetchone()[0]
-            if ingested >= documents and not busy and not len(daemon.watcher.tracker):
+            progress = pipeline_progress(conn)
+            if progress.documents_done >= documents and not progress.busy_jobs and not len(daemon.watcher.tracker):
                 break
             time.sleep(1.0)
         prepared = time.monotonic() - started
-        funnel = dict(conn.execute("SELECT COALESCE(kept, -1), COUNT(*) FROM samples GROUP BY kept").fetchall())
+        samples = SampleStore(conn)
+        funnel = {1: samples.kept_count(), 0: samples.dropped_count()}
         manager = RoundScheduler(daemon.settings, daemon.layout)
         round_id = manager.start(conn, "bench")
         manager.wait(conn)
@@ -119,9 +117,10 @@ def main() -> int:
     for weight in settings.promotion.merge_weights:
         variants[f"merged-{weight:g}"] = merge_with_base(round_dir / "candidate", base_path, weight,
                                                          round_dir / f"bench-merged-{weight:g}")
+    from daemon.round_process import encode_params
     from stages.promote import paired_bootstrap
 
-    scored = {name: score(path, real) for name, path in variants.items()}
+    scored = {name: score(path, real, encode_params(settings)) for name, path in variants.items()}
     results = {name: result.metrics for name, result in scored.items()}
     real_ci = {name: paired_bootstrap(result.per_query["ndcg@10"], scored["base"].per_query["ndcg@10"])
                for name, result in scored.items() if name != "base"}

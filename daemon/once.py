@@ -88,7 +88,7 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
     from daemon.service import Daemon
     from state.db import connect
     from state.pipeline_progress import pipeline_progress
-    from state.round_records import RoundStore
+    from state.round_records import RoundOutcome, RoundStore
     from state.samples import SampleStore
 
     settings = once_settings(settings, args)
@@ -147,7 +147,7 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
                 best = variants.get(best_name, {}).get("heldout", {})
             summary.append((round_id, row["state"], row["decision"] or "-", current.get(metric),
                             best.get(metric), row["reason"] or row["error"] or ""))
-            if row["decision"] == "promoted" and base_score is not None and best.get(metric) is not None:
+            if row["decision"] == RoundOutcome.PROMOTED and base_score is not None and best.get(metric) is not None:
                 if best[metric] - base_score >= args.increase_rate > 0:
                     print(f"gain over the base reached --increase-rate ({args.increase_rate}); stopping")
                     break

@@ -12,17 +12,18 @@ from daemon.settings import Settings
 from state.db import connect
 from state.layout import StateLayout
 from state.pipeline_progress import report_data
+from state.round_records import RoundOutcome, RoundState
 
 
 def _served_series(rounds, metric_names=("ndcg@10", "recall@10")):
     """Per finished round: the score of the model that served after its decision."""
     points = []
     for row in rounds:
-        if row["state"] != "finished" or not row["current_metrics"]:
+        if row["state"] != RoundState.FINISHED or not row["current_metrics"]:
             continue
         current = json.loads(row["current_metrics"]).get("heldout", {})
         served = current
-        if row["decision"] == "promoted" and row["eval_sets"]:
+        if row["decision"] == RoundOutcome.PROMOTED and row["eval_sets"]:
             best = json.loads(row["eval_sets"]).get("best")
             variants = {"candidate": json.loads(row["candidate_metrics"] or "{}"),
                         **json.loads(row["merged_metrics"] or "{}")}

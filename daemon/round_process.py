@@ -112,7 +112,7 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
         verdict = decide_round(results, gate_params(settings), folder, trained)
     except RoundRejected as rejected:
         records.finish(round_id, RoundOutcome.REJECTED, rejected.reason, None, [], cause=rejected.cause.value)
-        log.info("round_finished", round_id=round_id, decision="rejected", cause=rejected.cause.value)
+        log.info("round_finished", round_id=round_id, decision=RoundOutcome.REJECTED.value, cause=rejected.cause.value)
         return RoundOutcome.REJECTED
 
     table = verdict.table

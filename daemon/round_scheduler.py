@@ -15,7 +15,7 @@ from daemon.settings import Settings
 from state.db import Database
 from state.layout import StateLayout
 from state.queue import JobQueue
-from state.round_records import RoundStore
+from state.round_records import RoundOutcome, RoundState, RoundStore
 from state.samples import SampleStore
 
 log = get_logger("embedtune.rounds")
@@ -111,7 +111,7 @@ class RoundScheduler:
                                   (" (killed by a signal)" if code < 0 else "") +
                                   f"; see {self.layout.round_dir(round_id) / 'child.log'}"):
             log.error("round_aborted", round_id=round_id, returncode=code)
-            return "aborted"
+            return RoundState.ABORTED
         row = RoundStore(conn).get(round_id)
         log.info("round_reaped", round_id=round_id, decision=row["decision"] if row else None)
         return row["decision"] if row else None
@@ -169,7 +169,7 @@ def round_outlook(settings: Settings) -> str:
     status = read_status(StateLayout(settings.paths.state_dir), settings.llm.url)
     training = settings.training
     unused = status["samples"].get("unused_train", 0)
-    running = [r for r in status["rounds"] if r["state"] == "running"]
+    running = [r for r in status["rounds"] if r["state"] == RoundState.RUNNING]
     lines = [f"new kept training pairs: {unused} (a scheduled round needs {training.min_new_samples})"]
     if running:
         lines.append(f"round {running[0]['id']} is running ({running[0]['stage']})")
@@ -210,4 +210,4 @@ def train_now(settings: Settings, foreground: bool = False, config_file: str | N
         return 130
     row = RoundStore(db.conn).get(round_id)
     print(f"round {round_id}: {row['state']} {row['decision'] or ''} {row['reason'] or row['error'] or ''}")
-    return 0 if outcome in ("promoted", "rejected") else 1
+    return 0 if outcome in (RoundOutcome.PROMOTED, RoundOutcome.REJECTED) else 1

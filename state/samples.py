@@ -95,6 +95,12 @@ class SampleStore:
     def unused_train_count(self) -> int:
         return count_unused_train(self.conn)
 
+    def kept_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM samples WHERE kept=1").fetchone()[0]
+
+    def dropped_count(self) -> int:
+        return self.conn.execute("SELECT COUNT(*) FROM samples WHERE kept=0").fetchone()[0]
+
     def kept_train_count(self) -> int:
         return self.conn.execute("SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train'").fetchone()[0]
 

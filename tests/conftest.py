@@ -34,7 +34,7 @@ def make_settings(tmp_path, tiny_embedder):
             "ingest": {"settle_seconds": 0.3, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
             "model": {"base": str(tiny_embedder), "device": "cpu", "encode_batch_size": 16},
             "training": {"min_new_samples": 10_000, "batch_size": 8, "max_pairs": 64, "max_minutes": 5,
-                         "hard_negatives": 1, "learning_rate": 1e-3, "check_minutes": 0.05},
+                         "hard_negatives": 1, "learning_rate": 3e-4, "check_minutes": 0.05},
             "promotion": {"merge_weights": [0.5], "bootstrap_samples": 100},
             "logging": {"format": "json", "level": "warning"},
         }

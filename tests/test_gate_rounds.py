@@ -33,7 +33,7 @@ def _settings(root: Path, tiny_embedder: Path, **promotion):
         "model": {"base": str(tiny_embedder), "device": "cpu", "encode_batch_size": 16},
         "synthesis": {"heldout_fraction": 0.3, "featured_percentage": 1.0},
         "training": {"min_new_samples": 10_000, "batch_size": 8, "max_pairs": 64, "max_minutes": 5,
-                     "hard_negatives": 1, "learning_rate": 1e-3, "epochs": 10.0},  # ~10 steps: rankings move
+                     "hard_negatives": 1, "learning_rate": 3e-4, "epochs": 5.0},  # the tiny model learns
         "promotion": {"min_gain": 0.0, "synthetic_only_min_gain": 0.0, "merge_weights": [0.5],
                       "bootstrap_samples": 100, **promotion},
         "logging": {"format": "json", "level": "warning"},
@@ -56,9 +56,9 @@ def prepared(tmp_path_factory, tiny_embedder) -> Path:
     return root
 
 
-# Several merges: at least one variant stays close enough to the base to pass the held-out rule, so the
-# veto, not min_gain, is what decides.
-MERGES = [0.3, 0.5, 0.7]
+# Every variant must pass the held-out rule so that the veto, not min_gain, decides: the trained candidate
+# and its merges gain on held-out queries at these settings.
+MERGES = [0.5]
 
 
 def _case(prepared: Path, tmp_path: Path, tiny_embedder: Path, **promotion):

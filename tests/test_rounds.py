@@ -30,8 +30,10 @@ def _corpus(inbox, documents: int = 8) -> None:
 
 
 def _round_settings(make_settings, **training):
+    # ~5 steps at lr 3e-4: the tiny model learns the corpus (held-out +0.1 to +0.18 nDCG@10 measured over
+    # lr 1e-4..1e-3 and 3..30 epochs; lr 1e-3 with 10+ epochs overfits and loses).
     return make_settings(
-        training={"min_new_samples": 6, "check_minutes": 0.02, **training},
+        training={"min_new_samples": 6, "check_minutes": 0.02, "epochs": 5.0, **training},
         synthesis={"heldout_fraction": 0.3, "featured_percentage": 1.0},
         promotion={"min_gain": 0.0, "merge_weights": [0.5], "synthetic_only_min_gain": 0.0},
     )
