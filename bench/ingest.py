@@ -36,11 +36,13 @@ def main() -> None:
         staging.mkdir()
         files = generate_corpus(staging, args.files)
         total_bytes = sum(p.stat().st_size for p in files)
-        settings = Settings.model_validate({
-            "paths": {"inbox": str(root / "inbox"), "state_dir": str(root / "state")},
-            "ingest": {"settle_seconds": args.settle, "workers": args.workers, "rescan_minutes": 0},
-            "logging": {"level": "error"},
-        })
+        settings = Settings.model_validate(
+            {
+                "paths": {"inbox": str(root / "inbox"), "state_dir": str(root / "state")},
+                "ingest": {"settle_seconds": args.settle, "workers": args.workers, "rescan_minutes": 0},
+                "logging": {"level": "error"},
+            }
+        )
         daemon = Daemon(settings)
         daemon.start()
         landed: dict[str, float] = {}
@@ -50,25 +52,34 @@ def main() -> None:
             path.rename(target)
             landed[str(target)] = time.time()
         conn = sqlite3.connect(settings.paths.state_dir / "embedtune.db")
-        while conn.execute("SELECT COUNT(*) FROM documents WHERE status IN ('ingested','rejected')").fetchone()[0] \
-                < len(files):
+        while conn.execute(
+            "SELECT COUNT(*) FROM documents WHERE status IN ('ingested','rejected')"
+        ).fetchone()[0] < len(files):
             daemon.heartbeat()
             time.sleep(0.2)
         rows = conn.execute("SELECT path, updated, status FROM documents").fetchall()
         finished = max(datetime.fromisoformat(updated).timestamp() for _p, updated, _s in rows)
         elapsed = finished - started
-        latencies = sorted(datetime.fromisoformat(updated).timestamp() - landed[path] for path, updated, _s in rows)
+        latencies = sorted(
+            datetime.fromisoformat(updated).timestamp() - landed[path] for path, updated, _s in rows
+        )
         chunks = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
         rejected = sum(1 for _p, _u, status in rows if status == "rejected")
         daemon.stop_requested.set()
         daemon.shutdown()
     p95 = latencies[int(0.95 * (len(latencies) - 1))]
-    print(f"files {len(files)} ({total_bytes / 1e6:.1f} MB; txt/md/docx/html, 1/3 Chinese), chunks {chunks}, "
-          f"rejected {rejected}, workers {args.workers}, settle {args.settle}s")
-    print(f"documents/s {len(files) / elapsed:.1f}   MB/s {total_bytes / 1e6 / elapsed:.2f}   "
-          f"wall {elapsed:.1f}s")
-    print(f"latency landing -> chunks committed: p50 {statistics.median(latencies):.2f}s  p95 {p95:.2f}s "
-          f"(includes the {args.settle}s settle period)")
+    print(
+        f"files {len(files)} ({total_bytes / 1e6:.1f} MB; txt/md/docx/html, 1/3 Chinese), chunks {chunks}, "
+        f"rejected {rejected}, workers {args.workers}, settle {args.settle}s"
+    )
+    print(
+        f"documents/s {len(files) / elapsed:.1f}   MB/s {total_bytes / 1e6 / elapsed:.2f}   "
+        f"wall {elapsed:.1f}s"
+    )
+    print(
+        f"latency landing -> chunks committed: p50 {statistics.median(latencies):.2f}s  p95 {p95:.2f}s "
+        f"(includes the {args.settle}s settle period)"
+    )
 
 
 if __name__ == "__main__":

@@ -75,12 +75,14 @@ def main() -> int:
     settings.ingest.settle_seconds = 0.0
     settings.ingest.rescan_minutes = 0.0
     settings.training.min_new_samples = 10**9
-    for value, section, key in ((args.pseudo_method, "synthesis", "pseudo_method"),
-                                (args.max_pairs, "training", "max_pairs"),
-                                (args.learning_rate, "training", "learning_rate"),
-                                (args.epochs, "training", "epochs"),
-                                (args.hard_negatives, "training", "hard_negatives"),
-                                (args.featured_percentage, "synthesis", "featured_percentage")):
+    for value, section, key in (
+        (args.pseudo_method, "synthesis", "pseudo_method"),
+        (args.max_pairs, "training", "max_pairs"),
+        (args.learning_rate, "training", "learning_rate"),
+        (args.epochs, "training", "epochs"),
+        (args.hard_negatives, "training", "hard_negatives"),
+        (args.featured_percentage, "synthesis", "featured_percentage"),
+    ):
         if value is not None:
             setattr(getattr(settings, section), key, value)
     started = time.monotonic()
@@ -92,7 +94,11 @@ def main() -> int:
         while True:
             daemon.heartbeat()
             progress = pipeline_progress(conn)
-            if progress.documents_done >= documents and not progress.busy_jobs and not len(daemon.watcher.tracker):
+            if (
+                progress.documents_done >= documents
+                and not progress.busy_jobs
+                and not len(daemon.watcher.tracker)
+            ):
                 break
             time.sleep(1.0)
         prepared = time.monotonic() - started
@@ -115,37 +121,61 @@ def main() -> int:
     real = load_beir(args.dataset, name="real")
     variants = {"base": base_path, "candidate": round_dir / "candidate"}
     for weight in settings.promotion.merge_weights:
-        variants[f"merged-{weight:g}"] = merge_with_base(round_dir / "candidate", base_path, weight,
-                                                         round_dir / f"bench-merged-{weight:g}")
+        variants[f"merged-{weight:g}"] = merge_with_base(
+            round_dir / "candidate", base_path, weight, round_dir / f"bench-merged-{weight:g}"
+        )
     from daemon.round_process import encode_params
     from stages.promote import paired_bootstrap
 
     scored = {name: score(path, real, encode_params(settings)) for name, path in variants.items()}
     results = {name: result.metrics for name, result in scored.items()}
-    real_ci = {name: paired_bootstrap(result.per_query["ndcg@10"], scored["base"].per_query["ndcg@10"])
-               for name, result in scored.items() if name != "base"}
+    real_ci = {
+        name: paired_bootstrap(result.per_query["ndcg@10"], scored["base"].per_query["ndcg@10"])
+        for name, result in scored.items()
+        if name != "base"
+    }
     promoted = row["decision"] == "promoted"
     served = metrics["best"] if promoted else "base"
     results["promoted" if promoted else "served (base kept)"] = results[served]
-    print(f"\n{args.dataset.name}: {documents} documents, {len(real)} real queries; pseudo method "
-          f"{settings.synthesis.pseudo_method}; samples kept/dropped {funnel.get(1, 0)}/{funnel.get(0, 0)}; "
-          f"train pairs {row['n_train']}, held-out queries {row['n_heldout']}; "
-          f"prep {prepared:.0f}s, total {time.monotonic() - started:.0f}s")
-    print(f"{'model':<22} {'real nDCG@10':>12} {'95% CI vs base':>18} {'real R@10':>10}   "
-          f"gate sets ({settings.promotion.metric})")
+    print(
+        f"\n{args.dataset.name}: {documents} documents, {len(real)} real queries; pseudo method "
+        f"{settings.synthesis.pseudo_method}; samples kept/dropped {funnel.get(1, 0)}/{funnel.get(0, 0)}; "
+        f"train pairs {row['n_train']}, held-out queries {row['n_heldout']}; "
+        f"prep {prepared:.0f}s, total {time.monotonic() - started:.0f}s"
+    )
+    print(
+        f"{'model':<22} {'real nDCG@10':>12} {'95% CI vs base':>18} {'real R@10':>10}   "
+        f"gate sets ({settings.promotion.metric})"
+    )
     for name, values in results.items():
         gate = metrics["variants"].get("current" if name == "base" else name, {})
-        gate_text = "  ".join(f"{set_name} {v.get(settings.promotion.metric, 0):.4f}" for set_name, v in gate.items())
+        gate_text = "  ".join(
+            f"{set_name} {v.get(settings.promotion.metric, 0):.4f}" for set_name, v in gate.items()
+        )
         ci = real_ci.get(name)
         ci_text = f"[{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
-        print(f"{name:<22} {values['ndcg@10']:>12.4f} {ci_text:>18} {values['recall@10']:>10.4f}   {gate_text}")
+        print(
+            f"{name:<22} {values['ndcg@10']:>12.4f} {ci_text:>18} {values['recall@10']:>10.4f}   {gate_text}"
+        )
     print(f"decision: {row['decision']} - {row['reason']}")
     if args.json:
-        args.json.write_text(json.dumps({"dataset": args.dataset.name, "method": settings.synthesis.pseudo_method,
-                                         "real": results, "real_ci_vs_base": real_ci,
-                                         "gate": metrics["variants"], "gate_interval": metrics["interval"], "decision": row["decision"],
-                                         "reason": row["reason"], "n_train": row["n_train"],
-                                         "n_heldout": row["n_heldout"]}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "dataset": args.dataset.name,
+                    "method": settings.synthesis.pseudo_method,
+                    "real": results,
+                    "real_ci_vs_base": real_ci,
+                    "gate": metrics["variants"],
+                    "gate_interval": metrics["interval"],
+                    "decision": row["decision"],
+                    "reason": row["reason"],
+                    "n_train": row["n_train"],
+                    "n_heldout": row["n_heldout"],
+                },
+                indent=1,
+            )
+        )
     if args.keep:
         shutil.copytree(work, args.keep, dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)

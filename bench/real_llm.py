@@ -152,8 +152,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
     documents = write_samples(inbox, topics_limit=args.topics)
     db = state / "embedtune.db"
     log = (workdir / "daemon.log").open("w")
-    daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(config), "run"],
-                              stdout=log, stderr=subprocess.STDOUT)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "--config", str(config), "run"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     started = time.monotonic()
     synthesized_at = None
     try:
@@ -162,8 +165,11 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
             if daemon.poll() is not None:
                 break
             ingested = scalar(db, "SELECT COUNT(*) FROM documents WHERE status IN ('ingested','rejected')")
-            open_jobs = scalar(db, "SELECT COUNT(*) FROM jobs WHERE kind IN ('ingest','synthesize') "
-                                   "AND state IN ('pending','running','failed')")
+            open_jobs = scalar(
+                db,
+                "SELECT COUNT(*) FROM jobs WHERE kind IN ('ingest','synthesize') "
+                "AND state IN ('pending','running','failed')",
+            )
             if ingested >= documents and open_jobs == 0 and scalar(db, "SELECT COUNT(*) FROM chunks"):
                 synthesized_at = synthesized_at or time.monotonic() - started
                 if scalar(db, "SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running','failed')") == 0:
@@ -188,8 +194,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "tokens_per_reply_mean": round(sum(tokens) / len(tokens), 1) if tokens else None,
         "tokens_per_reply_max": max(tokens) if tokens else None,
         "cut_by_length": sum(r.get("finish") == "length" for r in replies),
-        "valid_json_rate": round(sum(r["valid_json"] for r in replies) / len(replies), 3) if replies else None,
-        "reply_seconds_mean": round(sum(r["seconds"] for r in replies) / len(replies), 2) if replies else None,
+        "valid_json_rate": round(sum(r["valid_json"] for r in replies) / len(replies), 3)
+        if replies
+        else None,
+        "reply_seconds_mean": round(sum(r["seconds"] for r in replies) / len(replies), 2)
+        if replies
+        else None,
         "structured": sorted({str(r.get("structured")) for r in replies}),
         "injected": proxy.injected,
         "chunks_synthesized": scalar(db, "SELECT COUNT(DISTINCT chunk_id) FROM samples"),
@@ -198,17 +208,23 @@ def run(args: argparse.Namespace, workdir: Path) -> dict:
         "kept": scalar(db, "SELECT COUNT(*) FROM samples WHERE kept = 1"),
         "jobs_done": scalar(db, "SELECT COUNT(*) FROM jobs WHERE kind='synthesize' AND state='done'"),
         "jobs_dead": scalar(db, "SELECT COUNT(*) FROM jobs WHERE state='dead'"),
-        "attempts_failed": scalar(db, "SELECT COALESCE(SUM(attempts),0) - COUNT(*) FROM jobs "
-                                      "WHERE kind='synthesize' AND state='done'"),
+        "attempts_failed": scalar(
+            db,
+            "SELECT COALESCE(SUM(attempts),0) - COUNT(*) FROM jobs WHERE kind='synthesize' AND state='done'",
+        ),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--upstream", required=True, help="the real server, e.g. http://127.0.0.1:8091")
     parser.add_argument("--model", default="local")
     parser.add_argument("--topics", type=int, default=0, help="Python reference topics beside the two guides")
-    parser.add_argument("--faults", action="store_true", help="inject 10%% 429, 10%% 500, 10%% truncated, 3%% hangs")
+    parser.add_argument(
+        "--faults", action="store_true", help="inject 10%% 429, 10%% 500, 10%% truncated, 3%% hangs"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit-minutes", type=float, default=40.0)
     parser.add_argument("--output", type=Path, help="also write the result as JSON here")

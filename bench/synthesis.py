@@ -23,26 +23,41 @@ from state.documents import DocumentStore, NewChunk
 from state.queue import JobQueue
 from tests.llm_server import FakeLlm
 
-TEXT = ("Solar power converts sunlight into electricity. Panels on the roof feed the city grid. "
-        "Batteries store energy for the night. The river powers a water system too.")
+TEXT = (
+    "Solar power converts sunlight into electricity. Panels on the roof feed the city grid. "
+    "Batteries store energy for the night. The river powers a water system too."
+)
 
 
 def run(concurrency: int, chunks: int, latency: float, workdir: Path) -> dict:
     with FakeLlm(latency=latency) as server:
-        settings = Settings.model_validate({
-            "paths": {"inbox": str(workdir / "inbox"), "state_dir": str(workdir / f"state-{concurrency}")},
-            "llm": {"url": server.url, "concurrency": concurrency, "timeout_s": 30},
-            "synthesis": {"questions_per_chunk": 2, "rewrites_per_question": 1},
-            "logging": {"level": "error"},
-        })
+        settings = Settings.model_validate(
+            {
+                "paths": {
+                    "inbox": str(workdir / "inbox"),
+                    "state_dir": str(workdir / f"state-{concurrency}"),
+                },
+                "llm": {"url": server.url, "concurrency": concurrency, "timeout_s": 30},
+                "synthesis": {"questions_per_chunk": 2, "rewrites_per_question": 1},
+                "logging": {"level": "error"},
+            }
+        )
         db = Database(settings.paths.state_dir / "embedtune.db")
         queue = JobQueue(db.conn)
         store = DocumentStore(db.conn, queue)
         for i in range(chunks):
             store.file_seen(f"/bench/{i}.txt", 1, 1.0)
             job = queue.claim("bench", ["ingest"])
-            store.store_version(job, job.payload["document_id"], f"sha{i}", 1, 1.0, "en",
-                                [NewChunk(0, f"Document {i}. {TEXT}", "", f"c{i}", "en")], 0.1)
+            store.store_version(
+                job,
+                job.payload["document_id"],
+                f"sha{i}",
+                1,
+                1.0,
+                "en",
+                [NewChunk(0, f"Document {i}. {TEXT}", "", f"c{i}", "en")],
+                0.1,
+            )
         service = SynthesisService(settings, CircuitBreaker())
         pool = WorkerPool("synthesize", db.path, {"synthesize": service.handle}, concurrency, idle_poll=0.05)
         started = time.monotonic()
@@ -54,9 +69,14 @@ def run(concurrency: int, chunks: int, latency: float, workdir: Path) -> dict:
         requests = len(server.requests)
         pairs = db.conn.execute("SELECT COUNT(*) FROM samples").fetchone()[0]
     ideal = concurrency / latency
-    return {"concurrency": concurrency, "seconds": elapsed, "requests_per_s": requests / elapsed,
-            "pairs_per_s": pairs / elapsed, "ideal_requests_per_s": ideal,
-            "ratio": (requests / elapsed) / ideal}
+    return {
+        "concurrency": concurrency,
+        "seconds": elapsed,
+        "requests_per_s": requests / elapsed,
+        "pairs_per_s": pairs / elapsed,
+        "ideal_requests_per_s": ideal,
+        "ratio": (requests / elapsed) / ideal,
+    }
 
 
 def main() -> None:
@@ -66,15 +86,20 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     args = parser.parse_args()
     configure_logging("error", "console")
-    print(f"LLM latency {args.latency * 1000:.0f} ms, {args.chunks} chunks, 3 requests per chunk "
-          "(questions, rewrites, judge), 2 questions + 1 rewrite each")
+    print(
+        f"LLM latency {args.latency * 1000:.0f} ms, {args.chunks} chunks, 3 requests per chunk "
+        "(questions, rewrites, judge), 2 questions + 1 rewrite each"
+    )
     print(f"{'conc':>5} {'seconds':>8} {'req/s':>8} {'ideal':>8} {'ratio':>6} {'pairs/s':>8}")
     with tempfile.TemporaryDirectory() as tmp:
         for concurrency in args.concurrency:
             chunks = max(args.chunks, concurrency * 4) if concurrency > 1 else min(args.chunks, 40)
             r = run(concurrency, chunks, args.latency, Path(tmp))
-            print(f"{r['concurrency']:>5} {r['seconds']:>8.1f} {r['requests_per_s']:>8.1f} "
-                  f"{r['ideal_requests_per_s']:>8.1f} {r['ratio']:>6.2f} {r['pairs_per_s']:>8.1f}", flush=True)
+            print(
+                f"{r['concurrency']:>5} {r['seconds']:>8.1f} {r['requests_per_s']:>8.1f} "
+                f"{r['ideal_requests_per_s']:>8.1f} {r['ratio']:>6.2f} {r['pairs_per_s']:>8.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

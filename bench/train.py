@@ -13,9 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-WORDS = ("river city music history solar energy water system database server network model search "
-         "document training data learning language engine storage battery panel grid people study "
-         "linked part long runs files folder often").split()
+WORDS = (
+    "river city music history solar energy water system database server network model search "
+    "document training data learning language engine storage battery panel grid people study "
+    "linked part long runs files folder often"
+).split()
 
 
 def make_pairs(count: int, tokens: int, seed: int = 0) -> list[dict]:
@@ -42,8 +44,11 @@ def random_bert_base(folder: Path) -> Path:
 
     AutoTokenizer.from_pretrained(str(tokenizer_source)).save_pretrained(hf)
     transformer = models.Transformer(str(hf), max_seq_length=256)
-    dim = transformer.get_embedding_dimension() if hasattr(transformer, "get_embedding_dimension") else \
-        transformer.get_word_embedding_dimension()
+    dim = (
+        transformer.get_embedding_dimension()
+        if hasattr(transformer, "get_embedding_dimension")
+        else transformer.get_word_embedding_dimension()
+    )
     model = SentenceTransformer(modules=[transformer, models.Pooling(dim, "mean"), models.Normalize()])
     model.save(str(folder / "st"))
     return folder / "st"
@@ -59,14 +64,30 @@ def plain_trainer(model_path: Path, pairs: list[dict], batch: int, out: Path, pr
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     model = SentenceTransformer(str(model_path))
-    data = Dataset.from_dict({"anchor": [p["query"] for p in pairs], "positive": [p["pos"] for p in pairs],
-                              "negative_1": [p["neg"][0] for p in pairs]})
+    data = Dataset.from_dict(
+        {
+            "anchor": [p["query"] for p in pairs],
+            "positive": [p["pos"] for p in pairs],
+            "negative_1": [p["neg"][0] for p in pairs],
+        }
+    )
     args = SentenceTransformerTrainingArguments(
-        output_dir=str(out), num_train_epochs=1, per_device_train_batch_size=batch, learning_rate=1e-5,
-        save_strategy="no", report_to="none", logging_steps=10, disable_tqdm=True, bf16=precision == "bf16",
-        fp16=precision == "fp16", batch_sampler="no_duplicates", dataloader_drop_last=True)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data,
-                                         loss=MultipleNegativesRankingLoss(model, scale=20.0))
+        output_dir=str(out),
+        num_train_epochs=1,
+        per_device_train_batch_size=batch,
+        learning_rate=1e-5,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10,
+        disable_tqdm=True,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        batch_sampler="no_duplicates",
+        dataloader_drop_last=True,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=data, loss=MultipleNegativesRankingLoss(model, scale=20.0)
+    )
     started = time.monotonic()
     trainer.train()
     return (trainer.state.global_step * batch) / (time.monotonic() - started)
@@ -97,23 +118,34 @@ def main() -> None:
         model_path = random_bert_base(root) if args.random_base else resolve_model_path(args.model)
         pairs = make_pairs(args.pairs, args.tokens)
         precisions = ["fp32", resolve_precision("auto")] if cuda else ["fp32"]
-        print(f"device {device}; model {'BERT-base (random)' if args.random_base else args.model}; "
-              f"{args.pairs} pairs, ~{args.tokens} words/passage, batch {args.batch}")
+        print(
+            f"device {device}; model {'BERT-base (random)' if args.random_base else args.model}; "
+            f"{args.pairs} pairs, ~{args.tokens} words/passage, batch {args.batch}"
+        )
         for precision in dict.fromkeys(precisions):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             plain = plain_trainer(model_path, pairs, args.batch, root / f"plain-{precision}", precision)
-            params = TrainParams(batch_size=args.batch, learning_rate=1e-5, temperature=0.05,
-                                 precision=precision if cuda else "auto", max_minutes=60, warmup_ratio=0.0)
+            params = TrainParams(
+                batch_size=args.batch,
+                learning_rate=1e-5,
+                temperature=0.05,
+                precision=precision if cuda else "auto",
+                max_minutes=60,
+                warmup_ratio=0.0,
+            )
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             outcome = train_model(model_path, root / f"ours-{precision}", pairs, params)
             peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             ours = outcome.pairs_per_second
             tokens_per_s = ours * (args.tokens * 2 + 14)
-            print(f"{precision:>5}: embedtune {ours:7.1f} pairs/s  plain ST trainer {plain:7.1f} pairs/s  "
-                  f"ratio {ours / plain:.2f}  ~{tokens_per_s:,.0f} tokens/s"
-                  + (f"  peak GPU memory {peak:.2f} GiB" if cuda else ""), flush=True)
+            print(
+                f"{precision:>5}: embedtune {ours:7.1f} pairs/s  plain ST trainer {plain:7.1f} pairs/s  "
+                f"ratio {ours / plain:.2f}  ~{tokens_per_s:,.0f} tokens/s"
+                + (f"  peak GPU memory {peak:.2f} GiB" if cuda else ""),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -28,8 +28,11 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="training rounds: without --now, say when the next one starts")
     train.add_argument("--now", action="store_true", help="start a round now, whatever the schedule")
-    train.add_argument("--foreground", action="store_true",
-                       help="with --now: run the round here even if the daemon is running")
+    train.add_argument(
+        "--foreground",
+        action="store_true",
+        help="with --now: run the round here even if the daemon is running",
+    )
 
     jobs = sub.add_parser("requeue", help="give dead jobs a fresh set of attempts")
     jobs.add_argument("--kind", help="only jobs of this kind")
@@ -42,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     add_once_arguments(sub.add_parser("once", help="one-shot: ingest, synthesize and train, then exit"))
 
     export = sub.add_parser("export", help="write the training data for other tools")
-    export.add_argument("--format", required=True, choices=["flagembedding", "sentence-transformers",
-                                                            "rag-eval"])
+    export.add_argument(
+        "--format", required=True, choices=["flagembedding", "sentence-transformers", "rag-eval"]
+    )
     export.add_argument("--output", required=True, help="output file")
 
     report = sub.add_parser("report", help="write an HTML report (and a PNG chart)")

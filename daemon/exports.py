@@ -30,8 +30,10 @@ def mined_examples(settings: Settings, layout: StateLayout, conn) -> list[dict]:
     params = replace(params, count=max(1, params.count))  # an export always carries negatives
     encoder = Encoder(model_in_service(conn, layout, settings), encode_params(settings), layout.cache)
     mined = mine_negatives(snapshot, encoder, params)
-    examples = [{"query": e.query, "pos": e.pos, "neg": e.neg, "pos_score": e.pos_score,
-                 "neg_scores": e.neg_scores} for e in mined.examples]
+    examples = [
+        {"query": e.query, "pos": e.pos, "neg": e.neg, "pos_score": e.pos_score, "neg_scores": e.neg_scores}
+        for e in mined.examples
+    ]
     if settings.model.reranker:
         from FlagEmbedding import FlagReranker
 
@@ -56,9 +58,11 @@ def export(settings: Settings, fmt: str, output: Path) -> int:
     count = 0
     if fmt == "rag-eval":
         inputs = RoundStore(conn).inputs(max_pairs=0)
-        data = {"queries": {f"q{h.id}": h.query for h in inputs.heldout},
-                "corpus": {str(c.id): c.text for c in inputs.corpus},
-                "relevant_docs": {f"q{h.id}": [str(h.chunk_id)] for h in inputs.heldout}}
+        data = {
+            "queries": {f"q{h.id}": h.query for h in inputs.heldout},
+            "corpus": {str(c.id): c.text for c in inputs.corpus},
+            "relevant_docs": {f"q{h.id}": [str(h.chunk_id)] for h in inputs.heldout},
+        }
         output.write_text(json.dumps(data, ensure_ascii=False, indent=1))
         count = len(inputs.heldout)
     else:
@@ -66,9 +70,14 @@ def export(settings: Settings, fmt: str, output: Path) -> int:
         with open(output, "w", encoding="utf-8") as handle:
             for example in examples:
                 if fmt == "flagembedding":
-                    line = {"query": example["query"], "pos": [example["pos"]], "neg": example["neg"],
-                            "pos_scores": [example["pos_score"]], "neg_scores": example["neg_scores"],
-                            "prompt": settings.model.query_instruction}
+                    line = {
+                        "query": example["query"],
+                        "pos": [example["pos"]],
+                        "neg": example["neg"],
+                        "pos_scores": [example["pos_score"]],
+                        "neg_scores": example["neg_scores"],
+                        "prompt": settings.model.query_instruction,
+                    }
                 else:
                     line = {"anchor": example["query"], "positive": example["pos"]}
                     if example["neg"]:

@@ -31,8 +31,14 @@ class Chunker:
 
     def __call__(self, sections) -> list[NewChunk]:
         with self._lock:  # HF fast tokenizers are not re-entrant across threads
-            chunks = chunk_sections(sections, self.counter.count, self.counter.split, self.max_tokens,
-                                    self.overlap, self.min_chars)
+            chunks = chunk_sections(
+                sections,
+                self.counter.count,
+                self.counter.split,
+                self.max_tokens,
+                self.overlap,
+                self.min_chars,
+            )
         return [NewChunk(c.ordinal, c.text, c.heading, c.sha256, detect_language(c.text)) for c in chunks]
 
 
@@ -63,9 +69,18 @@ def make_ingest_handler(settings, chunker: Chunker):
         size = stat_before.st_size if stat_before else len(data)
         mtime = stat_before.st_mtime if stat_before else 0.0
         outcome = store.store_version(
-            ctx.job, doc_id, sha, size, mtime, language, chunks,
-            settings.synthesis.heldout_fraction, settings.ingest.retire_samples,
+            ctx.job,
+            doc_id,
+            sha,
+            size,
+            mtime,
+            language,
+            chunks,
+            settings.synthesis.heldout_fraction,
+            settings.ingest.retire_samples,
         )
-        log.info("document_ingested", path=doc["path"], outcome=outcome, chunks=len(chunks), language=language)
+        log.info(
+            "document_ingested", path=doc["path"], outcome=outcome, chunks=len(chunks), language=language
+        )
 
     return handle

@@ -34,7 +34,9 @@ class Notifier:
             target = "\0" + target[1:]
         message = "\n".join(fields).encode()
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK) as sock:
+            with socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            ) as sock:
                 sock.connect(target)
                 sock.send(message)  # one datagram: all or nothing; EAGAIN when the reader is behind
         except OSError:

@@ -39,7 +39,9 @@ def add_once_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--documents", required=True, help="folder of documents (read recursively)")
     parser.add_argument("--output", default="embedtune-output", help="where the final model and state go")
     parser.add_argument("--dataset-output", help="also write the kept pairs as FlagEmbedding JSON lines here")
-    parser.add_argument("--llm-url", help="OpenAI-compatible endpoint (default: config llm.url; empty = no LLM)")
+    parser.add_argument(
+        "--llm-url", help="OpenAI-compatible endpoint (default: config llm.url; empty = no LLM)"
+    )
     parser.add_argument("--llm-model", help="model name for the endpoint")
     parser.add_argument("--embedding-model", help="base embedding model folder (or packaged:...)")
     parser.add_argument("--reranker-model", help="cross-encoder folder used by the filter")
@@ -49,8 +51,12 @@ def add_once_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rewrites", type=int, help="rewrites per question")
     parser.add_argument("--eval-data", help="your evaluation file (anchor/positive lines or RAG JSON)")
     parser.add_argument("--max-iterations", type=int, default=1, help="rounds at most")
-    parser.add_argument("--increase-rate", type=float, default=0.0,
-                        help="stop once the model beats the base by this much on the gate metric")
+    parser.add_argument(
+        "--increase-rate",
+        type=float,
+        default=0.0,
+        help="stop once the model beats the base by this much on the gate metric",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -62,8 +68,10 @@ def once_settings(settings: Settings, args: argparse.Namespace) -> Settings:
     data["ingest"]["rescan_minutes"] = 0.0
     data["training"]["min_new_samples"] = 10**9  # rounds are started here, not by the scheduler
     overrides = {
-        ("llm", "url"): args.llm_url, ("llm", "model"): args.llm_model,
-        ("model", "base"): args.embedding_model, ("model", "reranker"): args.reranker_model,
+        ("llm", "url"): args.llm_url,
+        ("llm", "model"): args.llm_model,
+        ("model", "base"): args.embedding_model,
+        ("model", "reranker"): args.reranker_model,
         ("synthesis", "featured_percentage"): args.featured_percentage,
         ("synthesis", "judge_threshold"): args.judge_threshold,
         ("synthesis", "questions_per_chunk"): args.questions_per_chunk,
@@ -105,9 +113,15 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
         while True:
             daemon.heartbeat()
             now = pipeline_progress(conn)
-            for bar, (done, total) in zip(bars.values(), ((now.documents_done, now.documents_total),
-                                                          (now.synthesized, now.synthesize_jobs),
-                                                          (now.filtered, now.samples)), strict=True):
+            for bar, (done, total) in zip(
+                bars.values(),
+                (
+                    (now.documents_done, now.documents_total),
+                    (now.synthesized, now.synthesize_jobs),
+                    (now.filtered, now.samples),
+                ),
+                strict=True,
+            ):
                 bar.total = total
                 bar.n = done
                 bar.refresh()
@@ -142,12 +156,26 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
             best = {}
             if row["eval_sets"]:
                 best_name = json.loads(row["eval_sets"]).get("best")
-                variants = {"candidate": json.loads(row["candidate_metrics"] or "{}"),
-                            **json.loads(row["merged_metrics"] or "{}")}
+                variants = {
+                    "candidate": json.loads(row["candidate_metrics"] or "{}"),
+                    **json.loads(row["merged_metrics"] or "{}"),
+                }
                 best = variants.get(best_name, {}).get("heldout", {})
-            summary.append((round_id, row["state"], row["decision"] or "-", current.get(metric),
-                            best.get(metric), row["reason"] or row["error"] or ""))
-            if row["decision"] == RoundOutcome.PROMOTED and base_score is not None and best.get(metric) is not None:
+            summary.append(
+                (
+                    round_id,
+                    row["state"],
+                    row["decision"] or "-",
+                    current.get(metric),
+                    best.get(metric),
+                    row["reason"] or row["error"] or "",
+                )
+            )
+            if (
+                row["decision"] == RoundOutcome.PROMOTED
+                and base_score is not None
+                and best.get(metric) is not None
+            ):
                 if best[metric] - base_score >= args.increase_rate > 0:
                     print(f"gain over the base reached --increase-rate ({args.increase_rate}); stopping")
                     break
@@ -174,7 +202,9 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
 
 def _print_summary(rows, metric: str) -> None:
     print()
-    print(f"{'round':>5}  {'state':<9} {'decision':<9} {'served ' + metric:>16} {'best ' + metric:>14}  reason")
+    print(
+        f"{'round':>5}  {'state':<9} {'decision':<9} {'served ' + metric:>16} {'best ' + metric:>14}  reason"
+    )
     for round_id, state, decision, served, best, reason in rows:
         served_text = f"{served:.4f}" if served is not None else "-"
         best_text = f"{best:.4f}" if best is not None else "-"

@@ -25,8 +25,10 @@ def _served_series(rounds, metric_names=("ndcg@10", "recall@10")):
         served = current
         if row["decision"] == RoundOutcome.PROMOTED and row["eval_sets"]:
             best = json.loads(row["eval_sets"]).get("best")
-            variants = {"candidate": json.loads(row["candidate_metrics"] or "{}"),
-                        **json.loads(row["merged_metrics"] or "{}")}
+            variants = {
+                "candidate": json.loads(row["candidate_metrics"] or "{}"),
+                **json.loads(row["merged_metrics"] or "{}"),
+            }
             served = variants.get(best, {}).get("heldout", current)
         points.append((row["id"], {name: served.get(name) for name in metric_names}))
     return points
@@ -69,16 +71,34 @@ def _chart(rounds, growth, funnel) -> bytes:
 def render_html(rounds, growth, funnel, chunks, png: bytes) -> str:
     rows = []
     for row in reversed(rounds):
+
         def metric(text, name="ndcg@10"):
             value = (json.loads(text or "{}").get("heldout") or {}).get(name)
             return f"{value:.4f}" if isinstance(value, int | float) else "-"
+
         merged = json.loads(row["merged_metrics"] or "{}")
-        merged_text = ", ".join(f"{k}: {(v.get('heldout') or {}).get('ndcg@10', 0):.4f}" for k, v in merged.items())
+        merged_text = ", ".join(
+            f"{k}: {(v.get('heldout') or {}).get('ndcg@10', 0):.4f}" for k, v in merged.items()
+        )
         rows.append(
-            "<tr>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in (
-                row["id"], row["started"][:19], row["state"], row["decision"] or "-", row["n_train"] or 0,
-                row["n_heldout"] or 0, metric(row["current_metrics"]), metric(row["candidate_metrics"]),
-                merged_text or "-", (row["reason"] or row["error"] or "")[:200])) + "</tr>")
+            "<tr>"
+            + "".join(
+                f"<td>{html.escape(str(cell))}</td>"
+                for cell in (
+                    row["id"],
+                    row["started"][:19],
+                    row["state"],
+                    row["decision"] or "-",
+                    row["n_train"] or 0,
+                    row["n_heldout"] or 0,
+                    metric(row["current_metrics"]),
+                    metric(row["candidate_metrics"]),
+                    merged_text or "-",
+                    (row["reason"] or row["error"] or "")[:200],
+                )
+            )
+            + "</tr>"
+        )
     image = base64.b64encode(png).decode()
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>embedtune report</title>
@@ -92,7 +112,7 @@ filtered {funnel[2]}, kept {funnel[3]}.</p>
 <h2>Rounds</h2>
 <table><tr><th>round</th><th>started</th><th>state</th><th>decision</th><th>train pairs</th><th>held-out queries</th>
 <th>current nDCG@10</th><th>candidate nDCG@10</th><th>merged nDCG@10</th><th>reason</th></tr>
-{''.join(rows)}
+{"".join(rows)}
 </table>
 <h2>How to read this</h2>
 <p>The left chart is the held-out score of the model that served after each finished round (a promotion

@@ -41,7 +41,9 @@ class RoundProgress:
         log.info("round_stage", round_id=self.round_id, stage=name, **progress)
 
     def training(self, step: int, total: int, loss: float | None) -> None:
-        self.records.set_stage(self.round_id, "train", step=step, total=total, loss=loss, elapsed_s=self.elapsed())
+        self.records.set_stage(
+            self.round_id, "train", step=step, total=total, loss=loss, elapsed_s=self.elapsed()
+        )
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 1)
@@ -85,15 +87,18 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
     try:
         progress.stage("snapshot")
         snapshot = take_snapshot(records.inputs(settings.training.max_pairs), folder)
-        records.update(round_id, n_train=len(snapshot.train), n_heldout=len(snapshot.heldout),
-                       base_model=str(base_path))
+        records.update(
+            round_id, n_train=len(snapshot.train), n_heldout=len(snapshot.heldout), base_model=str(base_path)
+        )
 
         progress.stage("negatives", queries=len(snapshot.train), corpus=len(snapshot.corpus))
         serving = Encoder(serving_path, encode, layout.cache)
         mined = mine_negatives(snapshot, serving, negative_params(settings), folder)
 
         progress.stage("train", step=0, total=0)
-        trained = train_candidate(init_path, folder, mined.examples, train_params(settings), progress.training)
+        trained = train_candidate(
+            init_path, folder, mined.examples, train_params(settings), progress.training
+        )
 
         progress.stage("evaluate")
         evaluators = build_evaluators(snapshot, eval_plan(settings))
@@ -102,8 +107,9 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
         variant_dirs = {CANDIDATE: folder / CANDIDATE}
         results[CANDIDATE] = evaluate_model(variant_dirs[CANDIDATE], evaluators)
 
-        for name, path in merge_variants(variant_dirs[CANDIDATE], base_path, merge_params(settings), folder,
-                                         mined.examples):
+        for name, path in merge_variants(
+            variant_dirs[CANDIDATE], base_path, merge_params(settings), folder, mined.examples
+        ):
             progress.stage("merge", variant=name)
             results[name] = evaluate_model(path, evaluators)
             variant_dirs[name] = path
@@ -112,24 +118,45 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
         verdict = decide_round(results, gate_params(settings), folder, trained)
     except RoundRejected as rejected:
         records.finish(round_id, RoundOutcome.REJECTED, rejected.reason, None, [], cause=rejected.cause.value)
-        log.info("round_finished", round_id=round_id, decision=RoundOutcome.REJECTED.value, cause=rejected.cause.value)
+        log.info(
+            "round_finished",
+            round_id=round_id,
+            decision=RoundOutcome.REJECTED.value,
+            cause=rejected.cause.value,
+        )
         return RoundOutcome.REJECTED
 
     table = verdict.table
-    records.update(round_id, candidate_metrics=table[CANDIDATE], current_metrics=table[CURRENT],
-                   merged_metrics={k: v for k, v in table.items() if k.startswith("merged")},
-                   eval_sets={"sets": [e.name for e in evaluators], "gains": verdict.decision.gains,
-                              "interval": verdict.interval, "best": verdict.best})
+    records.update(
+        round_id,
+        candidate_metrics=table[CANDIDATE],
+        current_metrics=table[CURRENT],
+        merged_metrics={k: v for k, v in table.items() if k.startswith("merged")},
+        eval_sets={
+            "sets": [e.name for e in evaluators],
+            "gains": verdict.decision.gains,
+            "interval": verdict.interval,
+            "best": verdict.best,
+        },
+    )
     used = [e.sample_id for e in mined.examples]
     if verdict.promote:
-        outcome = promote(registry, records, round_id, variant_dirs[verdict.decision.variant], verdict, current,
-                          used)
-        run_on_promote_hook(settings.promotion.on_promote, layout.current, table[verdict.decision.variant],
-                            records, round_id)
+        outcome = promote(
+            registry, records, round_id, variant_dirs[verdict.decision.variant], verdict, current, used
+        )
+        run_on_promote_hook(
+            settings.promotion.on_promote, layout.current, table[verdict.decision.variant], records, round_id
+        )
     else:
         outcome = RoundOutcome.REJECTED
-        records.finish(round_id, outcome, verdict.reason, None, used,
-                       cause=verdict.decision.cause.value if verdict.decision.cause else None)
+        records.finish(
+            round_id,
+            outcome,
+            verdict.reason,
+            None,
+            used,
+            cause=verdict.decision.cause.value if verdict.decision.cause else None,
+        )
     for name, path in variant_dirs.items():
         if name != CANDIDATE:
             shutil.rmtree(path, ignore_errors=True)  # keep the candidate for audit; merges are reproducible
@@ -137,26 +164,39 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
     return outcome
 
 
-def promote(registry: ModelRegistry, records: RoundStore, round_id: int, variant_dir: Path, verdict,
-            current, used_sample_ids: list[int]) -> RoundOutcome:
+def promote(
+    registry: ModelRegistry,
+    records: RoundStore,
+    round_id: int,
+    variant_dir: Path,
+    verdict,
+    current,
+    used_sample_ids: list[int],
+) -> RoundOutcome:
     """Serve the variant (atomic swap in the registry) and record the round as promoted, before any hook
     runs: a SIGTERM after this point cannot leave a new model in service with an 'aborted' round."""
-    record = registry.register(variant_dir, round_id=round_id, parent_id=current.id if current else None,
-                               metrics={"variant": verdict.decision.variant,
-                                        **verdict.table[verdict.decision.variant]["heldout"]})
+    record = registry.register(
+        variant_dir,
+        round_id=round_id,
+        parent_id=current.id if current else None,
+        metrics={"variant": verdict.decision.variant, **verdict.table[verdict.decision.variant]["heldout"]},
+    )
     registry.promote(record.id, note=f"round {round_id}")
     records.finish(round_id, RoundOutcome.PROMOTED, verdict.reason, record.id, used_sample_ids)
     return RoundOutcome.PROMOTED
 
 
-def run_on_promote_hook(command: str, model_path: Path, metrics: dict, records: RoundStore, round_id: int) -> dict:
+def run_on_promote_hook(
+    command: str, model_path: Path, metrics: dict, records: RoundStore, round_id: int
+) -> dict:
     """Run `promotion.on_promote` after the promotion is recorded; its outcome is stored for `status`."""
     if not command:
         return {}
     env = dict(os.environ, EMBEDTUNE_MODEL_PATH=str(model_path), EMBEDTUNE_METRICS=json.dumps(metrics))
     try:
-        result = subprocess.run(command, shell=True, env=env, timeout=HOOK_TIMEOUT_S, capture_output=True,
-                                text=True)
+        result = subprocess.run(
+            command, shell=True, env=env, timeout=HOOK_TIMEOUT_S, capture_output=True, text=True
+        )
         outcome = {"command": command, "returncode": result.returncode, "stderr": result.stderr[-500:]}
     except subprocess.TimeoutExpired:
         outcome = {"command": command, "returncode": None, "stderr": f"timed out after {HOOK_TIMEOUT_S}s"}
@@ -165,8 +205,9 @@ def run_on_promote_hook(command: str, model_path: Path, metrics: dict, records: 
     if outcome["ok"]:
         log.info("on_promote_ran", round_id=round_id, returncode=0)
     else:
-        log.error("on_promote_failed", round_id=round_id, returncode=outcome["returncode"],
-                  stderr=outcome["stderr"])
+        log.error(
+            "on_promote_failed", round_id=round_id, returncode=outcome["returncode"], stderr=outcome["stderr"]
+        )
     return outcome
 
 
@@ -174,15 +215,18 @@ def run_on_promote_hook(command: str, model_path: Path, metrics: dict, records: 
 def encode_params(settings: Settings):
     from stages.encoder import EncodeParams
 
-    return EncodeParams(settings.model.device, settings.model.query_instruction, settings.model.encode_batch_size)
+    return EncodeParams(
+        settings.model.device, settings.model.query_instruction, settings.model.encode_batch_size
+    )
 
 
 def negative_params(settings: Settings):
     from stages.round_steps import NegativeParams
 
     training = settings.training
-    return NegativeParams(training.hard_negatives, tuple(training.negative_range), training.negative_margin,
-                          training.seed)
+    return NegativeParams(
+        training.hard_negatives, tuple(training.negative_range), training.negative_margin, training.seed
+    )
 
 
 def train_params(settings: Settings):
@@ -190,11 +234,18 @@ def train_params(settings: Settings):
 
     training = settings.training
     return TrainParams(
-        epochs=training.epochs, batch_size=training.batch_size, learning_rate=training.learning_rate,
-        warmup_ratio=training.warmup_ratio, temperature=training.temperature, cached_batch=training.cached_batch,
-        precision=training.precision, gradient_checkpointing=training.gradient_checkpointing,
-        max_minutes=training.max_minutes, query_instruction=settings.model.query_instruction,
-        seed=training.seed, device=settings.model.device,
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        learning_rate=training.learning_rate,
+        warmup_ratio=training.warmup_ratio,
+        temperature=training.temperature,
+        cached_batch=training.cached_batch,
+        precision=training.precision,
+        gradient_checkpointing=training.gradient_checkpointing,
+        max_minutes=training.max_minutes,
+        query_instruction=settings.model.query_instruction,
+        seed=training.seed,
+        device=settings.model.device,
     )
 
 
@@ -204,23 +255,39 @@ def eval_plan(settings: Settings):
     promotion = settings.promotion
     # Headings are human signal only when they were not the training queries themselves.
     use_structure = settings.llm.enabled or settings.synthesis.pseudo_method != "heading"
-    return EvalPlan(promotion.metric, use_structure, promotion.user_eval, promotion.user_eval_query_key,
-                    promotion.user_eval_positive_key, promotion.guard_eval)
+    return EvalPlan(
+        promotion.metric,
+        use_structure,
+        promotion.user_eval,
+        promotion.user_eval_query_key,
+        promotion.user_eval_positive_key,
+        promotion.guard_eval,
+    )
 
 
 def merge_params(settings: Settings):
     from stages.round_steps import MergeParams
 
-    return MergeParams(tuple(settings.promotion.merge_weights), settings.promotion.merge_with_data,
-                       max(1, min(3, settings.training.hard_negatives)))
+    return MergeParams(
+        tuple(settings.promotion.merge_weights),
+        settings.promotion.merge_with_data,
+        max(1, min(3, settings.training.hard_negatives)),
+    )
 
 
 def gate_params(settings: Settings):
     from stages.round_steps import GateParams
 
     promotion = settings.promotion
-    return GateParams(promotion.metric, promotion.min_gain, promotion.human_tolerance, promotion.max_guard_drop,
-                      promotion.synthetic_only_min_gain, promotion.bootstrap_samples, settings.training.seed)
+    return GateParams(
+        promotion.metric,
+        promotion.min_gain,
+        promotion.human_tolerance,
+        promotion.max_guard_drop,
+        promotion.synthetic_only_min_gain,
+        promotion.bootstrap_samples,
+        settings.training.seed,
+    )
 
 
 def _quiet_libraries() -> None:

@@ -86,10 +86,20 @@ class RoundScheduler:
         settings_file.write_text(json.dumps(self.settings.model_dump(mode="json"), indent=2))
         log_file = open(folder / "child.log", "ab")  # noqa: SIM115 - handed to the child
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon.round_process", "--settings", str(settings_file),
-             "--round-id", str(round_id)],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent, cwd=os.getcwd(),
+            [
+                sys.executable,
+                "-m",
+                "daemon.round_process",
+                "--settings",
+                str(settings_file),
+                "--round-id",
+                str(round_id),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+            cwd=os.getcwd(),
         )
         log_file.close()
         self.round_id = round_id
@@ -107,9 +117,12 @@ class RoundScheduler:
             return None
         round_id = self.round_id
         self.process, self.round_id = None, None
-        if RoundStore(conn).abort(round_id, f"round process exited with code {code}" +
-                                  (" (killed by a signal)" if code < 0 else "") +
-                                  f"; see {self.layout.round_dir(round_id) / 'child.log'}"):
+        if RoundStore(conn).abort(
+            round_id,
+            f"round process exited with code {code}"
+            + (" (killed by a signal)" if code < 0 else "")
+            + f"; see {self.layout.round_dir(round_id) / 'child.log'}",
+        ):
             log.error("round_aborted", round_id=round_id, returncode=code)
             return RoundState.ABORTED
         row = RoundStore(conn).get(round_id)
@@ -197,8 +210,10 @@ def train_now(settings: Settings, foreground: bool = False, config_file: str | N
     db = Database(layout.database)
     if status["daemon"]["alive"] and not foreground:
         JobQueue(db.conn).enqueue(REQUEST_KIND, f"{REQUEST_KIND}:{time.time()}", {}, priority=0)
-        print(f"round requested from the running daemon (pid {status['daemon']['pid']}); "
-              "follow it with `embedtune status`")
+        print(
+            f"round requested from the running daemon (pid {status['daemon']['pid']}); "
+            "follow it with `embedtune status`"
+        )
         return 0
     manager = RoundScheduler(settings, layout, config_file)
     round_id = manager.start(db.conn, "manual")

@@ -61,7 +61,7 @@ class DbCallbacks(InboxCallbacks):
     def moved_tree(self, src: str, dest: str) -> None:
         store = self._store()
         for path in store.paths_under(src):
-            store.file_moved(path, dest + path[len(src):])
+            store.file_moved(path, dest + path[len(src) :])
 
     def rejected(self, path: str, reason: str) -> None:
         self._store().reject_path(path, reason)
@@ -105,30 +105,49 @@ class Daemon:
         mark_started(conn, os.getpid(), socket.gethostname())
         for problem in missing_files(self.settings):  # rounds would fail on it: say so at start
             log.error("config_file_missing", problem=problem)
-        log.info("daemon_starting", pid=os.getpid(), state_dir=str(self.layout.root),
-                 inbox=str(self.settings.paths.inbox), released_jobs=released, registry=note,
-                 aborted_rounds=aborted)
+        log.info(
+            "daemon_starting",
+            pid=os.getpid(),
+            state_dir=str(self.layout.root),
+            inbox=str(self.settings.paths.inbox),
+            released_jobs=released,
+            registry=note,
+            aborted_rounds=aborted,
+        )
 
         self.breaker = CircuitBreaker(self.settings.llm.breaker_failures, self.settings.llm.breaker_reset_s)
         self.synthesis = SynthesisService(self.settings, self.breaker)
-        self.filter = FilterService(self.settings, lambda conn: (model_in_service(conn, self.layout, self.settings),
-                                                                 self.layout.cache))
-        chunker = Chunker(self.settings.model.base, self.settings.ingest.chunk_tokens,
-                          self.settings.ingest.chunk_overlap, self.settings.ingest.min_chunk_chars)
-        self.ingest_pool = WorkerPool("ingest", self.layout.database,
-                                      {"ingest": make_ingest_handler(self.settings, chunker)},
-                                      self.settings.ingest.workers)
+        self.filter = FilterService(
+            self.settings,
+            lambda conn: (model_in_service(conn, self.layout, self.settings), self.layout.cache),
+        )
+        chunker = Chunker(
+            self.settings.model.base,
+            self.settings.ingest.chunk_tokens,
+            self.settings.ingest.chunk_overlap,
+            self.settings.ingest.min_chunk_chars,
+        )
+        self.ingest_pool = WorkerPool(
+            "ingest",
+            self.layout.database,
+            {"ingest": make_ingest_handler(self.settings, chunker)},
+            self.settings.ingest.workers,
+        )
         synth_threads = self.settings.llm.concurrency if self.settings.llm.enabled else 1
-        self.synth_pool = WorkerPool("synthesize", self.layout.database,
-                                     {"synthesize": self.synthesis.handle}, synth_threads)
-        self.filter_pool = WorkerPool("filter", self.layout.database, {"filter": self.filter.handle}, 1,
-                                      lease_seconds=1800)
+        self.synth_pool = WorkerPool(
+            "synthesize", self.layout.database, {"synthesize": self.synthesis.handle}, synth_threads
+        )
+        self.filter_pool = WorkerPool(
+            "filter", self.layout.database, {"filter": self.filter.handle}, 1, lease_seconds=1800
+        )
         self.pools = [self.ingest_pool, self.synth_pool, self.filter_pool]
         for pool in self.pools:
             pool.start()
 
         self.callbacks = DbCallbacks(Database(self.layout.database), self.settings, self.ingest_pool.wake.set)
-        self.watcher = InboxWatcher(self.settings.paths.inbox, self.callbacks, self.settings.ingest.settle_seconds)
+        self.watcher = InboxWatcher(
+            self.settings.paths.inbox, self.callbacks, self.settings.ingest.settle_seconds
+        )
         self.watcher.start()
         self.reconcile_inbox()
         self._start_scheduler()
@@ -153,12 +172,27 @@ class Daemon:
         self.scheduler = BackgroundScheduler(daemon=True)
         # First check soon after start-up (work may have accrued while the daemon was down), then every
         # check_minutes. next_run_time=None would add the job paused: it must be a time.
-        first_check = datetime.now(UTC) + timedelta(seconds=min(30.0, self.settings.training.check_minutes * 60))
-        self.scheduler.add_job(self._check_round, "interval", seconds=self.settings.training.check_minutes * 60,
-                               id="round-check", max_instances=1, coalesce=True, next_run_time=first_check)
+        first_check = datetime.now(UTC) + timedelta(
+            seconds=min(30.0, self.settings.training.check_minutes * 60)
+        )
+        self.scheduler.add_job(
+            self._check_round,
+            "interval",
+            seconds=self.settings.training.check_minutes * 60,
+            id="round-check",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=first_check,
+        )
         if self.settings.ingest.rescan_minutes > 0:
-            self.scheduler.add_job(self.reconcile_inbox, "interval", minutes=self.settings.ingest.rescan_minutes,
-                                   id="rescan", max_instances=1, coalesce=True)
+            self.scheduler.add_job(
+                self.reconcile_inbox,
+                "interval",
+                minutes=self.settings.ingest.rescan_minutes,
+                id="rescan",
+                max_instances=1,
+                coalesce=True,
+            )
         self.scheduler.add_job(self._recover_leases, "interval", seconds=30, id="recover", max_instances=1)
         self._schedule_window()
         self.scheduler.start()
@@ -182,8 +216,15 @@ class Daemon:
             self.scheduler.remove_job("round-window")
         trigger = window_trigger(self.settings.training.window)
         if trigger is not None:
-            self.scheduler.add_job(self._check_round, trigger, kwargs={"window_open": True}, id="round-window",
-                                   max_instances=1, coalesce=True, misfire_grace_time=300)
+            self.scheduler.add_job(
+                self._check_round,
+                trigger,
+                kwargs={"window_open": True},
+                id="round-window",
+                max_instances=1,
+                coalesce=True,
+                misfire_grace_time=300,
+            )
 
     # --- main loop ------------------------------------------------------------------------------
     def describe(self) -> str:
@@ -200,8 +241,9 @@ class Daemon:
 
     def heartbeat(self) -> None:
         text = self.describe()
-        write_heartbeat(self.db.conn, text, self.breaker.state.value, self.synthesis.llm_state(),
-                        self.restart_needed)
+        write_heartbeat(
+            self.db.conn, text, self.breaker.state.value, self.synthesis.llm_state(), self.restart_needed
+        )
         self.notifier.status(text)
 
     def run_forever(self, tick: float = 1.0) -> None:
@@ -213,11 +255,17 @@ class Daemon:
                 self.rounds.poll(self.db.conn)
                 if self.rounds.request_pending(self.db.conn) or time.monotonic() - last_round_check > 5.0:
                     last_round_check = time.monotonic()
-                    if self.rounds.request_pending(self.db.conn) or self.settings.training.check_minutes * 60 <= 5:
+                    if (
+                        self.rounds.request_pending(self.db.conn)
+                        or self.settings.training.check_minutes * 60 <= 5
+                    ):
                         self._check_round()
             except Exception:
                 log.exception("main_loop_error")
-            if self.notifier.watchdog_interval and time.monotonic() - last_watchdog >= self.notifier.watchdog_interval:
+            if (
+                self.notifier.watchdog_interval
+                and time.monotonic() - last_watchdog >= self.notifier.watchdog_interval
+            ):
                 self.notifier.watchdog()
                 last_watchdog = time.monotonic()
             if self.reload_requested.is_set():
@@ -242,15 +290,19 @@ class Daemon:
             if self.settings.llm.enabled:
                 self.synth_pool.resize(self.settings.llm.concurrency)
         if "training.check_minutes" in changes and hasattr(self, "scheduler"):
-            self.scheduler.reschedule_job("round-check", trigger="interval",
-                                          seconds=self.settings.training.check_minutes * 60)
+            self.scheduler.reschedule_job(
+                "round-check", trigger="interval", seconds=self.settings.training.check_minutes * 60
+            )
         if "training.window" in changes and hasattr(self, "scheduler"):
             self._schedule_window()
         if "logging.level" in changes:
             configure_logging(self.settings.logging.level, self.settings.logging.format)
         self.rounds.settings = self.settings
-        log.info("settings_reloaded", changed={k: [str(a), str(b)] for k, (a, b) in changes.items()},
-                 restart_needed=self.restart_needed)
+        log.info(
+            "settings_reloaded",
+            changed={k: [str(a), str(b)] for k, (a, b) in changes.items()},
+            restart_needed=self.restart_needed,
+        )
         self.notifier.ready(self.describe())
 
     # --- shutdown -------------------------------------------------------------------------------

@@ -132,8 +132,10 @@ class TrainingSettings(_Section):
         if value == "always":
             return value
         if len(value.split()) != 5:
-            raise ValueError("training.window must be 'always' or a 5-field cron expression "
-                             "(minute hour day month weekday), e.g. '0 2 * * *'")
+            raise ValueError(
+                "training.window must be 'always' or a 5-field cron expression "
+                "(minute hour day month weekday), e.g. '0 2 * * *'"
+            )
         from apscheduler.triggers.cron import CronTrigger  # light; only for a configured window
 
         try:
@@ -144,9 +146,9 @@ class TrainingSettings(_Section):
 
 
 class PromotionSettings(_Section):
-    metric: Literal[
-        "ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "mrr@10", "map@10"
-    ] = "ndcg@10"
+    metric: Literal["ndcg@10", "recall@1", "recall@5", "recall@10", "recall@20", "mrr@10", "map@10"] = (
+        "ndcg@10"
+    )
     min_gain: float = Field(0.005, ge=0)
     merge_weights: list[float] = Field(default_factory=lambda: [0.5, 0.7])
     merge_with_data: bool = False
@@ -199,9 +201,11 @@ LIVE_EXTRA_KEYS = ("logging.level",)
 
 
 def _dotted_items(settings: Settings) -> dict[str, object]:
-    return {f"{section}.{key}": getattr(getattr(settings, section), key)
-            for section, model in type(settings).model_fields.items()
-            for key in model.annotation.model_fields}
+    return {
+        f"{section}.{key}": getattr(getattr(settings, section), key)
+        for section, model in type(settings).model_fields.items()
+        for key in model.annotation.model_fields
+    }
 
 
 def is_live(dotted: str) -> bool:
@@ -292,8 +296,12 @@ def load_settings(path: str | os.PathLike[str] | None = None, *, env: bool = Tru
 
 
 # Keys holding file or folder paths that a config file may give relative to itself.
-RELATIVE_PATH_KEYS = (("paths", "inbox"), ("paths", "state_dir"), ("promotion", "user_eval"),
-                      ("promotion", "guard_eval"))
+RELATIVE_PATH_KEYS = (
+    ("paths", "inbox"),
+    ("paths", "state_dir"),
+    ("promotion", "user_eval"),
+    ("promotion", "guard_eval"),
+)
 # Files that must exist when set; checked by `config check` and at daemon start, not by every load
 # (`status` must answer even when an evaluation file went missing).
 REQUIRED_FILE_KEYS = (("promotion", "user_eval"), ("promotion", "guard_eval"))

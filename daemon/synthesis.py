@@ -36,10 +36,17 @@ def make_llm_client(settings, breaker: CircuitBreaker) -> LlmClient | None:
         return None
     llm = settings.llm
     config = LlmConfig(
-        url=llm.url, model=llm.model, api_key=settings.llm_api_key(), timeout_s=llm.timeout_s,
-        connect_timeout_s=llm.connect_timeout_s, max_retries=llm.max_retries,
-        max_retry_after_s=llm.max_retry_after_s, reask_invalid=llm.reask_invalid,
-        concurrency=llm.concurrency, temperature=llm.temperature, structured=StructuredMode(llm.structured),
+        url=llm.url,
+        model=llm.model,
+        api_key=settings.llm_api_key(),
+        timeout_s=llm.timeout_s,
+        connect_timeout_s=llm.connect_timeout_s,
+        max_retries=llm.max_retries,
+        max_retry_after_s=llm.max_retry_after_s,
+        reask_invalid=llm.reask_invalid,
+        concurrency=llm.concurrency,
+        temperature=llm.temperature,
+        structured=StructuredMode(llm.structured),
     )
     return LlmClient(config, breaker)
 
@@ -71,9 +78,13 @@ class SynthesisService:
         if client is None:
             return None
         snapshot = client.concurrency.snapshot()
-        return {"concurrency": snapshot.limit, "max_concurrency": snapshot.maximum,
-                "in_flight": snapshot.in_flight, "concurrency_reason": snapshot.reason,
-                "structured": client.structured.value}
+        return {
+            "concurrency": snapshot.limit,
+            "max_concurrency": snapshot.maximum,
+            "in_flight": snapshot.in_flight,
+            "concurrency_reason": snapshot.reason,
+            "structured": client.structured.value,
+        }
 
     def handle(self, ctx: JobContext) -> None:
         store = SampleStore(ctx.conn, ctx.queue)
@@ -84,14 +95,26 @@ class SynthesisService:
         settings = self.settings.synthesis
         client = self.client
         if client is None:
-            made = pseudo_queries(chunk["text"], chunk["heading"], chunk["language"], chunk["sha256"],
-                                  settings.pseudo_method, settings.pseudo_per_chunk, settings.seed)
+            made = pseudo_queries(
+                chunk["text"],
+                chunk["heading"],
+                chunk["language"],
+                chunk["sha256"],
+                settings.pseudo_method,
+                settings.pseudo_per_chunk,
+                settings.seed,
+            )
             candidates = [SampleIn(c.query, "pseudo", c.passage, None, None) for c in made]
         else:
             try:
-                made = synthesize_chunk(client, chunk["text"], chunk["language"],
-                                        settings.questions_per_chunk, settings.rewrites_per_question,
-                                        reply_budget(self.settings))
+                made = synthesize_chunk(
+                    client,
+                    chunk["text"],
+                    chunk["language"],
+                    settings.questions_per_chunk,
+                    settings.rewrites_per_question,
+                    reply_budget(self.settings),
+                )
             except BreakerOpen as exc:
                 raise RetryLater(str(exc), exc.retry_in) from exc
             except LlmRejected as exc:
@@ -102,8 +125,9 @@ class SynthesisService:
             except LlmUnavailable as exc:
                 # The endpoint is down: wait for the breaker instead of burning attempts.
                 raise RetryLater(str(exc), max(5.0, self.settings.llm.breaker_reset_s)) from exc
-            candidates = [SampleIn(c.query, c.kind, c.passage, c.judge_score, c.reason, c.parent)
-                          for c in made]
+            candidates = [
+                SampleIn(c.query, c.kind, c.passage, c.judge_score, c.reason, c.parent) for c in made
+            ]
         added = store.store_candidates(ctx.job, chunk, candidates, settings.judge_threshold)
         log.debug("chunk_synthesized", chunk_id=chunk["id"], added=added)
 
@@ -130,15 +154,17 @@ class FilterService:
                 from FlagEmbedding import FlagReranker
 
                 path = resolve_model_path(self.settings.model.reranker)
-                reranker = FlagReranker(str(path), use_fp16=False, devices="cpu" if
-                                        self.settings.model.device == "cpu" else None)
+                reranker = FlagReranker(
+                    str(path), use_fp16=False, devices="cpu" if self.settings.model.device == "cpu" else None
+                )
                 self._scorer, self._loaded_key = reranker_pair_scorer(reranker), key
             return self._scorer
         path, cache_root = self.model_path_provider(conn)
         if str(path) != self._loaded_key:
             model = self.settings.model
-            encoder = Encoder(path, EncodeParams(model.device, model.query_instruction, model.encode_batch_size),
-                              cache_root)
+            encoder = Encoder(
+                path, EncodeParams(model.device, model.query_instruction, model.encode_batch_size), cache_root
+            )
             self._scorer = embedding_pair_scorer(encoder.queries, encoder.passages)
             self._loaded_key, self._encoder = str(path), encoder
         return self._scorer
@@ -157,16 +183,33 @@ class FilterService:
                 index_of = {chunk["id"]: i for i, chunk in enumerate(corpus)}
                 texts = [chunk["text"] for chunk in corpus]
                 bm25 = Bm25Index(texts)
-                items = [FilterInput(row["id"], row["query"], index_of[row["chunk_id"]],
-                                     row["passage"] or row["chunk_text"]) for row in rows]
-                results = filter_pairs(items, texts, bm25, self._scoring(ctx.conn),
-                                       self.settings.synthesis.featured_percentage,
-                                       self.settings.synthesis.filter_candidates)
+                items = [
+                    FilterInput(
+                        row["id"],
+                        row["query"],
+                        index_of[row["chunk_id"]],
+                        row["passage"] or row["chunk_text"],
+                    )
+                    for row in rows
+                ]
+                results = filter_pairs(
+                    items,
+                    texts,
+                    bm25,
+                    self._scoring(ctx.conn),
+                    self.settings.synthesis.featured_percentage,
+                    self.settings.synthesis.filter_candidates,
+                )
                 store.record_filter(results)
                 if self._encoder is not None:
                     self._encoder.save_cache()
-                log.info("filter_pass", samples=len(rows), kept=sum(r.kept for r in results),
-                         corpus=len(corpus), duration_s=round(time.monotonic() - started, 2))
+                log.info(
+                    "filter_pass",
+                    samples=len(rows),
+                    kept=sum(r.kept for r in results),
+                    corpus=len(corpus),
+                    duration_s=round(time.monotonic() - started, 2),
+                )
         ctx.queue.complete(ctx.job)
         if store.count_unfiltered():
             ctx.queue.enqueue("filter", FILTER_KEY, {}, priority=60, requeue_finished=True)

@@ -118,8 +118,9 @@ class SettleTracker:
 class InboxWatcher(FileSystemEventHandler):
     """Owns the watchdog observer and the settle loop thread."""
 
-    def __init__(self, inbox: Path, callbacks: InboxCallbacks, settle_seconds: float,
-                 poll_interval: float = 0.25) -> None:
+    def __init__(
+        self, inbox: Path, callbacks: InboxCallbacks, settle_seconds: float, poll_interval: float = 0.25
+    ) -> None:
         self.inbox = Path(os.path.realpath(inbox))
         self.callbacks = callbacks
         self.tracker = SettleTracker(settle_seconds)
@@ -268,8 +269,12 @@ class InboxWatcher(FileSystemEventHandler):
                     # e.g. the database is locked or the disk is full: keep the file, retry after it
                     # settles again, and say why. Dropping it here would lose it until the next rescan.
                     self.tracker.touch(path)
-                    log.exception("settle_callback_failed", path=safe_path(path), will_retry=True,
-                                  error=f"{type(exc).__name__}: {exc}")
+                    log.exception(
+                        "settle_callback_failed",
+                        path=safe_path(path),
+                        will_retry=True,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
 
     def stop(self) -> None:
         self._stop.set()

@@ -144,14 +144,18 @@ class WorkerPool:
     def start(self) -> None:
         self.leases.start(self.name)
         for index in range(self.threads):
-            thread = threading.Thread(target=self._run, args=(index,), name=f"{self.name}-{index}", daemon=True)
+            thread = threading.Thread(
+                target=self._run, args=(index,), name=f"{self.name}-{index}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
 
     def resize(self, threads: int) -> None:
         """Grow the pool (SIGHUP raising llm.concurrency). Shrinking waits for the next restart."""
         for index in range(len(self._threads), threads):
-            thread = threading.Thread(target=self._run, args=(index,), name=f"{self.name}-{index}", daemon=True)
+            thread = threading.Thread(
+                target=self._run, args=(index,), name=f"{self.name}-{index}", daemon=True
+            )
             thread.start()
             self._threads.append(thread)
         self.threads = max(self.threads, threads)

@@ -46,7 +46,7 @@ class TokenCounter:
         offsets = encoded["offset_mapping"]
         pieces = []
         for start in range(0, len(offsets), max_tokens):
-            window = offsets[start:start + max_tokens]
+            window = offsets[start : start + max_tokens]
             begin = window[0][0]
             end = offsets[start + max_tokens][0] if start + max_tokens < len(offsets) else len(text)
             piece = text[begin:end].strip()
@@ -77,8 +77,10 @@ def _has_cjk(text: str) -> bool:
 def _join(sentences: Sequence[str]) -> str:
     out = ""
     for sentence in sentences:
-        if out and not (_has_cjk(out[-1]) and _has_cjk(sentence[:1])) and not out.endswith(
-            tuple("。！？；…”」")
+        if (
+            out
+            and not (_has_cjk(out[-1]) and _has_cjk(sentence[:1]))
+            and not out.endswith(tuple("。！？；…”」"))
         ):
             out += " "
         elif out and not _has_cjk(sentence[:1]):
@@ -122,7 +124,10 @@ def chunk_sections(
                 carried: list[tuple[str, int]] = []
                 carried_size = 0
                 for prev, prev_size in reversed(current):
-                    if carried_size + prev_size > overlap_tokens or carried_size + prev_size + size > max_tokens:
+                    if (
+                        carried_size + prev_size > overlap_tokens
+                        or carried_size + prev_size + size > max_tokens
+                    ):
                         break
                     carried.insert(0, (prev, prev_size))
                     carried_size += prev_size

@@ -38,8 +38,9 @@ class EmbeddingCache:
         if len(keys) == len(matrix):
             self._vectors = dict(zip(keys, matrix, strict=True))
 
-    def get_many(self, keys: Sequence[str], texts: Sequence[str],
-                 encode: Callable[[list[str]], np.ndarray]) -> np.ndarray:
+    def get_many(
+        self, keys: Sequence[str], texts: Sequence[str], encode: Callable[[list[str]], np.ndarray]
+    ) -> np.ndarray:
         """Vectors for `keys` (chunk hashes), encoding only the missing texts."""
         with self._lock:
             missing = [i for i, key in enumerate(keys) if key not in self._vectors]

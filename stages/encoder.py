@@ -44,8 +44,9 @@ class Encoder:
         if not texts:
             dim = self.model.get_sentence_embedding_dimension() or 0
             return np.zeros((0, dim), dtype=np.float32)
-        return self.model.encode(list(texts), batch_size=self.params.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True).astype(np.float32, copy=False)
+        return self.model.encode(
+            list(texts), batch_size=self.params.batch_size, normalize_embeddings=True, convert_to_numpy=True
+        ).astype(np.float32, copy=False)
 
     def queries(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode([self.params.query_instruction + text for text in texts])

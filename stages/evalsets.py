@@ -32,8 +32,13 @@ class EvalFileError(Exception):
     """An evaluation file that cannot be read; the message says what is wrong."""
 
 
-def load_pairs_jsonl(path: Path, query_key: str = "anchor", positive_key: str = "positive",
-                     name: str = "user", extra_corpus: list[str] | None = None) -> EvalSet:
+def load_pairs_jsonl(
+    path: Path,
+    query_key: str = "anchor",
+    positive_key: str = "positive",
+    name: str = "user",
+    extra_corpus: list[str] | None = None,
+) -> EvalSet:
     queries: list[str] = []
     positives: list[str] = []
     with open(path, encoding="utf-8") as handle:
@@ -44,7 +49,9 @@ def load_pairs_jsonl(path: Path, query_key: str = "anchor", positive_key: str = 
                 row = json.loads(line)
                 query, positive = str(row[query_key]), row[positive_key]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise EvalFileError(f"{path}:{number}: expected JSON with {query_key!r} and {positive_key!r}") from exc
+                raise EvalFileError(
+                    f"{path}:{number}: expected JSON with {query_key!r} and {positive_key!r}"
+                ) from exc
             if isinstance(positive, list):
                 positive = positive[0] if positive else ""
             queries.append(query)
@@ -64,7 +71,9 @@ def load_rag_json(path: Path, name: str = "user") -> EvalSet:
     position = {doc_id: i for i, doc_id in enumerate(corpus_ids)}
     query_ids = [qid for qid in queries if relevant.get(qid)]
     return EvalSet(
-        name, [queries[qid] for qid in query_ids], [corpus[d] for d in corpus_ids],
+        name,
+        [queries[qid] for qid in query_ids],
+        [corpus[d] for d in corpus_ids],
         [{position[d]: 1.0 for d in relevant[qid] if d in position} for qid in query_ids],
     )
 
@@ -106,8 +115,13 @@ def _read_qrels(path: Path):
             yield row[0], row[1], score
 
 
-def load_eval_file(path: str | Path, query_key: str = "anchor", positive_key: str = "positive",
-                   name: str = "user", extra_corpus: list[str] | None = None) -> EvalSet:
+def load_eval_file(
+    path: str | Path,
+    query_key: str = "anchor",
+    positive_key: str = "positive",
+    name: str = "user",
+    extra_corpus: list[str] | None = None,
+) -> EvalSet:
     """Dispatch on what the path holds: a BEIR folder, a RAG dataset JSON, or anchor/positive lines."""
     path = Path(path).expanduser()
     if path.is_dir():

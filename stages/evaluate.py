@@ -57,8 +57,9 @@ def query_metrics(ranked: Sequence[int], relevant: dict[int, float]) -> dict[str
     return out
 
 
-def evaluate_retrieval(query_vectors: np.ndarray, corpus_vectors: np.ndarray,
-                       relevant: Sequence[dict[int, float]]) -> EvalResult:
+def evaluate_retrieval(
+    query_vectors: np.ndarray, corpus_vectors: np.ndarray, relevant: Sequence[dict[int, float]]
+) -> EvalResult:
     if len(relevant) == 0 or len(corpus_vectors) == 0:
         return EvalResult({name: 0.0 for name in METRICS}, {name: [] for name in METRICS}, 0)
     index = build_index(corpus_vectors)
@@ -91,8 +92,11 @@ class RetrievalEvaluator:
         self.primary_metric = primary_metric
 
     def __call__(self, encoder, corpus_vectors: np.ndarray | None = None) -> EvalResult:
-        passages = (corpus_vectors if corpus_vectors is not None
-                    else encoder.passages(self.eval_set.corpus_texts, self.eval_set.corpus_keys))
+        passages = (
+            corpus_vectors
+            if corpus_vectors is not None
+            else encoder.passages(self.eval_set.corpus_texts, self.eval_set.corpus_keys)
+        )
         result = evaluate_retrieval(encoder.queries(self.eval_set.queries), passages, self.eval_set.relevant)
         result.primary_metric = self.primary_metric
         return result

@@ -89,9 +89,9 @@ def _control_ratio(text: str) -> float:
     if not text:
         return 1.0
     bad = sum(
-        1 for ch in text
-        if (unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") and ch not in "\n\r\t\f")
-        or ch == "\ufffd"
+        1
+        for ch in text
+        if (unicodedata.category(ch) in ("Cc", "Cs", "Co", "Cn") and ch not in "\n\r\t\f") or ch == "\ufffd"
     )
     return bad / len(text)
 
@@ -103,7 +103,9 @@ def decode_text(data: bytes) -> tuple[str, str]:
             try:
                 text = data.decode(encoding, errors="strict")
             except UnicodeDecodeError as exc:
-                raise ExtractionError(f"undecodable text: invalid {encoding} after its byte-order mark") from exc
+                raise ExtractionError(
+                    f"undecodable text: invalid {encoding} after its byte-order mark"
+                ) from exc
             return _checked_text(text), encoding
     try:
         return _checked_text(data.decode("utf-8")), "utf-8"
@@ -314,8 +316,9 @@ def extract_html(data: bytes) -> ExtractedDocument:
         body.clear()
 
     root = soup.body or soup
-    for element in root.find_all(["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "td", "blockquote",
-                                  "dd", "dt", "figcaption"]):
+    for element in root.find_all(
+        ["h1", "h2", "h3", "h4", "h5", "h6", "p", "li", "pre", "td", "blockquote", "dd", "dt", "figcaption"]
+    ):
         content = element.get_text(" ", strip=True)
         if not content:
             continue
@@ -362,15 +365,16 @@ def extract_doc(path: Path, data: bytes, timeout: float = 120.0) -> ExtractedDoc
             with tempfile.TemporaryDirectory() as out:
                 subprocess.run(
                     [*command, "--headless", "--convert-to", "txt:Text", "--outdir", out, str(path)],
-                    check=True, capture_output=True, timeout=timeout,
+                    check=True,
+                    capture_output=True,
+                    timeout=timeout,
                 )
                 produced = list(Path(out).glob("*.txt"))
                 if not produced:
                     raise ExtractionError("LibreOffice could not convert this .doc")
                 text, _enc = decode_text(produced[0].read_bytes())
         else:
-            result = subprocess.run([*command, str(path)], check=True, capture_output=True,
-                                    timeout=timeout)
+            result = subprocess.run([*command, str(path)], check=True, capture_output=True, timeout=timeout)
             text, _enc = decode_text(result.stdout)
     except subprocess.CalledProcessError as exc:
         message = (exc.stderr or b"").decode("utf-8", "replace").strip().splitlines()

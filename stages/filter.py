@@ -67,16 +67,23 @@ def filter_pairs(
         rank = 1 + int(np.sum(scores[1:] > scores[0]))
         cutoff = max(1, math.ceil(featured_percentage * len(texts)))
         kept = rank <= cutoff
-        results.append(FilterResult(
-            sample_id=item.sample_id, kept=kept, rank=rank, candidates=len(texts),
-            bm25_score=float(bm25_scores[item.positive_index]), rerank_score=float(scores[0]),
-            reason=None if kept else f"positive ranked {rank} of {len(texts)} (top {cutoff} kept)",
-        ))
+        results.append(
+            FilterResult(
+                sample_id=item.sample_id,
+                kept=kept,
+                rank=rank,
+                candidates=len(texts),
+                bm25_score=float(bm25_scores[item.positive_index]),
+                rerank_score=float(scores[0]),
+                reason=None if kept else f"positive ranked {rank} of {len(texts)} (top {cutoff} kept)",
+            )
+        )
     return results
 
 
-def embedding_pair_scorer(encode_queries: Callable[[list[str]], np.ndarray],
-                          encode_passages: Callable[[list[str]], np.ndarray]) -> PairScorer:
+def embedding_pair_scorer(
+    encode_queries: Callable[[list[str]], np.ndarray], encode_passages: Callable[[list[str]], np.ndarray]
+) -> PairScorer:
     """Similarity of the current embedding model, used when no reranker is configured."""
 
     def score(queries: list[str], passages: list[str]) -> np.ndarray:

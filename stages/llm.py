@@ -171,7 +171,7 @@ def extract_json(text: str) -> Any:
     for opener, closer in (("{", "}"), ("[", "]")):
         start, end = text.find(opener), text.rfind(closer)
         if 0 <= start < end:
-            candidates.append(text[start:end + 1])
+            candidates.append(text[start : end + 1])
     for candidate in candidates:
         try:
             return json.loads(candidate)
@@ -191,7 +191,10 @@ class StructuredMode(StrEnum):
 
 
 # What `auto` tries, strongest first; a server that refuses one with a 4xx gets the next, remembered.
-FALLBACK = {StructuredMode.JSON_SCHEMA: StructuredMode.JSON_OBJECT, StructuredMode.JSON_OBJECT: StructuredMode.OFF}
+FALLBACK = {
+    StructuredMode.JSON_SCHEMA: StructuredMode.JSON_OBJECT,
+    StructuredMode.JSON_OBJECT: StructuredMode.OFF,
+}
 
 
 def response_format(mode: StructuredMode, name: str, schema: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -247,8 +250,12 @@ class LlmClient:
     (read timeout while queued, 429) halves the requests in flight (`AdaptiveConcurrency`) and never opens
     the breaker: a one-slot server is slow, not down."""
 
-    def __init__(self, config: LlmConfig, breaker: CircuitBreaker | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        config: LlmConfig,
+        breaker: CircuitBreaker | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.config = config
         self.endpoint = chat_completions_url(config.url)
         self.breaker = breaker or CircuitBreaker()
@@ -264,7 +271,9 @@ class LlmClient:
         self._http = httpx.Client(
             headers=headers,
             timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
-            limits=httpx.Limits(max_connections=config.concurrency, max_keepalive_connections=config.concurrency),
+            limits=httpx.Limits(
+                max_connections=config.concurrency, max_keepalive_connections=config.concurrency
+            ),
         )
 
     def close(self) -> None:
@@ -277,8 +286,11 @@ class LlmClient:
         Raises LlmUnavailable, LlmRejected or BreakerOpen."""
         while True:
             mode = self.structured
-            body: dict[str, Any] = {"model": self.config.model, "messages": messages,
-                                    "temperature": self.config.temperature}
+            body: dict[str, Any] = {
+                "model": self.config.model,
+                "messages": messages,
+                "temperature": self.config.temperature,
+            }
             if request is not None:
                 if request.max_tokens:
                     body["max_tokens"] = request.max_tokens
@@ -299,8 +311,12 @@ class LlmClient:
         with self._mode_lock:
             if self.structured is refused:
                 self.structured = FALLBACK.get(refused, StructuredMode.OFF)
-                log.warning("llm_structured_fallback", refused=refused.value, now=self.structured.value,
-                            error=str(error)[:200])
+                log.warning(
+                    "llm_structured_fallback",
+                    refused=refused.value,
+                    now=self.structured.value,
+                    error=str(error)[:200],
+                )
         return True
 
     def _send(self, body: dict[str, Any]) -> Completion:
@@ -351,9 +367,13 @@ class LlmClient:
             self.sleep(wait)
         raise LlmUnavailable(f"LLM unavailable after {self.config.max_retries + 1} attempts: {last_error}")
 
-    def ask_json(self, messages: list[dict[str, str]], validate: Callable[[Any], T],
-                 request: JsonRequest | None = None,
-                 reminder: str = "Reply with valid JSON only, exactly in the requested format.") -> T:
+    def ask_json(
+        self,
+        messages: list[dict[str, str]],
+        validate: Callable[[Any], T],
+        request: JsonRequest | None = None,
+        reminder: str = "Reply with valid JSON only, exactly in the requested format.",
+    ) -> T:
         """Ask, parse and validate; re-ask a bounded number of times with the bad reply shown back.
 
         A reply cut by the length limit whose JSON is still complete is used; one whose JSON is broken is
@@ -371,10 +391,14 @@ class LlmClient:
                 if completion.cut_by_length:
                     limit = request.max_tokens if request is not None else None
                     problem = f"reply cut at the length limit (max_tokens={limit}): {problem}"
-                conversation = [*messages, {"role": "assistant", "content": raw[:4000]},
-                                {"role": "user", "content": f"{reminder} Be brief. ({problem})"}]
-        raise InvalidReply(f"reply was not the expected JSON after {self.config.reask_invalid + 1} tries: "
-                           f"{problem}", raw)
+                conversation = [
+                    *messages,
+                    {"role": "assistant", "content": raw[:4000]},
+                    {"role": "user", "content": f"{reminder} Be brief. ({problem})"},
+                ]
+        raise InvalidReply(
+            f"reply was not the expected JSON after {self.config.reask_invalid + 1} tries: {problem}", raw
+        )
 
 
 def _completion(response: httpx.Response) -> Completion:

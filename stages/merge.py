@@ -20,7 +20,9 @@ def restore_st_modules(base: Path, merged: Path) -> None:
     """Make `merged` use exactly the base's non-transformer modules."""
     if not (base / "modules.json").exists():
         return  # a plain HF base: LM_Cocktail's CLS + Normalize is the BGE convention, keep it
-    for entry in json.loads((merged / "modules.json").read_text()) if (merged / "modules.json").exists() else []:
+    for entry in (
+        json.loads((merged / "modules.json").read_text()) if (merged / "modules.json").exists() else []
+    ):
         folder = merged / entry.get("path", "")
         if entry.get("path") and folder.is_dir():
             shutil.rmtree(folder)
@@ -37,14 +39,19 @@ def merge_with_base(candidate: Path, base: Path, candidate_weight: float, output
     from LM_Cocktail import mix_models
 
     with contextlib.redirect_stdout(io.StringIO()):
-        mix_models(model_names_or_paths=[str(candidate), str(base)], model_type="encoder",
-                   weights=[candidate_weight, 1.0 - candidate_weight], output_path=str(output))
+        mix_models(
+            model_names_or_paths=[str(candidate), str(base)],
+            model_type="encoder",
+            weights=[candidate_weight, 1.0 - candidate_weight],
+            output_path=str(output),
+        )
     restore_st_modules(base, output)
     return output
 
 
-def merge_with_data(candidate: Path, base: Path, examples: list[dict], output: Path,
-                    neg_number: int = 3) -> tuple[Path, list[float]]:
+def merge_with_data(
+    candidate: Path, base: Path, examples: list[dict], output: Path, neg_number: int = 3
+) -> tuple[Path, list[float]]:
     """LM-Cocktail's mix_models_with_data: weights chosen by loss on a few examples."""
     from LM_Cocktail import mix_models_with_data
 
@@ -53,10 +60,16 @@ def merge_with_data(candidate: Path, base: Path, examples: list[dict], output: P
         raise ValueError("not enough examples with negatives for mix_models_with_data")
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
-        mix_models_with_data(model_names_or_paths=[str(candidate), str(base)], model_type="encoder",
-                             example_ata=[{"query": e["query"], "pos": [e["pos"]], "neg": e["neg"]} for e in usable],
-                             temperature=5.0, batch_size=2, max_input_length=256, neg_number=neg_number,
-                             output_path=str(output))
+        mix_models_with_data(
+            model_names_or_paths=[str(candidate), str(base)],
+            model_type="encoder",
+            example_ata=[{"query": e["query"], "pos": [e["pos"]], "neg": e["neg"]} for e in usable],
+            temperature=5.0,
+            batch_size=2,
+            max_input_length=256,
+            neg_number=neg_number,
+            output_path=str(output),
+        )
     restore_st_modules(base, output)
     weights = []
     for line in buffer.getvalue().splitlines():

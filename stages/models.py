@@ -26,7 +26,7 @@ class ModelNotFound(Exception):
 
 def resolve_model_path(reference: str) -> Path:
     if reference.startswith(PACKAGED_PREFIX):
-        name = reference[len(PACKAGED_PREFIX):].strip().lower()
+        name = reference[len(PACKAGED_PREFIX) :].strip().lower()
         module_name = PACKAGED.get(name)
         if module_name is None:
             raise ModelNotFound(f"no packaged model named {name!r}; packaged: {', '.join(PACKAGED)}")
@@ -64,8 +64,11 @@ def load_embedder(path: Path | str, device: str = "auto", max_seq_length: int | 
         model = SentenceTransformer(str(folder), device=device, local_files_only=True)
     else:
         transformer = models.Transformer(str(folder))
-        dim = (transformer.get_embedding_dimension() if hasattr(transformer, "get_embedding_dimension")
-           else transformer.get_word_embedding_dimension())
+        dim = (
+            transformer.get_embedding_dimension()
+            if hasattr(transformer, "get_embedding_dimension")
+            else transformer.get_word_embedding_dimension()
+        )
         pooling = models.Pooling(dim, pooling_mode="cls")
         model = SentenceTransformer(modules=[transformer, pooling, models.Normalize()], device=device)
     if max_seq_length:

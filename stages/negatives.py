@@ -41,7 +41,9 @@ def mine_hard_negatives(
     depth = min(index.ntotal, high)
     rng = random.Random(seed)
     queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
-    scores, ids = index.search(queries, depth) if depth else (np.zeros((len(queries), 0)), np.zeros((len(queries), 0)))
+    scores, ids = (
+        index.search(queries, depth) if depth else (np.zeros((len(queries), 0)), np.zeros((len(queries), 0)))
+    )
     results = []
     for row, positives in enumerate(positive_indices):
         positive_score = float(np.dot(queries[row], positive_vectors[row]))

@@ -48,8 +48,9 @@ class Decision:
     cause: RejectionCause | None = None  # set when promote is False
 
 
-def paired_bootstrap(new: Sequence[float], old: Sequence[float], samples: int = 1000,
-                     seed: int = 0) -> tuple[float, float] | None:
+def paired_bootstrap(
+    new: Sequence[float], old: Sequence[float], samples: int = 1000, seed: int = 0
+) -> tuple[float, float] | None:
     """95% interval of mean(new - old) by resampling queries with replacement."""
     if samples <= 0 or len(new) == 0 or len(new) != len(old):
         return None
@@ -75,11 +76,14 @@ def decide(
     `intervals[variant]` is the bootstrap interval of the variant's held-out gain (used by rule 3b).
     """
     if current not in scores or SYNTHETIC not in scores[current]:
-        return Decision(False, None, "no held-out evaluation of the model in service", cause=RejectionCause.NO_BASELINE)
+        return Decision(
+            False, None, "no held-out evaluation of the model in service", cause=RejectionCause.NO_BASELINE
+        )
     baseline = scores[current]
     gains = {
         variant: {name: values[name] - baseline[name] for name in values if name in baseline}
-        for variant, values in scores.items() if variant != current
+        for variant, values in scores.items()
+        if variant != current
     }
     human_signal = any(name in baseline for name in HUMAN_SETS)
     eligible: list[str] = []
@@ -95,8 +99,10 @@ def decide(
             interval = (intervals or {}).get(variant)
             low = interval[0] if interval else synthetic
             if low < synthetic_only_min_gain:
-                refusals.append(f"{variant}: synthetic-only gain not convincing (95% CI low {low:+.4f} "
-                                f"< synthetic_only_min_gain {synthetic_only_min_gain})")
+                refusals.append(
+                    f"{variant}: synthetic-only gain not convincing (95% CI low {low:+.4f} "
+                    f"< synthetic_only_min_gain {synthetic_only_min_gain})"
+                )
                 causes[variant] = RejectionCause.NOT_CONVINCING
                 continue
         for name in HUMAN_SETS:
@@ -104,8 +110,9 @@ def decide(
                 refusals.append(f"{variant}: vetoed by {name} set ({metric} {gain[name]:+.4f})")
                 causes.setdefault(variant, RejectionCause.HUMAN_VETO)
         if GUARD in gain and gain[GUARD] < -max_guard_drop:
-            refusals.append(f"{variant}: vetoed by guard set ({metric} {gain[GUARD]:+.4f} "
-                            f"< -{max_guard_drop})")
+            refusals.append(
+                f"{variant}: vetoed by guard set ({metric} {gain[GUARD]:+.4f} < -{max_guard_drop})"
+            )
             causes.setdefault(variant, RejectionCause.GUARD_VETO)
         if variant not in causes:
             eligible.append(variant)

@@ -9,14 +9,14 @@ PROMPTS: dict[str, dict[str, dict[str, str]]] = {
             "user": (
                 "TASK:questions\nWrite {n} different questions that the passage below answers. Each must be "
                 "answerable from the passage alone, in English, shorter than the passage, and must not copy "
-                "long phrases from it.\nReply as {{\"questions\": [\"...\", ...]}}\n\nPASSAGE:\n{passage}"
+                'long phrases from it.\nReply as {{"questions": ["...", ...]}}\n\nPASSAGE:\n{passage}'
             ),
         },
         "zh": {
             "system": "你为检索模型的训练编写搜索问题。只用 JSON 回答。",
             "user": (
                 "TASK:questions\n请针对下面的段落写出 {n} 个不同的中文问题，每个问题都能仅凭该段落回答，"
-                "比段落短，且不要照抄段落中的长句。\n回答格式：{{\"questions\": [\"...\", ...]}}\n\n段落：\n{passage}"
+                '比段落短，且不要照抄段落中的长句。\n回答格式：{{"questions": ["...", ...]}}\n\n段落：\n{passage}'
             ),
         },
     },
@@ -26,7 +26,7 @@ PROMPTS: dict[str, dict[str, dict[str, str]]] = {
             "user": (
                 "TASK:rewrites\nFor each question below, write {n} rewrite(s) with other wording, as a user "
                 "would type it (shorter, keywords, informal), keeping the meaning and the language.\n"
-                "Reply as {{\"items\": [{{\"question\": \"...\", \"rewrites\": [\"...\"]}}, ...]}}\n\n"
+                'Reply as {{"items": [{{"question": "...", "rewrites": ["..."]}}, ...]}}\n\n'
                 "QUESTIONS:\n{questions}"
             ),
         },
@@ -35,7 +35,7 @@ PROMPTS: dict[str, dict[str, dict[str, str]]] = {
             "user": (
                 "TASK:rewrites\n请把下面每个问题改写 {n} 次，换一种说法，像用户在搜索框里输入的那样"
                 "（更短、关键词、口语化），意思不变，仍用中文。\n"
-                "回答格式：{{\"items\": [{{\"question\": \"...\", \"rewrites\": [\"...\"]}}, ...]}}\n\n问题：\n{questions}"
+                '回答格式：{{"items": [{{"question": "...", "rewrites": ["..."]}}, ...]}}\n\n问题：\n{questions}'
             ),
         },
     },
@@ -44,7 +44,7 @@ PROMPTS: dict[str, dict[str, dict[str, str]]] = {
             "system": "You judge whether a passage answers a question. Reply with JSON only.",
             "user": (
                 "TASK:judge\nFor each numbered question, score from 0 to 1 how well the passage answers it "
-                "(1 = fully and directly, 0 = not at all).\nReply as {{\"scores\": [0.0, ...]}} with exactly "
+                '(1 = fully and directly, 0 = not at all).\nReply as {{"scores": [0.0, ...]}} with exactly '
                 "{n} numbers in order.\n\nPASSAGE:\n{passage}\n\nQUESTIONS:\n{questions}"
             ),
         },
@@ -52,7 +52,7 @@ PROMPTS: dict[str, dict[str, dict[str, str]]] = {
             "system": "你判断一个段落是否回答了问题。只用 JSON 回答。",
             "user": (
                 "TASK:judge\n请为每个编号的问题打分（0 到 1），表示该段落回答它的程度"
-                "（1 = 完整直接地回答，0 = 完全没有回答）。\n回答格式：{{\"scores\": [0.0, ...]}}，"
+                '（1 = 完整直接地回答，0 = 完全没有回答）。\n回答格式：{{"scores": [0.0, ...]}}，'
                 "按顺序恰好 {n} 个数。\n\n段落：\n{passage}\n\n问题：\n{questions}"
             ),
         },

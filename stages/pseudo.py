@@ -55,7 +55,7 @@ def span(text: str, language: str, rng: random.Random, count: int) -> list[Candi
     for _ in range(count):
         length = rng.randint(low, high)
         start = rng.randrange(0, len(words) - length)
-        out.append(Candidate(_join_words(words[start:start + length], language), "pseudo"))
+        out.append(Candidate(_join_words(words[start : start + length], language), "pseudo"))
     return out
 
 
@@ -76,8 +76,9 @@ def heading(text: str, heading_path: str, rng: random.Random, count: int) -> lis
     return inverse_cloze(text, rng, count)
 
 
-def pseudo_queries(text: str, heading_path: str, language: str, chunk_sha: str, method: str, count: int,
-                   seed: int = 0) -> list[Candidate]:
+def pseudo_queries(
+    text: str, heading_path: str, language: str, chunk_sha: str, method: str, count: int, seed: int = 0
+) -> list[Candidate]:
     rng = _rng(chunk_sha, seed)
     if method == "heading":
         return heading(text, heading_path, rng, count)

@@ -70,15 +70,26 @@ def take_snapshot(inputs: RoundInputs, folder: Path) -> Snapshot:
     """Fix the round's data and write it down (corpus.jsonl, heldout.jsonl)."""
     active = {chunk.id for chunk in inputs.corpus}
     snapshot = Snapshot(inputs.corpus, inputs.train, [h for h in inputs.heldout if h.chunk_id in active])
-    write_jsonl(folder / "corpus.jsonl", ({"chunk_id": c.id, "sha256": c.sha256, "split": c.split,
-                                           "heading": c.heading, "text": c.text} for c in snapshot.corpus))
-    write_jsonl(folder / "heldout.jsonl", ({"sample_id": h.id, "query": h.query, "chunk_id": h.chunk_id,
-                                            "kind": h.kind} for h in snapshot.heldout))
+    write_jsonl(
+        folder / "corpus.jsonl",
+        (
+            {"chunk_id": c.id, "sha256": c.sha256, "split": c.split, "heading": c.heading, "text": c.text}
+            for c in snapshot.corpus
+        ),
+    )
+    write_jsonl(
+        folder / "heldout.jsonl",
+        (
+            {"sample_id": h.id, "query": h.query, "chunk_id": h.chunk_id, "kind": h.kind}
+            for h in snapshot.heldout
+        ),
+    )
     if len(snapshot.train) < 2:
         raise RoundRejected(RejectionCause.NOT_ENOUGH_SAMPLES, "not enough kept training samples")
     if not snapshot.heldout:
-        raise RoundRejected(RejectionCause.NO_HELDOUT,
-                            "no held-out queries yet (need a held-out document with kept samples)")
+        raise RoundRejected(
+            RejectionCause.NO_HELDOUT, "no held-out queries yet (need a held-out document with kept samples)"
+        )
     return snapshot
 
 
@@ -107,8 +118,9 @@ class MinedSet:
     corpus_vectors: np.ndarray  # the serving model's passage vectors, reused by evaluation
 
 
-def mine_negatives(snapshot: Snapshot, serving: Encoder, params: NegativeParams,
-                   folder: Path | None = None) -> MinedSet:
+def mine_negatives(
+    snapshot: Snapshot, serving: Encoder, params: NegativeParams, folder: Path | None = None
+) -> MinedSet:
     """Hard negatives for every training pair, retrieved by the model in service (hn_mine's recipe).
     The one miner: rounds and `embedtune export` both call it."""
     corpus_vectors = serving.passages(snapshot.texts, snapshot.keys)
@@ -119,12 +131,21 @@ def mine_negatives(snapshot: Snapshot, serving: Encoder, params: NegativeParams,
             serving.queries([s.query for s in snapshot.train]),
             [{snapshot.position.get(s.chunk_id, -1)} for s in snapshot.train],
             serving.passages([s.passage for s in snapshot.train]),
-            build_index(corpus_vectors), params.count, params.rank_range, params.margin, params.seed,
+            build_index(corpus_vectors),
+            params.count,
+            params.rank_range,
+            params.margin,
+            params.seed,
         )
     examples = [
-        TrainingExample(sample.query, sample.passage,
-                        [snapshot.texts[j] for j in mined[i].negatives] if mined else [], sample.id,
-                        mined[i].positive_score if mined else None, mined[i].negative_scores if mined else [])
+        TrainingExample(
+            sample.query,
+            sample.passage,
+            [snapshot.texts[j] for j in mined[i].negatives] if mined else [],
+            sample.id,
+            mined[i].positive_score if mined else None,
+            mined[i].negative_scores if mined else [],
+        )
         for i, sample in enumerate(snapshot.train)
     ]
     serving.save_cache()
@@ -134,14 +155,20 @@ def mine_negatives(snapshot: Snapshot, serving: Encoder, params: NegativeParams,
 
 
 # --- train -------------------------------------------------------------------------------------------
-def train_candidate(init_path: Path, folder: Path, examples: list[TrainingExample], params: TrainParams,
-                    progress: ProgressFn | None = None) -> TrainOutcome:
+def train_candidate(
+    init_path: Path,
+    folder: Path,
+    examples: list[TrainingExample],
+    params: TrainParams,
+    progress: ProgressFn | None = None,
+) -> TrainOutcome:
     """Fine-tune from `init_path` into folder/candidate; a run that took no step is a rejection."""
     outcome = train_model(init_path, folder / CANDIDATE, [asdict(e) for e in examples], params, progress)
     (folder / "train_outcome.json").write_text(json.dumps(asdict(outcome), indent=2))
     if outcome.steps == 0:
-        raise RoundRejected(RejectionCause.NO_TRAINING_STEP,
-                            "training ran no step (too few distinct pairs for one batch)")
+        raise RoundRejected(
+            RejectionCause.NO_TRAINING_STEP, "training ran no step (too few distinct pairs for one batch)"
+        )
     return outcome
 
 
@@ -162,14 +189,24 @@ HELDOUT = "heldout"
 
 
 def build_evaluators(snapshot: Snapshot, plan: EvalPlan) -> list[RetrievalEvaluator]:
-    sets = [EvalSet(HELDOUT, [h.query for h in snapshot.heldout], snapshot.texts,
-                    [{snapshot.position[h.chunk_id]: 1.0} for h in snapshot.heldout], snapshot.keys)]
+    sets = [
+        EvalSet(
+            HELDOUT,
+            [h.query for h in snapshot.heldout],
+            snapshot.texts,
+            [{snapshot.position[h.chunk_id]: 1.0} for h in snapshot.heldout],
+            snapshot.keys,
+        )
+    ]
     structure = structure_set(snapshot.corpus)
     if plan.use_structure and len(structure) >= 3:
         sets.append(structure)
     if plan.user_eval:
-        sets.append(load_eval_file(plan.user_eval, plan.user_query_key, plan.user_positive_key, "user",
-                                   snapshot.texts))
+        sets.append(
+            load_eval_file(
+                plan.user_eval, plan.user_query_key, plan.user_positive_key, "user", snapshot.texts
+            )
+        )
     if plan.guard_eval:
         sets.append(load_eval_file(plan.guard_eval, name="guard"))
     return [RetrievalEvaluator(eval_set, plan.metric) for eval_set in sets]
@@ -178,8 +215,9 @@ def build_evaluators(snapshot: Snapshot, plan: EvalPlan) -> list[RetrievalEvalua
 Results = dict[str, dict[str, EvalResult]]  # variant -> evaluator name -> result
 
 
-def evaluate_variant(encoder: Encoder, evaluators: list[RetrievalEvaluator],
-                     heldout_vectors: np.ndarray | None = None) -> dict[str, EvalResult]:
+def evaluate_variant(
+    encoder: Encoder, evaluators: list[RetrievalEvaluator], heldout_vectors: np.ndarray | None = None
+) -> dict[str, EvalResult]:
     """One model on every set; `heldout_vectors` are the model's own corpus vectors when known."""
     return {e.name: e(encoder, heldout_vectors if e.name == HELDOUT else None) for e in evaluators}
 
@@ -192,8 +230,9 @@ class MergeParams:
     neg_number: int = 1
 
 
-def merge_variants(candidate_dir: Path, base_path: Path, params: MergeParams, folder: Path,
-                   examples: list[TrainingExample]) -> Iterator[tuple[str, Path]]:
+def merge_variants(
+    candidate_dir: Path, base_path: Path, params: MergeParams, folder: Path, examples: list[TrainingExample]
+) -> Iterator[tuple[str, Path]]:
     """LM-Cocktail merges of candidate and base, one at a time (the caller evaluates each before the next
     is made, so one model is in memory). A failed merge is logged and skipped: it must not cost the
     candidate."""
@@ -207,8 +246,13 @@ def merge_variants(candidate_dir: Path, base_path: Path, params: MergeParams, fo
             log.warning("merge_failed", weight=weight, error=str(exc))
     if params.with_data:
         try:
-            merged, _weights = merge_with_data(candidate_dir, base_path, [asdict(e) for e in examples],
-                                               folder / "merged-data", neg_number=params.neg_number)
+            merged, _weights = merge_with_data(
+                candidate_dir,
+                base_path,
+                [asdict(e) for e in examples],
+                folder / "merged-data",
+                neg_number=params.neg_number,
+            )
             yield "merged-data", merged
         except Exception as exc:  # noqa: BLE001
             log.warning("merge_with_data_failed", error=str(exc))
@@ -239,29 +283,59 @@ class Verdict:
         return self.decision.promote
 
 
-def decide_round(results: Results, params: GateParams, folder: Path, train: TrainOutcome | None = None) -> Verdict:
+def decide_round(
+    results: Results, params: GateParams, folder: Path, train: TrainOutcome | None = None
+) -> Verdict:
     """Apply the gate (stages.promote.decide) to the evaluators' primary results; write metrics.json and
     per_query.json."""
-    scores = {variant: {name: r.primary for name, r in per_set.items() if r.n_queries}
-              for variant, per_set in results.items()}
-    per_query = {variant: {name: r.primary_per_query for name, r in per_set.items()}
-                 for variant, per_set in results.items()}
+    scores = {
+        variant: {name: r.primary for name, r in per_set.items() if r.n_queries}
+        for variant, per_set in results.items()
+    }
+    per_query = {
+        variant: {name: r.primary_per_query for name, r in per_set.items()}
+        for variant, per_set in results.items()
+    }
     (folder / "per_query.json").write_text(json.dumps(per_query))
-    intervals = {variant: paired_bootstrap(per_query[variant][HELDOUT], per_query[CURRENT][HELDOUT],
-                                           params.bootstrap_samples, params.seed)
-                 for variant in per_query if variant != CURRENT}
-    decision = decide(scores, params.metric, params.min_gain, params.human_tolerance, params.max_guard_drop,
-                      intervals=intervals, synthetic_only_min_gain=params.synthetic_only_min_gain)
-    table = {variant: {name: r.to_json() for name, r in per_set.items()} for variant, per_set in results.items()}
-    best = decision.variant or max((v for v in scores if v != CURRENT), key=lambda v: scores[v].get(HELDOUT, 0.0))
+    intervals = {
+        variant: paired_bootstrap(
+            per_query[variant][HELDOUT], per_query[CURRENT][HELDOUT], params.bootstrap_samples, params.seed
+        )
+        for variant in per_query
+        if variant != CURRENT
+    }
+    decision = decide(
+        scores,
+        params.metric,
+        params.min_gain,
+        params.human_tolerance,
+        params.max_guard_drop,
+        intervals=intervals,
+        synthetic_only_min_gain=params.synthetic_only_min_gain,
+    )
+    table = {
+        variant: {name: r.to_json() for name, r in per_set.items()} for variant, per_set in results.items()
+    }
+    best = decision.variant or max(
+        (v for v in scores if v != CURRENT), key=lambda v: scores[v].get(HELDOUT, 0.0)
+    )
     interval = intervals.get(best)
     reason = decision.reason
     if interval:
         reason += f" (95% CI of held-out gain for {best}: [{interval[0]:+.4f}, {interval[1]:+.4f}])"
     verdict = Verdict(decision, best, interval, reason, table)
-    (folder / "metrics.json").write_text(json.dumps({
-        "metric": params.metric, "variants": table, "gains": decision.gains, "interval": interval,
-        "best": best, "cause": decision.cause.value if decision.cause else None,
-        "train": asdict(train) if train else None}, indent=2))
+    (folder / "metrics.json").write_text(
+        json.dumps(
+            {
+                "metric": params.metric,
+                "variants": table,
+                "gains": decision.gains,
+                "interval": interval,
+                "best": best,
+                "cause": decision.cause.value if decision.cause else None,
+                "train": asdict(train) if train else None,
+            },
+            indent=2,
+        )
+    )
     return verdict
-

@@ -71,13 +71,21 @@ def check_query(query: str, passage: str, language: str) -> str | None:
     return None
 
 
-def synthesize_chunk(client: LlmClient, passage: str, language: str, questions_per_chunk: int,
-                     rewrites_per_question: int, budget: ReplyBudget | None = None) -> list[Candidate]:
+def synthesize_chunk(
+    client: LlmClient,
+    passage: str,
+    language: str,
+    questions_per_chunk: int,
+    rewrites_per_question: int,
+    budget: ReplyBudget | None = None,
+) -> list[Candidate]:
     budget = budget or ReplyBudget()
     questions = client.ask_json(
         messages("questions", language, n=questions_per_chunk, passage=passage),
         lambda value: _string_list(value, "questions"),
-        JsonRequest("questions", schema("questions", questions_per_chunk), budget.questions(questions_per_chunk)),
+        JsonRequest(
+            "questions", schema("questions", questions_per_chunk), budget.questions(questions_per_chunk)
+        ),
     )[: questions_per_chunk * 2]
     candidates: list[Candidate] = []
     seen: set[str] = set()
@@ -88,6 +96,7 @@ def synthesize_chunk(client: LlmClient, passage: str, language: str, questions_p
         candidates.append(Candidate(question, "question", reason=check_query(question, passage, language)))
     good_questions = [c.query for c in candidates if c.reason is None]
     if rewrites_per_question and good_questions:
+
         def parse_rewrites(value: Any) -> list[tuple[str, list[str]]]:
             if not isinstance(value, dict) or not isinstance(value.get("items"), list):
                 raise ValueError('expected {"items": [...]}')
@@ -95,8 +104,9 @@ def synthesize_chunk(client: LlmClient, passage: str, language: str, questions_p
             for index, item in enumerate(value["items"]):
                 if not isinstance(item, dict):
                     raise ValueError("items must be objects")
-                parent = str(item.get("question") or (good_questions[index] if index < len(good_questions)
-                                                      else ""))
+                parent = str(
+                    item.get("question") or (good_questions[index] if index < len(good_questions) else "")
+                )
                 rewrites = [str(r).strip() for r in item.get("rewrites", []) if str(r).strip()]
                 out.append((parent, rewrites[:rewrites_per_question]))
             if not any(rewrites for _p, rewrites in out):
@@ -106,22 +116,30 @@ def synthesize_chunk(client: LlmClient, passage: str, language: str, questions_p
         for parent, rewrites in client.ask_json(
             messages("rewrites", language, n=rewrites_per_question, questions=numbered(good_questions)),
             parse_rewrites,
-            JsonRequest("rewrites", schema("rewrites", len(good_questions)),
-                        budget.rewrites(len(good_questions), rewrites_per_question)),
+            JsonRequest(
+                "rewrites",
+                schema("rewrites", len(good_questions)),
+                budget.rewrites(len(good_questions), rewrites_per_question),
+            ),
         ):
             for rewrite in rewrites:
                 if rewrite in seen:
                     continue
                 seen.add(rewrite)
-                candidates.append(Candidate(rewrite, "rewrite", parent=parent,
-                                            reason=check_query(rewrite, passage, language)))
+                candidates.append(
+                    Candidate(
+                        rewrite, "rewrite", parent=parent, reason=check_query(rewrite, passage, language)
+                    )
+                )
     to_judge = [c for c in candidates if c.reason is None]
     if to_judge:
         _judge(client, passage, language, to_judge, budget)
     return candidates
 
 
-def _judge(client: LlmClient, passage: str, language: str, to_judge: list[Candidate], budget: ReplyBudget) -> None:
+def _judge(
+    client: LlmClient, passage: str, language: str, to_judge: list[Candidate], budget: ReplyBudget
+) -> None:
     """Score every candidate in one request; when a (small) model keeps returning the wrong number of
     scores, score them one at a time, and mark a candidate whose single judgement still fails instead of
     failing the whole chunk (measured: a 0.5B model miscounts a 7-item list, rarely a 1-item one)."""
@@ -136,7 +154,9 @@ def _judge(client: LlmClient, passage: str, language: str, to_judge: list[Candid
             return [min(1.0, max(0.0, score)) for score in scores]
 
         return client.ask_json(
-            messages("judge", language, n=len(batch), passage=passage, questions=numbered([c.query for c in batch])),
+            messages(
+                "judge", language, n=len(batch), passage=passage, questions=numbered([c.query for c in batch])
+            ),
             parse_scores,
             JsonRequest("judge", schema("judge", len(batch)), budget.judge(len(batch))),
         )

@@ -113,8 +113,14 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
-def train_model(base_path: Path, output_dir: Path, examples: list[dict], params: TrainParams,
-                progress: ProgressFn | None = None, model=None) -> TrainOutcome:
+def train_model(
+    base_path: Path,
+    output_dir: Path,
+    examples: list[dict],
+    params: TrainParams,
+    progress: ProgressFn | None = None,
+    model=None,
+) -> TrainOutcome:
     import torch
     from sentence_transformers import (
         SentenceTransformerTrainer,
@@ -179,8 +185,9 @@ def train_model(base_path: Path, output_dir: Path, examples: list[dict], params:
                 control.should_training_stop = True
             return control
 
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset, loss=loss,
-                                         callbacks=[Progress()])
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[Progress()]
+    )
     result = trainer.train()
     seconds = time.monotonic() - started
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -191,8 +198,11 @@ def train_model(base_path: Path, output_dir: Path, examples: list[dict], params:
     steps = trainer.state.global_step
     pairs = steps * batch_size
     return TrainOutcome(
-        steps=steps, total_steps=trainer.state.max_steps,
+        steps=steps,
+        total_steps=trainer.state.max_steps,
         final_loss=state["loss"] if state["loss"] is not None else getattr(result, "training_loss", None),
-        seconds=seconds, pairs_per_second=pairs / seconds if seconds else 0.0,
-        stopped_early=state["stopped"], precision=precision,
+        seconds=seconds,
+        pairs_per_second=pairs / seconds if seconds else 0.0,
+        stopped_early=state["stopped"],
+        precision=precision,
     )

@@ -79,8 +79,11 @@ class DocumentStore:
                     (size, mtime, now, doc_id),
                 )
             return self.queue.enqueue(
-                "ingest", ingest_job_key(doc_id, size, mtime), {"document_id": doc_id, "path": path},
-                priority=10, in_transaction=True,
+                "ingest",
+                ingest_job_key(doc_id, size, mtime),
+                {"document_id": doc_id, "path": path},
+                priority=10,
+                in_transaction=True,
             )
 
     def reject_path(self, path: str, reason: str) -> None:
@@ -129,7 +132,9 @@ class DocumentStore:
                     "UPDATE documents SET path=?, status='deleted', updated=? WHERE id=?",
                     (f"{dest}\x00replaced:{existing['id']}", utcnow(), existing["id"]),
                 )
-            self.conn.execute("UPDATE documents SET path=?, updated=? WHERE id=?", (dest, utcnow(), row["id"]))
+            self.conn.execute(
+                "UPDATE documents SET path=?, updated=? WHERE id=?", (dest, utcnow(), row["id"])
+            )
         return True
 
     # --- ingest side ----------------------------------------------------------------------------
@@ -191,11 +196,25 @@ class DocumentStore:
                     "INSERT INTO chunks (document_id, version, ordinal, text, heading, sha256, language, split, "
                     "active, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?) "
                     "ON CONFLICT(document_id, version, ordinal) DO UPDATE SET active=1 RETURNING id",
-                    (doc_id, sha256, chunk.ordinal, chunk.text, chunk.heading, chunk.sha256, chunk.language,
-                     split, now),
+                    (
+                        doc_id,
+                        sha256,
+                        chunk.ordinal,
+                        chunk.text,
+                        chunk.heading,
+                        chunk.sha256,
+                        chunk.language,
+                        split,
+                        now,
+                    ),
                 ).fetchone()
-                self.queue.enqueue("synthesize", f"synthesize:{row[0]}", {"chunk_id": row[0]},
-                                   priority=50, in_transaction=True)
+                self.queue.enqueue(
+                    "synthesize",
+                    f"synthesize:{row[0]}",
+                    {"chunk_id": row[0]},
+                    priority=50,
+                    in_transaction=True,
+                )
             self.queue.complete(job, in_transaction=True)
         return "stored"
 
@@ -210,8 +229,17 @@ class DocumentStore:
             self.conn.execute(
                 "UPDATE documents SET sha256=?, first_sha256=?, size=?, mtime=?, status='ingested', "
                 "duplicate_of=?, split=?, error=?, updated=? WHERE id=?",
-                (twin["sha256"], twin["first_sha256"], size, mtime, twin["id"], twin["split"],
-                 f"same content as {twin['path']}", now, doc["id"]),
+                (
+                    twin["sha256"],
+                    twin["first_sha256"],
+                    size,
+                    mtime,
+                    twin["id"],
+                    twin["split"],
+                    f"same content as {twin['path']}",
+                    now,
+                    doc["id"],
+                ),
             )
             return "duplicate"
         path = doc["path"]
@@ -260,12 +288,17 @@ class DocumentStore:
         ).fetchone()
         if copy is None:
             return
-        self.conn.execute("UPDATE documents SET duplicate_of=? WHERE duplicate_of=? AND id != ?",
-                          (copy["id"], row["id"], copy["id"]))
-        self.conn.execute("UPDATE chunks SET document_id=?, active=1 WHERE document_id=? AND version=?",
-                          (copy["id"], row["id"], row["sha256"]))
+        self.conn.execute(
+            "UPDATE documents SET duplicate_of=? WHERE duplicate_of=? AND id != ?",
+            (copy["id"], row["id"], copy["id"]),
+        )
+        self.conn.execute(
+            "UPDATE chunks SET document_id=?, active=1 WHERE document_id=? AND version=?",
+            (copy["id"], row["id"], row["sha256"]),
+        )
         self.conn.execute("UPDATE documents SET duplicate_of=NULL, error=NULL WHERE id=?", (copy["id"],))
         self.conn.execute(
             "UPDATE samples SET kept=NULL, reason=NULL WHERE reason='source retired' AND chunk_id IN "
-            "(SELECT id FROM chunks WHERE document_id=?)", (copy["id"],)
+            "(SELECT id FROM chunks WHERE document_id=?)",
+            (copy["id"],),
         )

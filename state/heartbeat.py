@@ -19,14 +19,25 @@ def mark_started(conn: sqlite3.Connection, pid: int, host: str) -> None:
         )
 
 
-def write_heartbeat(conn: sqlite3.Connection, activity: str, breaker: str, llm: dict[str, Any] | None,
-                    restart_needed: list[str] | None = None) -> None:
+def write_heartbeat(
+    conn: sqlite3.Connection,
+    activity: str,
+    breaker: str,
+    llm: dict[str, Any] | None,
+    restart_needed: list[str] | None = None,
+) -> None:
     with transaction(conn):
         conn.execute(
             "UPDATE daemon SET heartbeat=?, heartbeat_ts=?, activity=?, breaker=?, llm=?, restart_keys=? "
             "WHERE id=1",
-            (utcnow(), time.time(), activity, breaker, json.dumps(llm) if llm is not None else None,
-             json.dumps(restart_needed or [])),
+            (
+                utcnow(),
+                time.time(),
+                activity,
+                breaker,
+                json.dumps(llm) if llm is not None else None,
+                json.dumps(restart_needed or []),
+            ),
         )
 
 

@@ -21,10 +21,12 @@ class PipelineProgress:
 def pipeline_progress(conn: sqlite3.Connection) -> PipelineProgress:
     documents = conn.execute("SELECT SUM(status != 'pending'), COUNT(*) FROM documents").fetchone()
     synthesis = conn.execute(
-        "SELECT SUM(state IN ('done','dead')), COUNT(*) FROM jobs WHERE kind='synthesize'").fetchone()
+        "SELECT SUM(state IN ('done','dead')), COUNT(*) FROM jobs WHERE kind='synthesize'"
+    ).fetchone()
     samples = conn.execute("SELECT SUM(kept IS NOT NULL), COUNT(*) FROM samples").fetchone()
-    busy = conn.execute("SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running','failed') "
-                        "AND kind != 'round_request'").fetchone()[0]
+    busy = conn.execute(
+        "SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running','failed') AND kind != 'round_request'"
+    ).fetchone()[0]
     values = [int(v or 0) for v in (*documents, *synthesis, *samples)]
     return PipelineProgress(*values, busy_jobs=int(busy))
 
@@ -41,7 +43,8 @@ def report_data(conn: sqlite3.Connection) -> ReportData:
     rounds = conn.execute("SELECT * FROM rounds ORDER BY id").fetchall()
     growth = conn.execute(
         "SELECT substr(first_seen, 1, 10) AS day, COUNT(*) AS n FROM documents WHERE status='ingested' "
-        "GROUP BY day ORDER BY day").fetchall()
+        "GROUP BY day ORDER BY day"
+    ).fetchall()
     funnel = conn.execute(
         "SELECT COUNT(*), SUM(judge_score IS NOT NULL OR kind='pseudo'), "
         "SUM(kept IS NOT NULL AND (reason IS NULL OR reason NOT LIKE 'judge score%')), SUM(kept=1) FROM samples"

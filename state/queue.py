@@ -165,8 +165,15 @@ class JobQueue:
                 "UPDATE jobs SET state=?, lease_owner=NULL, lease_until=NULL, last_error=?, "
                 "raw_reply=COALESCE(?, raw_reply), not_before=?, updated=? "
                 "WHERE id=? AND state='running' AND lease_owner=?",
-                (state.value, error[:2000], raw_reply, self.clock() + wait, utcnow(), job.id,
-                 job.lease_owner),
+                (
+                    state.value,
+                    error[:2000],
+                    raw_reply,
+                    self.clock() + wait,
+                    utcnow(),
+                    job.id,
+                    job.lease_owner,
+                ),
             )
         if cursor.rowcount == 0:
             raise LeaseLost(f"job {job.id} is no longer leased to {job.lease_owner}")
@@ -217,9 +224,12 @@ class JobQueue:
             return self.conn.execute(sql, params).rowcount
 
     def has_pending(self, kind: str) -> bool:
-        return self.conn.execute(
-            "SELECT 1 FROM jobs WHERE kind=? AND state='pending' LIMIT 1", (kind,)
-        ).fetchone() is not None
+        return (
+            self.conn.execute(
+                "SELECT 1 FROM jobs WHERE kind=? AND state='pending' LIMIT 1", (kind,)
+            ).fetchone()
+            is not None
+        )
 
     def take_pending(self, kind: str) -> int:
         """Mark every pending job of `kind` done at once (requests that one action answers, such as

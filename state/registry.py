@@ -225,9 +225,7 @@ class ModelRegistry:
                 "AND id != ?",
                 (now, model_id),
             )
-            self.conn.execute(
-                "UPDATE models SET promoted_at=?, retired_at=NULL WHERE id=?", (now, model_id)
-            )
+            self.conn.execute("UPDATE models SET promoted_at=?, retired_at=NULL WHERE id=?", (now, model_id))
             self.conn.execute(
                 "INSERT INTO promotions (model_id, action, at, note) VALUES (?, ?, ?, ?)",
                 (model_id, action, now, note),

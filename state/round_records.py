@@ -66,7 +66,9 @@ class RoundStore:
         self.conn = conn
 
     def running(self) -> sqlite3.Row | None:
-        return self.conn.execute("SELECT * FROM rounds WHERE state='running' ORDER BY id DESC LIMIT 1").fetchone()
+        return self.conn.execute(
+            "SELECT * FROM rounds WHERE state='running' ORDER BY id DESC LIMIT 1"
+        ).fetchone()
 
     def get(self, round_id: int) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM rounds WHERE id=?", (round_id,)).fetchone()
@@ -98,8 +100,15 @@ class RoundStore:
         with transaction(self.conn):
             self.conn.execute(f"UPDATE rounds SET {columns} WHERE id=?", (*values, round_id))
 
-    def finish(self, round_id: int, decision: RoundOutcome, reason: str, model_id: int | None,
-               used_sample_ids: list[int], cause: str | None = None) -> None:
+    def finish(
+        self,
+        round_id: int,
+        decision: RoundOutcome,
+        reason: str,
+        model_id: int | None,
+        used_sample_ids: list[int],
+        cause: str | None = None,
+    ) -> None:
         """Record the decision. `cause` is the machine-readable reason of a rejection (an identifier
         such as "below_min_gain"); `reason` is the sentence for people."""
         with transaction(self.conn):
@@ -135,16 +144,26 @@ class RoundStore:
     def inputs(self, max_pairs: int) -> RoundInputs:
         """The active corpus, the kept training samples (not yet used first, newest first, up to
         max_pairs) and the kept held-out samples whose chunk is still active."""
-        corpus = [CorpusChunk(r["id"], r["document_id"], r["text"], r["heading"] or "", r["sha256"], r["split"])
-                  for r in self.conn.execute(
-                      "SELECT id, document_id, text, heading, sha256, split FROM chunks WHERE active=1 ORDER BY id")]
-        train = [TrainSample(r["id"], r["query"], r["passage"], r["chunk_id"], r["kind"])
-                 for r in self.conn.execute(
-                     "SELECT s.id, s.query, COALESCE(s.passage, c.text) AS passage, s.chunk_id, s.kind "
-                     "FROM samples s JOIN chunks c ON c.id=s.chunk_id WHERE s.kept=1 AND s.split='train' "
-                     "ORDER BY s.round_id IS NOT NULL, s.id DESC LIMIT ?", (max_pairs,))]
-        heldout = [HeldoutSample(r["id"], r["query"], r["chunk_id"], r["kind"])
-                   for r in self.conn.execute(
-                       "SELECT s.id, s.query, s.chunk_id, s.kind FROM samples s JOIN chunks c ON c.id=s.chunk_id "
-                       "WHERE s.kept=1 AND s.split='heldout' AND c.active=1 ORDER BY s.id")]
+        corpus = [
+            CorpusChunk(r["id"], r["document_id"], r["text"], r["heading"] or "", r["sha256"], r["split"])
+            for r in self.conn.execute(
+                "SELECT id, document_id, text, heading, sha256, split FROM chunks WHERE active=1 ORDER BY id"
+            )
+        ]
+        train = [
+            TrainSample(r["id"], r["query"], r["passage"], r["chunk_id"], r["kind"])
+            for r in self.conn.execute(
+                "SELECT s.id, s.query, COALESCE(s.passage, c.text) AS passage, s.chunk_id, s.kind "
+                "FROM samples s JOIN chunks c ON c.id=s.chunk_id WHERE s.kept=1 AND s.split='train' "
+                "ORDER BY s.round_id IS NOT NULL, s.id DESC LIMIT ?",
+                (max_pairs,),
+            )
+        ]
+        heldout = [
+            HeldoutSample(r["id"], r["query"], r["chunk_id"], r["kind"])
+            for r in self.conn.execute(
+                "SELECT s.id, s.query, s.chunk_id, s.kind FROM samples s JOIN chunks c ON c.id=s.chunk_id "
+                "WHERE s.kept=1 AND s.split='heldout' AND c.active=1 ORDER BY s.id"
+            )
+        ]
         return RoundInputs(corpus, train, heldout)

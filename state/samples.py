@@ -30,8 +30,9 @@ class SampleStore:
     def chunk(self, chunk_id: int) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM chunks WHERE id=?", (chunk_id,)).fetchone()
 
-    def store_candidates(self, job: Job, chunk: sqlite3.Row, candidates: Sequence[SampleIn],
-                         judge_threshold: float) -> int:
+    def store_candidates(
+        self, job: Job, chunk: sqlite3.Row, candidates: Sequence[SampleIn], judge_threshold: float
+    ) -> int:
         """Insert the chunk's pairs and finish its job in one transaction; a re-run inserts nothing new."""
         now = utcnow()
         added = 0
@@ -47,8 +48,18 @@ class SampleStore:
                     "INSERT INTO samples (chunk_id, query, kind, parent_id, passage, split, judge_score, kept, "
                     "reason, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                     "ON CONFLICT(chunk_id, kind, query) DO NOTHING RETURNING id",
-                    (chunk["id"], candidate.query, candidate.kind, parents.get(candidate.parent or ""),
-                     candidate.passage, chunk["split"], candidate.judge_score, kept, reason, now),
+                    (
+                        chunk["id"],
+                        candidate.query,
+                        candidate.kind,
+                        parents.get(candidate.parent or ""),
+                        candidate.passage,
+                        chunk["split"],
+                        candidate.judge_score,
+                        kept,
+                        reason,
+                        now,
+                    ),
                 ).fetchone()
                 if row is not None:
                     added += 1
@@ -56,8 +67,15 @@ class SampleStore:
                         parents[candidate.query] = row[0]
             self.queue.complete(job, in_transaction=True)
             if added:
-                self.queue.enqueue("filter", FILTER_KEY, {}, priority=60, delay=2.0, requeue_finished=True,
-                                   in_transaction=True)
+                self.queue.enqueue(
+                    "filter",
+                    FILTER_KEY,
+                    {},
+                    priority=60,
+                    delay=2.0,
+                    requeue_finished=True,
+                    in_transaction=True,
+                )
         return added
 
     def unfiltered(self, limit: int) -> list[sqlite3.Row]:

@@ -23,15 +23,37 @@ MAX_ROUNDS = 10
 
 def empty_status(llm_url: str = "") -> dict[str, Any]:
     return {
-        "daemon": {"alive": False, "pid": None, "heartbeat": None, "activity": "never started",
-                   "restart_needed": []},
+        "daemon": {
+            "alive": False,
+            "pid": None,
+            "heartbeat": None,
+            "activity": "never started",
+            "restart_needed": [],
+        },
         "documents": {"pending": 0, "ingested": 0, "rejected": 0, "deleted": 0, "rejections": []},
         "chunks": {"active": 0, "retired": 0},
-        "samples": {"total": 0, "question": 0, "rewrite": 0, "pseudo": 0, "structure": 0, "train": 0,
-                    "heldout": 0, "kept": 0, "dropped": 0, "unfiltered": 0, "unused_train": 0},
+        "samples": {
+            "total": 0,
+            "question": 0,
+            "rewrite": 0,
+            "pseudo": 0,
+            "structure": 0,
+            "train": 0,
+            "heldout": 0,
+            "kept": 0,
+            "dropped": 0,
+            "unfiltered": 0,
+            "unused_train": 0,
+        },
         "jobs": {"pending": 0, "running": 0, "done": 0, "failed": 0, "dead": 0, "recent_errors": []},
-        "llm": {"url": llm_url, "breaker": "closed", "concurrency": None, "max_concurrency": None,
-                "concurrency_reason": None, "structured": None},
+        "llm": {
+            "url": llm_url,
+            "breaker": "closed",
+            "concurrency": None,
+            "max_concurrency": None,
+            "concurrency_reason": None,
+            "structured": None,
+        },
         "rounds": [],
         "model": {"current": None, "path": None, "metrics": {}},
     }
@@ -59,16 +81,21 @@ def _loads(text: str | None) -> Any:
 def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout, now: float) -> None:
     row = conn.execute("SELECT * FROM daemon WHERE id=1").fetchone()
     if row is not None:
-        alive = bool(row["pid"]) and row["heartbeat_ts"] is not None and (
-            now - row["heartbeat_ts"] < HEARTBEAT_STALE_S
-        ) and row["activity"] != "stopped"
+        alive = (
+            bool(row["pid"])
+            and row["heartbeat_ts"] is not None
+            and (now - row["heartbeat_ts"] < HEARTBEAT_STALE_S)
+            and row["activity"] != "stopped"
+        )
         status["daemon"] = {
             "alive": alive,
             "pid": row["pid"] if alive else None,
             "heartbeat": row["heartbeat"],
             "activity": row["activity"] if alive else f"not running (last: {row['activity']})",
             "started": row["started"],
-            "restart_needed": (_loads(row["restart_keys"]) or []) if alive and "restart_keys" in row.keys() else [],
+            "restart_needed": (_loads(row["restart_keys"]) or [])
+            if alive and "restart_keys" in row.keys()
+            else [],
         }
         status["llm"]["breaker"] = row["breaker"]
         llm_state = _loads(row["llm"]) if "llm" in row.keys() else None
@@ -108,8 +135,14 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
         for r in conn.execute("SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state")
     }
     jobs["recent_errors"] = [
-        {"id": r["id"], "kind": r["kind"], "state": r["state"], "attempts": r["attempts"],
-         "error": r["last_error"], "updated": r["updated"]}
+        {
+            "id": r["id"],
+            "kind": r["kind"],
+            "state": r["state"],
+            "attempts": r["attempts"],
+            "error": r["last_error"],
+            "updated": r["updated"],
+        }
         for r in conn.execute(
             "SELECT id, kind, state, attempts, last_error, updated FROM jobs "
             "WHERE state IN ('failed','dead') AND last_error IS NOT NULL ORDER BY updated DESC LIMIT ?",
@@ -119,28 +152,30 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
 
     rounds = []
     for r in conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT ?", (MAX_ROUNDS,)):
-        rounds.append({
-            "id": r["id"],
-            "state": r["state"],
-            "stage": r["stage"],
-            "decision": r["decision"],
-            "reason": r["reason"] or r["error"] or "",
-            "started": r["started"],
-            "finished": r["finished"],
-            "trigger": r["trigger"],
-            "progress": _loads(r["progress"]) or {},
-            "n_train": r["n_train"],
-            "n_heldout": r["n_heldout"],
-            "metrics": {
-                "candidate": _loads(r["candidate_metrics"]),
-                "merged": _loads(r["merged_metrics"]),
-                "current": _loads(r["current_metrics"]),
-                "eval_sets": _loads(r["eval_sets"]),
-            },
-            "model_id": r["model_id"],
-            "cause": r["cause"] if "cause" in r.keys() else None,
-            "hook": (_loads(r["hook"]) if "hook" in r.keys() else None),
-        })
+        rounds.append(
+            {
+                "id": r["id"],
+                "state": r["state"],
+                "stage": r["stage"],
+                "decision": r["decision"],
+                "reason": r["reason"] or r["error"] or "",
+                "started": r["started"],
+                "finished": r["finished"],
+                "trigger": r["trigger"],
+                "progress": _loads(r["progress"]) or {},
+                "n_train": r["n_train"],
+                "n_heldout": r["n_heldout"],
+                "metrics": {
+                    "candidate": _loads(r["candidate_metrics"]),
+                    "merged": _loads(r["merged_metrics"]),
+                    "current": _loads(r["current_metrics"]),
+                    "eval_sets": _loads(r["eval_sets"]),
+                },
+                "model_id": r["model_id"],
+                "cause": r["cause"] if "cause" in r.keys() else None,
+                "hook": (_loads(r["hook"]) if "hook" in r.keys() else None),
+            }
+        )
     status["rounds"] = rounds
 
     model = conn.execute(
@@ -166,7 +201,11 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"daemon    {'alive' if d['alive'] else 'down'}  pid={d['pid'] or '-'}  heartbeat={d['heartbeat'] or '-'}",
         f"          {d['activity']}",
-        *([f"          restart needed to apply: {', '.join(d['restart_needed'])}"] if d.get("restart_needed") else []),
+        *(
+            [f"          restart needed to apply: {', '.join(d['restart_needed'])}"]
+            if d.get("restart_needed")
+            else []
+        ),
         f"documents pending={docs['pending']} ingested={docs['ingested']} rejected={docs['rejected']} "
         f"deleted={docs['deleted']}",
         f"chunks    active={status['chunks']['active']} retired={status['chunks']['retired']}",
@@ -179,11 +218,15 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     llm = status["llm"]
     if llm.get("concurrency") is not None:
-        lines.append(f"          concurrency {llm['concurrency']}/{llm['max_concurrency']} "
-                     f"({llm['concurrency_reason']})  structured={llm['structured']}")
+        lines.append(
+            f"          concurrency {llm['concurrency']}/{llm['max_concurrency']} "
+            f"({llm['concurrency_reason']})  structured={llm['structured']}"
+        )
     model = status["model"]
-    lines.append(f"model     {model['current'] or 'base model (nothing promoted yet)'}"
-                 + (f"  {model['path']}" if model["path"] else ""))
+    lines.append(
+        f"model     {model['current'] or 'base model (nothing promoted yet)'}"
+        + (f"  {model['path']}" if model["path"] else "")
+    )
     if status["rounds"]:
         lines.append("rounds")
         for r in status["rounds"]:
@@ -199,8 +242,10 @@ def format_status(status: dict[str, Any]) -> str:
             )
             hook = r.get("hook")
             if hook and not hook.get("ok"):
-                lines.append(f"        on_promote hook failed (exit {hook.get('returncode')}): "
-                             f"{(hook.get('stderr') or '').strip()[-120:]}")
+                lines.append(
+                    f"        on_promote hook failed (exit {hook.get('returncode')}): "
+                    f"{(hook.get('stderr') or '').strip()[-120:]}"
+                )
     if docs["rejections"]:
         lines.append("rejected files")
         for item in docs["rejections"][:20]:
@@ -208,6 +253,8 @@ def format_status(status: dict[str, Any]) -> str:
     if j["recent_errors"]:
         lines.append("job errors")
         for item in j["recent_errors"][:10]:
-            lines.append(f"  #{item['id']} {item['kind']} {item['state']} x{item['attempts']}: "
-                         f"{(item['error'] or '')[:120]}")
+            lines.append(
+                f"  #{item['id']} {item['kind']} {item['state']} x{item['attempts']}: "
+                f"{(item['error'] or '')[:120]}"
+            )
     return "\n".join(lines)

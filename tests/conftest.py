@@ -33,8 +33,15 @@ def make_settings(tmp_path, tiny_embedder):
             "paths": {"inbox": str(tmp_path / "inbox"), "state_dir": str(tmp_path / "state")},
             "ingest": {"settle_seconds": 0.3, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
             "model": {"base": str(tiny_embedder), "device": "cpu", "encode_batch_size": 16},
-            "training": {"min_new_samples": 10_000, "batch_size": 8, "max_pairs": 64, "max_minutes": 5,
-                         "hard_negatives": 1, "learning_rate": 3e-4, "check_minutes": 0.05},
+            "training": {
+                "min_new_samples": 10_000,
+                "batch_size": 8,
+                "max_pairs": 64,
+                "max_minutes": 5,
+                "hard_negatives": 1,
+                "learning_rate": 3e-4,
+                "check_minutes": 0.05,
+            },
             "promotion": {"merge_weights": [0.5], "bootstrap_samples": 100},
             "logging": {"format": "json", "level": "warning"},
         }
@@ -101,8 +108,10 @@ class RunningDaemon:
         return read_status(self.daemon.layout, self.settings.llm.url)
 
     def idle(self) -> bool:
-        return self.scalar("SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running','failed')") == 0 and \
-            len(self.daemon.watcher.tracker) == 0
+        return (
+            self.scalar("SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running','failed')") == 0
+            and len(self.daemon.watcher.tracker) == 0
+        )
 
     def stop(self) -> None:
         self.daemon.stop_requested.set()

@@ -65,29 +65,49 @@ def make_zip_bomb(path: Path, megabytes: int = 700) -> Path:
     return path
 
 
-ENGLISH = ("Solar power converts sunlight into electricity. Panels on the roof feed the city grid. "
-           "Batteries store energy for the night. The river powers a water system too.")
-CHINESE = ("机器学习是人工智能的一个分支。它使计算机能够从数据中学习！深度神经网络效果很好？"
-           "北京和上海是中国的城市；河流的历史很长…音乐也是文化的一部分。")
+ENGLISH = (
+    "Solar power converts sunlight into electricity. Panels on the roof feed the city grid. "
+    "Batteries store energy for the night. The river powers a water system too."
+)
+CHINESE = (
+    "机器学习是人工智能的一个分支。它使计算机能够从数据中学习！深度神经网络效果很好？"
+    "北京和上海是中国的城市；河流的历史很长…音乐也是文化的一部分。"
+)
 
 
-EN_WORDS = ("river city music history solar energy water system database server network model search "
-            "document training data learning language engine storage battery panel grid").split()
-ZH_SENTENCES = ["机器学习是人工智能的一个分支。", "它使计算机能够从数据中学习！", "深度神经网络效果很好。",
-                "北京和上海是中国的大城市。", "河流的历史很长。", "太阳能可以转化为电能；", "数据库服务器存储文件。"]
+EN_WORDS = (
+    "river city music history solar energy water system database server network model search "
+    "document training data learning language engine storage battery panel grid"
+).split()
+ZH_SENTENCES = [
+    "机器学习是人工智能的一个分支。",
+    "它使计算机能够从数据中学习！",
+    "深度神经网络效果很好。",
+    "北京和上海是中国的大城市。",
+    "河流的历史很长。",
+    "太阳能可以转化为电能；",
+    "数据库服务器存储文件。",
+]
 
 
 def english_text(rng, sentences: int) -> str:
-    return " ".join(" ".join(rng.choice(EN_WORDS) for _ in range(rng.randint(6, 16))).capitalize() + "."
-                    for _ in range(sentences))
+    return " ".join(
+        " ".join(rng.choice(EN_WORDS) for _ in range(rng.randint(6, 16))).capitalize() + "."
+        for _ in range(sentences)
+    )
 
 
 def chinese_text(rng, sentences: int) -> str:
     return "".join(rng.choice(ZH_SENTENCES) for _ in range(sentences))
 
 
-def generate_corpus(folder: Path, count: int, seed: int = 0, kinds: tuple[str, ...] = ("txt", "md", "docx", "html"),
-                    sentences: tuple[int, int] = (10, 60)) -> list[Path]:
+def generate_corpus(
+    folder: Path,
+    count: int,
+    seed: int = 0,
+    kinds: tuple[str, ...] = ("txt", "md", "docx", "html"),
+    sentences: tuple[int, int] = (10, 60),
+) -> list[Path]:
     """A mixed Chinese/English corpus; every third file is Chinese (some in GB18030)."""
     import random
 
@@ -97,7 +117,9 @@ def generate_corpus(folder: Path, count: int, seed: int = 0, kinds: tuple[str, .
     for i in range(count):
         kind = kinds[i % len(kinds)]
         zh = i % 3 == 0
-        body = chinese_text(rng, rng.randint(*sentences)) if zh else english_text(rng, rng.randint(*sentences))
+        body = (
+            chinese_text(rng, rng.randint(*sentences)) if zh else english_text(rng, rng.randint(*sentences))
+        )
         if kind == "txt":
             path = folder / f"doc{i}.txt"
             path.write_bytes(body.encode("gb18030" if zh and i % 2 else "utf-8"))
@@ -105,11 +127,16 @@ def generate_corpus(folder: Path, count: int, seed: int = 0, kinds: tuple[str, .
             path = folder / f"doc{i}.md"
             path.write_text(f"# Title {i}\n\n{body}\n\n## Part two\n\n{body[: len(body) // 2]}\n")
         elif kind == "docx":
-            path = make_docx(folder / f"doc{i}.docx", f"Report {i}", [body[: len(body) // 2], body[len(body) // 2:]])
+            path = make_docx(
+                folder / f"doc{i}.docx", f"Report {i}", [body[: len(body) // 2], body[len(body) // 2 :]]
+            )
         elif kind == "pdf":
             words = body.split() if not zh else [body]
-            lines = [" ".join(words[j:j + 12]) for j in range(0, min(len(words), 240), 12)] if not zh else \
-                [english_text(rng, 1) for _ in range(8)]
+            lines = (
+                [" ".join(words[j : j + 12]) for j in range(0, min(len(words), 240), 12)]
+                if not zh
+                else [english_text(rng, 1) for _ in range(8)]
+            )
             path = make_pdf(folder / f"doc{i}.pdf", lines)
         else:
             path = folder / f"doc{i}.html"

@@ -48,13 +48,17 @@ def answer(prompt: str, wrong_language: bool = False) -> dict:
             seeds = [s for s in re.split(r"[。！？；\n]", passage) if len(s) >= 4] or [passage[:8]]
             return {"questions": [f"{seeds[i % len(seeds)][:10]}是什么？" for i in range(count)]}
         words = [w for w in re.findall(r"[A-Za-z]{4,}", passage)] or ["topic"]
-        return {"questions": [f"what about {words[i % len(words)].lower()} {words[(i * 3 + 1) % len(words)].lower()}?"
-                              for i in range(count)]}
+        return {
+            "questions": [
+                f"what about {words[i % len(words)].lower()} {words[(i * 3 + 1) % len(words)].lower()}?"
+                for i in range(count)
+            ]
+        }
     if "TASK:rewrites" in prompt:
         items = []
         for question in _questions(prompt):
             rewrite = question.rstrip("?？") if is_chinese(question) else "how " + question.rstrip("?")
-            items.append({"question": question, "rewrites": [rewrite][:max(1, count)]})
+            items.append({"question": question, "rewrites": [rewrite][: max(1, count)]})
         return {"items": items}
     if "TASK:judge" in prompt:
         questions = _questions(prompt)
@@ -63,10 +67,18 @@ def answer(prompt: str, wrong_language: bool = False) -> dict:
 
 
 class FakeLlm:
-    def __init__(self, script: list[str] | None = None, weights: dict[str, float] | None = None,
-                 seed: int = 0, latency: float = 0.0, ramble_tokens: int = 0, token_s: float = 0.0,
-                 slots: int = 0, accepts: tuple[str, ...] = ("json_schema", "json_object"),
-                 refusal_status: int = 400) -> None:
+    def __init__(
+        self,
+        script: list[str] | None = None,
+        weights: dict[str, float] | None = None,
+        seed: int = 0,
+        latency: float = 0.0,
+        ramble_tokens: int = 0,
+        token_s: float = 0.0,
+        slots: int = 0,
+        accepts: tuple[str, ...] = ("json_schema", "json_object"),
+        refusal_status: int = 400,
+    ) -> None:
         self.script = list(script or [])
         self.ramble_tokens = ramble_tokens
         self.token_s = token_s
@@ -139,8 +151,13 @@ class FakeLlm:
                 except (ConnectionResetError, BrokenPipeError):
                     pass  # the client was killed mid-request: that is the point of some tests
 
-            def _send(self, status: int, body: bytes, content_type: str = "application/json",
-                      headers: dict | None = None) -> None:
+            def _send(
+                self,
+                status: int,
+                body: bytes,
+                content_type: str = "application/json",
+                headers: dict | None = None,
+            ) -> None:
                 self.send_response(status)
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
@@ -156,8 +173,14 @@ class FakeLlm:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
                 with fake.lock:
-                    fake.requests.append({"time": time.monotonic(), "auth": self.headers.get("Authorization"),
-                                          "path": self.path, "body": body})
+                    fake.requests.append(
+                        {
+                            "time": time.monotonic(),
+                            "auth": self.headers.get("Authorization"),
+                            "path": self.path,
+                            "body": body,
+                        }
+                    )
                 if not self.path.endswith("/v1/chat/completions"):
                     self._send(404, b'{"error": {"message": "not found"}}')
                     return
@@ -178,14 +201,18 @@ class FakeLlm:
                 if fake.latency:
                     time.sleep(fake.latency)
                 prompt = body["messages"][-1]["content"] if body.get("messages") else ""
-                first_prompt = next((m["content"] for m in body.get("messages", []) if m["role"] == "user"), "")
+                first_prompt = next(
+                    (m["content"] for m in body.get("messages", []) if m["role"] == "user"), ""
+                )
                 if name == "latency":
                     time.sleep(float(arg or 1))
                 elif name == "hang":
                     time.sleep(fake.hang_seconds)
                     return
                 elif name == "429":
-                    self._send(429, b'{"error": {"message": "rate limited"}}', headers={"Retry-After": arg or "1"})
+                    self._send(
+                        429, b'{"error": {"message": "rate limited"}}', headers={"Retry-After": arg or "1"}
+                    )
                     return
                 elif name in ("500", "down"):
                     self._send(500 if name == "500" else 503, b'{"error": {"message": "server error"}}')
@@ -206,16 +233,29 @@ class FakeLlm:
                     content = json.dumps({"questions": []})
                 else:
                     prompt_for_answer = first_prompt if "TASK:" not in prompt else prompt
-                    content = json.dumps(answer(prompt_for_answer, wrong_language=name == "wronglang"),
-                                         ensure_ascii=False)
+                    content = json.dumps(
+                        answer(prompt_for_answer, wrong_language=name == "wronglang"), ensure_ascii=False
+                    )
                 finish = "stop"
                 if name == "length":
                     content, finish = content[: len(content) // 2], "length"
                 elif fake.ramble_tokens:
                     content, finish = fake.ramble(content, body.get("max_tokens"))
-                reply = json.dumps({"id": "x", "object": "chat.completion", "model": body.get("model"),
-                                    "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                                                 "finish_reason": finish}]}, ensure_ascii=False).encode()
+                reply = json.dumps(
+                    {
+                        "id": "x",
+                        "object": "chat.completion",
+                        "model": body.get("model"),
+                        "choices": [
+                            {
+                                "index": 0,
+                                "message": {"role": "assistant", "content": content},
+                                "finish_reason": finish,
+                            }
+                        ],
+                    },
+                    ensure_ascii=False,
+                ).encode()
                 if name == "truncated":
                     reply = reply[: len(reply) // 2]
                     self._send(200, reply)

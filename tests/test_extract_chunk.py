@@ -23,7 +23,11 @@ def _extract(path: Path):
 
 @pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "gbk", "gb18030", "big5"])
 def test_text_encodings_are_detected(tmp_path, encoding):
-    text = CHINESE if encoding != "big5" else "機器學習是人工智慧的一個分支。它使電腦能夠從資料中學習！深度神經網路效果很好。"
+    text = (
+        CHINESE
+        if encoding != "big5"
+        else "機器學習是人工智慧的一個分支。它使電腦能夠從資料中學習！深度神經網路效果很好。"
+    )
     path = tmp_path / f"{encoding}.txt"
     path.write_bytes(text.encode(encoding))
     assert _extract(path).text.strip() == text
@@ -70,7 +74,9 @@ def test_docx_zip_bomb_is_refused(tmp_path):
 
 
 def test_pdf_text_scanned_and_encrypted(tmp_path):
-    text = _extract(make_pdf(tmp_path / "a.pdf", ["Solar power converts sunlight.", "Second line here."])).text
+    text = _extract(
+        make_pdf(tmp_path / "a.pdf", ["Solar power converts sunlight.", "Second line here."])
+    ).text
     assert "Solar power converts sunlight." in text
     with pytest.raises(ExtractionError, match="scanned pdf"):
         _extract(make_scanned_pdf(tmp_path / "scan.pdf"))
@@ -80,8 +86,10 @@ def test_pdf_text_scanned_and_encrypted(tmp_path):
 
 def test_html(tmp_path):
     path = tmp_path / "a.html"
-    path.write_text("<html><head><title>T</title><script>var x=1;</script></head><body><h1>Energy</h1>"
-                    "<p>Solar panels make power.</p><h2>Storage</h2><p>Batteries keep it.</p></body></html>")
+    path.write_text(
+        "<html><head><title>T</title><script>var x=1;</script></head><body><h1>Energy</h1>"
+        "<p>Solar panels make power.</p><h2>Storage</h2><p>Batteries keep it.</p></body></html>"
+    )
     document = _extract(path)
     assert [s.heading for s in document.sections] == ["Energy", "Energy > Storage"]
     assert "var x" not in document.text
@@ -115,10 +123,14 @@ def test_read_checked_refuses_size_directories_and_fifos(tmp_path):
 
 
 def test_markdown_headings_become_context():
-    sections = sections_from_markdown("# Guide\n\nIntro text.\n\n## Install\n\nRun make.\n\n```\n# not a heading\n```\n"
-                                      "### Linux\n\nUse apt.\n")
+    sections = sections_from_markdown(
+        "# Guide\n\nIntro text.\n\n## Install\n\nRun make.\n\n```\n# not a heading\n```\n"
+        "### Linux\n\nUse apt.\n"
+    )
     assert [(s.heading, s.text.splitlines()[0]) for s in sections] == [
-        ("Guide", "Intro text."), ("Guide > Install", "Run make."), ("Guide > Install > Linux", "Use apt."),
+        ("Guide", "Intro text."),
+        ("Guide > Install", "Run make."),
+        ("Guide > Install > Linux", "Use apt."),
     ]
     assert "# not a heading" in sections[1].text
 

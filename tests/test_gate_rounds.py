@@ -27,17 +27,31 @@ ROOT = Path(__file__).resolve().parent.parent
 def _settings(root: Path, tiny_embedder: Path, **promotion):
     from daemon.settings import Settings
 
-    return Settings.model_validate({
-        "paths": {"inbox": str(root / "inbox"), "state_dir": str(root / "state")},
-        "ingest": {"settle_seconds": 0.3, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
-        "model": {"base": str(tiny_embedder), "device": "cpu", "encode_batch_size": 16},
-        "synthesis": {"heldout_fraction": 0.3, "featured_percentage": 1.0},
-        "training": {"min_new_samples": 10_000, "batch_size": 8, "max_pairs": 64, "max_minutes": 5,
-                     "hard_negatives": 1, "learning_rate": 3e-4, "epochs": 5.0},  # the tiny model learns
-        "promotion": {"min_gain": 0.0, "synthetic_only_min_gain": 0.0, "merge_weights": [0.5],
-                      "bootstrap_samples": 100, **promotion},
-        "logging": {"format": "json", "level": "warning"},
-    })
+    return Settings.model_validate(
+        {
+            "paths": {"inbox": str(root / "inbox"), "state_dir": str(root / "state")},
+            "ingest": {"settle_seconds": 0.3, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
+            "model": {"base": str(tiny_embedder), "device": "cpu", "encode_batch_size": 16},
+            "synthesis": {"heldout_fraction": 0.3, "featured_percentage": 1.0},
+            "training": {
+                "min_new_samples": 10_000,
+                "batch_size": 8,
+                "max_pairs": 64,
+                "max_minutes": 5,
+                "hard_negatives": 1,
+                "learning_rate": 3e-4,
+                "epochs": 5.0,
+            },  # the tiny model learns
+            "promotion": {
+                "min_gain": 0.0,
+                "synthetic_only_min_gain": 0.0,
+                "merge_weights": [0.5],
+                "bootstrap_samples": 100,
+                **promotion,
+            },
+            "logging": {"format": "json", "level": "warning"},
+        }
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +62,11 @@ def prepared(tmp_path_factory, tiny_embedder) -> Path:
     _corpus(root / "inbox", documents=10)
     running = RunningDaemon(_settings(root, tiny_embedder))
     try:
-        wait_for(lambda: running.scalar("SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train'") >= 10,
-                 timeout=120, message="kept training pairs")
+        wait_for(
+            lambda: running.scalar("SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train'") >= 10,
+            timeout=120,
+            message="kept training pairs",
+        )
         wait_for(running.idle, timeout=120, message="pipeline idle")
     finally:
         running.stop()
@@ -178,11 +195,11 @@ def test_sigterm_during_the_hook_leaves_the_round_promoted(prepared, tmp_path, t
 
 def test_rounds_never_import_upward():
     """stages/ and state/ never import daemon/; state/ never imports stages/ (three floors)."""
-    script = ("import sys, stages.round_steps, stages.synthesize, state.status, state.round_records; "
-              "print(sorted(m for m in sys.modules if m.split('.')[0] == 'daemon'))")
+    script = (
+        "import sys, stages.round_steps, stages.synthesize, state.status, state.round_records; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'daemon'))"
+    )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
     for path in (ROOT / "state").glob("*.py"):
         assert "from stages" not in path.read_text() and "import stages" not in path.read_text(), path
-
-

@@ -24,7 +24,8 @@ def _status_of(running, path):
 def _active_chunks(running, path):
     return running.scalar(
         "SELECT COUNT(*) FROM chunks c JOIN documents d ON d.id=c.document_id WHERE d.path=? AND c.active=1",
-        str(path))
+        str(path),
+    )
 
 
 def test_files_of_every_kind_are_ingested_once(make_settings, start_daemon, tmp_path):
@@ -33,25 +34,36 @@ def test_files_of_every_kind_are_ingested_once(make_settings, start_daemon, tmp_
     (inbox / "deep" / "er").mkdir(parents=True)
     (inbox / "en.txt").write_text(ENGLISH)
     (inbox / "zh-gbk.txt").write_bytes(CHINESE.encode("gbk"))
-    (inbox / "zh-big5.txt").write_bytes("機器學習是人工智慧的一個分支。它使電腦能夠從資料中學習！".encode("big5"))
-    (inbox / "deep" / "er" / "notes.md").write_text("# Notes\n\nSolar panels.\n\n## Storage\n\nBatteries keep it.\n")
+    (inbox / "zh-big5.txt").write_bytes(
+        "機器學習是人工智慧的一個分支。它使電腦能夠從資料中學習！".encode("big5")
+    )
+    (inbox / "deep" / "er" / "notes.md").write_text(
+        "# Notes\n\nSolar panels.\n\n## Storage\n\nBatteries keep it.\n"
+    )
     make_docx(inbox / "report.docx", "Energy report", [ENGLISH])
     make_pdf(inbox / "paper.pdf", ["Solar power converts sunlight into electricity.", "Second line."])
     (inbox / "page.html").write_text("<h1>River</h1><p>The river flows through the city.</p>")
     running = start_daemon(settings)
-    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM documents WHERE status='ingested'") == 7,
-             message="7 documents ingested")
+    wait_for(
+        lambda: running.scalar("SELECT COUNT(*) FROM documents WHERE status='ingested'") == 7,
+        message="7 documents ingested",
+    )
     wait_for(running.idle, message="queue drained")
     md = inbox / "deep" / "er" / "notes.md"
-    headings = [r[0] for r in running.query(
-        "SELECT heading FROM chunks c JOIN documents d ON d.id=c.document_id WHERE d.path=? ORDER BY ordinal",
-        str(md))]
+    headings = [
+        r[0]
+        for r in running.query(
+            "SELECT heading FROM chunks c JOIN documents d ON d.id=c.document_id WHERE d.path=? ORDER BY ordinal",
+            str(md),
+        )
+    ]
     assert headings == ["Notes", "Notes > Storage"]
     assert running.scalar("SELECT language FROM documents WHERE path=?", str(inbox / "zh-gbk.txt")) == "zh"
     # every chunk has exactly one synthesize job and one pseudo pair at most
     assert running.scalar("SELECT COUNT(*) FROM jobs WHERE kind='ingest'") == 7
     assert running.scalar("SELECT COUNT(*) FROM jobs WHERE kind='synthesize'") == running.scalar(
-        "SELECT COUNT(*) FROM chunks")
+        "SELECT COUNT(*) FROM chunks"
+    )
     split_counts = dict(running.query("SELECT split, COUNT(*) FROM documents GROUP BY split"))
     assert split_counts.get("heldout", 0) >= 1
 
@@ -92,8 +104,10 @@ def test_move_modify_delete(make_settings, start_daemon):
     assert running.scalar("SELECT COUNT(*) FROM documents") == 1
     moved.write_text(ENGLISH + " A new closing sentence about batteries.")
     old_ids = ",".join(map(str, chunk_ids))
-    wait_for(lambda: running.scalar(f"SELECT COUNT(*) FROM chunks WHERE active=1 AND id NOT IN ({old_ids})") > 0,
-             message="new version chunks")
+    wait_for(
+        lambda: running.scalar(f"SELECT COUNT(*) FROM chunks WHERE active=1 AND id NOT IN ({old_ids})") > 0,
+        message="new version chunks",
+    )
     wait_for(running.idle)
     assert running.scalar("SELECT COUNT(*) FROM chunks WHERE active=0") == len(chunk_ids)
     moved.unlink()
@@ -119,11 +133,22 @@ def test_startup_reconciles_changes_made_while_down(make_settings, start_daemon)
     added = inbox / "added.txt"
     added.write_text("added file. " + ENGLISH)
     running = start_daemon(settings)
-    wait_for(lambda: _status_of(running, added) == "ingested" and _status_of(running, remove) == "deleted"
-             and running.scalar("SELECT COUNT(*) FROM jobs WHERE kind='ingest'") == 5, message="reconciled")
+    wait_for(
+        lambda: (
+            _status_of(running, added) == "ingested"
+            and _status_of(running, remove) == "deleted"
+            and running.scalar("SELECT COUNT(*) FROM jobs WHERE kind='ingest'") == 5
+        ),
+        message="reconciled",
+    )
     wait_for(running.idle)
-    assert running.scalar("SELECT COUNT(*) FROM jobs WHERE kind='ingest' AND key LIKE ?",
-                          f"ingest:{_doc(running, keep)['id']}:%") == 1
+    assert (
+        running.scalar(
+            "SELECT COUNT(*) FROM jobs WHERE kind='ingest' AND key LIKE ?",
+            f"ingest:{_doc(running, keep)['id']}:%",
+        )
+        == 1
+    )
 
 
 def test_bad_inputs_are_rejected_and_good_files_still_ingested(make_settings, start_daemon):
@@ -147,22 +172,40 @@ def test_bad_inputs_are_rejected_and_good_files_still_ingested(make_settings, st
     (inbox / "~$lock.docx").write_text("x")
     (inbox / "download.part").write_text("x")
     running = start_daemon(settings)
-    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM documents WHERE status='rejected'") >= 11,
-             message="rejections recorded")
+    wait_for(
+        lambda: running.scalar("SELECT COUNT(*) FROM documents WHERE status='rejected'") >= 11,
+        message="rejections recorded",
+    )
     wait_for(running.idle)
     reasons = {os.path.basename(r["path"]): r["reason"] for r in running.status()["documents"]["rejections"]}
     expected = {
-        "empty.txt": "empty", "junk.txt": "binary", "huge.txt": "max_file_mb", "scan.pdf": "scanned pdf",
-        "locked.pdf": "password", "broken.docx": "corrupt docx", "bomb.docx": "zip bomb",
-        "folder.txt": "directory", "pipe.txt": "not a regular file", "binary.exe": "unsupported",
+        "empty.txt": "empty",
+        "junk.txt": "binary",
+        "huge.txt": "max_file_mb",
+        "scan.pdf": "scanned pdf",
+        "locked.pdf": "password",
+        "broken.docx": "corrupt docx",
+        "bomb.docx": "zip bomb",
+        "folder.txt": "directory",
+        "pipe.txt": "not a regular file",
+        "binary.exe": "unsupported",
     }
     for name, fragment in expected.items():
         assert fragment in reasons[name], (name, reasons.get(name))
     assert any("UTF-8" in reason for name, reason in reasons.items() if name.startswith("bad-"))
     assert _status_of(running, inbox / "ok with spaces & emoji \U0001f600.txt") == "ingested"
-    assert running.scalar("SELECT COUNT(*) FROM documents WHERE path LIKE '%hidden%' OR path LIKE '%.part' "
-                          "OR path LIKE '%~$%'") == 0
-    assert running.daemon.thread_alive() if hasattr(running.daemon, "thread_alive") else running.thread.is_alive()
+    assert (
+        running.scalar(
+            "SELECT COUNT(*) FROM documents WHERE path LIKE '%hidden%' OR path LIKE '%.part' "
+            "OR path LIKE '%~$%'"
+        )
+        == 0
+    )
+    assert (
+        running.daemon.thread_alive()
+        if hasattr(running.daemon, "thread_alive")
+        else running.thread.is_alive()
+    )
 
 
 def test_rejected_file_fixed_later_is_ingested(make_settings, start_daemon):

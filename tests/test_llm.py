@@ -18,12 +18,23 @@ from stages.llm import (
 )
 from tests.llm_server import FakeLlm
 
-MESSAGES = [{"role": "user", "content": "TASK:questions\nWrite 2 questions.\n\nPASSAGE:\nSolar panels make power."}]
+MESSAGES = [
+    {"role": "user", "content": "TASK:questions\nWrite 2 questions.\n\nPASSAGE:\nSolar panels make power."}
+]
 
 
 def _client(server: FakeLlm, **overrides) -> LlmClient:
-    config = LlmConfig(url=server.url, model="m", api_key="secret-key", timeout_s=1.0, connect_timeout_s=1.0,
-                       max_retries=3, reask_invalid=1, backoff_base_s=0.01, backoff_cap_s=0.05)
+    config = LlmConfig(
+        url=server.url,
+        model="m",
+        api_key="secret-key",
+        timeout_s=1.0,
+        connect_timeout_s=1.0,
+        max_retries=3,
+        reask_invalid=1,
+        backoff_base_s=0.01,
+        backoff_cap_s=0.05,
+    )
     for key, value in overrides.items():
         setattr(config, key, value)
     return LlmClient(config, CircuitBreaker(failures=100))
@@ -116,8 +127,10 @@ def test_connection_refused_is_unavailable():
     server = FakeLlm()
     url = server.url
     server.server.server_close()
-    client = LlmClient(LlmConfig(url=url, model="m", max_retries=1, backoff_base_s=0.01, backoff_cap_s=0.02),
-                       CircuitBreaker(failures=100))
+    client = LlmClient(
+        LlmConfig(url=url, model="m", max_retries=1, backoff_base_s=0.01, backoff_cap_s=0.02),
+        CircuitBreaker(failures=100),
+    )
     with pytest.raises(LlmUnavailable, match="connection"):
         client.chat(MESSAGES)
 
@@ -176,8 +189,10 @@ def test_every_request_carries_max_tokens_sized_to_what_it_asks():
     budget = ReplyBudget(question_tokens=50, rewrite_tokens=30, score_tokens=5, overhead_tokens=20)
     with FakeLlm() as server:
         synthesize_chunk(_client(server), PASSAGE, "en", 3, 2, budget)
-        sent = {r["body"]["messages"][-1]["content"].split("\n")[0]: r["body"]["max_tokens"]
-                for r in server.requests}
+        sent = {
+            r["body"]["messages"][-1]["content"].split("\n")[0]: r["body"]["max_tokens"]
+            for r in server.requests
+        }
     assert sent["TASK:questions"] == 20 + 3 * 50
     assert sent["TASK:rewrites"] == 20 + 3 * (50 + 2 * 30)
     assert sent["TASK:judge"] == 20 + 6 * 5  # 3 questions + 3 rewrites (the test server writes one each)
@@ -217,8 +232,10 @@ def test_structured_output_sends_the_schema():
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == SCHEMAS["questions"]
 
 
-@pytest.mark.parametrize(("accepts", "refusal", "settles_on"), [
-    ((), 400, "off"), (("json_object",), 422, "json_object"), (("json_object",), 500, "json_object")])
+@pytest.mark.parametrize(
+    ("accepts", "refusal", "settles_on"),
+    [((), 400, "off"), (("json_object",), 422, "json_object"), (("json_object",), 500, "json_object")],
+)
 def test_auto_structured_mode_falls_back_once_and_remembers(accepts, refusal, settles_on):
     """500 is how llama-cpp-python's server refuses json_schema (a validation error naming the field)."""
     from stages.llm import JsonRequest, StructuredMode
@@ -259,8 +276,15 @@ def test_a_one_slot_server_is_slow_not_down():
     breaker = CircuitBreaker(failures=3, reset_s=30)
     breaker.on_change = opened.append
     with FakeLlm(slots=1, latency=0.25) as server:
-        config = LlmConfig(url=server.url, model="m", timeout_s=0.8, max_retries=8, concurrency=8,
-                           backoff_base_s=0.05, backoff_cap_s=0.2)
+        config = LlmConfig(
+            url=server.url,
+            model="m",
+            timeout_s=0.8,
+            max_retries=8,
+            concurrency=8,
+            backoff_base_s=0.05,
+            backoff_cap_s=0.2,
+        )
         client = LlmClient(config, breaker)
         results: list[object] = []
 

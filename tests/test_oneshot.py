@@ -23,28 +23,58 @@ def once_run(tmp_path_factory, tiny_embedder):
     config = tmp / "c.toml"
     config.write_text(
         '[ingest]\nchunk_tokens = 64\nchunk_overlap = 8\n[model]\ndevice = "cpu"\n'
-        '[synthesis]\nheldout_fraction = 0.3\n'
-        '[training]\nbatch_size = 4\nhard_negatives = 1\nlearning_rate = 1e-3\n'
-        '[promotion]\nmin_gain = 0.0\nsynthetic_only_min_gain = 0.0\nmerge_weights = [0.5]\nbootstrap_samples = 50\n'
+        "[synthesis]\nheldout_fraction = 0.3\n"
+        "[training]\nbatch_size = 4\nhard_negatives = 1\nlearning_rate = 1e-3\n"
+        "[promotion]\nmin_gain = 0.0\nsynthetic_only_min_gain = 0.0\nmerge_weights = [0.5]\nbootstrap_samples = 50\n"
         '[logging]\nformat = "json"\nlevel = "warning"\n'
     )
     output = tmp / "out"
     result = subprocess.run(
-        [sys.executable, "-m", "daemon.cli", "--config", str(config), "once", "--documents", str(documents),
-         "--output", str(output), "--embedding-model", str(tiny_embedder), "--featured-percentage", "1.0",
-         "--max-iterations", "2", "--dataset-output", str(tmp / "dataset.jsonl"), "--no-progress"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "daemon.cli",
+            "--config",
+            str(config),
+            "once",
+            "--documents",
+            str(documents),
+            "--output",
+            str(output),
+            "--embedding-model",
+            str(tiny_embedder),
+            "--featured-percentage",
+            "1.0",
+            "--max-iterations",
+            "2",
+            "--dataset-output",
+            str(tmp / "dataset.jsonl"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     state_config = tmp / "state.toml"
-    state_config.write_text(config.read_text() + f'\n[paths]\nstate_dir = "{output / "state"}"\ninbox = "{documents}"\n'
-                            .replace("[model]\n", f'[model]\nbase = "{tiny_embedder}"\n'))
+    state_config.write_text(
+        config.read_text()
+        + f'\n[paths]\nstate_dir = "{output / "state"}"\ninbox = "{documents}"\n'.replace(
+            "[model]\n", f'[model]\nbase = "{tiny_embedder}"\n'
+        )
+    )
     return tmp, output, result.stdout, state_config
 
 
 def _cli(config: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(config), *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
 
 
 def test_once_runs_rounds_and_prints_a_summary(once_run):
@@ -78,7 +108,9 @@ def test_dataset_output_and_flagembedding_export_load_in_flagembedding(once_run,
     assert result.returncode == 0, result.stderr
     first = json.loads(path.read_text().splitlines()[0])
     assert set(first) == {"query", "pos", "neg", "pos_scores", "neg_scores", "prompt"}
-    model_dir = json.loads((tmp / "out" / "state" / "rounds" / "1" / "settings.json").read_text())["model"]["base"]
+    model_dir = json.loads((tmp / "out" / "state" / "rounds" / "1" / "settings.json").read_text())["model"][
+        "base"
+    ]
     args = AbsEmbedderDataArguments(train_data=[str(path)], train_group_size=2, knowledge_distillation=True)
     dataset = AbsEmbedderTrainDataset(args, AutoTokenizer.from_pretrained(model_dir))
     query, passages, teacher = dataset[0]
@@ -116,14 +148,31 @@ def test_report_writes_html_and_png(once_run, tmp_path):
     assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skipif(not __import__("shutil").which("chromium"), reason="chromium is not installed "
-                    "(apt-get install chromium); see docs/report.md")
+@pytest.mark.skipif(
+    not __import__("shutil").which("chromium"),
+    reason="chromium is not installed (apt-get install chromium); see docs/report.md",
+)
 def test_report_renders_in_headless_chromium(once_run, tmp_path):
     _tmp, _output, _stdout, config = once_run
     assert _cli(config, "report", "--output", str(tmp_path / "report")).returncode == 0
     shot = tmp_path / "shot.png"
-    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000", f"--screenshot={shot}",
-                    (tmp_path / "report" / "index.html").as_uri()], capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1400,1000",
+            f"--screenshot={shot}",
+            (tmp_path / "report" / "index.html").as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.exists() and shot.stat().st_size > 20_000

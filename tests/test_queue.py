@@ -146,7 +146,9 @@ def test_concurrent_threads_never_share_a_job(db):
     for i in range(300):
         queue.enqueue("ingest", f"k{i}")
     results: list[list[int]] = [[] for _ in range(6)]
-    threads = [threading.Thread(target=_claim_all, args=(str(db.path), f"t{i}", results[i])) for i in range(6)]
+    threads = [
+        threading.Thread(target=_claim_all, args=(str(db.path), f"t{i}", results[i])) for i in range(6)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

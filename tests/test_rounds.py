@@ -43,6 +43,7 @@ def _finished_round(running, timeout=180):
     def done():
         rows = running.query("SELECT * FROM rounds WHERE state != 'running' ORDER BY id DESC")
         return rows[0] if rows else None
+
     return wait_for(done, timeout=timeout, message="a round to finish")
 
 
@@ -62,9 +63,13 @@ def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
         assert (folder / name).exists(), name
     train_chunks = {json.loads(line)["sample_id"] for line in (folder / "train.jsonl").open()}
     heldout_docs = {r[0] for r in running.query("SELECT id FROM documents WHERE split='heldout'")}
-    trained_docs = {r[0] for r in running.query(
-        f"SELECT DISTINCT c.document_id FROM samples s JOIN chunks c ON c.id=s.chunk_id "
-        f"WHERE s.id IN ({','.join(map(str, train_chunks))})")}
+    trained_docs = {
+        r[0]
+        for r in running.query(
+            f"SELECT DISTINCT c.document_id FROM samples s JOIN chunks c ON c.id=s.chunk_id "
+            f"WHERE s.id IN ({','.join(map(str, train_chunks))})"
+        )
+    }
     assert heldout_docs and not heldout_docs & trained_docs  # no held-out document is trained on
     metrics = json.loads(row["candidate_metrics"])
     assert set(metrics["heldout"]) >= {"recall@1", "recall@10", "ndcg@10", "mrr@10", "map@10"}
@@ -107,14 +112,19 @@ def test_sigkill_mid_training_aborts_then_next_round_succeeds(make_settings, sta
 
     row = wait_for(training, timeout=120, message="training in progress")
     os.kill(row["pid"], signal.SIGKILL)
-    wait_for(lambda: running.scalar("SELECT state FROM rounds WHERE id=?", row["id"]) == "aborted",
-             message="round aborted")
+    wait_for(
+        lambda: running.scalar("SELECT state FROM rounds WHERE id=?", row["id"]) == "aborted",
+        message="round aborted",
+    )
     assert not running.daemon.layout.current.exists()  # model in service untouched
     assert running.scalar("SELECT COUNT(*) FROM samples WHERE round_id IS NOT NULL") == 0
     running.daemon.settings.training.epochs = 1.0
     running.daemon.rounds.settings = running.daemon.settings
-    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM rounds WHERE state='finished'") == 1, timeout=180,
-             message="next round finishes")
+    wait_for(
+        lambda: running.scalar("SELECT COUNT(*) FROM rounds WHERE state='finished'") == 1,
+        timeout=180,
+        message="next round finishes",
+    )
 
 
 def test_merge_keeps_mean_pooling(tiny_embedder, tmp_path):
@@ -129,9 +139,12 @@ def test_merge_keeps_mean_pooling(tiny_embedder, tmp_path):
     pooling = json.loads((merged / "1_Pooling" / "config.json").read_text())
     # sentence-transformers 3-5 write pooling_mode_* flags, 6 writes pooling_mode
     assert pooling.get("pooling_mode") == "mean" or (
-        pooling.get("pooling_mode_mean_tokens") and not pooling.get("pooling_mode_cls_token"))
+        pooling.get("pooling_mode_mean_tokens") and not pooling.get("pooling_mode_cls_token")
+    )
     reloaded = SentenceTransformer(str(merged), device="cpu")
-    np.testing.assert_allclose(reloaded.encode(["the river city"]), model.encode(["the river city"]), atol=1e-5)
+    np.testing.assert_allclose(
+        reloaded.encode(["the river city"]), model.encode(["the river city"]), atol=1e-5
+    )
 
 
 def test_metrics_by_hand():
@@ -158,18 +171,46 @@ def test_negative_mining_skips_positive_and_near_ties():
     [
         ({"current": {"heldout": 0.5}, "candidate": {"heldout": 0.6}}, True, "candidate", "promoted"),
         ({"current": {"heldout": 0.5}, "candidate": {"heldout": 0.501}}, False, None, "min_gain"),
-        ({"current": {"heldout": 0.5, "user": 0.7}, "candidate": {"heldout": 0.6, "user": 0.6}}, False, None,
-         "vetoed by user"),
-        ({"current": {"heldout": 0.5, "structure": 0.7}, "candidate": {"heldout": 0.6, "structure": 0.69}},
-         False, None, "vetoed by structure"),
-        ({"current": {"heldout": 0.5, "guard": 0.7}, "candidate": {"heldout": 0.6, "guard": 0.6}}, False, None,
-         "guard"),
-        ({"current": {"heldout": 0.5, "guard": 0.7}, "candidate": {"heldout": 0.6, "guard": 0.695}}, True,
-         "candidate", "promoted"),
-        ({"current": {"heldout": 0.5, "user": 0.5}, "candidate": {"heldout": 0.7, "user": 0.52},
-          "merged-0.5": {"heldout": 0.6, "user": 0.58}}, True, "merged-0.5", "promoted merged"),
-        ({"current": {"heldout": 0.5}, "candidate": {"heldout": 0.6}, "merged-0.5": {"heldout": 0.65}}, True,
-         "merged-0.5", "promoted"),
+        (
+            {"current": {"heldout": 0.5, "user": 0.7}, "candidate": {"heldout": 0.6, "user": 0.6}},
+            False,
+            None,
+            "vetoed by user",
+        ),
+        (
+            {"current": {"heldout": 0.5, "structure": 0.7}, "candidate": {"heldout": 0.6, "structure": 0.69}},
+            False,
+            None,
+            "vetoed by structure",
+        ),
+        (
+            {"current": {"heldout": 0.5, "guard": 0.7}, "candidate": {"heldout": 0.6, "guard": 0.6}},
+            False,
+            None,
+            "guard",
+        ),
+        (
+            {"current": {"heldout": 0.5, "guard": 0.7}, "candidate": {"heldout": 0.6, "guard": 0.695}},
+            True,
+            "candidate",
+            "promoted",
+        ),
+        (
+            {
+                "current": {"heldout": 0.5, "user": 0.5},
+                "candidate": {"heldout": 0.7, "user": 0.52},
+                "merged-0.5": {"heldout": 0.6, "user": 0.58},
+            },
+            True,
+            "merged-0.5",
+            "promoted merged",
+        ),
+        (
+            {"current": {"heldout": 0.5}, "candidate": {"heldout": 0.6}, "merged-0.5": {"heldout": 0.65}},
+            True,
+            "merged-0.5",
+            "promoted",
+        ),
     ],
 )
 def test_gate_branches(scores, promote, variant, fragment):
@@ -182,16 +223,31 @@ def test_gate_branches(scores, promote, variant, fragment):
     ("scores", "intervals", "promote", "fragment"),
     [
         # Synthetic only, gain within noise (the dbpedia-5k heading round): rejected.
-        ({"current": {"heldout": 0.9687}, "merged-0.5": {"heldout": 0.9773}},
-         {"merged-0.5": (0.0026, 0.0159)}, False, "not convincing"),
+        (
+            {"current": {"heldout": 0.9687}, "merged-0.5": {"heldout": 0.9773}},
+            {"merged-0.5": (0.0026, 0.0159)},
+            False,
+            "not convincing",
+        ),
         # Synthetic only, clear gain: promoted.
-        ({"current": {"heldout": 0.50}, "candidate": {"heldout": 0.60}}, {"candidate": (0.07, 0.13)}, True,
-         "promoted candidate"),
+        (
+            {"current": {"heldout": 0.50}, "candidate": {"heldout": 0.60}},
+            {"candidate": (0.07, 0.13)},
+            True,
+            "promoted candidate",
+        ),
         # No interval recorded: the point gain stands in for the lower bound.
         ({"current": {"heldout": 0.50}, "candidate": {"heldout": 0.505}}, {}, False, "not convincing"),
         # A human-signal set is present: it decides, the synthetic-only bar does not apply.
-        ({"current": {"heldout": 0.50, "structure": 0.40}, "candidate": {"heldout": 0.505, "structure": 0.41}},
-         {"candidate": (-0.001, 0.011)}, True, "promoted candidate"),
+        (
+            {
+                "current": {"heldout": 0.50, "structure": 0.40},
+                "candidate": {"heldout": 0.505, "structure": 0.41},
+            },
+            {"candidate": (-0.001, 0.011)},
+            True,
+            "promoted candidate",
+        ),
     ],
 )
 def test_gate_synthetic_only_rule(scores, intervals, promote, fragment):
@@ -230,8 +286,11 @@ def test_a_nightly_style_window_starts_a_round_at_its_fire_time(make_settings, s
     _corpus(settings.paths.inbox)
     running = start_daemon(settings)
     wait_for(lambda: running.status()["samples"]["unused_train"] >= 6, timeout=60, message="samples")
-    trigger = wait_for(lambda: running.scalar("SELECT trigger FROM rounds"), timeout=150,
-                       message="a round at the window's fire time")
+    trigger = wait_for(
+        lambda: running.scalar("SELECT trigger FROM rounds"),
+        timeout=150,
+        message="a round at the window's fire time",
+    )
     assert trigger == "schedule"
     assert running.scalar("SELECT started FROM rounds") >= fire.astimezone(UTC).isoformat()[:16]
 
@@ -240,8 +299,10 @@ def test_train_without_now_says_when_and_starts_nothing(tmp_path, capsys):
     from daemon.cli import main
 
     config = tmp_path / "c.toml"
-    config.write_text(f'[paths]\ninbox = "{tmp_path / "inbox"}"\nstate_dir = "{tmp_path / "state"}"\n'
-                      '[training]\nwindow = "0 2 * * *"\n')
+    config.write_text(
+        f'[paths]\ninbox = "{tmp_path / "inbox"}"\nstate_dir = "{tmp_path / "state"}"\n'
+        '[training]\nwindow = "0 2 * * *"\n'
+    )
     assert main(["--config", str(config), "train"]) == 0
     out = capsys.readouterr().out
     assert "needs 200" in out and "next opening" in out and "train --now" in out
@@ -253,8 +314,11 @@ def test_status_shows_round_progress_while_training(make_settings, start_daemon)
     settings = _round_settings(make_settings, epochs=50.0)
     _corpus(settings.paths.inbox)
     running = start_daemon(settings)
-    wait_for(lambda: any(r["stage"] == "train" and r["progress"].get("total") for r in running.status()["rounds"]),
-             timeout=120, message="progress visible")
+    wait_for(
+        lambda: any(r["stage"] == "train" and r["progress"].get("total") for r in running.status()["rounds"]),
+        timeout=120,
+        message="progress visible",
+    )
     round_info = running.status()["rounds"][0]
     assert round_info["state"] == "running" and "elapsed_s" in round_info["progress"]
     started = time.monotonic()
@@ -285,7 +349,8 @@ def test_beir_qrels_with_or_without_header(tmp_path, header):
 
     (tmp_path / "qrels").mkdir()
     (tmp_path / "corpus.jsonl").write_text(
-        '{"_id": "d1", "title": "River", "text": "The river floods."}\n{"_id": "d2", "text": "A city."}\n')
+        '{"_id": "d1", "title": "River", "text": "The river floods."}\n{"_id": "d2", "text": "A city."}\n'
+    )
     (tmp_path / "queries.jsonl").write_text('{"_id": "q1", "text": "flood"}\n{"_id": "q2", "text": "town"}\n')
     rows = "q1\td1\t2\nq2\td2\t0\nq2\tmissing\t1\n"
     (tmp_path / "qrels" / "test.tsv").write_text(("query-id\tcorpus-id\tscore\n" if header else "") + rows)

@@ -86,11 +86,19 @@ def test_daemon_stops_on_sigterm_whatever_the_notify_socket_does(tmp_path, tiny_
     config = _config(tmp_path, tiny_embedder)
     env = dict(os.environ, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="2000000")
     with open(tmp_path / "daemon.log", "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(config), "run"],
-                                   cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "--config", str(config), "run"],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
-            wait_for(lambda: _status(config)["daemon"]["activity"].startswith("watching"), timeout=60,
-                     message="daemon running with a stalled notify reader")
+            wait_for(
+                lambda: _status(config)["daemon"]["activity"].startswith("watching"),
+                timeout=60,
+                message="daemon running with a stalled notify reader",
+            )
             process.send_signal(signal.SIGTERM)
             assert process.wait(timeout=10) == 0
         finally:
@@ -123,7 +131,7 @@ def _config(tmp_path: Path, tiny_embedder: Path, extra: str = "") -> Path:
     config = tmp_path / "embedtune.toml"
     config.write_text(
         f'[paths]\ninbox = "{tmp_path / "inbox"}"\nstate_dir = "{tmp_path / "state"}"\n'
-        f'[ingest]\nsettle_seconds = 0.3\nchunk_tokens = 64\nchunk_overlap = 8\n'
+        f"[ingest]\nsettle_seconds = 0.3\nchunk_tokens = 64\nchunk_overlap = 8\n"
         f'[model]\nbase = "{tiny_embedder}"\ndevice = "cpu"\n'
         f'[logging]\nformat = "json"\n{extra}'
     )
@@ -132,8 +140,12 @@ def _config(tmp_path: Path, tiny_embedder: Path, extra: str = "") -> Path:
 
 
 def _status(config: Path) -> dict:
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(config), "status", "--json"],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--config", str(config), "status", "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     return json.loads(result.stdout)
 
 
@@ -142,19 +154,35 @@ def test_daemon_process_notify_lock_sighup_and_sigterm(tmp_path, tiny_embedder, 
     config = _config(tmp_path, tiny_embedder)
     env = dict(os.environ, NOTIFY_SOCKET=str(path), WATCHDOG_USEC="2000000")
     log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115
-    process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(config), "run"], cwd=ROOT,
-                               env=env, stdout=log, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "daemon.cli", "--config", str(config), "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         messages: list[str] = []
-        wait_for(lambda: messages.extend(_drain(sock)) or any(m.startswith("READY=1") for m in messages),
-                 timeout=60, message="READY=1")
-        wait_for(lambda: messages.extend(_drain(sock)) or "WATCHDOG=1" in messages, timeout=10,
-                 message="watchdog ping")
+        wait_for(
+            lambda: messages.extend(_drain(sock)) or any(m.startswith("READY=1") for m in messages),
+            timeout=60,
+            message="READY=1",
+        )
+        wait_for(
+            lambda: messages.extend(_drain(sock)) or "WATCHDOG=1" in messages,
+            timeout=10,
+            message="watchdog ping",
+        )
         assert any("STATUS=" in m for m in messages)
         assert _status(config)["daemon"]["alive"] is True
 
-        second = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(config), "run"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "--config", str(config), "run"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == 1 and str(process.pid) in second.stdout
 
         for i in range(5):
@@ -164,18 +192,30 @@ def test_daemon_process_notify_lock_sighup_and_sigterm(tmp_path, tiny_embedder, 
         text = config.read_text().replace("chunk_overlap = 8\n", "chunk_overlap = 8\nworkers = 3\n")
         config.write_text(text + "\n[synthesis]\njudge_threshold = 0.9\n")
         process.send_signal(signal.SIGHUP)
-        wait_for(lambda: b"settings_reloaded" in (tmp_path / "daemon.log").read_bytes(), timeout=20,
-                 message="reload logged")
-        line = next(json.loads(x) for x in (tmp_path / "daemon.log").read_bytes().splitlines()
-                    if b"settings_reloaded" in x)
+        wait_for(
+            lambda: b"settings_reloaded" in (tmp_path / "daemon.log").read_bytes(),
+            timeout=20,
+            message="reload logged",
+        )
+        line = next(
+            json.loads(x)
+            for x in (tmp_path / "daemon.log").read_bytes().splitlines()
+            if b"settings_reloaded" in x
+        )
         assert set(line["changed"]) == {"synthesis.judge_threshold"}  # ingest.workers is not applied live
         assert line["restart_needed"] == ["ingest.workers"]
-        wait_for(lambda: _status(config)["daemon"]["restart_needed"] == ["ingest.workers"], timeout=10,
-                 message="status says a restart is needed")
+        wait_for(
+            lambda: _status(config)["daemon"]["restart_needed"] == ["ingest.workers"],
+            timeout=10,
+            message="status says a restart is needed",
+        )
 
         (tmp_path / "inbox" / "late.txt").write_text("Late file. " + ENGLISH)
-        wait_for(lambda: sum(_status(config)["documents"][k] for k in ("pending", "ingested")) == 6,
-                 timeout=30, message="late file recorded")
+        wait_for(
+            lambda: sum(_status(config)["documents"][k] for k in ("pending", "ingested")) == 6,
+            timeout=30,
+            message="late file recorded",
+        )
         process.send_signal(signal.SIGTERM)  # while the late file may still be in ingestion
         assert process.wait(timeout=60) == 0
     finally:

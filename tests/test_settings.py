@@ -21,12 +21,30 @@ def test_shipped_config_is_valid_and_matches_embedded_defaults():
 
 def test_every_documented_key_exists():
     settings = Settings()
-    for dotted in ["paths.inbox", "paths.state_dir", "ingest.settle_seconds", "ingest.max_file_mb", "llm.url",
-                   "llm.model", "llm.api_key_env", "llm.concurrency", "llm.timeout_s",
-                   "synthesis.questions_per_chunk", "synthesis.rewrites_per_question", "synthesis.judge_threshold",
-                   "synthesis.featured_percentage", "synthesis.heldout_fraction", "model.base", "model.reranker",
-                   "model.query_instruction", "training.min_new_samples", "training.window", "promotion.metric",
-                   "promotion.min_gain", "promotion.on_promote"]:
+    for dotted in [
+        "paths.inbox",
+        "paths.state_dir",
+        "ingest.settle_seconds",
+        "ingest.max_file_mb",
+        "llm.url",
+        "llm.model",
+        "llm.api_key_env",
+        "llm.concurrency",
+        "llm.timeout_s",
+        "synthesis.questions_per_chunk",
+        "synthesis.rewrites_per_question",
+        "synthesis.judge_threshold",
+        "synthesis.featured_percentage",
+        "synthesis.heldout_fraction",
+        "model.base",
+        "model.reranker",
+        "model.query_instruction",
+        "training.min_new_samples",
+        "training.window",
+        "promotion.metric",
+        "promotion.min_gain",
+        "promotion.on_promote",
+    ]:
         section, key = dotted.split(".")
         assert hasattr(getattr(settings, section), key), dotted
 
@@ -37,13 +55,13 @@ def test_every_documented_key_exists():
         ("[synthesis]\nfeatured_percentage = 0\n", "synthesis.featured_percentage"),
         ("[synthesis]\nfeatured_percentage = 1.5\n", "synthesis.featured_percentage"),
         ("[promotion]\nmin_gain = -0.1\n", "promotion.min_gain"),
-        ("[llm]\nconcurrency = \"many\"\n", "llm.concurrency"),
-        ("[llm]\nendpoint = \"x\"\n", "llm.endpoint"),
+        ('[llm]\nconcurrency = "many"\n', "llm.concurrency"),
+        ('[llm]\nendpoint = "x"\n', "llm.endpoint"),
         ("[nonsense]\nx = 1\n", "nonsense"),
-        ("[training]\nwindow = \"every night\"\n", "training.window"),
-        ("[training]\nwindow = \"61 * * * *\"\n", "training.window"),
-        ("[training]\nwindow = \"* * *\"\n", "training.window"),
-        ("[training]\nwindow = \"0 25 * * *\"\n", "training.window"),
+        ('[training]\nwindow = "every night"\n', "training.window"),
+        ('[training]\nwindow = "61 * * * *"\n', "training.window"),
+        ('[training]\nwindow = "* * *"\n', "training.window"),
+        ('[training]\nwindow = "0 25 * * *"\n', "training.window"),
         ("[training]\nnegative_range = [10, 5]\n", "training.negative_range"),
         ("[ingest]\nchunk_tokens = 64\nchunk_overlap = 64\n", "ingest"),
     ],
@@ -136,13 +154,21 @@ def test_reload_applies_live_keys_only_and_names_the_rest():
 
 
 def test_cli_config_check(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(ROOT / "config.toml"), "config",
-                         "check"], capture_output=True, text=True, cwd=ROOT)
+    ok = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--config", str(ROOT / "config.toml"), "config", "check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "configuration OK" in ok.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text("[promotion]\nmin_gain = -1\n")
-    result = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(bad), "config", "check"],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--config", str(bad), "config", "check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 2
     assert "promotion.min_gain" in result.stderr

@@ -68,8 +68,9 @@ def test_status_on_a_populated_database(tmp_path):
     queue.enqueue("synthesize", "s1", max_attempts=1)
     job = queue.claim("w", ["synthesize"])
     queue.fail(job, "LLM endpoint answered 401: bad key")
-    db.conn.execute("UPDATE daemon SET pid=123, heartbeat='now', heartbeat_ts=?, activity='watching'",
-                    (time.time(),))
+    db.conn.execute(
+        "UPDATE daemon SET pid=123, heartbeat='now', heartbeat_ts=?, activity='watching'", (time.time(),)
+    )
     result = _run_status(_config(tmp_path))
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
@@ -78,14 +79,20 @@ def test_status_on_a_populated_database(tmp_path):
     assert status["documents"]["pending"] == 1 and status["documents"]["rejected"] == 1
     assert status["documents"]["rejections"][0]["reason"] == "unsupported file type .bin"
     assert status["jobs"]["dead"] == 1 and "401" in status["jobs"]["recent_errors"][0]["error"]
-    human = subprocess.run([sys.executable, "-m", "daemon.cli", "--config", str(_config(tmp_path)), "status"],
-                           capture_output=True, text=True, cwd=ROOT)
+    human = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--config", str(_config(tmp_path)), "status"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert "unsupported file type .bin" in human.stdout and "alive" in human.stdout
 
 
 def test_stale_heartbeat_reads_as_down(tmp_path):
     layout = StateLayout(tmp_path / "state").ensure()
     db = Database(layout.database)
-    db.conn.execute("UPDATE daemon SET pid=1, heartbeat='then', heartbeat_ts=?, activity='watching'",
-                    (time.time() - 3600,))
+    db.conn.execute(
+        "UPDATE daemon SET pid=1, heartbeat='then', heartbeat_ts=?, activity='watching'",
+        (time.time() - 3600,),
+    )
     assert read_status(layout)["daemon"]["alive"] is False

@@ -8,14 +8,25 @@ from stages.text import detect_language, tokenize_for_bm25
 from tests.conftest import wait_for
 from tests.docs_factory import CHINESE, ENGLISH
 
-LLM_FAST = {"max_retries": 1, "timeout_s": 2.0, "breaker_failures": 2, "breaker_reset_s": 1.0,
-            "concurrency": 4}
+LLM_FAST = {
+    "max_retries": 1,
+    "timeout_s": 2.0,
+    "breaker_failures": 2,
+    "breaker_reset_s": 1.0,
+    "concurrency": 4,
+}
 
 
 def _llm_settings(make_settings, server, **llm):
-    return make_settings(llm={"url": server.url + "/v1", **LLM_FAST, **llm},
-                         synthesis={"questions_per_chunk": 2, "rewrites_per_question": 1, "judge_threshold": 0.5,
-                                    "featured_percentage": 1.0})
+    return make_settings(
+        llm={"url": server.url + "/v1", **LLM_FAST, **llm},
+        synthesis={
+            "questions_per_chunk": 2,
+            "rewrites_per_question": 1,
+            "judge_threshold": 0.5,
+            "featured_percentage": 1.0,
+        },
+    )
 
 
 def _write_corpus(inbox):
@@ -84,8 +95,14 @@ def test_llm_outage_pauses_synthesis_and_resumes(make_settings, start_daemon, fa
     assert running.scalar("SELECT COUNT(*) FROM samples") == 0
     assert running.scalar("SELECT COUNT(*) FROM jobs WHERE kind='synthesize' AND state='dead'") == 0
     fake_llm.down = False
-    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM jobs WHERE kind='synthesize' AND state='done'") ==
-             running.scalar("SELECT COUNT(*) FROM chunks"), timeout=60, message="synthesis resumes")
+    wait_for(
+        lambda: (
+            running.scalar("SELECT COUNT(*) FROM jobs WHERE kind='synthesize' AND state='done'")
+            == running.scalar("SELECT COUNT(*) FROM chunks")
+        ),
+        timeout=60,
+        message="synthesis resumes",
+    )
     wait_for(lambda: running.status()["llm"]["breaker"] == "closed", message="breaker closes")
     per_chunk = running.query("SELECT chunk_id, kind, COUNT(*) AS n FROM samples GROUP BY chunk_id, kind")
     assert all(row["n"] <= 4 for row in per_chunk)
@@ -103,7 +120,8 @@ def test_random_faults_lose_nothing(make_settings, start_daemon):
         wait_for(running.idle, timeout=90, message="all synthesized despite faults")
         assert running.scalar("SELECT COUNT(*) FROM jobs WHERE state='dead'") == 0
         assert running.scalar("SELECT COUNT(DISTINCT chunk_id) FROM samples") == running.scalar(
-            "SELECT COUNT(*) FROM chunks")
+            "SELECT COUNT(*) FROM chunks"
+        )
         assert sum(server.faults.get(name, 0) for name in ("500", "html", "truncated", "nonjson")) > 0
 
 
@@ -117,13 +135,19 @@ def test_rejected_requests_dead_letter_and_bad_replies_retry_with_reason(make_se
         running = start_daemon(settings)
         wait_for(lambda: running.scalar("SELECT COUNT(*) FROM jobs WHERE state='dead'") == 1, message="dead")
         # The 401 is final; the garbled replies fail one attempt, keep the raw reply, and retry later.
-        garbled = wait_for(lambda: running.scalar(
-            "SELECT id FROM jobs WHERE raw_reply LIKE '%questions you might ask%' AND last_error LIKE '%expected JSON%'"),
-            message="failed attempt with its raw reply")
+        garbled = wait_for(
+            lambda: running.scalar(
+                "SELECT id FROM jobs WHERE raw_reply LIKE '%questions you might ask%' AND last_error LIKE '%expected JSON%'"
+            ),
+            message="failed attempt with its raw reply",
+        )
         errors = running.status()["jobs"]["recent_errors"]
         assert any("401" in e["error"] and e["state"] == "dead" for e in errors)
-        wait_for(lambda: running.scalar("SELECT state FROM jobs WHERE id=?", garbled) == "done", timeout=60,
-                 message="the garbled job succeeds on retry")
+        wait_for(
+            lambda: running.scalar("SELECT state FROM jobs WHERE id=?", garbled) == "done",
+            timeout=60,
+            message="the garbled job succeeds on retry",
+        )
         assert running.scalar("SELECT attempts FROM jobs WHERE id=?", garbled) == 2
         assert running.scalar("SELECT COUNT(*) FROM jobs WHERE state='dead'") == 1
 
@@ -159,15 +183,24 @@ def test_jieba_tokens_for_chinese_and_words_for_english():
 
 
 def test_filter_keeps_only_pairs_whose_chunk_stands_out():
-    corpus = ["solar panels convert sunlight into power", "rivers flow through the old city",
-              "music history of the city", "batteries store solar energy at night"]
-    items = [FilterInput(1, "solar sunlight panels", 0, corpus[0]), FilterInput(2, "solar sunlight panels", 1, corpus[1])]
+    corpus = [
+        "solar panels convert sunlight into power",
+        "rivers flow through the old city",
+        "music history of the city",
+        "batteries store solar energy at night",
+    ]
+    items = [
+        FilterInput(1, "solar sunlight panels", 0, corpus[0]),
+        FilterInput(2, "solar sunlight panels", 1, corpus[1]),
+    ]
 
     def lexical(queries, passages):
         import numpy as np
 
-        return np.array([len(set(q.split()) & set(p.split())) for q, p in zip(queries, passages, strict=True)],
-                        dtype=float)
+        return np.array(
+            [len(set(q.split()) & set(p.split())) for q, p in zip(queries, passages, strict=True)],
+            dtype=float,
+        )
 
     results = filter_pairs(items, corpus, Bm25Index(corpus), lexical, featured_percentage=0.25, candidates=10)
     assert results[0].kept and results[0].rank == 1
@@ -189,7 +222,9 @@ def test_pseudo_methods():
 def test_filter_with_a_cross_encoder_reranker(make_settings, start_daemon, tiny_reranker):
     from sentence_transformers import CrossEncoder
 
-    assert CrossEncoder(str(tiny_reranker), device="cpu").predict([("river", "the river flows")]).shape == (1,)
+    assert CrossEncoder(str(tiny_reranker), device="cpu").predict([("river", "the river flows")]).shape == (
+        1,
+    )
     settings = make_settings(model={"reranker": str(tiny_reranker)}, synthesis={"featured_percentage": 0.5})
     _write_corpus(settings.paths.inbox)
     running = start_daemon(settings)
@@ -206,15 +241,17 @@ def test_one_slot_rambling_server_finishes_with_nothing_dead(make_settings, star
     from tests.llm_server import FakeLlm
 
     with FakeLlm(slots=1, latency=0.1, ramble_tokens=3000, token_s=0.001) as server:
-        settings = _llm_settings(make_settings, server, concurrency=6, timeout_s=0.8, max_retries=8,
-                                 breaker_failures=3)
+        settings = _llm_settings(
+            make_settings, server, concurrency=6, timeout_s=0.8, max_retries=8, breaker_failures=3
+        )
         _write_corpus(settings.paths.inbox)
         running = start_daemon(settings)
         wait_for(lambda: running.scalar("SELECT COUNT(*) FROM chunks") >= 3)
         wait_for(running.idle, timeout=120, message="synthesis done behind a one-slot server")
         assert running.scalar("SELECT COUNT(*) FROM jobs WHERE state='dead'") == 0
         assert running.scalar("SELECT COUNT(DISTINCT chunk_id) FROM samples") == running.scalar(
-            "SELECT COUNT(*) FROM chunks")
+            "SELECT COUNT(*) FROM chunks"
+        )
         assert all(r["body"].get("max_tokens") for r in server.requests)
         llm = running.status()["llm"]
         assert llm["breaker"] == "closed" and llm["max_concurrency"] == 6

@@ -11,8 +11,10 @@ what which who how when where why does do did can will about between model model
 query queries document documents passage chunk training data learning machine neural network
 embedding embeddings vector index language english chinese river city history music energy
 solar power water system computer science database server file files folder daemon round""".split()
-CHINESE_TEXT = ("机器学习是人工智能的一个分支它使计算机能够从数据中学习深度神经网络效果很好关于内容什么"
-                "中国北京上海城市河流历史音乐能源太阳水系统电脑科学数据库服务器文件夹问题回答段落为如何哪里")
+CHINESE_TEXT = (
+    "机器学习是人工智能的一个分支它使计算机能够从数据中学习深度神经网络效果很好关于内容什么"
+    "中国北京上海城市河流历史音乐能源太阳水系统电脑科学数据库服务器文件夹问题回答段落为如何哪里"
+)
 
 
 def build_vocab() -> list[str]:
@@ -36,8 +38,11 @@ def build_tokenizer(folder: Path, tokenize_chinese_chars: bool = True):
     words = build_vocab()
     vocab_file = folder / "vocab.txt"
     vocab_file.write_text("\n".join(words) + "\n")
-    tokenizer = BertTokenizerFast(vocab={word: index for index, word in enumerate(words)}, do_lower_case=True,
-                                  tokenize_chinese_chars=tokenize_chinese_chars)
+    tokenizer = BertTokenizerFast(
+        vocab={word: index for index, word in enumerate(words)},
+        do_lower_case=True,
+        tokenize_chinese_chars=tokenize_chinese_chars,
+    )
     ids = tokenizer("river 河流")["input_ids"]
     if tokenizer.unk_token_id in ids:
         raise RuntimeError(f"tiny tokenizer maps known words to [UNK]: {ids}")
@@ -52,8 +57,14 @@ def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(folder)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(build_vocab()), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=256)
+    config = BertConfig(
+        vocab_size=len(build_vocab()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+    )
     BertModel(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -65,8 +76,11 @@ def build_tiny_embedder(folder: Path, pooling: str = "mean", seed: int = 0) -> P
 
     hf = build_tiny_bert(folder.parent / (folder.name + "-hf"), seed)
     transformer = models.Transformer(str(hf), max_seq_length=128)
-    dim = (transformer.get_embedding_dimension() if hasattr(transformer, "get_embedding_dimension")
-           else transformer.get_word_embedding_dimension())
+    dim = (
+        transformer.get_embedding_dimension()
+        if hasattr(transformer, "get_embedding_dimension")
+        else transformer.get_word_embedding_dimension()
+    )
     pool = models.Pooling(dim, pooling_mode=pooling)
     model = SentenceTransformer(modules=[transformer, pool, models.Normalize()], device="cpu")
     model.save(str(folder))
@@ -80,9 +94,15 @@ def build_tiny_cross_encoder(folder: Path, seed: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(folder)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(build_vocab()), hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=2, intermediate_size=64, max_position_embeddings=256,
-                        num_labels=1)
+    config = BertConfig(
+        vocab_size=len(build_vocab()),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        num_labels=1,
+    )
     BertForSequenceClassification(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

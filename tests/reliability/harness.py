@@ -25,14 +25,30 @@ def write_config(path: Path, tmp: Path, model: Path, llm_url: str = "", extra: d
     sections = {
         "paths": {"inbox": str(tmp / "inbox"), "state_dir": str(tmp / "state")},
         "ingest": {"settle_seconds": 0.2, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
-        "llm": {"url": llm_url, "max_retries": 2, "timeout_s": 2.0, "breaker_failures": 3, "breaker_reset_s": 1.0,
-                "concurrency": 4},
+        "llm": {
+            "url": llm_url,
+            "max_retries": 2,
+            "timeout_s": 2.0,
+            "breaker_failures": 3,
+            "breaker_reset_s": 1.0,
+            "concurrency": 4,
+        },
         "synthesis": {"featured_percentage": 1.0, "heldout_fraction": 0.2},
         "model": {"base": str(model), "device": "cpu"},
-        "training": {"min_new_samples": 30, "check_minutes": 0.02, "batch_size": 8, "hard_negatives": 1,
-                     "learning_rate": 1e-3, "max_pairs": 128},
-        "promotion": {"min_gain": 0.0, "merge_weights": [0.5], "bootstrap_samples": 50,
-                      "synthetic_only_min_gain": 0.0},
+        "training": {
+            "min_new_samples": 30,
+            "check_minutes": 0.02,
+            "batch_size": 8,
+            "hard_negatives": 1,
+            "learning_rate": 1e-3,
+            "max_pairs": 128,
+        },
+        "promotion": {
+            "min_gain": 0.0,
+            "merge_weights": [0.5],
+            "bootstrap_samples": 50,
+            "synthetic_only_min_gain": 0.0,
+        },
         "logging": {"format": "json", "level": "info"},
     }
     for section, values in (extra or {}).items():
@@ -55,8 +71,12 @@ class DaemonProcess:
 
     def start(self) -> DaemonProcess:
         handle = open(self.log, "ab")  # noqa: SIM115 - the child owns it
-        self.process = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--config", str(self.config), "run"],
-                                        cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "daemon.cli", "--config", str(self.config), "run"],
+            cwd=ROOT,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+        )
         handle.close()
         return self
 
@@ -122,8 +142,12 @@ def reference_chunks(settings, files: list[Path]) -> dict[str, list[str]]:
     from daemon.ingest import Chunker
     from stages.extract import ExtractionError, extract, read_checked
 
-    chunker = Chunker(settings.model.base, settings.ingest.chunk_tokens, settings.ingest.chunk_overlap,
-                      settings.ingest.min_chunk_chars)
+    chunker = Chunker(
+        settings.model.base,
+        settings.ingest.chunk_tokens,
+        settings.ingest.chunk_overlap,
+        settings.ingest.min_chunk_chars,
+    )
     out = {}
     for path in files:
         try:
@@ -140,27 +164,41 @@ def check_invariants(settings, files: list[Path], expected_pairs=None) -> dict:
     state = settings.paths.state_dir
     reference = reference_chunks(settings, files)
     stored: dict[str, list[str]] = {}
-    for row in query(state, "SELECT d.path, c.text FROM chunks c JOIN documents d ON d.id=c.document_id "
-                            "WHERE c.active=1 ORDER BY d.path, c.ordinal"):
+    for row in query(
+        state,
+        "SELECT d.path, c.text FROM chunks c JOIN documents d ON d.id=c.document_id "
+        "WHERE c.active=1 ORDER BY d.path, c.ordinal",
+    ):
         stored.setdefault(row["path"], []).append(row["text"])
     missing = sorted(set(reference) - set(stored))
     assert not missing, f"files never ingested: {missing[:5]}"
     for path, chunks in reference.items():
         assert stored[path] == chunks, f"{path}: stored chunks differ from a clean chunking"
     assert scalar(state, "SELECT COUNT(*) FROM documents WHERE status='pending'") == 0
-    versions = query(state, "SELECT document_id, COUNT(DISTINCT version) AS n FROM chunks WHERE active=1 "
-                            "GROUP BY document_id HAVING n > 1")
+    versions = query(
+        state,
+        "SELECT document_id, COUNT(DISTINCT version) AS n FROM chunks WHERE active=1 "
+        "GROUP BY document_id HAVING n > 1",
+    )
     assert not versions, "a document has two active versions"
     jobs = dict(query(state, "SELECT state, COUNT(*) FROM jobs WHERE kind != 'round_request' GROUP BY state"))
     assert jobs.get("running", 0) == 0 and jobs.get("pending", 0) == 0 and jobs.get("failed", 0) == 0, jobs
     assert jobs.get("dead", 0) == 0, query(state, "SELECT kind, last_error FROM jobs WHERE state='dead'")
     chunk_ids = [r[0] for r in query(state, "SELECT id FROM chunks WHERE active=1")]
-    synth = {r[0] for r in query(state, "SELECT json_extract(payload, '$.chunk_id') FROM jobs "
-                                        "WHERE kind='synthesize' AND state='done'")}
+    synth = {
+        r[0]
+        for r in query(
+            state,
+            "SELECT json_extract(payload, '$.chunk_id') FROM jobs WHERE kind='synthesize' AND state='done'",
+        )
+    }
     assert set(chunk_ids) <= synth, "an active chunk has no finished synthesize job"
     counts = {r[0]: r[1] for r in query(state, "SELECT chunk_id, COUNT(*) FROM samples GROUP BY chunk_id")}
-    duplicates = query(state, "SELECT chunk_id, kind, query, COUNT(*) FROM samples GROUP BY chunk_id, kind, query "
-                              "HAVING COUNT(*) > 1")
+    duplicates = query(
+        state,
+        "SELECT chunk_id, kind, query, COUNT(*) FROM samples GROUP BY chunk_id, kind, query "
+        "HAVING COUNT(*) > 1",
+    )
     assert not duplicates
     if expected_pairs is not None:
         texts = dict(query(state, "SELECT id, text FROM chunks WHERE active=1"))
@@ -169,8 +207,11 @@ def check_invariants(settings, files: list[Path], expected_pairs=None) -> dict:
     rounds = dict(query(state, "SELECT state, COUNT(*) FROM rounds GROUP BY state"))
     assert set(rounds) <= {"finished", "aborted"}, rounds
     current = state / "models" / "current"
-    promoted = scalar(state, "SELECT path FROM models WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
-                             "ORDER BY promoted_at DESC LIMIT 1")
+    promoted = scalar(
+        state,
+        "SELECT path FROM models WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
+        "ORDER BY promoted_at DESC LIMIT 1",
+    )
     if current.exists() or promoted:
         assert current.exists() and promoted and current.resolve() == Path(promoted).resolve()
         from sentence_transformers import SentenceTransformer
@@ -178,5 +219,10 @@ def check_invariants(settings, files: list[Path], expected_pairs=None) -> dict:
         assert SentenceTransformer(str(current), device="cpu").encode(["check"]).shape[0] == 1
     integrity = scalar(state, "PRAGMA integrity_check")
     assert integrity == "ok", integrity
-    return {"documents": len(stored), "chunks": len(chunk_ids), "samples": sum(counts.values()),
-            "rounds": rounds, "jobs": jobs}
+    return {
+        "documents": len(stored),
+        "chunks": len(chunk_ids),
+        "samples": sum(counts.values()),
+        "rounds": rounds,
+        "jobs": jobs,
+    }

@@ -94,9 +94,12 @@ def test_bad_input_campaign(tmp_path, tiny_embedder, scale):
     if scale == "full" and campaign_scale() != "full":
         pytest.skip("full campaign: EMBEDTUNE_CAMPAIGN=full")
     sizes = SCALES[scale]
-    config = write_config(tmp_path / "c.toml", tmp_path, tiny_embedder,
-                          extra={"ingest": {"max_file_mb": 1.0, "workers": 2},
-                                 "training": {"min_new_samples": 10**6}})
+    config = write_config(
+        tmp_path / "c.toml",
+        tmp_path,
+        tiny_embedder,
+        extra={"ingest": {"max_file_mb": 1.0, "workers": 2}, "training": {"min_new_samples": 10**6}},
+    )
     settings = load_settings(config, env=False)
     inbox, state = settings.paths.inbox, settings.paths.state_dir
     staging = tmp_path / "drop"
@@ -105,29 +108,54 @@ def test_bad_input_campaign(tmp_path, tiny_embedder, scale):
     good = generate_corpus(staging / "good", 20, sentences=(4, 12))
     (staging / "good" / "zh.txt").write_text(CHINESE)
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
-    wait(lambda: scalar(state, "SELECT activity FROM daemon") not in (None, "starting", "stopped"), timeout=60,
-         message="daemon up")
+    wait(
+        lambda: scalar(state, "SELECT activity FROM daemon") not in (None, "starting", "stopped"),
+        timeout=60,
+        message="daemon up",
+    )
     for entry in staging.iterdir():  # dropped at once
         os.rename(entry, inbox / entry.name)
     total_expected = len(expected) + sizes["empty"] + len(good) + 2
-    wait(lambda: (scalar(state, "SELECT COUNT(*) FROM documents WHERE status IN ('ingested','rejected')") or 0)
-         >= total_expected - 1 and settled(state), timeout=900, message="every file decided")
+    wait(
+        lambda: (
+            (scalar(state, "SELECT COUNT(*) FROM documents WHERE status IN ('ingested','rejected')") or 0)
+            >= total_expected - 1
+            and settled(state)
+        ),
+        timeout=900,
+        message="every file decided",
+    )
     assert daemon.alive()
     peak = daemon.peak_rss_mb()
-    reasons = {row["path"][len(str(inbox)) + 1:]: row["error"]
-               for row in query(state, "SELECT path, error FROM documents WHERE status='rejected'")}
+    reasons = {
+        row["path"][len(str(inbox)) + 1 :]: row["error"]
+        for row in query(state, "SELECT path, error FROM documents WHERE status='rejected'")
+    }
     for name, fragment in expected.items():
         assert name in reasons, f"{name} has no rejection"
         assert fragment in reasons[name], (name, reasons[name])
     assert sum(1 for name in reasons if name.startswith("empties/")) == sizes["empty"]
-    ingested = {row[0][len(str(inbox)) + 1:] for row in query(state, "SELECT path FROM documents WHERE "
-                                                                     "status='ingested'")}
+    ingested = {
+        row[0][len(str(inbox)) + 1 :]
+        for row in query(state, "SELECT path FROM documents WHERE status='ingested'")
+    }
     assert {f"good/{p.name}" for p in good} <= ingested and "good/zh.txt" in ingested
     assert any(name.endswith("bottom.txt") for name in ingested)
     assert "bad/outside.txt" not in reasons and "bad/outside.txt" not in ingested
     assert peak < 2500, f"peak RSS {peak:.0f} MB"
     assert daemon.terminate() == 0
     hostile = len(expected) + sizes["empty"] + 2  # + the ignored symlink and deep nesting
-    print("BAD INPUT CAMPAIGN", json.dumps({"scale": scale, "hostile_inputs": hostile, "named_cases": len(expected),
-                                            "empty_files": sizes["empty"], "depth": sizes["depth"],
-                                            "good_ingested": len(good) + 2, "peak_rss_mb": round(peak)}))
+    print(
+        "BAD INPUT CAMPAIGN",
+        json.dumps(
+            {
+                "scale": scale,
+                "hostile_inputs": hostile,
+                "named_cases": len(expected),
+                "empty_files": sizes["empty"],
+                "depth": sizes["depth"],
+                "good_ingested": len(good) + 2,
+                "peak_rss_mb": round(peak),
+            }
+        ),
+    )

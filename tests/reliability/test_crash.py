@@ -32,8 +32,9 @@ def _phase(state, landed) -> set[str]:
     known = {row[0] for row in query(state, "SELECT path FROM documents WHERE status != 'pending'")}
     if any(str(path) not in known for path in landed):
         phases.add("ingest")  # landed but not yet ingested: settling, queued or being extracted
-    for kind, count in query(state, "SELECT kind, COUNT(*) FROM jobs WHERE state IN ('pending','running','failed') "
-                                    "GROUP BY kind"):
+    for kind, count in query(
+        state, "SELECT kind, COUNT(*) FROM jobs WHERE state IN ('pending','running','failed') GROUP BY kind"
+    ):
         if count:
             phases.add(kind)
     if scalar(state, "SELECT COUNT(*) FROM rounds WHERE state='running'"):
@@ -62,12 +63,15 @@ def test_sigkill_campaign(tmp_path, tiny_embedder, scale):
     sizes = SCALES[scale]
     rng = random.Random(20261122)
     with FakeLlm(latency=0.15) as server:
-        config = write_config(tmp_path / "c.toml", tmp_path, tiny_embedder, server.url,
-                              {"training": {"epochs": 3.0}})
+        config = write_config(
+            tmp_path / "c.toml", tmp_path, tiny_embedder, server.url, {"training": {"epochs": 3.0}}
+        )
         settings = load_settings(config, env=False)
         state, inbox = settings.paths.state_dir, settings.paths.inbox
         staging = tmp_path / "staging"
-        files = generate_corpus(staging, sizes["files"], kinds=("txt", "md", "docx", "pdf"), sentences=(4, 20))
+        files = generate_corpus(
+            staging, sizes["files"], kinds=("txt", "md", "docx", "pdf"), sentences=(4, 20)
+        )
         batches = [files[i::8] for i in range(8)]
         landed = []
         phases_hit: dict[str, int] = {}
@@ -76,8 +80,14 @@ def test_sigkill_campaign(tmp_path, tiny_embedder, scale):
         round_kill_done = False
         while kills < sizes["kills"]:
             daemon = DaemonProcess(config, log).start()
-            wait(lambda d=daemon: d.pid == scalar(state, "SELECT pid FROM daemon") and
-                 scalar(state, "SELECT activity FROM daemon") != "starting", timeout=120, message="daemon ready")
+            wait(
+                lambda d=daemon: (
+                    d.pid == scalar(state, "SELECT pid FROM daemon")
+                    and scalar(state, "SELECT activity FROM daemon") != "starting"
+                ),
+                timeout=120,
+                message="daemon ready",
+            )
             if batches:  # files land while the daemon runs, so some kills hit ingestion
                 for path in batches.pop(0):
                     target = inbox / path.name
@@ -90,8 +100,14 @@ def test_sigkill_campaign(tmp_path, tiny_embedder, scale):
             elif not round_kill_done and kills >= sizes["kills"] // 2:
                 # One kill aimed at a round in training, so the campaign surely covers it.
                 try:
-                    wait(lambda: scalar(state, "SELECT COUNT(*) FROM rounds WHERE state='running' AND stage='train'"),
-                         timeout=180, message="a round in training", interval=0.1)
+                    wait(
+                        lambda: scalar(
+                            state, "SELECT COUNT(*) FROM rounds WHERE state='running' AND stage='train'"
+                        ),
+                        timeout=180,
+                        message="a round in training",
+                        interval=0.1,
+                    )
                     round_kill_done = True
                 except AssertionError:
                     pass
@@ -103,12 +119,26 @@ def test_sigkill_campaign(tmp_path, tiny_embedder, scale):
             daemon.kill()
             kills += 1
         daemon = DaemonProcess(config, log).start()
-        wait(lambda: settled(state) and scalar(state, "SELECT COUNT(*) FROM documents") >= len(files),
-             timeout=600, message="the daemon to finish all work")
-        wait(lambda: settled(state) and (
-            scalar(state, "SELECT COUNT(*) FROM rounds WHERE state='finished'") or
-            scalar(state, "SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train' AND round_id IS NULL") < 30),
-            timeout=600, message="a round to finish after the last restart")
+        wait(
+            lambda: settled(state) and scalar(state, "SELECT COUNT(*) FROM documents") >= len(files),
+            timeout=600,
+            message="the daemon to finish all work",
+        )
+        wait(
+            lambda: (
+                settled(state)
+                and (
+                    scalar(state, "SELECT COUNT(*) FROM rounds WHERE state='finished'")
+                    or scalar(
+                        state,
+                        "SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train' AND round_id IS NULL",
+                    )
+                    < 30
+                )
+            ),
+            timeout=600,
+            message="a round to finish after the last restart",
+        )
         assert daemon.terminate() == 0
         summary = check_invariants(settings, landed, expected_pairs_with(server.url))
     assert {"ingest", "synthesize"} <= set(phases_hit), phases_hit

@@ -21,7 +21,9 @@ from tests.test_rounds import _corpus
 def small_disk(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48M", "tmpfs", str(mount)], capture_output=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48M", "tmpfs", str(mount)], capture_output=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
     yield mount
@@ -41,10 +43,16 @@ def _fill(folder, leave_bytes: int) -> None:
 
 
 def test_round_that_cannot_save_is_aborted_and_service_stays(tmp_path, tiny_embedder, small_disk):
-    config = write_config(tmp_path / "c.toml", tmp_path, tiny_embedder,
-                          extra={"paths": {"state_dir": str(small_disk / "state")},
-                                 "training": {"min_new_samples": 10**6},
-                                 "synthesis": {"heldout_fraction": 0.3}})
+    config = write_config(
+        tmp_path / "c.toml",
+        tmp_path,
+        tiny_embedder,
+        extra={
+            "paths": {"state_dir": str(small_disk / "state")},
+            "training": {"min_new_samples": 10**6},
+            "synthesis": {"heldout_fraction": 0.3},
+        },
+    )
     settings = load_settings(config, env=False)
     state = settings.paths.state_dir
     _corpus(settings.paths.inbox, documents=8)
@@ -79,5 +87,12 @@ def test_round_that_cannot_save_is_aborted_and_service_stays(tmp_path, tiny_embe
     assert train_now(settings, foreground=True) == 0
     assert scalar(state, "SELECT state FROM rounds ORDER BY id DESC") == "finished"
     assert scalar(state, "PRAGMA integrity_check") == "ok"
-    print("DISK FULL", json.dumps({"aborted_error": row["error"][:160], "rounds":
-                                   [tuple(r) for r in query(state, "SELECT id, state, decision FROM rounds")]}))
+    print(
+        "DISK FULL",
+        json.dumps(
+            {
+                "aborted_error": row["error"][:160],
+                "rounds": [tuple(r) for r in query(state, "SELECT id, state, decision FROM rounds")],
+            }
+        ),
+    )
