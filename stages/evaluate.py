@@ -15,7 +15,7 @@ import numpy as np
 from stages.evalsets import EvalSet
 from stages.negatives import build_index
 
-METRICS = ("recall@1", "recall@5", "recall@10", "recall@20", "ndcg@10", "mrr@10", "map@10")
+METRICS = ("recall@1", "recall@5", "recall@10", "recall@20", "recall@100", "ndcg@10", "mrr@10", "map@10")
 SEARCH_DEPTH = 100
 
 
@@ -44,7 +44,7 @@ def query_metrics(ranked: Sequence[int], relevant: dict[int, float]) -> dict[str
     hits = [1 if doc in relevant else 0 for doc in ranked]
     n_rel = len(relevant)
     out: dict[str, float] = {}
-    for k in (1, 5, 10, 20):
+    for k in (1, 5, 10, 20, 100):
         out[f"recall@{k}"] = sum(hits[:k]) / n_rel if n_rel else 0.0
     gains = [relevant.get(doc, 0.0) for doc in ranked[:10]]
     dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains))
@@ -55,6 +55,23 @@ def query_metrics(ranked: Sequence[int], relevant: dict[int, float]) -> dict[str
     precisions = [sum(hits[: i + 1]) / (i + 1) for i, h in enumerate(hits[:10]) if h]
     out["map@10"] = sum(precisions) / min(n_rel, 10) if n_rel else 0.0
     return out
+
+
+def evaluate_scores(
+    scores: np.ndarray, relevant: Sequence[dict[int, float]], primary_metric: str = "ndcg@10"
+) -> EvalResult:
+    """The same metrics from a queries x corpus score matrix (retrievers that are not one vector space,
+    such as BM25 or the hybrid teacher)."""
+    per_query: dict[str, list[float]] = {name: [] for name in METRICS}
+    depth = min(SEARCH_DEPTH, scores.shape[1]) if scores.ndim == 2 else 0
+    for row, rel in enumerate(relevant):
+        top = np.argpartition(-scores[row], depth - 1)[:depth] if depth else np.array([], dtype=int)
+        ranked = top[np.argsort(-scores[row][top], kind="stable")]
+        values = query_metrics([int(i) for i in ranked], rel)
+        for name in METRICS:
+            per_query[name].append(values[name])
+    metrics = {name: float(np.mean(per_query[name])) if per_query[name] else 0.0 for name in METRICS}
+    return EvalResult(metrics, per_query, len(relevant), primary_metric)
 
 
 def evaluate_retrieval(

@@ -35,7 +35,13 @@ def _round_settings(make_settings, **training):
     return make_settings(
         training={"min_new_samples": 6, "check_minutes": 0.02, "epochs": 5.0, **training},
         synthesis={"heldout_fraction": 0.3, "featured_percentage": 1.0},
-        promotion={"min_gain": 0.0, "merge_weights": [0.5], "synthetic_only_min_gain": 0.0},
+        # the structure set has ~6 queries here: one heading moving a rank is a 0.02 swing
+        promotion={
+            "min_gain": 0.0,
+            "merge_weights": [0.5],
+            "synthetic_only_min_gain": 0.0,
+            "human_tolerance": 0.05,
+        },
     )
 
 

@@ -129,7 +129,8 @@ def test_rejected_requests_dead_letter_and_bad_replies_retry_with_reason(make_se
     from tests.llm_server import FakeLlm
 
     with FakeLlm(script=["401"] + ["nonjson"] * 3) as server:
-        settings = _llm_settings(make_settings, server, reask_invalid=2)
+        # one request at a time, so the script's replies reach the jobs in order whatever the chunk count
+        settings = _llm_settings(make_settings, server, reask_invalid=2, concurrency=1)
         (settings.paths.inbox / "a.txt").write_text(ENGLISH)
         (settings.paths.inbox / "b.txt").write_text(ENGLISH + " Another sentence about music.")
         running = start_daemon(settings)
