@@ -112,6 +112,19 @@ class CircuitBreaker:
         if changed:
             self._notify(BreakerState.CLOSED)
 
+    def busy(self) -> None:
+        """A read timeout: the server may be busy, which is no failure towards opening. But a half-open
+        probe that timed out proves nothing either: re-open, so another probe follows after reset_s
+        (without this the probe stays out forever and every call is refused)."""
+        with self._lock:
+            reopening = self._state is BreakerState.HALF_OPEN
+            if reopening:
+                self._state = BreakerState.OPEN
+                self._opened_at = self.clock()
+                self._probe_out = False
+        if reopening:
+            self._notify(BreakerState.OPEN)
+
     def failure(self) -> None:
         with self._lock:
             self._failures += 1
@@ -334,6 +347,7 @@ class LlmClient:
                 # Queued behind other requests in a busy server: slow, not down.
                 last_error = f"timeout after {self.config.timeout_s:g}s ({type(exc).__name__})"
                 self.concurrency.congestion(started, "a read timeout")
+                self.breaker.busy()
             except httpx.TransportError as exc:
                 last_error = f"connection error ({type(exc).__name__}: {exc})"
                 self.breaker.failure()
@@ -351,6 +365,7 @@ class LlmClient:
                     raise FormatRefused(response.status_code, message)
                 last_error = f"HTTP {response.status_code}: {message}"
                 if response.status_code in (408, 409, 425, 429):
+                    self.breaker.success()  # it answered: up, only asking us to slow down
                     self.concurrency.congestion(started, f"HTTP {response.status_code}")
                 else:
                     self.breaker.failure()

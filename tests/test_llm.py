@@ -341,3 +341,39 @@ def test_a_judge_that_miscounts_is_asked_one_question_at_a_time():
     assert len(judge_requests) == 3 + 4  # the batch and its two re-asks, then one request per candidate
     schema = judge_requests[-1]["body"]["response_format"]["json_schema"]["schema"]
     assert schema["properties"]["scores"]["minItems"] == schema["properties"]["scores"]["maxItems"] == 1
+
+
+def test_a_half_open_probe_that_times_out_or_is_rate_limited_never_wedges_the_breaker():
+    """Busy signals do not count towards opening, but they must end a probe: a probe left out forever
+    refuses every later call (found by the fault campaign: 111 jobs waiting on a breaker stuck half-open)."""
+    clock = [0.0]
+    breaker = CircuitBreaker(failures=1, reset_s=5, clock=lambda: clock[0])
+    breaker.failure()
+    clock[0] = 6
+    breaker.acquire()  # the probe goes out ...
+    breaker.busy()  # ... and times out
+    assert breaker.state is BreakerState.OPEN
+    clock[0] = 12
+    breaker.acquire()  # a new probe after reset_s
+    breaker.success()  # e.g. a 429: the server answered
+    assert breaker.state is BreakerState.CLOSED
+    breaker.busy()  # a timeout while closed counts for nothing
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_probe_through_the_client_after_an_outage_with_a_hanging_server():
+    with FakeLlm(script=["500", "hang", "429:0", "ok"]) as server:
+        server.hang_seconds = 2
+        clock = [0.0]
+        breaker = CircuitBreaker(failures=1, reset_s=5, clock=lambda: clock[0])
+        client = LlmClient(LlmConfig(url=server.url, model="m", timeout_s=0.5, max_retries=0), breaker)
+        with pytest.raises(LlmUnavailable):
+            client.chat(MESSAGES)  # 500: opens
+        clock[0] = 6
+        with pytest.raises(LlmUnavailable, match="timeout"):
+            client.chat(MESSAGES)  # the probe hangs
+        clock[0] = 12
+        with pytest.raises(LlmUnavailable, match="429"):
+            client.chat(MESSAGES)  # a probe again, not BreakerOpen forever
+        assert breaker.state is BreakerState.CLOSED
+        assert client.chat(MESSAGES).text
