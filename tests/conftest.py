@@ -24,31 +24,37 @@ def tiny_reranker(tmp_path_factory) -> Path:
     return build_tiny_cross_encoder(tmp_path_factory.mktemp("models") / "tiny-ce")
 
 
-@pytest.fixture
-def make_settings(tmp_path, tiny_embedder):
+def settings_for(root: Path, base_model: Path, **sections):
+    """Settings for a test: state and inbox under `root`, the tiny model, small fast rounds (~5 steps at
+    lr 3e-4, at which the tiny model really learns); `sections` override key by key."""
     from daemon.settings import Settings
 
-    def make(**sections) -> Settings:
-        data = {
-            "paths": {"inbox": str(tmp_path / "inbox"), "state_dir": str(tmp_path / "state")},
-            "ingest": {"settle_seconds": 0.3, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
-            "model": {"base": str(tiny_embedder), "device": "cpu", "encode_batch_size": 16},
-            "training": {
-                "min_new_samples": 10_000,
-                "batch_size": 8,
-                "max_pairs": 64,
-                "max_minutes": 5,
-                "hard_negatives": 1,
-                "learning_rate": 3e-4,
-                "check_minutes": 0.05,
-            },
-            "promotion": {"merge_weights": [0.5], "bootstrap_samples": 100},
-            "logging": {"format": "json", "level": "warning"},
-        }
-        for section, values in sections.items():
-            data.setdefault(section, {}).update(values)
-        (tmp_path / "inbox").mkdir(exist_ok=True)
-        return Settings.model_validate(data)
+    data = {
+        "paths": {"inbox": str(root / "inbox"), "state_dir": str(root / "state")},
+        "ingest": {"settle_seconds": 0.3, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
+        "model": {"base": str(base_model), "device": "cpu", "encode_batch_size": 16},
+        "training": {
+            "min_new_samples": 10_000,
+            "batch_size": 8,
+            "max_pairs": 64,
+            "max_minutes": 5,
+            "hard_negatives": 1,
+            "learning_rate": 3e-4,
+            "check_minutes": 0.05,
+        },
+        "promotion": {"merge_weights": [0.5], "bootstrap_samples": 100},
+        "logging": {"format": "json", "level": "warning"},
+    }
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    (root / "inbox").mkdir(exist_ok=True)
+    return Settings.model_validate(data)
+
+
+@pytest.fixture
+def make_settings(tmp_path, tiny_embedder):
+    def make(**sections):
+        return settings_for(tmp_path, tiny_embedder, **sections)
 
     return make
 

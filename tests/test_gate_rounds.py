@@ -18,39 +18,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningDaemon, wait_for
+from tests.conftest import RunningDaemon, settings_for, wait_for
 from tests.test_rounds import _corpus
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _settings(root: Path, tiny_embedder: Path, **promotion):
-    from daemon.settings import Settings
-
-    return Settings.model_validate(
-        {
-            "paths": {"inbox": str(root / "inbox"), "state_dir": str(root / "state")},
-            "ingest": {"settle_seconds": 0.3, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
-            "model": {"base": str(tiny_embedder), "device": "cpu", "encode_batch_size": 16},
-            "synthesis": {"heldout_fraction": 0.3, "featured_percentage": 1.0},
-            "training": {
-                "min_new_samples": 10_000,
-                "batch_size": 8,
-                "max_pairs": 64,
-                "max_minutes": 5,
-                "hard_negatives": 1,
-                "learning_rate": 3e-4,
-                "epochs": 5.0,
-            },  # the tiny model learns
-            "promotion": {
-                "min_gain": 0.0,
-                "synthetic_only_min_gain": 0.0,
-                "merge_weights": [0.5],
-                "bootstrap_samples": 100,
-                **promotion,
-            },
-            "logging": {"format": "json", "level": "warning"},
-        }
+    return settings_for(
+        root,
+        tiny_embedder,
+        synthesis={"heldout_fraction": 0.3, "featured_percentage": 1.0},
+        training={"epochs": 5.0},
+        promotion={"min_gain": 0.0, "synthetic_only_min_gain": 0.0, **promotion},
     )
 
 

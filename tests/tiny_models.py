@@ -49,23 +49,30 @@ def build_tokenizer(folder: Path, tokenize_chinese_chars: bool = True):
     return tokenizer
 
 
-def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
-    """A plain Hugging Face BERT folder (config, weights, WordPiece tokenizer)."""
-    import torch
-    from transformers import BertConfig, BertModel
+def tiny_bert_config(**extra):
+    """2 layers, 32 dimensions, the small vocabulary: seconds to train, real code paths."""
+    from transformers import BertConfig
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(folder)
-    torch.manual_seed(seed)
-    config = BertConfig(
+    return BertConfig(
         vocab_size=len(build_vocab()),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=256,
+        **extra,
     )
-    BertModel(config).save_pretrained(folder)
+
+
+def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A plain Hugging Face BERT folder (config, weights, WordPiece tokenizer)."""
+    import torch
+    from transformers import BertModel
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder)
+    torch.manual_seed(seed)
+    BertModel(tiny_bert_config()).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -89,20 +96,11 @@ def build_tiny_embedder(folder: Path, pooling: str = "mean", seed: int = 0) -> P
 
 def build_tiny_cross_encoder(folder: Path, seed: int = 0) -> Path:
     import torch
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
 
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(folder)
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=len(build_vocab()),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
-        num_labels=1,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
+    BertForSequenceClassification(tiny_bert_config(num_labels=1)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
