@@ -93,12 +93,18 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
 
         progress.stage("negatives", queries=len(snapshot.train), corpus=len(snapshot.corpus))
         serving = Encoder(serving_path, encode, layout.cache)
-        mined = mine_negatives(snapshot, serving, negative_params(settings), folder)
+        with_teacher = settings.model.teacher != "none"
+        mined = mine_negatives(
+            snapshot, serving, negative_params(settings, with_teacher), None if with_teacher else folder
+        )
+        examples = mined.examples
+        if with_teacher:
+            examples = label_round(
+                settings, layout, db, snapshot, serving, mined, base_path, progress, folder
+            )
 
         progress.stage("train", step=0, total=0)
-        trained = train_candidate(
-            init_path, folder, mined.examples, train_params(settings), progress.training
-        )
+        trained = train_candidate(init_path, folder, examples, train_params(settings), progress.training)
 
         progress.stage("evaluate")
         evaluators = build_evaluators(snapshot, eval_plan(settings))
@@ -108,7 +114,7 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
         results[CANDIDATE] = evaluate_model(variant_dirs[CANDIDATE], evaluators)
 
         for name, path in merge_variants(
-            variant_dirs[CANDIDATE], base_path, merge_params(settings), folder, mined.examples
+            variant_dirs[CANDIDATE], base_path, merge_params(settings), folder, examples
         ):
             progress.stage("merge", variant=name)
             results[name] = evaluate_model(path, evaluators)
@@ -139,7 +145,7 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
             "best": verdict.best,
         },
     )
-    used = [e.sample_id for e in mined.examples]
+    used = [s.id for s in snapshot.train]
     if verdict.promote:
         outcome = promote(
             registry, records, round_id, variant_dirs[verdict.decision.variant], verdict, current, used
@@ -162,6 +168,57 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
             shutil.rmtree(path, ignore_errors=True)  # keep the candidate for audit; merges are reproducible
     log.info("round_finished", round_id=round_id, decision=outcome.value, reason=verdict.reason)
     return outcome
+
+
+def label_round(
+    settings: Settings,
+    layout: StateLayout,
+    db: Database,
+    snapshot,
+    serving,
+    mined,
+    base_path,
+    progress: RoundProgress,
+    folder: Path,
+):
+    """The label step: load the teacher `model.teacher` names, judge (reusing stored judgements), repair
+    labels. The teacher is released before training starts: a cross-encoder must not share memory with it."""
+    from stages.encoder import Encoder
+    from stages.round_steps import ScoreStorage, label_with_teacher
+    from stages.teacher import load_teacher
+    from stages.text import detect_language
+    from state.teacher_scores import TeacherScoreStore
+
+    progress.stage("label", scored=0, total=0)
+    same_base = Path(serving.path) == Path(base_path)
+    base = serving if same_base else Encoder(base_path, encode_params(settings), layout.cache)
+    teacher = load_teacher(
+        settings.model.teacher,
+        snapshot.texts,
+        base,
+        detect_language(" ".join(snapshot.texts[:200])),
+        mined.corpus_vectors if same_base else None,
+        settings.model.teacher_bm25_weight,
+        settings.model.device,
+    )
+    store = TeacherScoreStore(db.conn)
+    try:
+        outcome = label_with_teacher(
+            snapshot,
+            serving,
+            mined.corpus_vectors,
+            teacher,
+            label_params(settings),
+            ScoreStorage(store.get_many, store.put_many),
+            lambda done, total: progress.stage("label", scored=done, total=total),
+            folder,
+        )
+    finally:
+        del teacher
+        if not same_base:
+            base.release()
+    log.info("round_labelled", round_id=progress.round_id, **outcome.stats)
+    return outcome.examples
 
 
 def promote(
@@ -220,12 +277,30 @@ def encode_params(settings: Settings):
     )
 
 
-def negative_params(settings: Settings):
+def negative_params(settings: Settings, corpus_only: bool = False):
+    """With a teacher, the miner only encodes the corpus: the label step chooses the negatives."""
     from stages.round_steps import NegativeParams
 
     training = settings.training
     return NegativeParams(
-        training.hard_negatives, tuple(training.negative_range), training.negative_margin, training.seed
+        0 if corpus_only else training.hard_negatives,
+        tuple(training.negative_range),
+        training.negative_margin,
+        training.seed,
+    )
+
+
+def label_params(settings: Settings):
+    from stages.labels import LabelParams
+
+    training = settings.training
+    return LabelParams(
+        negatives=training.hard_negatives,
+        rank_range=(1, training.teacher_depth),
+        keep_rank=training.teacher_keep_rank,
+        repair=training.label_repair,
+        student_margin=training.negative_margin,
+        seed=training.seed,
     )
 
 
@@ -246,6 +321,7 @@ def train_params(settings: Settings):
         query_instruction=settings.model.query_instruction,
         seed=training.seed,
         device=settings.model.device,
+        loss=training.loss,
     )
 
 

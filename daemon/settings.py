@@ -81,7 +81,7 @@ class SynthesisSettings(_Section):
     judge_threshold: float = Field(0.6, ge=0, le=1)
     featured_percentage: float = Field(0.2, gt=0, le=1)
     heldout_fraction: float = Field(0.1, gt=0, lt=1)
-    pseudo_method: Literal["heading", "inverse_cloze", "span"] = "inverse_cloze"
+    pseudo_method: Literal["heading", "inverse_cloze", "span", "keyphrase"] = "inverse_cloze"
     pseudo_per_chunk: int = Field(1, ge=1, le=10)
     filter_candidates: int = Field(50, ge=2, le=1000)
     filter_batch: int = Field(256, ge=1)
@@ -91,9 +91,39 @@ class SynthesisSettings(_Section):
 class ModelSettings(_Section):
     base: str = f"{PACKAGED_PREFIX}all-MiniLM-L6-v2"
     reranker: str = ""
+    teacher: str = "hybrid"
+    teacher_bm25_weight: float | None = Field(None, ge=0, le=1)
     query_instruction: str = ""
     device: str = "auto"
     encode_batch_size: int = Field(64, ge=1)
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_spec(cls, value: str) -> str:
+        value = value.strip() or "none"
+        if value == "none":
+            return value
+        for part in value.split("+"):
+            name, star, weight = part.strip().rpartition("*")
+            name = name.strip() if star else part.strip()
+            if not name:
+                raise ValueError(
+                    "model.teacher has an empty member (use e.g. 'hybrid*0.5 + /models/reranker*0.5')"
+                )
+            if name == "llm":
+                raise ValueError(
+                    "model.teacher = 'llm' is not supported yet: use 'hybrid', a cross-encoder or "
+                    "bi-encoder folder, or 'none'"
+                )
+            if star:
+                try:
+                    if float(weight) <= 0:
+                        raise ValueError
+                except ValueError:
+                    raise ValueError(
+                        f"model.teacher weight {weight.strip()!r} must be a positive number"
+                    ) from None
+        return value
 
 
 class TrainingSettings(_Section):
@@ -112,10 +142,34 @@ class TrainingSettings(_Section):
     hard_negatives: int = Field(3, ge=0, le=64)
     negative_range: tuple[int, int] = (2, 200)
     negative_margin: float = Field(0.05, ge=0)
-    distill: bool = False
+    loss: str = "mnrl"
+    label_repair: Literal["relabel", "drop", "none"] = "relabel"
+    teacher_keep_rank: int = Field(3, ge=1, le=100)
+    teacher_depth: int = Field(30, ge=2, le=1000)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 42
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and "distill" in data:
+            raise ValueError(
+                "training.distill was removed: teacher scores now reach training through training.loss "
+                "(e.g. 'mnrl+margin_mse' or 'kl') and the teacher is model.teacher"
+            )
+        return data
+
+    @field_validator("loss")
+    @classmethod
+    def _loss_spec(cls, value: str) -> str:
+        from stages.losses import LossSpecError, parse_loss  # pure parsing, no torch
+
+        try:
+            parse_loss(value)
+        except LossSpecError as exc:
+            raise ValueError(f"training.loss: {exc}") from None
+        return value.strip()
 
     @field_validator("negative_range")
     @classmethod
@@ -185,6 +239,17 @@ class Settings(_Section):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     promotion: PromotionSettings = Field(default_factory=PromotionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @model_validator(mode="after")
+    def _teacher_for_loss(self) -> Settings:
+        from stages.losses import needs_teacher
+
+        if self.model.teacher == "none" and needs_teacher(self.training.loss):
+            raise ValueError(
+                f"training.loss = {self.training.loss!r} learns from teacher scores: set model.teacher "
+                "(e.g. 'hybrid') or use training.loss = 'mnrl'"
+            )
+        return self
 
     def llm_api_key(self) -> str | None:
         """The bearer key, read from the environment variable the config names (never from the file)."""

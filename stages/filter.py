@@ -41,6 +41,27 @@ class Bm25Index:
         self.tokens = [tokenize_for_bm25(text) or ["\u2205"] for text in texts]
         self.bm25 = BM25Okapi(self.tokens)
 
+    @property
+    def idf(self) -> dict[str, float]:
+        """Inverse document frequency of each corpus token (keyphrase pseudo-queries weigh words by it)."""
+        return self.bm25.idf
+
+    def score_text(self, query: str, text: str) -> float:
+        """BM25 of a text that is not in the index, with the index's statistics (idf, average length)."""
+        bm25 = self.bm25
+        tokens = tokenize_for_bm25(text)
+        length = len(tokens)
+        frequencies: dict[str, int] = {}
+        for token in tokens:
+            frequencies[token] = frequencies.get(token, 0) + 1
+        total = 0.0
+        for term in tokenize_for_bm25(query):
+            tf = frequencies.get(term, 0)
+            if tf:
+                norm = tf + bm25.k1 * (1 - bm25.b + bm25.b * length / bm25.avgdl)
+                total += bm25.idf.get(term, 0.0) * tf * (bm25.k1 + 1) / norm
+        return total
+
     def scores(self, query: str) -> np.ndarray:
         return np.asarray(self.bm25.get_scores(tokenize_for_bm25(query)), dtype=np.float32)
 

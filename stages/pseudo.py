@@ -5,6 +5,8 @@ Methods (chosen by `synthesis.pseudo_method`, compared in docs/benchmarks.md):
   chunk without one falls back to its lead sentence as query and the rest as positive.
 - inverse_cloze: a sentence as the query, the chunk without that sentence as the positive.
 - span: a short random span of the chunk as the query, the whole chunk as the positive.
+- keyphrase: a few of the chunk's most distinctive words (tf x idf, idf from the corpus when known), in
+  the order they appear: the short keyword form many real search queries take.
 All are deterministic for a given chunk (seeded by its hash).
 """
 
@@ -12,9 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
+from collections.abc import Mapping
 
 from stages.chunk import split_sentences
 from stages.synthesize import Candidate
+from stages.text import tokenize_for_bm25
 
 MIN_QUERY_CHARS = 8
 
@@ -59,6 +64,51 @@ def span(text: str, language: str, rng: random.Random, count: int) -> list[Candi
     return out
 
 
+# Words that carry no topic (used only when no corpus idf is at hand).
+_STOPWORDS = frozenset(
+    "a an and are as at be been but by can could did do does for from had has have how however in into is it "
+    "its may might more most no not of on or our such than that the their then there these they this those "
+    "to was we were what when where which while who why will with would also between both each other only "
+    "using used use study studies results after all any because before during over under very".split()
+)
+KEYPHRASE_POOL = 10
+
+
+def keyphrase(
+    text: str, rng: random.Random, count: int, idf: Mapping[str, float] | None = None
+) -> list[Candidate]:
+    tokens = [t for t in tokenize_for_bm25(text) if len(t) > 1 and not t.isdigit() and t not in _STOPWORDS]
+    if len(set(tokens)) < 4:
+        return []
+    counts = Counter(tokens)
+    rarest = max(idf.values()) if idf else 0.0
+
+    def weight(token: str) -> float:
+        if not idf:
+            return counts[token] * min(len(token), 10) / 10
+        rarity = idf.get(token, rarest)
+        # A word found in no other document is more often a typo, a number or a name than the topic.
+        return counts[token] * rarity * (0.5 if rarity >= rarest - 1e-9 else 1.0)
+
+    pool = sorted(counts, key=lambda t: (-weight(t), t))[:KEYPHRASE_POOL]
+    first = {token: text.lower().find(token) for token in pool}
+    out, seen = [], set()
+    for _ in range(count * 3):
+        size = min(len(pool), rng.randint(2, 4))
+        picked = sorted(rng.sample(pool, size), key=lambda t: first[t])
+        query = _join_words(picked, "en") if not _is_cjk(picked) else "".join(picked)
+        if query not in seen:
+            seen.add(query)
+            out.append(Candidate(query, "pseudo"))
+        if len(out) == count:
+            break
+    return out
+
+
+def _is_cjk(tokens: list[str]) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for token in tokens for ch in token)
+
+
 def heading(text: str, heading_path: str, rng: random.Random, count: int) -> list[Candidate]:
     if heading_path:
         # The most specific heading, with its parent for context when the heading alone is short.
@@ -77,9 +127,18 @@ def heading(text: str, heading_path: str, rng: random.Random, count: int) -> lis
 
 
 def pseudo_queries(
-    text: str, heading_path: str, language: str, chunk_sha: str, method: str, count: int, seed: int = 0
+    text: str,
+    heading_path: str,
+    language: str,
+    chunk_sha: str,
+    method: str,
+    count: int,
+    seed: int = 0,
+    idf: Mapping[str, float] | None = None,
 ) -> list[Candidate]:
     rng = _rng(chunk_sha, seed)
+    if method == "keyphrase":
+        return keyphrase(text, rng, count, idf)
     if method == "heading":
         return heading(text, heading_path, rng, count)
     if method == "inverse_cloze":

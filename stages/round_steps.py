@@ -5,15 +5,19 @@ progress and handles faults; promotion itself belongs to the registry in state/.
 A step that finds the round cannot go on raises RoundRejected with a machine-readable cause. Each step
 writes its artifacts into the round's folder (the audit trail of docs/promotion.md).
 
-Adding a step (teacher scoring, say) means one function here and one line in the round process.
+With a teacher (`model.teacher`), the label step replaces the student-only miner: the teacher judges each
+training query against its source chunk and the student's top candidates (scores stored durably through
+callables the round process passes in: stages never touch the database), repairs the labels and gives the
+distillation losses their targets (stages/labels.py).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import structlog
@@ -22,6 +26,14 @@ from stages.embed_cache import text_key
 from stages.encoder import Encoder
 from stages.evalsets import EvalSet, load_eval_file, structure_set
 from stages.evaluate import EvalResult, RetrievalEvaluator
+from stages.labels import (
+    LabelParams,
+    LabelQuery,
+    label_examples,
+    pair_texts,
+    pairs_to_score,
+    student_candidates,
+)
 from stages.negatives import build_index, mine_hard_negatives
 from stages.promote import Decision, RejectionCause, decide, paired_bootstrap
 from stages.train import ProgressFn, TrainOutcome, TrainParams, train_model
@@ -108,8 +120,9 @@ class TrainingExample:
     pos: str
     neg: list[str]
     sample_id: int
-    pos_score: float | None = None
+    pos_score: float | None = None  # the serving model's cosines of positive and negatives
     neg_scores: list[float] = field(default_factory=list)
+    scores: list[float] | None = None  # the teacher's scores of [pos, *neg] (student scale), if labelled
 
 
 @dataclass
@@ -152,6 +165,92 @@ def mine_negatives(
     if folder is not None:
         write_jsonl(folder / "train.jsonl", (asdict(e) for e in examples))
     return MinedSet(examples, corpus_vectors)
+
+
+# --- label (with a teacher) ---------------------------------------------------------------------------
+PairKey = tuple[str, str]  # (query text hash, chunk text hash)
+
+
+class PairScorer(Protocol):
+    teacher_id: str
+
+    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass
+class ScoreStorage:
+    """How the label step reaches the durable score store (state/teacher_scores.py) without SQL."""
+
+    lookup: Callable[[str, list[PairKey]], dict[PairKey, float]]
+    save: Callable[[str, list[tuple[PairKey, float]]], object]
+    batch: int = 1024
+
+
+@dataclass
+class LabelOutcome:
+    examples: list[TrainingExample]
+    stats: dict[str, object]
+
+
+def label_with_teacher(
+    snapshot: Snapshot,
+    serving: Encoder,
+    corpus_vectors: np.ndarray,
+    teacher: PairScorer,
+    params: LabelParams,
+    storage: ScoreStorage,
+    progress: Callable[[int, int], None] | None = None,
+    folder: Path | None = None,
+) -> LabelOutcome:
+    """Teacher-labelled training examples: each query's source and the student's top candidates are judged
+    (stored judgements reused, new ones saved batch by batch, so a killed round loses at most one batch),
+    then labels are repaired and negatives chosen (stages.labels.label_examples)."""
+    samples = [s for s in snapshot.train if s.chunk_id in snapshot.position]
+    if not samples:
+        return LabelOutcome([], {"queries": 0, "examples": 0, "teacher": teacher.teacher_id})
+    query_vectors = serving.queries([s.query for s in samples])
+    passage_vectors = serving.passages([s.passage for s in samples])
+    queries = [
+        LabelQuery(s.query, snapshot.position[s.chunk_id], s.passage, float(q @ p))
+        for s, q, p in zip(samples, query_vectors, passage_vectors, strict=True)
+    ]
+    found = student_candidates(query_vectors, corpus_vectors, max(params.rank_range[1], params.keep_rank) + 1)
+    pairs = pairs_to_score(queries, found, params)
+    query_texts, passage_texts = pair_texts(queries, pairs, snapshot.texts)
+    keys = [(text_key(q), text_key(p)) for q, p in zip(query_texts, passage_texts, strict=True)]
+    known = storage.lookup(teacher.teacher_id, keys)
+    missing = [k for k, key in enumerate(keys) if key not in known]
+    reused = len(keys) - len(missing)
+    if progress:
+        progress(reused, len(keys))
+    for start in range(0, len(missing), storage.batch):
+        part = missing[start : start + storage.batch]
+        scores = teacher.score_pairs([query_texts[k] for k in part], [passage_texts[k] for k in part])
+        batch = [(keys[k], float(score)) for k, score in zip(part, scores, strict=True)]
+        storage.save(teacher.teacher_id, batch)
+        known.update(batch)
+        if progress:
+            progress(reused + start + len(part), len(keys))
+    labelled = label_examples(
+        queries, found, {pair: known[key] for pair, key in zip(pairs, keys, strict=True)}, params
+    )
+    stats = {**labelled.stats, "pairs": len(keys), "pairs_reused": reused, "teacher": teacher.teacher_id}
+    examples = [
+        TrainingExample(
+            e.query,
+            samples[e.index].passage if e.positive == e.source else snapshot.texts[e.positive],
+            [snapshot.texts[c] for c in e.negatives],
+            samples[e.index].id,
+            e.student[0],
+            e.student[1:],
+            e.scores,
+        )
+        for e in labelled.examples
+    ]
+    if folder is not None:
+        write_jsonl(folder / "train.jsonl", (asdict(e) for e in examples))
+        (folder / "labels.json").write_text(json.dumps(stats, indent=2))
+    return LabelOutcome(examples, stats)
 
 
 # --- train -------------------------------------------------------------------------------------------

@@ -6,17 +6,26 @@ base embedding model, each z-normalised over the whole corpus for the query, mix
 its parts on English sets at w ≈ 0.3, while on Chinese with an English base model BM25 carries everything
 (w ≥ 0.7): the weight follows the corpus language unless configured. `bench/teacher.py` measures it as a
 retriever on real queries.
+
+Every teacher has one interface, `score_pairs(queries, passages)`: scores of (query, passage) pairs in
+batches, higher = more relevant, and a `teacher_id` that names the judgements (same id, same scores), so
+stored scores are reused across rounds and restarts. `model.teacher` picks one (`load_teacher`):
+"hybrid", a cross-encoder folder (bge-reranker-*: FlagEmbedding's reranker), a bi-encoder folder, or a
+weighted ensemble of them.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
-from stages.embed_cache import model_key
-from stages.encoder import Encoder
+from stages.embed_cache import model_key, text_key
+from stages.encoder import EncodeParams, Encoder
 from stages.filter import Bm25Index
 
 # BM25's share of the mix by corpus language (English: the dense model carries more; Chinese with an
@@ -86,3 +95,169 @@ class HybridTeacher:
         """Scores of given corpus passages per query (e.g. the positive and the mined negatives)."""
         matrix = self.corpus_scores(queries)
         return [matrix[row, list(indices)] for row, indices in enumerate(passage_indices)]
+
+    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
+        """Pairwise scores, each z-normalised over the whole corpus for its query; a passage that is not
+        in the corpus is scored against the same per-query statistics."""
+        position = getattr(self, "_position", None)
+        if position is None:
+            position = self._position = {text_key(t): i for i, t in enumerate(self.corpus_texts)}
+        unique = list(dict.fromkeys(queries))
+        row_of = {query: row for row, query in enumerate(unique)}
+        parts = self.components(unique)
+        mixed = parts.mix(self.bm25_weight)
+        out = np.empty(len(queries), dtype=np.float64)
+        outside = [i for i, p in enumerate(passages) if text_key(p) not in position]
+        extra_dense = (
+            np.sum(
+                self.encoder.queries([queries[i] for i in outside])
+                * self.encoder.passages([passages[i] for i in outside]),
+                axis=1,
+            )
+            if outside
+            else np.zeros(0)
+        )
+        extra = dict(zip(outside, extra_dense, strict=True))
+        for i, (query, passage) in enumerate(zip(queries, passages, strict=True)):
+            row = row_of[query]
+            index = position.get(text_key(passage))
+            if index is not None:
+                out[i] = mixed[row, index]
+                continue
+            bm25 = self.bm25.score_text(query, passage)
+            out[i] = self.bm25_weight * _z(bm25, parts.bm25[row]) + (1 - self.bm25_weight) * _z(
+                float(extra[i]), parts.dense[row]
+            )
+        return out
+
+
+def _z(value: float, row: np.ndarray) -> float:
+    std = float(row.std())
+    return (value - float(row.mean())) / std if std > 0 else 0.0
+
+
+class Teacher(Protocol):
+    teacher_id: str
+
+    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray: ...
+
+
+class CrossEncoderTeacher:
+    """A cross-encoder folder (bge-reranker-v2-m3 and the like) through FlagEmbedding's reranker."""
+
+    def __init__(self, path: Path, device: str = "auto", batch_size: int = 32, max_length: int = 512) -> None:
+        from FlagEmbedding import FlagReranker
+
+        from stages.models import pick_device
+
+        self.path = Path(path)
+        device = pick_device(device)
+        self.model = FlagReranker(
+            str(self.path),
+            use_fp16=device == "cuda",
+            devices=[device],
+            batch_size=batch_size,
+            max_length=max_length,
+        )
+        self.teacher_id = f"cross:{model_key(self.path)}"
+
+    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
+        if not queries:
+            return np.zeros(0)
+        scores = self.model.compute_score([[q, p] for q, p in zip(queries, passages, strict=True)])
+        return np.atleast_1d(np.asarray(scores, dtype=np.float64))
+
+
+class BiEncoderTeacher:
+    """A larger embedding model folder: the cosine of query and passage vectors."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self.teacher_id = f"bi:{model_key(encoder.path)}"
+
+    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
+        if not queries:
+            return np.zeros(0)
+        return np.sum(self.encoder.queries(queries) * self.encoder.passages(passages), axis=1).astype(
+            np.float64
+        )
+
+
+class EnsembleTeacher:
+    """A weighted sum of teachers, each standardised over the whole batch first (their scales differ)."""
+
+    def __init__(self, members: Sequence[tuple[Teacher, float]]) -> None:
+        self.members = list(members)
+        self.teacher_id = "ensemble:" + "+".join(f"{w:g}*{t.teacher_id}" for t, w in self.members)
+
+    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray:
+        total = np.zeros(len(queries))
+        for teacher, weight in self.members:
+            scores = teacher.score_pairs(queries, passages)
+            std = scores.std()
+            total += weight * ((scores - scores.mean()) / std if std > 0 else 0.0)
+        return total
+
+
+def is_cross_encoder(path: Path) -> bool:
+    """A folder whose transformers config names a sequence-classification head (one relevance logit)."""
+    config = Path(path) / "config.json"
+    if not config.exists() or (Path(path) / "modules.json").exists():
+        return False
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    return any("SequenceClassification" in name for name in architectures)
+
+
+def parse_teacher_spec(spec: str) -> list[tuple[str, float]]:
+    """'hybrid' | '/models/bge-reranker-v2-m3' | 'hybrid*0.5 + /models/rr*0.5' -> [(member, weight)]."""
+    members = []
+    for part in spec.split("+"):
+        part = part.strip()
+        if not part:
+            raise ValueError("empty teacher in the list")
+        name, star, weight = part.rpartition("*")
+        if star and _is_number(weight):
+            members.append((name.strip(), float(weight)))
+        else:
+            members.append((part, 1.0))
+    return members
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def load_teacher(
+    spec: str,
+    corpus_texts: Sequence[str],
+    base: Encoder,
+    language: str,
+    corpus_vectors: np.ndarray | None = None,
+    bm25_weight: float | None = None,
+    device: str = "auto",
+) -> Teacher:
+    """The teacher `model.teacher` names. "hybrid" uses the base model and BM25 over the round's corpus;
+    a folder is a cross-encoder when its config says so, else a bi-encoder."""
+    from stages.models import resolve_model_path
+
+    built: list[tuple[Teacher, float]] = []
+    for name, weight in parse_teacher_spec(spec):
+        if name == "hybrid":
+            teacher: Teacher = HybridTeacher(
+                corpus_texts,
+                base,
+                default_bm25_weight(language) if bm25_weight is None else bm25_weight,
+                corpus_vectors,
+            )
+        else:
+            path = resolve_model_path(name)
+            if is_cross_encoder(path):
+                teacher = CrossEncoderTeacher(path, device)
+            else:
+                teacher = BiEncoderTeacher(Encoder(path, EncodeParams(device, base.params.query_instruction)))
+        built.append((teacher, weight))
+    return built[0][0] if len(built) == 1 else EnsembleTeacher(built)

@@ -1,8 +1,9 @@
-"""Fine-tuning with the sentence-transformers trainer and a contrastive loss over mined negatives.
+"""Fine-tuning with the sentence-transformers trainer over mined negatives.
 
-MultipleNegativesRankingLoss with scale = 1/temperature (CachedMNRL when `cached_batch` is set, so a large
-batch fits in small memory); the query instruction is applied to the query column only, as BGE models
-expect. bf16 (or fp16) on CUDA, all cores on CPU. Runs in the round's child process.
+The loss is `training.loss` (stages/losses.py): contrastive MNRL with scale = 1/temperature (CachedMNRL
+when `cached_batch` is set, so a large batch fits in small memory), the teacher-score losses MarginMSE and
+KL, or a weighted sum. The query instruction is applied to the query column only, as BGE models expect.
+bf16 (or fp16) on CUDA, all cores on CPU. Runs in the round's child process.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class TrainParams:
     query_instruction: str = ""
     seed: int = 42
     device: str = "auto"
+    loss: str = "mnrl"
 
 
 @dataclass
@@ -46,10 +48,14 @@ class TrainOutcome:
 ProgressFn = Callable[[int, int, float | None], None]
 
 
-def build_dataset(examples: list[dict]):
-    """Columns anchor, positive, negative_1..k; every row gets the same number of negatives."""
+def build_dataset(examples: list[dict], with_scores: bool = False):
+    """Columns anchor, positive, negative_1..k; every row gets the same number of negatives. With scores,
+    a `label` column holds the teacher's scores of [positive, negative_1..k] (rows without them are left
+    out: a teacher loss cannot learn from a row it has no labels for)."""
     from datasets import Dataset
 
+    if with_scores:
+        examples = [e for e in examples if e.get("scores") and len(e["scores"]) == len(e["neg"]) + 1]
     n_neg = min((len(example["neg"]) for example in examples), default=0)
     columns: dict[str, list[str]] = {"anchor": [], "positive": []}
     for k in range(n_neg):
@@ -59,6 +65,8 @@ def build_dataset(examples: list[dict]):
         columns["positive"].append(example["pos"])
         for k in range(n_neg):
             columns[f"negative_{k + 1}"].append(example["neg"][k])
+    if with_scores:
+        columns["label"] = [[float(x) for x in example["scores"][: n_neg + 1]] for example in examples]
     return Dataset.from_dict(columns)
 
 
@@ -126,12 +134,9 @@ def train_model(
         SentenceTransformerTrainer,
         SentenceTransformerTrainingArguments,
     )
-    from sentence_transformers.sentence_transformer.losses import (
-        CachedMultipleNegativesRankingLoss,
-        MultipleNegativesRankingLoss,
-    )
     from transformers import TrainerCallback
 
+    from stages.losses import build_loss, needs_teacher
     from stages.models import load_embedder
 
     if not torch.cuda.is_available():
@@ -143,12 +148,11 @@ def train_model(
         transformer = model[0].auto_model
         if hasattr(transformer, "gradient_checkpointing_enable"):
             transformer.gradient_checkpointing_enable()
-    dataset = build_dataset(examples)
-    scale = 1.0 / params.temperature
-    if params.cached_batch:
-        loss = CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=params.cached_batch)
-    else:
-        loss = MultipleNegativesRankingLoss(model, scale=scale)
+    with_scores = needs_teacher(params.loss)
+    dataset = build_dataset(examples, with_scores)
+    if with_scores and len(dataset) == 0:
+        raise ValueError(f"training.loss {params.loss!r} needs teacher scores and no example has them")
+    loss = build_loss(params.loss, model, params.temperature, params.cached_batch)
     batch_size = feasible_batch_size(examples, params.batch_size)
     work_dir = output_dir.parent / (output_dir.name + ".work")
     args = SentenceTransformerTrainingArguments(

@@ -160,6 +160,17 @@ MIGRATIONS: list[str] = [
     ALTER TABLE rounds ADD COLUMN cause TEXT;
     ALTER TABLE rounds ADD COLUMN hook TEXT;
     """,
+    # 4: teacher judgements of (query, chunk) pairs, keyed by what was judged, not by row ids: a later round
+    # or a restarted one asks for the same texts and gets the stored score instead of re-running the teacher.
+    """
+    CREATE TABLE teacher_scores (
+        teacher_id    TEXT NOT NULL,
+        query_hash    TEXT NOT NULL,
+        chunk_hash    TEXT NOT NULL,
+        score         REAL NOT NULL,
+        PRIMARY KEY (teacher_id, query_hash, chunk_hash)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

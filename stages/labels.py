@@ -1,0 +1,193 @@
+"""Teacher labels for training queries: which chunk is the positive, which are safe negatives, and the
+teacher's scores that the distillation losses learn from.
+
+Label repair (GPL's lesson: the teacher makes noisy pseudo-queries usable):
+- a query whose source chunk the teacher ranks below `keep_rank` is relabelled to the teacher's top chunk
+  (`repair = "relabel"`) or dropped (`"drop"`);
+- a mined negative that the teacher scores at or above the positive is never used as a negative (it is
+  most likely relevant too).
+Negatives come from the student's own top ranks (what it confuses), as GPL mines them.
+
+Teacher scores are put on the student's cosine scale (one factor per set, the ratio of the two score
+spreads over the same candidates), so MarginMSE's margins and the KL's softmax mean the same for any
+teacher: hybrid z-scores, cross-encoder logits or LLM grades.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+REPAIR_MODES = ("none", "drop", "relabel")
+
+
+@dataclass(frozen=True)
+class LabelParams:
+    negatives: int = 3
+    # Student ranks (1-based, inclusive low, exclusive high) negatives are drawn from.
+    rank_range: tuple[int, int] = (1, 30)
+    keep_rank: int = 3
+    repair: str = "relabel"
+    # Without a teacher: skip candidates the student scores within this margin of the positive.
+    student_margin: float = 0.05
+    seed: int = 0
+
+
+@dataclass
+class LabelledExample:
+    query: str
+    source: int  # corpus index the query was made from
+    positive: int  # corpus index used as the positive (the source, or the teacher's choice)
+    negatives: list[int]
+    scores: list[float] | None  # teacher scores of [positive, *negatives] on the student's scale
+    relabelled: bool = False
+    student: list[float] = field(default_factory=list)  # the student's cosines of the same chunks
+    index: int = -1  # position of the query in the list label_examples was given
+
+
+@dataclass
+class LabelledSet:
+    examples: list[LabelledExample]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Candidates:
+    """What the student retrieves for one query: corpus indices best first, with its cosines."""
+
+    indices: list[int]
+    student: list[float]
+
+
+def student_candidates(query_vectors: np.ndarray, corpus_vectors: np.ndarray, depth: int) -> list[Candidates]:
+    """The student's top `depth` chunks per query (faiss inner product on normalised vectors)."""
+    from stages.negatives import build_index
+
+    depth = min(depth, len(corpus_vectors))
+    if depth == 0:
+        return [Candidates([], []) for _ in range(len(query_vectors))]
+    scores, ids = build_index(corpus_vectors).search(
+        np.ascontiguousarray(query_vectors, dtype=np.float32), depth
+    )
+    return [
+        Candidates(
+            [int(i) for i in row_ids if i >= 0],
+            [float(x) for x, i in zip(row, row_ids, strict=True) if i >= 0],
+        )
+        for row, row_ids in zip(scores, ids, strict=True)
+    ]
+
+
+@dataclass(frozen=True)
+class LabelQuery:
+    query: str
+    source: int  # corpus index of the chunk the query was made from
+    passage: str  # the training passage (the chunk, or for inverse cloze the chunk without the query)
+    source_student: float  # the student's cosine of the query and its training passage
+
+
+def pair_texts(
+    queries: Sequence[LabelQuery], pairs: Sequence[tuple[int, int]], corpus_texts: Sequence[str]
+) -> tuple[list[str], list[str]]:
+    """The (query, passage) texts the teacher reads for each pair; a source is read as its training passage."""
+    texts = [
+        (queries[i].query, queries[i].passage if c == queries[i].source else corpus_texts[c])
+        for i, c in pairs
+    ]
+    return [q for q, _ in texts], [p for _, p in texts]
+
+
+def pairs_to_score(queries: Sequence[LabelQuery], candidates: Sequence[Candidates], params: LabelParams):
+    """(query index, corpus index) pairs the teacher must judge: each source and the candidates within the
+    window that negatives and relabelling draw from."""
+    depth = max(params.rank_range[1], params.keep_rank)
+    pairs: list[tuple[int, int]] = []
+    for i, (query, found) in enumerate(zip(queries, candidates, strict=True)):
+        wanted = dict.fromkeys([query.source, *found.indices[:depth]])
+        pairs.extend((i, c) for c in wanted)
+    return pairs
+
+
+def label_examples(
+    queries: Sequence[LabelQuery],
+    candidates: Sequence[Candidates],
+    teacher_scores: dict[tuple[int, int], float] | None,
+    params: LabelParams,
+) -> LabelledSet:
+    """Positives, negatives and teacher labels for each query. `teacher_scores` maps (query index, corpus
+    index) to the teacher's score (see pairs_to_score); None keeps the sources and mines with the student
+    alone (the no-teacher recipe)."""
+    if params.repair not in REPAIR_MODES:
+        raise ValueError(f"repair must be one of {REPAIR_MODES}")
+    rng = random.Random(params.seed)
+    low, high = params.rank_range
+    examples: list[LabelledExample] = []
+    counts = {"queries": len(queries), "kept_source": 0, "relabelled": 0, "dropped": 0, "negatives_vetoed": 0}
+    for i, (query, found) in enumerate(zip(queries, candidates, strict=True)):
+        student = dict(zip(found.indices, found.student, strict=True))
+        student[query.source] = query.source_student
+        window_ids = found.indices[low - 1 : high]
+        if teacher_scores is None:
+            positive, relabelled = query.source, False
+            floor = query.source_student - params.student_margin
+            window = [c for c in window_ids if c != query.source and student[c] < floor]
+        else:
+            judged = {
+                c: teacher_scores[(i, c)] for c in [query.source, *found.indices] if (i, c) in teacher_scores
+            }
+            source_score = judged[query.source]
+            source_rank = 1 + sum(1 for c, s in judged.items() if c != query.source and s > source_score)
+            if source_rank <= params.keep_rank or params.repair == "none":
+                positive, relabelled = query.source, False
+                counts["kept_source"] += 1
+            elif params.repair == "relabel":
+                positive = max(judged, key=lambda c: judged[c])
+                relabelled = True
+                counts["relabelled"] += 1
+            else:
+                counts["dropped"] += 1
+                continue
+            window = []
+            for c in window_ids:
+                if c in (positive, query.source) or c not in judged:
+                    continue
+                if judged[c] >= judged[positive]:
+                    counts["negatives_vetoed"] += 1  # the teacher says it is as relevant: not a negative
+                    continue
+                window.append(c)
+        negatives = rng.sample(window, k=min(params.negatives, len(window)))
+        if len(negatives) < params.negatives:
+            continue  # every row needs the same number of negatives; a tiny corpus may not have them
+        labels = None
+        if teacher_scores is not None:
+            labels = [judged[positive]] + [judged[c] for c in negatives]
+        student_scores = [student.get(positive, 0.0)] + [student[c] for c in negatives]
+        examples.append(
+            LabelledExample(
+                query.query, query.source, positive, negatives, labels, relabelled, student_scores, i
+            )
+        )
+    if teacher_scores is not None:
+        counts["label_scale"] = calibrate(examples)
+    counts["examples"] = len(examples)
+    return LabelledSet(examples, counts)
+
+
+def spread(rows: Sequence[Sequence[float]]) -> float:
+    """Pooled standard deviation of scores around each row's own mean (only differences matter)."""
+    centred = [np.asarray(row, dtype=np.float64) - np.mean(row) for row in rows if len(row) > 1]
+    return float(np.sqrt(np.mean(np.concatenate(centred) ** 2))) if centred else 0.0
+
+
+def calibrate(examples: list[LabelledExample]) -> float:
+    """Rescale teacher scores to the student's spread over the same candidates; returns the factor."""
+    teacher_spread = spread([e.scores for e in examples if e.scores])
+    student_spread = spread([e.student for e in examples])
+    factor = student_spread / teacher_spread if teacher_spread > 0 else 1.0
+    for example in examples:
+        if example.scores:
+            example.scores = [s * factor for s in example.scores]
+    return factor
