@@ -32,8 +32,17 @@ def _corpus(inbox, documents: int = 8) -> None:
 def _round_settings(make_settings, **training):
     # ~5 steps at lr 3e-4: the tiny model learns the corpus (held-out +0.1 to +0.18 nDCG@10 measured over
     # lr 1e-4..1e-3 and 3..30 epochs; lr 1e-3 with 10+ epochs overfits and loses).
+    # label_repair "none": every document here repeats the same sentence templates, so an inverse-cloze
+    # query's source (read without its sentence) loses to siblings carrying the template and the teacher
+    # would relabel every query; the default hybrid teacher still judges, vetoes and stores scores.
     return make_settings(
-        training={"min_new_samples": 6, "check_minutes": 0.02, "epochs": 5.0, **training},
+        training={
+            "min_new_samples": 6,
+            "check_minutes": 0.02,
+            "epochs": 5.0,
+            "label_repair": "none",
+            **training,
+        },
         synthesis={"heldout_fraction": 0.3, "featured_percentage": 1.0},
         # the structure set has ~6 queries here: one heading moving a rank is a 0.02 swing
         promotion={
@@ -65,8 +74,18 @@ def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
     assert row["trigger"] == "schedule"
     assert row["decision"] == "promoted", row["reason"]
     folder = running.daemon.layout.round_dir(row["id"])
-    for name in ("train.jsonl", "heldout.jsonl", "corpus.jsonl", "metrics.json", "settings.json"):
+    for name in (
+        "train.jsonl",
+        "heldout.jsonl",
+        "corpus.jsonl",
+        "metrics.json",
+        "settings.json",
+        "labels.json",
+    ):
         assert (folder / name).exists(), name
+    labels = json.loads((folder / "labels.json").read_text())  # the default hybrid teacher labelled the round
+    assert labels["teacher"].startswith("hybrid:") and labels["examples"] > 0
+    assert running.scalar("SELECT COUNT(*) FROM teacher_scores") == labels["pairs"]
     train_chunks = {json.loads(line)["sample_id"] for line in (folder / "train.jsonl").open()}
     heldout_docs = {r[0] for r in running.query("SELECT id FROM documents WHERE split='heldout'")}
     trained_docs = {
@@ -131,6 +150,36 @@ def test_sigkill_mid_training_aborts_then_next_round_succeeds(make_settings, sta
         timeout=180,
         message="next round finishes",
     )
+    # The killed round's teacher judgements were stored; the next round read them instead of re-scoring.
+    finished = running.scalar("SELECT id FROM rounds WHERE state='finished'")
+    labels = json.loads((running.daemon.layout.round_dir(finished) / "labels.json").read_text())
+    assert labels["pairs_reused"] > 0
+
+
+def test_round_with_a_cross_encoder_teacher_and_margin_mse(make_settings, tiny_reranker):
+    from daemon.round_scheduler import train_now
+    from state.db import connect
+    from tests.conftest import RunningDaemon
+
+    settings = _round_settings(
+        make_settings, min_new_samples=10_000, loss="mnrl+margin_mse", hard_negatives=2
+    )
+    settings.model.teacher = str(tiny_reranker)
+    _corpus(settings.paths.inbox)
+    running = RunningDaemon(settings)
+    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM samples WHERE kept IS NOT NULL") > 6)
+    wait_for(running.idle)
+    running.stop()
+    assert train_now(settings, foreground=True) == 0
+    conn = connect(running.daemon.layout.database)
+    row = conn.execute("SELECT * FROM rounds ORDER BY id DESC").fetchone()
+    assert row["state"] == "finished", row["error"]
+    folder = running.daemon.layout.round_dir(row["id"])
+    labels = json.loads((folder / "labels.json").read_text())
+    assert labels["teacher"].startswith("cross:") and labels["pairs"] > 0
+    rows = [json.loads(line) for line in (folder / "train.jsonl").open()]
+    assert rows and all(len(r["scores"]) == len(r["neg"]) + 1 == 3 for r in rows)
+    assert json.loads((folder / "train_outcome.json").read_text())["steps"] > 0
 
 
 def test_merge_keeps_mean_pooling(tiny_embedder, tmp_path):
