@@ -232,7 +232,9 @@ def format_status(status: dict[str, Any]) -> str:
         for r in status["rounds"]:
             progress = r.get("progress") or {}
             step = ""
-            if progress.get("total"):
+            if progress.get("total") and "scored" in progress:
+                step = f" teacher {progress['scored']}/{progress['total']} pairs"
+            elif progress.get("total"):
                 step = f" step {progress.get('step', 0)}/{progress['total']}"
                 if progress.get("loss") is not None:
                     step += f" loss {progress['loss']:.4f}"

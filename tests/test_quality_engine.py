@@ -262,3 +262,20 @@ def test_keyphrase_queries_are_short_and_ordered():
         assert 2 <= len(words) <= 4 and all(w in text.lower() for w in words)
         positions = [text.lower().find(w) for w in words]
         assert positions == sorted(positions)  # in the order they appear
+
+
+def test_status_shows_the_teachers_progress():
+    from state.status import empty_status, format_status
+
+    status = empty_status()
+    status["rounds"] = [
+        {
+            "id": 3,
+            "state": "running",
+            "stage": "label",
+            "decision": None,
+            "reason": "",
+            "progress": {"scored": 1024, "total": 4810, "elapsed_s": 12.0},
+        }
+    ]
+    assert "label      teacher 1024/4810 pairs" in format_status(status)
