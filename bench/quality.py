@@ -42,6 +42,10 @@ def score(model_path: Path, eval_set, params) -> dict:
     return RetrievalEvaluator(eval_set, "ndcg@10")(Encoder(model_path, params))
 
 
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main() -> int:
     from daemon.logs import configure_logging
     from daemon.round_scheduler import RoundScheduler
@@ -58,7 +62,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dataset", type=Path)
     parser.add_argument("--config", help="start from this config instead of the embedded defaults")
-    parser.add_argument("--pseudo-method", choices=["heading", "inverse_cloze", "span"])
+    parser.add_argument("--pseudo-method", choices=["heading", "inverse_cloze", "span", "keyphrase"])
+    parser.add_argument("--pseudo-per-chunk", type=int)
+    parser.add_argument("--teacher", help="model.teacher: hybrid, none, a model folder or an ensemble")
+    parser.add_argument("--loss", help="training.loss, e.g. mnrl, margin_mse, mnrl+margin_mse, kl")
+    parser.add_argument("--label-repair", choices=["relabel", "drop", "none"])
     parser.add_argument("--max-pairs", type=int)
     parser.add_argument("--learning-rate", type=float)
     parser.add_argument("--epochs", type=float)
@@ -77,6 +85,10 @@ def main() -> int:
     settings.training.min_new_samples = 10**9
     for value, section, key in (
         (args.pseudo_method, "synthesis", "pseudo_method"),
+        (args.pseudo_per_chunk, "synthesis", "pseudo_per_chunk"),
+        (args.teacher, "model", "teacher"),
+        (args.loss, "training", "loss"),
+        (args.label_repair, "training", "label_repair"),
         (args.max_pairs, "training", "max_pairs"),
         (args.learning_rate, "training", "learning_rate"),
         (args.epochs, "training", "epochs"),
@@ -172,6 +184,11 @@ def main() -> int:
                     "reason": row["reason"],
                     "n_train": row["n_train"],
                     "n_heldout": row["n_heldout"],
+                    "teacher": settings.model.teacher,
+                    "loss": settings.training.loss,
+                    "labels": _read_json(round_dir / "labels.json"),
+                    "train": metrics.get("train"),
+                    "seconds": {"prepare": round(prepared), "total": round(time.monotonic() - started)},
                 },
                 indent=1,
             )
