@@ -300,6 +300,7 @@ def label_params(settings: Settings):
         keep_rank=training.teacher_keep_rank,
         repair=training.label_repair,
         student_margin=training.negative_margin,
+        target_spread=training.temperature,
         seed=training.seed,
     )
 

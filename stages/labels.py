@@ -8,9 +8,12 @@ Label repair (GPL's lesson: the teacher makes noisy pseudo-queries usable):
   most likely relevant too).
 Negatives come from the student's own top ranks (what it confuses), as GPL mines them.
 
-Teacher scores are put on the student's cosine scale (one factor per set, the ratio of the two score
-spreads over the same candidates), so MarginMSE's margins and the KL's softmax mean the same for any
-teacher: hybrid z-scores, cross-encoder logits or LLM grades.
+Teacher scores are put on a cosine scale (one factor per set): their pooled spread over each query's
+candidates becomes `target_spread`, the contrastive loss's temperature, so a teacher score difference of
+one spread is one unit of the student's logits (cosine / temperature). MarginMSE's margins and the KL's
+softmax then mean the same for any teacher: hybrid z-scores, cross-encoder logits or LLM grades. (Scaling
+to the student's own spread was tried first: on Chinese text the English student's spread is a fifth of
+a competent model's, and MarginMSE then taught it to keep its margins that small; docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class LabelParams:
     repair: str = "relabel"
     # Without a teacher: skip candidates the student scores within this margin of the positive.
     student_margin: float = 0.05
+    # The teacher's pooled score spread after calibration (the contrastive temperature).
+    target_spread: float = 0.05
     seed: int = 0
 
 
@@ -171,7 +176,7 @@ def label_examples(
             )
         )
     if teacher_scores is not None:
-        counts["label_scale"] = calibrate(examples)
+        counts["label_scale"] = calibrate(examples, params.target_spread)
     counts["examples"] = len(examples)
     return LabelledSet(examples, counts)
 
@@ -182,11 +187,10 @@ def spread(rows: Sequence[Sequence[float]]) -> float:
     return float(np.sqrt(np.mean(np.concatenate(centred) ** 2))) if centred else 0.0
 
 
-def calibrate(examples: list[LabelledExample]) -> float:
-    """Rescale teacher scores to the student's spread over the same candidates; returns the factor."""
+def calibrate(examples: list[LabelledExample], target_spread: float) -> float:
+    """Rescale teacher scores so their pooled spread is `target_spread`; returns the factor."""
     teacher_spread = spread([e.scores for e in examples if e.scores])
-    student_spread = spread([e.student for e in examples])
-    factor = student_spread / teacher_spread if teacher_spread > 0 else 1.0
+    factor = target_spread / teacher_spread if teacher_spread > 0 else 1.0
     for example in examples:
         if example.scores:
             example.scores = [s * factor for s in example.scores]
