@@ -111,14 +111,22 @@ def _greedy_fills(texts: list[set[str]], order: list[int], size: int) -> bool:
     return False
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision: str, device: str = "auto") -> str:
+    """Half precision only where training runs on a GPU: `model.device = "cpu"` on a CUDA host trains on
+    the CPU, where bf16 autocast is slow and fp16 fails."""
     import torch
 
-    if not torch.cuda.is_available():
+    cuda = torch.cuda.is_available()
+    return choose_precision(precision, device, cuda, cuda and torch.cuda.is_bf16_supported())
+
+
+def choose_precision(precision: str, device: str, cuda_available: bool, bf16_supported: bool) -> str:
+    on_gpu = cuda_available and (device == "auto" or device.startswith("cuda"))
+    if not on_gpu:
         return "fp32"
     if precision != "auto":
         return precision
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if bf16_supported else "fp16"
 
 
 def train_model(
@@ -139,9 +147,10 @@ def train_model(
     from stages.losses import build_loss, needs_teacher
     from stages.models import load_embedder
 
-    if not torch.cuda.is_available():
+    precision = resolve_precision(params.precision, params.device)
+    on_cpu = not torch.cuda.is_available() or params.device == "cpu"
+    if on_cpu:
         torch.set_num_threads(os.cpu_count() or 1)
-    precision = resolve_precision(params.precision)
     if model is None:
         model = load_embedder(base_path, params.device)
     if params.gradient_checkpointing:
@@ -171,7 +180,7 @@ def train_model(
         seed=params.seed,
         dataloader_drop_last=len(dataset) > batch_size,
         disable_tqdm=True,
-        use_cpu=not torch.cuda.is_available() or params.device == "cpu",
+        use_cpu=on_cpu,
     )
     started = time.monotonic()
     state = {"stopped": False, "loss": None}

@@ -279,3 +279,20 @@ def test_status_shows_the_teachers_progress():
         }
     ]
     assert "label      teacher 1024/4810 pairs" in format_status(status)
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "cuda", "bf16", "expected"),
+    [
+        ("auto", "cpu", True, True, "fp32"),  # a CUDA host told to train on the CPU: no half precision
+        ("bf16", "cpu", True, True, "fp32"),
+        ("auto", "auto", False, False, "fp32"),
+        ("auto", "auto", True, True, "bf16"),
+        ("auto", "cuda:1", True, False, "fp16"),
+        ("fp16", "cuda", True, True, "fp16"),
+    ],
+)
+def test_precision_follows_the_training_device(precision, device, cuda, bf16, expected):
+    from stages.train import choose_precision
+
+    assert choose_precision(precision, device, cuda, bf16) == expected
