@@ -53,7 +53,9 @@ def needs_teacher(spec: str) -> bool:
     return any(term.name in TEACHER_LOSSES for term in parse_loss(spec))
 
 
-def build_loss(spec: str, model, temperature: float, cached_batch: int = 0):
+def build_loss(
+    spec: str, model, temperature: float, cached_batch: int = 0, gather_across_devices: bool = False
+):
     """The torch module the trainer calls. A lone mnrl may be the cached variant (large batches in small
     memory); a sum cannot, as cached MNRL embeds in its own mini-batches."""
     import torch
@@ -69,12 +71,16 @@ def build_loss(spec: str, model, temperature: float, cached_batch: int = 0):
     scale = 1.0 / temperature
     if len(terms) == 1 and terms[0].name == "mnrl":
         if cached_batch:
-            return CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=cached_batch)
-        return MultipleNegativesRankingLoss(model, scale=scale)
+            return CachedMultipleNegativesRankingLoss(
+                model, scale=scale, mini_batch_size=cached_batch, gather_across_devices=gather_across_devices
+            )
+        return MultipleNegativesRankingLoss(model, scale=scale, gather_across_devices=gather_across_devices)
 
     def make(name: str):
         if name == "mnrl":
-            return MultipleNegativesRankingLoss(model, scale=scale)
+            return MultipleNegativesRankingLoss(
+                model, scale=scale, gather_across_devices=gather_across_devices
+            )
         if name == "margin_mse":
             return MarginMSELoss(model)
         # Labels are on the student's cosine scale (stages/labels.py calibrates them), so both sides are

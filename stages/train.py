@@ -8,6 +8,7 @@ bf16 (or fp16) on CUDA, all cores on CPU. Runs in the round's child process.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -129,6 +130,50 @@ def choose_precision(precision: str, device: str, cuda_available: bool, bf16_sup
     return "bf16" if bf16_supported else "fp16"
 
 
+def _any_rank(flag: bool, device) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _record_anchors(trainer) -> list[str]:
+    """The anchors this process's data loader fed to training (a rank's shard, for the audit trail)."""
+    recording = _RecordingCollator(trainer.data_collator)
+    trainer.data_collator = recording
+    return recording.seen
+
+
+class _RecordingCollator:
+    """The trainer's collator, unchanged, noting each row's anchor on the way (the trainer reads the
+    collator's attributes, so everything else is delegated)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.seen: list[str] = []
+
+    def __call__(self, features):
+        self.seen.extend(str(feature.get("anchor", "")) for feature in features)
+        return self.inner(features)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
+def shard_log_dir(output_dir: Path) -> Path:
+    return output_dir.parent / (output_dir.name + ".shards")
+
+
+def write_shard_log(output_dir: Path, rank: int, anchors: list[str]) -> None:
+    folder = shard_log_dir(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "rows": len(anchors), "anchors": anchors}, ensure_ascii=False)
+    )
+
+
 def train_model(
     base_path: Path,
     output_dir: Path,
@@ -161,7 +206,12 @@ def train_model(
     dataset = build_dataset(examples, with_scores)
     if with_scores and len(dataset) == 0:
         raise ValueError(f"training.loss {params.loss!r} needs teacher scores and no example has them")
-    loss = build_loss(params.loss, model, params.temperature, params.cached_batch)
+    world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    # Under torchrun each rank sees its own shard; in-batch negatives are gathered from every rank, so
+    # the effective batch (and the number of negatives per query) grows with the number of devices.
+    loss = build_loss(
+        params.loss, model, params.temperature, params.cached_batch, gather_across_devices=world_size > 1
+    )
     batch_size = feasible_batch_size(examples, params.batch_size)
     work_dir = output_dir.parent / (output_dir.name + ".work")
     args = SentenceTransformerTrainingArguments(
@@ -192,8 +242,11 @@ def train_model(
             if progress:
                 progress(control_state.global_step, control_state.max_steps, state["loss"])
 
-        def on_step_end(self, _args, control_state, control, **_):
-            if time.monotonic() - started > params.max_minutes * 60:
+        def on_step_end(self, step_args, control_state, control, **_):
+            stop = time.monotonic() - started > params.max_minutes * 60
+            if world_size > 1:
+                stop = _any_rank(stop, step_args.device)  # ranks must stop at the same step or they hang
+            if stop:
                 state["stopped"] = True
                 control.should_training_stop = True
             return control
@@ -201,15 +254,19 @@ def train_model(
     trainer = SentenceTransformerTrainer(
         model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[Progress()]
     )
+    seen = _record_anchors(trainer)
     result = trainer.train()
     seconds = time.monotonic() - started
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save(str(output_dir))
-    import shutil
+    if world_size > 1:
+        write_shard_log(output_dir, rank, seen)
+    if rank == 0:  # one writer of the candidate, whatever the number of ranks
+        output_dir.mkdir(parents=True, exist_ok=True)
+        model.save(str(output_dir))
+        import shutil
 
-    shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.rmtree(work_dir, ignore_errors=True)
     steps = trainer.state.global_step
-    pairs = steps * batch_size
+    pairs = steps * batch_size * world_size
     return TrainOutcome(
         steps=steps,
         total_steps=trainer.state.max_steps,
