@@ -104,7 +104,9 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
             )
 
         progress.stage("train", step=0, total=0)
-        trained = train_candidate(init_path, folder, examples, train_params(settings), progress.training)
+        trained = train_candidate(
+            init_path, folder, examples, train_params(settings), progress.training, trainer_for(settings)
+        )
 
         progress.stage("evaluate")
         evaluators = build_evaluators(snapshot, eval_plan(settings))
@@ -168,6 +170,17 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
             shutil.rmtree(path, ignore_errors=True)  # keep the candidate for audit; merges are reproducible
     log.info("round_finished", round_id=round_id, decision=outcome.value, reason=verdict.reason)
     return outcome
+
+
+def trainer_for(settings: Settings):
+    """train_model in this process, or the torchrun launcher (daemon/distributed.py)."""
+    from stages.train import train_model
+
+    if settings.training.launcher == "torchrun":
+        from daemon.distributed import TorchrunTrainer
+
+        return TorchrunTrainer.from_settings(settings)
+    return train_model
 
 
 def label_round(

@@ -149,6 +149,27 @@ class TrainingSettings(_Section):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
     seed: int = 42
+    launcher: Literal["local", "torchrun"] = "local"
+    nproc_per_node: int = Field(1, ge=1, le=64)
+    nnodes: int = Field(1, ge=1, le=1024)
+    node_rank: int = Field(0, ge=0)
+    rdzv_endpoint: str = ""
+
+    @model_validator(mode="after")
+    def _launcher_consistent(self) -> TrainingSettings:
+        if self.launcher == "local" and (self.nproc_per_node > 1 or self.nnodes > 1):
+            raise ValueError(
+                "training.nproc_per_node / training.nnodes > 1 need training.launcher = 'torchrun'"
+            )
+        if self.node_rank >= self.nnodes:
+            raise ValueError("training.node_rank must be smaller than training.nnodes")
+        if self.nnodes > 1 and not self.rdzv_endpoint.strip():
+            raise ValueError(
+                "training.rdzv_endpoint (host:port of node 0) is needed when training.nnodes > 1"
+            )
+        if self.rdzv_endpoint and ":" not in self.rdzv_endpoint:
+            raise ValueError("training.rdzv_endpoint must be host:port, e.g. '10.0.0.1:29400'")
+        return self
 
     @model_validator(mode="before")
     @classmethod

@@ -254,15 +254,20 @@ def label_with_teacher(
 
 
 # --- train -------------------------------------------------------------------------------------------
+Trainer = Callable[[Path, Path, list[dict], TrainParams, ProgressFn | None], TrainOutcome]
+
+
 def train_candidate(
     init_path: Path,
     folder: Path,
     examples: list[TrainingExample],
     params: TrainParams,
     progress: ProgressFn | None = None,
+    trainer: Trainer = train_model,
 ) -> TrainOutcome:
-    """Fine-tune from `init_path` into folder/candidate; a run that took no step is a rejection."""
-    outcome = train_model(init_path, folder / CANDIDATE, [asdict(e) for e in examples], params, progress)
+    """Fine-tune from `init_path` into folder/candidate; a run that took no step is a rejection.
+    `trainer` is train_model in this process, or a launcher that runs it on several devices."""
+    outcome = trainer(init_path, folder / CANDIDATE, [asdict(e) for e in examples], params, progress)
     (folder / "train_outcome.json").write_text(json.dumps(asdict(outcome), indent=2))
     if outcome.steps == 0:
         raise RoundRejected(

@@ -213,6 +213,8 @@ def train_model(
         params.loss, model, params.temperature, params.cached_batch, gather_across_devices=world_size > 1
     )
     batch_size = feasible_batch_size(examples, params.batch_size)
+    if world_size > 1:  # every rank needs at least one batch of its own, or the ranks disagree on steps
+        batch_size = max(2, min(batch_size, len(dataset) // world_size))
     work_dir = output_dir.parent / (output_dir.name + ".work")
     args = SentenceTransformerTrainingArguments(
         output_dir=str(work_dir),
