@@ -87,11 +87,8 @@ def test_launcher_settings_are_checked():
 def test_a_whole_round_trains_on_two_ranks(make_settings):
     from sentence_transformers import SentenceTransformer
 
-    from daemon.round_scheduler import train_now
     from stages.train import shard_log_dir
-    from state.db import connect
-    from tests.conftest import RunningDaemon, wait_for
-    from tests.test_rounds import _corpus, _round_settings
+    from tests.test_rounds import _round_settings, foreground_round
 
     # One epoch: each epoch reshuffles, so shards are disjoint within an epoch, not across epochs.
     settings = _round_settings(
@@ -102,16 +99,8 @@ def test_a_whole_round_trains_on_two_ranks(make_settings):
         epochs=1.0,
         hard_negatives=1,
     )
-    _corpus(settings.paths.inbox)
-    running = RunningDaemon(settings)
-    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM samples WHERE kept IS NOT NULL") > 6)
-    wait_for(running.idle)
-    running.stop()
-    assert train_now(settings, foreground=True) == 0
-    conn = connect(running.daemon.layout.database)
-    row = conn.execute("SELECT * FROM rounds ORDER BY id DESC").fetchone()
+    _running, row, folder = foreground_round(settings)
     assert row["state"] == "finished", row["error"]
-    folder = running.daemon.layout.round_dir(row["id"])
     shards = [json.loads((shard_log_dir(folder / "candidate") / f"rank{r}.json").read_text()) for r in (0, 1)]
     # Both ranks trained, on different rows (this corpus repeats sentence templates, so texts may recur;
     # strict disjointness is checked above on distinct rows).

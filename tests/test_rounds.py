@@ -62,6 +62,23 @@ def _finished_round(running, timeout=180):
     return wait_for(done, timeout=timeout, message="a round to finish")
 
 
+def foreground_round(settings):
+    """Ingest and filter the corpus with the daemon, stop it, then run one round in the foreground
+    (`embedtune train --now` with no daemon): returns (running daemon handle, round row, round folder)."""
+    from daemon.round_scheduler import train_now
+    from state.db import connect
+    from tests.conftest import RunningDaemon
+
+    _corpus(settings.paths.inbox)
+    running = RunningDaemon(settings)
+    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM samples WHERE kept IS NOT NULL") > 6)
+    wait_for(running.idle)
+    running.stop()
+    assert train_now(settings, foreground=True) == 0
+    row = connect(running.daemon.layout.database).execute("SELECT * FROM rounds ORDER BY id DESC").fetchone()
+    return running, row, running.daemon.layout.round_dir(row["id"])
+
+
 def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
     from sentence_transformers import SentenceTransformer
 
@@ -105,25 +122,15 @@ def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
     assert running.scalar("SELECT COUNT(*) FROM samples WHERE round_id=?", row["id"]) == row["n_train"]
 
 
-def test_round_rejected_when_gain_below_min_gain(make_settings, tmp_path):
-    from daemon.round_scheduler import train_now
-    from tests.conftest import RunningDaemon
+def test_round_rejected_when_gain_below_min_gain(make_settings):
+    from state.db import connect
 
     settings = _round_settings(make_settings, min_new_samples=10_000)
     settings.promotion.min_gain = 0.5
-    _corpus(settings.paths.inbox)
-    running = RunningDaemon(settings)
-    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM samples WHERE kept IS NOT NULL") > 6)
-    wait_for(running.idle)
-    running.stop()
-    assert train_now(settings, foreground=True) == 0  # `embedtune train --now` with no daemon running
-    from state.db import connect
-
-    conn = connect(running.daemon.layout.database)
-    row = conn.execute("SELECT * FROM rounds ORDER BY id DESC").fetchone()
+    running, row, _folder = foreground_round(settings)  # `embedtune train --now` with no daemon running
     assert row["decision"] == "rejected" and "min_gain" in row["reason"]
     assert not running.daemon.layout.current.exists()
-    assert conn.execute("SELECT COUNT(*) FROM models").fetchone()[0] == 0
+    assert connect(running.daemon.layout.database).execute("SELECT COUNT(*) FROM models").fetchone()[0] == 0
 
 
 def test_sigkill_mid_training_aborts_then_next_round_succeeds(make_settings, start_daemon):
@@ -157,24 +164,12 @@ def test_sigkill_mid_training_aborts_then_next_round_succeeds(make_settings, sta
 
 
 def test_round_with_a_cross_encoder_teacher_and_margin_mse(make_settings, tiny_reranker):
-    from daemon.round_scheduler import train_now
-    from state.db import connect
-    from tests.conftest import RunningDaemon
-
     settings = _round_settings(
         make_settings, min_new_samples=10_000, loss="mnrl+margin_mse", hard_negatives=2
     )
     settings.model.teacher = str(tiny_reranker)
-    _corpus(settings.paths.inbox)
-    running = RunningDaemon(settings)
-    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM samples WHERE kept IS NOT NULL") > 6)
-    wait_for(running.idle)
-    running.stop()
-    assert train_now(settings, foreground=True) == 0
-    conn = connect(running.daemon.layout.database)
-    row = conn.execute("SELECT * FROM rounds ORDER BY id DESC").fetchone()
+    _running, row, folder = foreground_round(settings)
     assert row["state"] == "finished", row["error"]
-    folder = running.daemon.layout.round_dir(row["id"])
     labels = json.loads((folder / "labels.json").read_text())
     assert labels["teacher"].startswith("cross:") and labels["pairs"] > 0
     rows = [json.loads(line) for line in (folder / "train.jsonl").open()]
