@@ -130,7 +130,14 @@ def label_examples(
     rng = random.Random(params.seed)
     low, high = params.rank_range
     examples: list[LabelledExample] = []
-    counts = {"queries": len(queries), "kept_source": 0, "relabelled": 0, "dropped": 0, "negatives_vetoed": 0}
+    counts = {
+        "queries": len(queries),
+        "kept_source": 0,
+        "relabelled": 0,
+        "dropped": 0,
+        "negatives_vetoed": 0,
+        "negatives_too_close": 0,
+    }
     for i, (query, found) in enumerate(zip(queries, candidates, strict=True)):
         student = dict(zip(found.indices, found.student, strict=True))
         student[query.source] = query.source_student
@@ -155,12 +162,19 @@ def label_examples(
             else:
                 counts["dropped"] += 1
                 continue
+            # The teacher adds a veto to the miner's own rule, never loosens it: a candidate the student
+            # already scores within `student_margin` of the positive stays out too (on corpora where a
+            # topic has dozens of relevant documents, the student's top ranks are full of them).
+            floor = student.get(positive, query.source_student) - params.student_margin
             window = []
             for c in window_ids:
                 if c in (positive, query.source) or c not in judged:
                     continue
                 if judged[c] >= judged[positive]:
                     counts["negatives_vetoed"] += 1  # the teacher says it is as relevant: not a negative
+                    continue
+                if student[c] >= floor:
+                    counts["negatives_too_close"] += 1
                     continue
                 window.append(c)
         negatives = rng.sample(window, k=min(params.negatives, len(window)))

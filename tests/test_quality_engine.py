@@ -65,8 +65,8 @@ def test_teacher_specs_and_ensembles(tiny_reranker, encoder):
 
 
 # --- label repair ----------------------------------------------------------------------------------------
-def _query(source: int) -> LabelQuery:
-    return LabelQuery(f"query {source}", source, CORPUS[source], 0.5)
+def _query(source: int, student: float = 1.0) -> LabelQuery:
+    return LabelQuery(f"query {source}", source, CORPUS[source], student)
 
 
 CANDIDATES = [Candidates([0, 1, 2, 3, 4, 5], [0.9, 0.8, 0.7, 0.6, 0.5, 0.4])]
@@ -101,6 +101,16 @@ def test_negatives_the_teacher_ranks_with_the_positive_are_vetoed():
     assert labelled.stats["negatives_vetoed"] == 2
     # Labels follow [positive, *negatives] and keep the teacher's order after calibration.
     assert example.scores[0] > max(example.scores[1:]) and labelled.stats["label_scale"] > 0
+
+
+def test_the_teacher_adds_to_the_students_margin_rule():
+    # Every candidate is below the positive for the teacher, but chunks 1 and 2 are within the student's
+    # margin of the positive (0.85): the teacher's veto never loosens the miner's own rule.
+    teacher = _scores({0: 0.9, 1: 0.5, 2: 0.4, 3: 0.3, 4: 0.2, 5: 0.1})
+    params = LabelParams(negatives=3, rank_range=(1, 6), keep_rank=3, student_margin=0.2)
+    labelled = label_examples([_query(0, 0.85)], CANDIDATES, teacher, params)
+    assert sorted(labelled.examples[0].negatives) == [3, 4, 5]
+    assert labelled.stats["negatives_too_close"] == 2 and labelled.stats["negatives_vetoed"] == 0
 
 
 def test_without_a_teacher_the_student_margin_guards_the_negatives():
