@@ -91,7 +91,7 @@ class SynthesisSettings(_Section):
 class ModelSettings(_Section):
     base: str = f"{PACKAGED_PREFIX}all-MiniLM-L6-v2"
     reranker: str = ""
-    teacher: str = "hybrid"
+    teacher: str = "none"
     teacher_bm25_weight: float | None = Field(None, ge=0, le=1)
     query_instruction: str = ""
     device: str = "auto"

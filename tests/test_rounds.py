@@ -32,9 +32,9 @@ def _corpus(inbox, documents: int = 8) -> None:
 def _round_settings(make_settings, **training):
     # ~5 steps at lr 3e-4: the tiny model learns the corpus (held-out +0.1 to +0.18 nDCG@10 measured over
     # lr 1e-4..1e-3 and 3..30 epochs; lr 1e-3 with 10+ epochs overfits and loses).
-    # label_repair "none": every document here repeats the same sentence templates, so an inverse-cloze
-    # query's source (read without its sentence) loses to siblings carrying the template and the teacher
-    # would relabel every query; the default hybrid teacher still judges, vetoes and stores scores.
+    # label_repair "none" (for the tests that turn the teacher on): every document here repeats the same
+    # sentence templates, so an inverse-cloze query's source (read without its sentence) loses to siblings
+    # carrying the template and the teacher would relabel every query; it still judges, vetoes and stores.
     return make_settings(
         training={
             "min_new_samples": 6,
@@ -84,6 +84,7 @@ def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
 
     # check_minutes over 5 s: the round is started by the apscheduler job, not the main loop's fast path.
     settings = _round_settings(make_settings, check_minutes=0.1)
+    settings.model.teacher = "hybrid"  # the teacher's label step end to end (the default is "none")
     _corpus(settings.paths.inbox)
     running = start_daemon(settings)
     row = _finished_round(running)
@@ -100,7 +101,7 @@ def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
         "labels.json",
     ):
         assert (folder / name).exists(), name
-    labels = json.loads((folder / "labels.json").read_text())  # the default hybrid teacher labelled the round
+    labels = json.loads((folder / "labels.json").read_text())  # the hybrid teacher labelled the round
     assert labels["teacher"].startswith("hybrid:") and labels["examples"] > 0
     assert running.scalar("SELECT COUNT(*) FROM teacher_scores") == labels["pairs"]
     train_chunks = {json.loads(line)["sample_id"] for line in (folder / "train.jsonl").open()}
@@ -135,6 +136,7 @@ def test_round_rejected_when_gain_below_min_gain(make_settings):
 
 def test_sigkill_mid_training_aborts_then_next_round_succeeds(make_settings, start_daemon):
     settings = _round_settings(make_settings, epochs=200.0, max_minutes=10.0)
+    settings.model.teacher = "hybrid"  # its stored judgements must survive the kill
     _corpus(settings.paths.inbox)
     running = start_daemon(settings)
 
