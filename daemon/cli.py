@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--output", required=True, help="output file")
 
+    evaluate = sub.add_parser("eval", help="score a model on an evaluation set, with a 95% interval")
+    evaluate.add_argument(
+        "--data", required=True, help="a BEIR folder, a RAG eval JSON, or anchor/positive JSON lines"
+    )
+    evaluate.add_argument("--model", default="current", help="current (default), base or a version (v3)")
+    evaluate.add_argument("--against", default="base", help="compare with: base (default), current, vN, none")
+    evaluate.add_argument("--metric", default="ndcg@10", help="the metric the interval is for")
+    evaluate.add_argument("--json", action="store_true")
+
     report = sub.add_parser("report", help="write an HTML report (and a PNG chart)")
     report.add_argument("--output", default=None, help="folder (default: <state_dir>/report)")
     return parser
@@ -161,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.exports import export
 
         return export(settings, args.format, Path(args.output))
+    if args.command == "eval":
+        from daemon.evaluation import cmd_eval
+
+        return cmd_eval(settings, args.data, args.model, args.against, args.metric, args.json)
     if args.command == "report":
         from daemon.report import write_report
 
