@@ -61,10 +61,43 @@ class LabelledSet:
 
 @dataclass
 class Candidates:
-    """What the student retrieves for one query: corpus indices best first, with its cosines."""
+    """What the student retrieves for one query: corpus indices best first, with its cosines; `extras` are
+    random chunks from beyond that window (hn_mine's top-up when the window has too few negatives)."""
 
     indices: list[int]
     student: list[float]
+    extras: list[int] = field(default_factory=list)
+    extras_student: list[float] = field(default_factory=list)
+
+
+def add_random_extras(
+    candidates: Sequence[Candidates],
+    query_vectors: np.ndarray,
+    corpus_vectors: np.ndarray,
+    count: int,
+    seed: int = 0,
+) -> None:
+    """Give each query `count` random chunks outside its retrieved window, with the student's cosines.
+    Far chunks are almost never relevant; the teacher still judges them before one becomes a negative."""
+    rng = random.Random(seed)
+    size = len(corpus_vectors)
+    for row, found in enumerate(candidates):
+        taken = set(found.indices)
+        if size - len(taken) < count:
+            taken = set()  # a corpus no larger than the window: any chunk, as hn_mine tops up
+        pool_size = size - len(taken)
+        if count <= 0 or pool_size <= 0:
+            continue
+        extras: list[int] = []
+        for _ in range(count * 20):  # rejection sampling: the window is a small part of the corpus
+            pick = rng.randrange(size)
+            if pick not in taken:
+                taken.add(pick)
+                extras.append(pick)
+                if len(extras) == min(count, pool_size):
+                    break
+        found.extras = extras
+        found.extras_student = [float(query_vectors[row] @ corpus_vectors[c]) for c in extras]
 
 
 def student_candidates(query_vectors: np.ndarray, corpus_vectors: np.ndarray, depth: int) -> list[Candidates]:
@@ -111,7 +144,7 @@ def pairs_to_score(queries: Sequence[LabelQuery], candidates: Sequence[Candidate
     depth = max(params.rank_range[1], params.keep_rank)
     pairs: list[tuple[int, int]] = []
     for i, (query, found) in enumerate(zip(queries, candidates, strict=True)):
-        wanted = dict.fromkeys([query.source, *found.indices[:depth]])
+        wanted = dict.fromkeys([query.source, *found.indices[:depth], *found.extras])
         pairs.extend((i, c) for c in wanted)
     return pairs
 
@@ -137,9 +170,11 @@ def label_examples(
         "dropped": 0,
         "negatives_vetoed": 0,
         "negatives_too_close": 0,
+        "topped_up": 0,
     }
     for i, (query, found) in enumerate(zip(queries, candidates, strict=True)):
         student = dict(zip(found.indices, found.student, strict=True))
+        student.update(zip(found.extras, found.extras_student, strict=True))
         student[query.source] = query.source_student
         window_ids = found.indices[low - 1 : high]
         if teacher_scores is None:
@@ -148,7 +183,9 @@ def label_examples(
             window = [c for c in window_ids if c != query.source and student[c] < floor]
         else:
             judged = {
-                c: teacher_scores[(i, c)] for c in [query.source, *found.indices] if (i, c) in teacher_scores
+                c: teacher_scores[(i, c)]
+                for c in [query.source, *found.indices, *found.extras]
+                if (i, c) in teacher_scores
             }
             source_score = judged[query.source]
             source_rank = 1 + sum(1 for c, s in judged.items() if c != query.source and s > source_score)
@@ -178,6 +215,15 @@ def label_examples(
                     continue
                 window.append(c)
         negatives = rng.sample(window, k=min(params.negatives, len(window)))
+        for c in found.extras:  # top up from far chunks, as hn_mine does, unless the teacher objects
+            if len(negatives) >= params.negatives:
+                break
+            if c in (positive, query.source) or c in negatives:
+                continue
+            if teacher_scores is not None and (c not in judged or judged[c] >= judged[positive]):
+                continue
+            negatives.append(c)
+            counts["topped_up"] += 1
         if len(negatives) < params.negatives:
             continue  # every row needs the same number of negatives; a tiny corpus may not have them
         labels = None

@@ -29,6 +29,7 @@ from stages.evaluate import EvalResult, RetrievalEvaluator
 from stages.labels import (
     LabelParams,
     LabelQuery,
+    add_random_extras,
     label_examples,
     pair_texts,
     pairs_to_score,
@@ -210,11 +211,21 @@ def label_with_teacher(
         return LabelOutcome([], {"queries": 0, "examples": 0, "teacher": teacher.teacher_id})
     query_vectors = serving.queries([s.query for s in samples])
     passage_vectors = serving.passages([s.passage for s in samples])
+    # The teacher judges the source as the whole chunk, like every other candidate: an inverse-cloze
+    # positive (the chunk without the query's sentence) read against whole chunks would lose to any
+    # sibling sharing the sentence, and nearly every candidate would be vetoed. The student's margin rule
+    # keeps the miner's reference, the query against its training passage (what mine_hard_negatives uses).
     queries = [
-        LabelQuery(s.query, snapshot.position[s.chunk_id], s.passage, float(q @ p))
+        LabelQuery(
+            s.query,
+            snapshot.position[s.chunk_id],
+            snapshot.texts[snapshot.position[s.chunk_id]],
+            float(q @ p),
+        )
         for s, q, p in zip(samples, query_vectors, passage_vectors, strict=True)
     ]
     found = student_candidates(query_vectors, corpus_vectors, max(params.rank_range[1], params.keep_rank) + 1)
+    add_random_extras(found, query_vectors, corpus_vectors, params.negatives, params.seed)
     pairs = pairs_to_score(queries, found, params)
     query_texts, passage_texts = pair_texts(queries, pairs, snapshot.texts)
     keys = [(text_key(q), text_key(p)) for q, p in zip(query_texts, passage_texts, strict=True)]

@@ -209,6 +209,8 @@ def train_model(
     world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     # Under torchrun each rank sees its own shard; in-batch negatives are gathered from every rank, so
     # the effective batch (and the number of negatives per query) grows with the number of devices.
+    if len(dataset) < 2:  # no batch can be formed: no step, which the round turns into a rejection
+        return TrainOutcome(0, 0, None, 0.0, 0.0, False, precision)
     loss = build_loss(
         params.loss, model, params.temperature, params.cached_batch, gather_across_devices=world_size > 1
     )

@@ -306,3 +306,16 @@ def test_precision_follows_the_training_device(precision, device, cuda, bf16, ex
     from stages.train import choose_precision
 
     assert choose_precision(precision, device, cuda, bf16) == expected
+
+
+def test_far_chunks_top_up_the_negatives_unless_the_teacher_objects():
+    found = [Candidates([0, 1, 2], [0.9, 0.88, 0.87], extras=[4, 5], extras_student=[0.1, 0.2])]
+    params = LabelParams(negatives=2, rank_range=(1, 3), keep_rank=3, student_margin=0.1)
+    # The window's chunks are all within the student's margin; far chunk 5 is vetoed by the teacher.
+    teacher = _scores({0: 0.9, 1: 0.2, 2: 0.2, 4: 0.1, 5: 0.95})
+    labelled = label_examples([_query(0, 0.9)], found, teacher, params)
+    assert not labelled.examples and labelled.stats["topped_up"] == 1  # one safe far chunk, two needed
+    labelled = label_examples(
+        [_query(0, 0.9)], found, _scores({0: 0.9, 1: 0.2, 2: 0.2, 4: 0.1, 5: 0.3}), params
+    )
+    assert labelled.examples[0].negatives == [4, 5]

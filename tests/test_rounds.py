@@ -29,13 +29,14 @@ def _corpus(inbox, documents: int = 8) -> None:
         )
 
 
-def _round_settings(make_settings, **training):
+def _round_settings(make_settings, teacher: str = "none", **training):
     # ~5 steps at lr 3e-4: the tiny model learns the corpus (held-out +0.1 to +0.18 nDCG@10 measured over
     # lr 1e-4..1e-3 and 3..30 epochs; lr 1e-3 with 10+ epochs overfits and loses).
     # label_repair "none" (for the tests that turn the teacher on): every document here repeats the same
     # sentence templates, so an inverse-cloze query's source (read without its sentence) loses to siblings
     # carrying the template and the teacher would relabel every query; it still judges, vetoes and stores.
     return make_settings(
+        model={"teacher": teacher},
         training={
             "min_new_samples": 6,
             "check_minutes": 0.02,
@@ -83,8 +84,9 @@ def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
     from sentence_transformers import SentenceTransformer
 
     # check_minutes over 5 s: the round is started by the apscheduler job, not the main loop's fast path.
-    settings = _round_settings(make_settings, check_minutes=0.1)
-    settings.model.teacher = "hybrid"  # the teacher's label step end to end (the default is "none")
+    # The teacher's label step end to end (the default is "none"); one negative per query, as the
+    # student-margin rule leaves few candidates in this small corpus.
+    settings = _round_settings(make_settings, teacher="hybrid", check_minutes=0.1, hard_negatives=1)
     _corpus(settings.paths.inbox)
     running = start_daemon(settings)
     row = _finished_round(running)
@@ -135,8 +137,10 @@ def test_round_rejected_when_gain_below_min_gain(make_settings):
 
 
 def test_sigkill_mid_training_aborts_then_next_round_succeeds(make_settings, start_daemon):
-    settings = _round_settings(make_settings, epochs=200.0, max_minutes=10.0)
-    settings.model.teacher = "hybrid"  # its stored judgements must survive the kill
+    # With the teacher: its stored judgements must survive the kill.
+    settings = _round_settings(
+        make_settings, teacher="hybrid", epochs=200.0, max_minutes=10.0, hard_negatives=1
+    )
     _corpus(settings.paths.inbox)
     running = start_daemon(settings)
 
@@ -167,9 +171,12 @@ def test_sigkill_mid_training_aborts_then_next_round_succeeds(make_settings, sta
 
 def test_round_with_a_cross_encoder_teacher_and_margin_mse(make_settings, tiny_reranker):
     settings = _round_settings(
-        make_settings, min_new_samples=10_000, loss="mnrl+margin_mse", hard_negatives=2
+        make_settings,
+        teacher=str(tiny_reranker),
+        min_new_samples=10_000,
+        loss="mnrl+margin_mse",
+        hard_negatives=2,
     )
-    settings.model.teacher = str(tiny_reranker)
     _running, row, folder = foreground_round(settings)
     assert row["state"] == "finished", row["error"]
     labels = json.loads((folder / "labels.json").read_text())
