@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import json
 
-from daemon.cli import main
+
+def main(argv: list[str]) -> int:
+    """The CLI's parsing and settings, then the command (not daemon.cli.main: it configures logging for
+    the process, which would bind structlog to this test's captured, soon closed, stdout)."""
+    from daemon.cli import _load, _parser
+    from daemon.evaluation import cmd_eval
+
+    args = _parser().parse_args(argv)
+    return cmd_eval(_load(args), args.data, args.model, args.against, args.metric, args.json)
+
 
 PAIRS = [
     ("river city", "The river flows through the city."),
