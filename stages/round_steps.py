@@ -14,10 +14,9 @@ distillation losses their targets (stages/labels.py).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import structlog
@@ -37,8 +36,10 @@ from stages.labels import (
 )
 from stages.negatives import build_index, mine_hard_negatives
 from stages.promote import Decision, RejectionCause, decide, paired_bootstrap
+from stages.teacher import Teacher
 from stages.train import ProgressFn, TrainOutcome, TrainParams, train_model
 from state.round_records import CorpusChunk, HeldoutSample, RoundInputs, TrainSample
+from state.teacher_scores import PairKey
 
 log = structlog.get_logger("embedtune.round")
 
@@ -169,15 +170,6 @@ def mine_negatives(
 
 
 # --- label (with a teacher) ---------------------------------------------------------------------------
-PairKey = tuple[str, str]  # (query text hash, chunk text hash)
-
-
-class PairScorer(Protocol):
-    teacher_id: str
-
-    def score_pairs(self, queries: Sequence[str], passages: Sequence[str]) -> np.ndarray: ...
-
-
 @dataclass
 class ScoreStorage:
     """How the label step reaches the durable score store (state/teacher_scores.py) without SQL."""
@@ -197,7 +189,7 @@ def label_with_teacher(
     snapshot: Snapshot,
     serving: Encoder,
     corpus_vectors: np.ndarray,
-    teacher: PairScorer,
+    teacher: Teacher,
     params: LabelParams,
     storage: ScoreStorage,
     progress: Callable[[int, int], None] | None = None,
