@@ -46,7 +46,10 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write the training data for other tools")
     export.add_argument(
-        "--format", required=True, choices=["flagembedding", "sentence-transformers", "rag-eval"]
+        "--format",
+        required=True,
+        choices=["flagembedding", "sentence-transformers", "rag-eval", "embeddings"],
+        help="embeddings: Parquet of every active chunk with its vector from the model in service",
     )
     export.add_argument("--output", required=True, help="output file")
 
@@ -58,6 +61,17 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--against", default="base", help="compare with: base (default), current, vN, none")
     evaluate.add_argument("--metric", default="ndcg@10", help="the metric the interval is for")
     evaluate.add_argument("--json", action="store_true")
+
+    search = sub.add_parser("search", help="search the chunks with a model")
+    search.add_argument("query")
+    search.add_argument("--model", default="current", help="current (default), base or a version (v3)")
+    search.add_argument("-k", type=int, default=10, help="hits to show (default 10)")
+    search.add_argument("--json", action="store_true")
+
+    compare = sub.add_parser("compare", help="base and current model side by side for one query")
+    compare.add_argument("query")
+    compare.add_argument("-k", type=int, default=10, help="hits to show (default 10)")
+    compare.add_argument("--json", action="store_true")
 
     report = sub.add_parser("report", help="write an HTML report (and a PNG chart)")
     report.add_argument("--output", default=None, help="folder (default: <state_dir>/report)")
@@ -112,6 +126,21 @@ def cmd_rollback(settings: Settings) -> int:
         print(f"embedtune: {exc}", file=sys.stderr)
         return 1
     print(f"now serving {'v' + str(record.id) if record else 'the base model'}")
+    if settings.index.enabled:
+        from daemon.indexing import IndexService
+        from state.vector_store import IndexUnavailable
+
+        index = IndexService(settings, layout)
+        index.enqueue(db.conn, "rollback")  # adds chunks that arrived since, or fills a new collection
+        try:
+            swapped = index.follow_serving(db.conn)
+        except IndexUnavailable as exc:
+            print(f"embedtune: the index alias was not moved (a queued sync retries): {exc}", file=sys.stderr)
+            return 1
+        if swapped is not None:
+            print(f"index alias {settings.index.alias} now points at {swapped.name}")
+        else:
+            print("the index is filled for this model in the background (embedtune status shows progress)")
     return 0
 
 
@@ -174,6 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.evaluation import cmd_eval
 
         return cmd_eval(settings, args.data, args.model, args.against, args.metric, args.json)
+    if args.command == "search":
+        from daemon.search import cmd_search
+
+        return cmd_search(settings, args.query, args.model, args.k, args.json)
+    if args.command == "compare":
+        from daemon.search import cmd_compare
+
+        return cmd_compare(settings, args.query, args.k, args.json)
     if args.command == "report":
         from daemon.report import write_report
 

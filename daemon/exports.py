@@ -1,8 +1,10 @@
-"""`embedtune export`: the kept pairs (with hard negatives) and the held-out set, for other tools."""
+"""`embedtune export`: the kept pairs (with hard negatives), the held-out set, and the chunk embeddings of
+the model in service, for other tools."""
 
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -48,6 +50,62 @@ def mined_examples(settings: Settings, layout: StateLayout, conn) -> list[dict]:
     return examples
 
 
+def export_embeddings(settings: Settings, layout: StateLayout, conn, output: Path) -> int:
+    """Every active chunk with its vector from the model in service, as Parquet. The vectors are the live
+    collection's (the sync brings it in line first, encoding only what is missing), so the file and the
+    index agree; without an index, they are encoded here through the embedding cache."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from daemon.indexing import IndexService, serving_model
+    from state.index_records import active_chunks, max_chunk_id
+
+    serving = serving_model(conn, layout, settings)
+    chunks = active_chunks(conn)
+    if settings.index.enabled:
+        from daemon.indexing import index_target
+        from state.index_records import IndexRecords
+        from state.vector_store import open_store
+
+        report = IndexService(settings, layout, show_progress=None).sync(conn)
+        vectors: dict[int, list[float]] = {}
+        with open_store(index_target(settings)) as store:
+            for page in store.vectors(report.collection, max_chunk_id(conn)):
+                vectors.update((int(row["chunk_id"]), row["vector"]) for row in page)
+        source = f"collection {IndexRecords(conn).get(report.collection).name}"
+    else:
+        from daemon.progress import Progress
+        from daemon.round_process import encode_params
+        from stages.encoder import Encoder
+
+        encoder = Encoder(serving.path, encode_params(settings), layout.cache)
+        vectors = {}
+        with Progress("encode chunks", len(chunks), "chunks") as progress:
+            for start in range(0, len(chunks), 256):
+                batch = chunks[start : start + 256]
+                for chunk, vector in zip(batch, encoder.passages([c.text for c in batch]), strict=True):
+                    vectors[chunk.id] = vector.tolist()
+                progress.update(len(batch))
+        encoder.save_cache()
+        source = "encoded now"
+    rows = [chunk for chunk in chunks if chunk.id in vectors]
+    dim = len(next(iter(vectors.values()))) if vectors else 0
+    table = pa.table(
+        {
+            "chunk_id": pa.array([c.id for c in rows], pa.int64()),
+            "document_path": pa.array([c.path for c in rows], pa.string()),
+            "text": pa.array([c.text for c in rows], pa.string()),
+            "vector": pa.array([vectors[c.id] for c in rows], pa.list_(pa.float32(), dim)),
+            "model_version": pa.array([serving.version] * len(rows), pa.string()),
+        }
+    )
+    tmp = output.with_name(output.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(output)
+    log.info("embeddings_exported", rows=len(rows), model=serving.version, source=source, path=str(output))
+    return len(rows)
+
+
 def export(settings: Settings, fmt: str, output: Path) -> int:
     layout = StateLayout(settings.paths.state_dir)
     if not layout.database.exists():
@@ -56,7 +114,15 @@ def export(settings: Settings, fmt: str, output: Path) -> int:
     conn = Database(layout.database).conn
     output.parent.mkdir(parents=True, exist_ok=True)
     count = 0
-    if fmt == "rag-eval":
+    if fmt == "embeddings":
+        from state.vector_store import IndexUnavailable
+
+        try:
+            count = export_embeddings(settings, layout, conn, output)
+        except IndexUnavailable as exc:
+            print(f"embedtune: {exc}", file=sys.stderr)
+            return 2
+    elif fmt == "rag-eval":
         inputs = RoundStore(conn).inputs(max_pairs=0)
         data = {
             "queries": {f"q{h.id}": h.query for h in inputs.heldout},

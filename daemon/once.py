@@ -190,6 +190,8 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
             print(f"model in service copied to {target}")
         else:
             print("no round promoted a model; the base model stays the best one")
+        if settings.index.enabled:
+            _sync_index(settings, daemon.layout, conn, show_progress=not args.no_progress)
         if args.dataset_output:
             from daemon.exports import export
 
@@ -198,6 +200,22 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
         daemon.stop_requested.set()
         daemon.shutdown()
     return 0
+
+
+def _sync_index(settings: Settings, layout, conn, show_progress: bool) -> None:
+    """Leave the vector store serving the final model, as the daemon would after a promotion."""
+    from daemon.indexing import IndexService
+    from state.vector_store import IndexUnavailable
+
+    try:
+        report = IndexService(settings, layout, show_progress=show_progress and None).sync(conn)
+    except IndexUnavailable as exc:
+        print(f"embedtune: the index was not updated: {exc}")
+        return
+    print(
+        f"index alias {settings.index.alias} -> {report.collection} "
+        f"({report.chunks} chunks embedded by the {report.version} model)"
+    )
 
 
 def _print_summary(rows, metric: str) -> None:

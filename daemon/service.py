@@ -28,6 +28,7 @@ from state.registry import ModelRegistry
 
 log = get_logger("embedtune.daemon")
 SHUTDOWN_GRACE_S = 30.0
+INDEX_CHECK_S = 5.0
 
 
 class DbCallbacks(InboxCallbacks):
@@ -141,6 +142,15 @@ class Daemon:
             "filter", self.layout.database, {"filter": self.filter.handle}, 1, lease_seconds=1800
         )
         self.pools = [self.ingest_pool, self.synth_pool, self.filter_pool]
+        self.index = None
+        if self.settings.index.enabled:
+            from daemon.indexing import JOB_KIND, IndexService
+
+            self.index = IndexService(self.settings, self.layout)
+            self.index_pool = WorkerPool(
+                "index", self.layout.database, {JOB_KIND: self.index.handle}, 1, lease_seconds=1800
+            )
+            self.pools.append(self.index_pool)
         for pool in self.pools:
             pool.start()
 
@@ -197,6 +207,14 @@ class Daemon:
         self._schedule_window()
         self.scheduler.start()
 
+    def _check_index(self) -> None:
+        """New or retired chunks, or another model in service: queue a sync of the vector store."""
+        try:
+            if self.index.needs_sync(self.db.conn) and self.index.enqueue(self.db.conn, "changed"):
+                self.index_pool.wake.set()
+        except Exception:
+            log.exception("index_check_failed")
+
     def _recover_leases(self) -> None:
         count = JobQueue(self.callbacks.db.conn).recover_expired()
         if count:
@@ -249,9 +267,13 @@ class Daemon:
     def run_forever(self, tick: float = 1.0) -> None:
         last_watchdog = 0.0
         last_round_check = 0.0
+        last_index_check = 0.0
         while not self.stop_requested.is_set():
             try:
                 self.heartbeat()
+                if self.index is not None and time.monotonic() - last_index_check > INDEX_CHECK_S:
+                    last_index_check = time.monotonic()
+                    self._check_index()
                 self.rounds.poll(self.db.conn)
                 if self.rounds.request_pending(self.db.conn) or time.monotonic() - last_round_check > 5.0:
                     last_round_check = time.monotonic()

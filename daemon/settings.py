@@ -6,6 +6,7 @@ Kept free of heavy imports: `embedtune status` loads it too.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -246,6 +247,60 @@ class PromotionSettings(_Section):
         return value
 
 
+class IndexSettings(_Section):
+    """The vector store that follows the model in service (Milvus; Milvus Lite in one file by default)."""
+
+    enabled: bool = True
+    uri: str = ""
+    token_env: str = "EMBEDTUNE_MILVUS_TOKEN"
+    alias: str = "embedtune_chunks"
+    keep_collections: int = Field(1, ge=0, le=100)
+    batch_size: int = Field(256, ge=1, le=100_000)
+    index_type: str = "AUTOINDEX"
+    lock_timeout_s: float = Field(120.0, gt=0)
+
+    @field_validator("alias")
+    @classmethod
+    def _milvus_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,200}", value):
+            raise ValueError("index.alias must start with a letter or _ and hold only letters, digits and _")
+        return value
+
+    @field_validator("uri")
+    @classmethod
+    def _uri_form(cls, value: str) -> str:
+        value = value.strip()
+        if value and not (
+            value.startswith(("http://", "https://", "tcp://", "unix:")) or value.endswith(".db")
+        ):
+            raise ValueError(
+                "index.uri must be a Milvus server address (http://host:19530) or a Milvus Lite file "
+                "ending in .db; empty means <state_dir>/index/milvus.db"
+            )
+        return value
+
+    def lite_path(self, state_dir: Path) -> Path | None:
+        """The Milvus Lite file, or None when a server is configured."""
+        if not self.uri:
+            return state_dir / "index" / "milvus.db"
+        return Path(os.path.expanduser(self.uri)) if self.uri.endswith(".db") else None
+
+    def token(self) -> str:
+        return os.environ.get(self.token_env, "")
+
+
+class MetricsSettings(_Section):
+    """Prometheus metrics in node_exporter's textfile format (no socket of our own)."""
+
+    textfile: str = ""
+    interval_s: float = Field(15.0, ge=1)
+
+    def path(self, state_dir: Path) -> Path | None:
+        if self.textfile.strip().lower() == "off":
+            return None
+        return Path(os.path.expanduser(self.textfile)) if self.textfile else state_dir / "metrics.prom"
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -259,6 +314,8 @@ class Settings(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     promotion: PromotionSettings = Field(default_factory=PromotionSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -387,6 +444,8 @@ RELATIVE_PATH_KEYS = (
     ("paths", "state_dir"),
     ("promotion", "user_eval"),
     ("promotion", "guard_eval"),
+    ("index", "uri"),
+    ("metrics", "textfile"),
 )
 # Files that must exist when set; checked by `config check` and at daemon start, not by every load
 # (`status` must answer even when an evaluation file went missing).
@@ -400,7 +459,9 @@ def _resolve_relative_paths(data: dict, base_dir: Path) -> None:
         if not isinstance(table, dict):
             continue
         value = table.get(key)
-        if isinstance(value, str) and value and not value.startswith(("~", "/", "$")):
+        if not isinstance(value, str) or not value or value.lower() == "off" or ":" in value:
+            continue  # empty, switched off, or an address (http://, unix:) rather than a path
+        if not value.startswith(("~", "/", "$")):
             table[key] = str(base_dir / value)
 
 

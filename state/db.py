@@ -171,6 +171,25 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (teacher_id, query_hash, chunk_hash)
     ) WITHOUT ROWID;
     """,
+    # 5: the vector-store collections that follow the model in service (one per model version; the alias
+    # clients query points at the live one), and the index's progress for `status`.
+    """
+    CREATE TABLE index_collections (
+        name          TEXT PRIMARY KEY,
+        model_id      INTEGER,
+        model_path    TEXT NOT NULL,
+        dim           INTEGER NOT NULL,
+        state         TEXT NOT NULL CHECK (state IN ('filling','ready','live','dropped')),
+        chunks        INTEGER NOT NULL DEFAULT 0,
+        signature     TEXT NOT NULL DEFAULT '',
+        progress      TEXT NOT NULL DEFAULT '',
+        created       TEXT NOT NULL,
+        filled        TEXT,
+        swapped       TEXT,
+        dropped       TEXT
+    );
+    ALTER TABLE daemon ADD COLUMN index_error TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -56,6 +56,7 @@ def empty_status(llm_url: str = "") -> dict[str, Any]:
         },
         "rounds": [],
         "model": {"current": None, "path": None, "metrics": {}},
+        "index": {"live": None, "collections": [], "error": None},
     }
 
 
@@ -178,6 +179,8 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
         )
     status["rounds"] = rounds
 
+    _fill_index(conn, status, row)
+
     model = conn.execute(
         "SELECT * FROM models WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
         "ORDER BY promoted_at DESC, id DESC LIMIT 1"
@@ -190,6 +193,32 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
             "metrics": _loads(model["metrics"]) or {},
             "promoted_at": model["promoted_at"],
         }
+
+
+def _fill_index(conn: sqlite3.Connection, status: dict[str, Any], daemon_row: sqlite3.Row | None) -> None:
+    """The vector store as the index job last recorded it (the CLI never opens Milvus to answer)."""
+    index = status["index"]
+    if daemon_row is not None and "index_error" in daemon_row.keys():
+        index["error"] = daemon_row["index_error"]
+    try:
+        rows = conn.execute(
+            "SELECT name, model_id, state, chunks, progress, swapped FROM index_collections "
+            "WHERE state != 'dropped' ORDER BY created DESC"
+        ).fetchall()
+    except sqlite3.OperationalError:
+        return  # a database from before the index existed
+    for row in rows:
+        entry = {
+            "name": row["name"],
+            "model": f"v{row['model_id']}" if row["model_id"] is not None else "base",
+            "state": row["state"],
+            "chunks": row["chunks"],
+            "progress": row["progress"],
+            "swapped": row["swapped"],
+        }
+        index["collections"].append(entry)
+        if row["state"] == "live":
+            index["live"] = entry
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -227,6 +256,22 @@ def format_status(status: dict[str, Any]) -> str:
         f"model     {model['current'] or 'base model (nothing promoted yet)'}"
         + (f"  {model['path']}" if model["path"] else "")
     )
+    index = status.get("index") or {}
+    if index.get("collections") or index.get("error"):
+        live = index.get("live")
+        parts = [
+            f"live {live['name']} ({live['model']}, {live['chunks']} chunks)"
+            if live
+            else "no live collection"
+        ]
+        for entry in index["collections"]:
+            if entry["state"] == "filling" or (entry["progress"] and entry is not live):
+                parts.append(f"filling {entry['name']} ({entry['model']}) {entry['progress'] or ''}".rstrip())
+            elif entry["progress"]:
+                parts.append(f"adding {entry['progress']}")
+        lines.append("index     " + "; ".join(parts))
+        if index.get("error"):
+            lines.append(f"          error: {index['error'][:160]}")
     if status["rounds"]:
         lines.append("rounds")
         for r in status["rounds"]:

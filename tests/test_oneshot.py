@@ -176,3 +176,86 @@ def test_report_renders_in_headless_chromium(once_run, tmp_path):
         timeout=120,
     )
     assert shot.exists() and shot.stat().st_size > 20_000
+
+
+def _index_state(config: Path):
+    """The alias target and its chunk ids, read from Milvus Lite, and the active chunk ids from SQLite."""
+    from daemon.indexing import index_target
+    from daemon.settings import load_settings
+    from state.db import connect
+    from state.vector_store import open_store
+
+    settings = load_settings(config)
+    conn = connect(settings.paths.state_dir / "embedtune.db", readonly=True)
+    active = {row[0] for row in conn.execute("SELECT id FROM chunks WHERE active = 1")}
+    rows = conn.execute("SELECT name, model_id, state FROM index_collections ORDER BY name").fetchall()
+    serving = conn.execute(
+        "SELECT id FROM models WHERE promoted_at IS NOT NULL AND retired_at IS NULL"
+    ).fetchone()
+    conn.close()
+    with open_store(index_target(settings)) as store:
+        target = store.alias_target(settings.index.alias)
+        ids = store.ids(target, max(active)) if target else set()
+    return target, ids, active, [tuple(r) for r in rows], serving[0] if serving else None
+
+
+def test_once_leaves_the_index_serving_the_final_model(once_run):
+    _tmp, _output, stdout, config = once_run
+    assert "index alias embedtune_chunks ->" in stdout
+    target, ids, active, rows, serving = _index_state(config)
+    live = [r for r in rows if r[2] == "live"]
+    assert len(live) == 1 and live[0][0] == target
+    assert live[0][1] == serving  # built by the model in service (None: the base model)
+    assert ids == active and active
+
+
+def test_search_and_compare_answer_from_the_chunks(once_run):
+    _tmp, _output, _stdout, config = once_run
+    result = _cli(config, "search", "river database", "-k", "3", "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert len(answer["hits"]) == 3 and answer["source"].startswith("collection ")
+    assert [h["score"] for h in answer["hits"]] == sorted((h["score"] for h in answer["hits"]), reverse=True)
+    base = json.loads(_cli(config, "search", "river database", "--model", "base", "-k", "3", "--json").stdout)
+    assert base["model"] == "base" and len(base["hits"]) == 3
+    compare = _cli(config, "compare", "river database", "-k", "3", "--json")
+    assert compare.returncode == 0, compare.stderr
+    table = json.loads(compare.stdout)
+    assert len(table["current"]["hits"]) == 3
+    base_ids = [h["chunk_id"] for h in table["base"]["hits"]]
+    for rank, hit in enumerate(table["current"]["hits"], 1):
+        if hit["chunk_id"] in base_ids:
+            moved = base_ids.index(hit["chunk_id"]) + 1 - rank
+            assert hit["change"] == ("=" if moved == 0 else f"↑{moved}" if moved > 0 else f"↓{-moved}")
+        else:
+            assert hit["change"] == "new"
+    assert "hits" in json.loads(compare.stdout)["current"]
+    human = _cli(config, "compare", "river database", "-k", "3")
+    assert human.returncode == 0 and "base" in human.stdout
+
+
+def test_search_rejects_bad_requests_with_a_reason(once_run):
+    _tmp, _output, _stdout, config = once_run
+    empty = _cli(config, "search", "   ")
+    assert empty.returncode == 2 and "query is empty" in empty.stderr
+    unknown = _cli(config, "search", "river", "--model", "v999")
+    assert unknown.returncode == 2 and "unknown model version v999" in unknown.stderr
+    bad = _cli(config, "search", "river", "--model", "newest")
+    assert bad.returncode == 2 and "use base, current or a version" in bad.stderr
+
+
+def test_embeddings_export_is_parquet_of_the_active_chunks(once_run, tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    _tmp, _output, _stdout, config = once_run
+    path = tmp_path / "chunks.parquet"
+    result = _cli(config, "export", "--format", "embeddings", "--output", str(path))
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(path)
+    assert table.column_names == ["chunk_id", "document_path", "text", "vector", "model_version"]
+    _target, _ids, active, _rows, serving = _index_state(config)
+    assert set(table.column("chunk_id").to_pylist()) == active
+    vectors = np.array(table.column("vector").to_pylist(), dtype=np.float32)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    assert set(table.column("model_version").to_pylist()) == {f"v{serving}" if serving else "base"}

@@ -1,0 +1,336 @@
+"""The index follows the model: every active chunk, embedded by the model in service, in a Milvus collection
+behind the alias that RAG clients query.
+
+One operation, `sync`, does everything and is safe to repeat: it finds (or creates) the collection of the
+model in service, compares the chunk ids it holds with the active chunks, deletes the retired ones and
+encodes and upserts only the missing ones, batch by batch. Then, if that collection is not yet live, it
+swaps the alias onto it in one Milvus call and drops collections beyond `index.keep_collections`.
+
+- New documents: the daemon enqueues a sync when the active-chunk signature moves; only new chunks are
+  encoded (with the embedding cache, chunks the filter or a round already encoded are not even that).
+- A promotion: the new model has no collection; the sync fills one in the background while the alias
+  still points at the old one (which keeps receiving new chunks), then swaps.
+- A crash or kill mid-fill: the alias was never moved; the next sync finds the half-filled collection
+  and adds what is missing.
+- A rollback: the previous model's collection was kept, so the alias swaps back at once; a sync then adds
+  chunks that arrived since.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.logs import get_logger
+from daemon.progress import Progress
+from daemon.settings import Settings
+from daemon.workers import JobContext, RetryLater
+from state.index_records import (
+    LIVE,
+    ActiveChunk,
+    CollectionRecord,
+    IndexRecords,
+    active_chunks,
+    chunk_signature,
+    max_chunk_id,
+)
+from state.layout import StateLayout
+from state.queue import JobQueue
+from state.registry import ModelRegistry
+from state.vector_store import IndexTarget, IndexUnavailable, VectorStore, open_store
+
+log = get_logger("embedtune.index")
+JOB_KIND = "index"
+UNAVAILABLE_RETRY_S = 60.0
+MAX_PASSES = 3
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    model_id: int | None
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return f"v{self.model_id}" if self.model_id is not None else "base"
+
+
+@dataclass
+class SyncReport:
+    collection: str = ""
+    version: str = ""
+    added: int = 0
+    removed: int = 0
+    chunks: int = 0
+    swapped: bool = False
+    dropped: list[str] = field(default_factory=list)
+
+
+def index_target(settings: Settings) -> IndexTarget:
+    lite = settings.index.lite_path(settings.paths.state_dir)
+    return IndexTarget(
+        uri=str(lite) if lite is not None else settings.index.uri,
+        token=settings.index.token(),
+        index_type=settings.index.index_type,
+        lock_timeout_s=settings.index.lock_timeout_s,
+    )
+
+
+def serving_model(conn: sqlite3.Connection, layout: StateLayout, settings: Settings) -> ServingModel:
+    from stages.models import resolve_model_path
+
+    registry = ModelRegistry(conn, layout)
+    current = registry.current()
+    return ServingModel(
+        current.id if current else None, registry.serving_path(resolve_model_path(settings.model.base))
+    )
+
+
+class IndexService:
+    """Keeps the vector store in line with the model in service and the active chunks."""
+
+    def __init__(
+        self, settings: Settings, layout: StateLayout, *, show_progress: bool | None = False
+    ) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.target = index_target(settings)
+        self.show_progress = show_progress
+
+    # --- the job ----------------------------------------------------------------------------------
+    def handle(self, ctx: JobContext) -> None:
+        records = IndexRecords(ctx.conn)
+        try:
+            report = self.sync(ctx.conn)
+        except IndexUnavailable as exc:
+            records.set_error(str(exc))
+            raise RetryLater(str(exc), UNAVAILABLE_RETRY_S) from exc
+        records.set_error(None)
+        ctx.queue.complete(ctx.job)
+        if report.added or report.removed or report.swapped:
+            log.info("index_synced", **report.__dict__)
+
+    def needs_sync(self, conn: sqlite3.Connection) -> bool:
+        """Cheap check for the main loop: is the live collection behind the chunks or the model?"""
+        live = IndexRecords(conn).live()
+        if live is None:
+            return bool(conn.execute("SELECT 1 FROM chunks WHERE active = 1 LIMIT 1").fetchone())
+        serving = serving_model(conn, self.layout, self.settings)
+        if (live.model_id, live.model_path) != (serving.model_id, str(serving.path)):
+            return True
+        return live.signature != chunk_signature(conn)
+
+    def enqueue(self, conn: sqlite3.Connection, reason: str) -> bool:
+        """One pending sync at a time is enough: it reads the state when it runs. Each job's key names
+        what it was asked for, so a dead job (a bug) is not re-armed until something changes."""
+        queue = JobQueue(conn)
+        if queue.has_pending(JOB_KIND):
+            return False
+        serving = serving_model(conn, self.layout, self.settings)
+        key = f"index:{serving.version}:{chunk_signature(conn)}:{reason}"
+        return queue.enqueue(JOB_KIND, key, {"reason": reason}, priority=150, max_attempts=5)
+
+    # --- the one operation ------------------------------------------------------------------------
+    def sync(self, conn: sqlite3.Connection) -> SyncReport:
+        records = IndexRecords(conn)
+        serving = serving_model(conn, self.layout, self.settings)
+        with open_store(self.target) as store:
+            self._reconcile(records, store)
+            existing = set(store.collections())
+        target = records.for_model(serving.model_id, str(serving.path))
+        if target is not None and target.name not in existing:
+            records.mark_dropped(target.name)  # removed behind our back: fill a new one
+            target = None
+        encoders = _Encoders(self.settings, self.layout)
+        report = SyncReport(version=serving.version)
+        try:
+            live = records.live()
+            if live is not None and (target is None or live.name != target.name):
+                self._top_up_live(conn, records, live, encoders, report)
+            if target is None:
+                target = self._create(records, serving, encoders)
+            report.collection = target.name
+            for _ in range(MAX_PASSES):
+                signature = chunk_signature(conn)
+                chunks = active_chunks(conn)
+                self._fill(records, target, chunks, encoders.get(serving.path), report)
+                if chunk_signature(conn) == signature:
+                    break
+            records.mark_synced(target.name, len(chunks), signature)
+            report.chunks = len(chunks)
+        finally:
+            encoders.release()
+        if records.get(target.name).state != LIVE:
+            report.swapped = self._swap(conn, records, target)
+        report.dropped = self._drop_surplus(records, serving)
+        return report
+
+    def follow_serving(self, conn: sqlite3.Connection) -> CollectionRecord | None:
+        """After a rollback: point the alias at the serving model's kept collection at once, if there is
+        one (a sync then adds what arrived since). None when it must be filled first."""
+        serving = serving_model(conn, self.layout, self.settings)
+        records = IndexRecords(conn)
+        target = records.for_model(serving.model_id, str(serving.path))
+        if target is None or target.state not in ("ready", LIVE):
+            return None
+        with open_store(self.target) as store:
+            if not store.has(target.name):
+                records.mark_dropped(target.name)
+                return None
+            store.point_alias(self.settings.index.alias, target.name)
+            records.make_live(target.name)
+        log.info("index_alias_swapped", alias=self.settings.index.alias, collection=target.name)
+        return records.get(target.name)
+
+    # --- steps ------------------------------------------------------------------------------------
+    def _reconcile(self, records: IndexRecords, store: VectorStore) -> None:
+        """Milvus's alias is the truth (the swap is one Milvus call; the row update may have been lost)."""
+        actual = store.alias_target(self.settings.index.alias)
+        live = records.live()
+        if actual == (live.name if live else None):
+            return
+        if actual is not None and records.get(actual) is not None:
+            records.make_live(actual)
+        elif live is not None:
+            records.clear_live()
+
+    def _create(self, records: IndexRecords, serving: ServingModel, encoders: _Encoders) -> CollectionRecord:
+        dim = encoders.get(serving.path).dimension()
+        name = f"{self.settings.index.alias}_{serving.version}_{records.next_serial()}"
+        with open_store(self.target) as store:
+            store.create(name, dim)
+        log.info("index_collection_created", collection=name, model=serving.version, dim=dim)
+        return records.create(name, serving.model_id, str(serving.path), dim)
+
+    def _top_up_live(
+        self,
+        conn: sqlite3.Connection,
+        records: IndexRecords,
+        live: CollectionRecord,
+        encoders: _Encoders,
+        report: SyncReport,
+    ) -> None:
+        """While a new model's collection fills, the live one keeps following the documents."""
+        if live.signature == chunk_signature(conn) or not Path(live.model_path).is_dir():
+            return
+        chunks = active_chunks(conn)
+        self._fill(records, live, chunks, encoders.get(Path(live.model_path)), SyncReport())
+        records.mark_synced(live.name, len(chunks), chunk_signature(conn))
+
+    def _fill(
+        self,
+        records: IndexRecords,
+        collection: CollectionRecord,
+        chunks: list[ActiveChunk],
+        encoder: _LazyEncoder,
+        report: SyncReport,
+    ) -> None:
+        with open_store(self.target) as store:
+            present = store.ids(collection.name, max_chunk_id(records.conn))
+        wanted = {chunk.id for chunk in chunks}
+        extra = sorted(present - wanted)
+        if extra:
+            with open_store(self.target) as store:
+                store.delete(collection.name, extra)
+            report.removed += len(extra)
+        missing = [chunk for chunk in chunks if chunk.id not in present]
+        if not missing:
+            return
+        batch_size = self.settings.index.batch_size
+        with Progress(f"index {collection.name}", len(missing), "chunks", bar=self.show_progress) as progress:
+            for start in range(0, len(missing), batch_size):
+                batch = missing[start : start + batch_size]
+                vectors = encoder.passages(batch)
+                with open_store(self.target) as store:
+                    store.upsert(
+                        collection.name,
+                        [c.id for c in batch],
+                        vectors,
+                        [c.path for c in batch],
+                        [c.text for c in batch],
+                    )
+                report.added += len(batch)
+                progress.update(len(batch))
+                records.set_progress(collection.name, f"{start + len(batch)}/{len(missing)}")
+        encoder.save_cache()
+
+    def _swap(self, conn: sqlite3.Connection, records: IndexRecords, target: CollectionRecord) -> bool:
+        """Swap the alias, unless the model changed meanwhile (a rollback during the fill)."""
+        with open_store(self.target) as store:
+            serving = serving_model(conn, self.layout, self.settings)
+            if (serving.model_id, str(serving.path)) != (target.model_id, target.model_path):
+                log.info("index_swap_skipped", collection=target.name, serving=serving.version)
+                return False
+            store.point_alias(self.settings.index.alias, target.name)
+            records.make_live(target.name)
+        log.info("index_alias_swapped", alias=self.settings.index.alias, collection=target.name)
+        return True
+
+    def _drop_surplus(self, records: IndexRecords, serving: ServingModel) -> list[str]:
+        current = records.for_model(serving.model_id, str(serving.path))
+        surplus = records.surplus(self.settings.index.keep_collections, current.name if current else None)
+        if not surplus:
+            return []
+        with open_store(self.target) as store:
+            for record in surplus:
+                store.drop(record.name)
+                records.mark_dropped(record.name)
+        names = [record.name for record in surplus]
+        log.info("index_collections_dropped", collections=names)
+        return names
+
+
+class _LazyEncoder:
+    """Loads the model on first use: a sync with nothing to encode never loads one."""
+
+    def __init__(self, settings: Settings, layout: StateLayout, path: Path) -> None:
+        self.settings = settings
+        self.layout = layout
+        self.path = path
+        self._encoder = None
+
+    def _get(self):
+        if self._encoder is None:
+            from daemon.round_process import encode_params
+            from stages.encoder import Encoder
+
+            self._encoder = Encoder(self.path, encode_params(self.settings), self.layout.cache)
+        return self._encoder
+
+    def dimension(self) -> int:
+        model = self._get().model
+        return int(
+            model.get_embedding_dimension()
+            if hasattr(model, "get_embedding_dimension")
+            else model.get_sentence_embedding_dimension()
+        )
+
+    def passages(self, chunks: list[ActiveChunk]):
+        return self._get().passages([c.text for c in chunks])  # cached by text hash, as rounds do
+
+    def save_cache(self) -> None:
+        if self._encoder is not None:
+            self._encoder.save_cache()
+
+    def release(self) -> None:
+        if self._encoder is not None:
+            self._encoder.release()
+            self._encoder = None
+
+
+class _Encoders:
+    def __init__(self, settings: Settings, layout: StateLayout) -> None:
+        self.settings = settings
+        self.layout = layout
+        self._by_path: dict[Path, _LazyEncoder] = {}
+
+    def get(self, path: Path) -> _LazyEncoder:
+        if path not in self._by_path:
+            self._by_path[path] = _LazyEncoder(self.settings, self.layout, path)
+        return self._by_path[path]
+
+    def release(self) -> None:
+        for encoder in self._by_path.values():
+            encoder.release()
+        self._by_path.clear()

@@ -1,0 +1,177 @@
+"""What the vector store holds, as rows: one per Milvus collection, with the model that filled it.
+
+Milvus holds the vectors; SQLite holds which collection belongs to which model version, which one is live
+(the alias points at it), how far a fill got, and the active-chunk signature at its last complete sync,
+so the daemon can tell with one cheap query whether the index is behind the documents.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+from state.db import transaction, utcnow
+
+FILLING, READY, LIVE, DROPPED = "filling", "ready", "live", "dropped"
+
+
+@dataclass(frozen=True)
+class ActiveChunk:
+    id: int
+    sha256: str
+    text: str
+    path: str
+
+
+@dataclass(frozen=True)
+class CollectionRecord:
+    name: str
+    model_id: int | None
+    model_path: str
+    dim: int
+    state: str
+    chunks: int
+    signature: str
+    progress: str
+    swapped: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> CollectionRecord:
+        return cls(
+            name=row["name"],
+            model_id=row["model_id"],
+            model_path=row["model_path"],
+            dim=row["dim"],
+            state=row["state"],
+            chunks=row["chunks"],
+            signature=row["signature"],
+            progress=row["progress"],
+            swapped=row["swapped"],
+        )
+
+    @property
+    def version(self) -> str:
+        return f"v{self.model_id}" if self.model_id is not None else "base"
+
+
+def active_chunks(conn: sqlite3.Connection) -> list[ActiveChunk]:
+    """Every chunk the index must hold: the active chunks (the same corpus a round snapshots)."""
+    rows = conn.execute(
+        "SELECT c.id, c.sha256, c.text, d.path FROM chunks c JOIN documents d ON d.id = c.document_id "
+        "WHERE c.active = 1 ORDER BY c.id"
+    ).fetchall()
+    return [ActiveChunk(row[0], row[1], row[2], row[3]) for row in rows]
+
+
+def chunk_signature(conn: sqlite3.Connection) -> str:
+    """Changes whenever the set of active chunks changes (count, largest id and id sum), in one query
+    over the chunks_active index, so the main loop can poll it every few seconds at 100k chunks."""
+    row = conn.execute(
+        "SELECT COUNT(*), COALESCE(MAX(id), 0), COALESCE(SUM(id), 0) FROM chunks WHERE active = 1"
+    ).fetchone()
+    return f"{row[0]}:{row[1]}:{row[2]}"
+
+
+def max_chunk_id(conn: sqlite3.Connection) -> int:
+    """No chunk id in any collection exceeds this (ids come from the chunks table and are never reused)."""
+    return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM chunks").fetchone()[0])
+
+
+class IndexRecords:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def get(self, name: str) -> CollectionRecord | None:
+        row = self.conn.execute("SELECT * FROM index_collections WHERE name = ?", (name,)).fetchone()
+        return CollectionRecord.from_row(row) if row else None
+
+    def live(self) -> CollectionRecord | None:
+        row = self.conn.execute("SELECT * FROM index_collections WHERE state = 'live'").fetchone()
+        return CollectionRecord.from_row(row) if row else None
+
+    def existing(self) -> list[CollectionRecord]:
+        """Collections not dropped, newest first."""
+        rows = self.conn.execute(
+            "SELECT * FROM index_collections WHERE state != 'dropped' ORDER BY created DESC, name DESC"
+        ).fetchall()
+        return [CollectionRecord.from_row(row) for row in rows]
+
+    def for_model(self, model_id: int | None, model_path: str) -> CollectionRecord | None:
+        """The collection being filled or filled by this model (newest), if any."""
+        row = self.conn.execute(
+            "SELECT * FROM index_collections WHERE model_id IS ? AND model_path = ? AND state != 'dropped' "
+            "ORDER BY created DESC, name DESC LIMIT 1",
+            (model_id, model_path),
+        ).fetchone()
+        return CollectionRecord.from_row(row) if row else None
+
+    def create(self, name: str, model_id: int | None, model_path: str, dim: int) -> CollectionRecord:
+        with transaction(self.conn):
+            self.conn.execute(
+                "INSERT INTO index_collections (name, model_id, model_path, dim, state, created) "
+                "VALUES (?, ?, ?, ?, 'filling', ?)",
+                (name, model_id, model_path, dim, utcnow()),
+            )
+        record = self.get(name)
+        assert record is not None
+        return record
+
+    def next_serial(self) -> int:
+        return int(self.conn.execute("SELECT COUNT(*) FROM index_collections").fetchone()[0]) + 1
+
+    def set_progress(self, name: str, text: str) -> None:
+        with transaction(self.conn):
+            self.conn.execute("UPDATE index_collections SET progress = ? WHERE name = ?", (text, name))
+
+    def mark_synced(self, name: str, chunks: int, signature: str) -> None:
+        """A complete pass: the collection holds exactly the active chunks with this signature."""
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE index_collections SET chunks = ?, signature = ?, progress = '', "
+                "filled = COALESCE(filled, ?), state = CASE state WHEN 'filling' THEN 'ready' ELSE state END "
+                "WHERE name = ?",
+                (chunks, signature, utcnow(), name),
+            )
+
+    def make_live(self, name: str) -> None:
+        """Record an alias swap: this collection is live, the one before it is kept as ready."""
+        now = utcnow()
+        with transaction(self.conn):
+            self.conn.execute("UPDATE index_collections SET state = 'ready' WHERE state = 'live'")
+            self.conn.execute(
+                "UPDATE index_collections SET state = 'live', swapped = ? WHERE name = ?", (now, name)
+            )
+
+    def clear_live(self) -> None:
+        """No collection is live (the alias was found missing): the last live one is kept as ready."""
+        with transaction(self.conn):
+            self.conn.execute("UPDATE index_collections SET state = 'ready' WHERE state = 'live'")
+
+    def surplus(self, keep: int, serving_name: str | None) -> list[CollectionRecord]:
+        """Collections beyond the live one and the `keep` most recently live: dropped to bound disk use.
+        A fill for a model no longer in service (abandoned by a rollback) counts as surplus too."""
+        kept: list[CollectionRecord] = []
+        extra: list[CollectionRecord] = []
+        rows = self.conn.execute(
+            "SELECT * FROM index_collections WHERE state IN ('ready','filling') "
+            "ORDER BY COALESCE(swapped, filled, created) DESC, name DESC"
+        ).fetchall()
+        for record in map(CollectionRecord.from_row, rows):
+            if record.name == serving_name:
+                continue
+            if record.state == FILLING or len(kept) >= keep:
+                extra.append(record)
+            else:
+                kept.append(record)
+        return extra
+
+    def mark_dropped(self, name: str) -> None:
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE index_collections SET state = 'dropped', dropped = ? WHERE name = ?", (utcnow(), name)
+            )
+
+    def set_error(self, text: str | None) -> None:
+        """The index's last failure (None once it works again), shown by `status`."""
+        with transaction(self.conn):
+            self.conn.execute("UPDATE daemon SET index_error = ? WHERE id = 1", (text,))

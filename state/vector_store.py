@@ -1,0 +1,237 @@
+"""The vector store: Milvus through pymilvus, the same code for Milvus Lite (one file under the state
+directory) and a Milvus server or cluster (a URI and a token).
+
+Milvus Lite serves its file from inside the process that opened it, and a second process cannot open it
+meanwhile. So every user (the daemon's index job, `search`, `rollback`, `export`) opens the store for one
+short piece of work under an exclusive file lock and closes it again; a long fill holds the file only
+while a batch is written, never while the model encodes. A server needs no lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# Milvus VARCHAR limits are in bytes; chunk texts are cut to this many bytes of UTF-8 in the store
+# (the full text stays in SQLite).
+TEXT_BYTES = 16_000
+PATH_BYTES = 4_096
+_PAGE = 16_384  # Milvus caps offset + limit of one query at 16384
+CONNECT_TIMEOUT_S = 10.0
+
+
+class IndexUnavailable(Exception):
+    """The vector store cannot be reached or opened; the message says which and what to check."""
+
+
+@dataclass(frozen=True)
+class IndexTarget:
+    uri: str
+    token: str
+    index_type: str = "AUTOINDEX"
+    lock_timeout_s: float = 120.0
+
+    @property
+    def lite_file(self) -> Path | None:
+        return Path(self.uri) if self.uri.endswith(".db") else None
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: int
+    score: float
+    path: str
+    text: str
+
+
+def _cut(text: str, limit: int) -> str:
+    data = text.encode("utf-8")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
+
+
+@contextmanager
+def _file_lock(path: Path, timeout_s: float) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise IndexUnavailable(
+                        f"the Milvus Lite file {path.with_suffix('')} is busy (another embedtune process "
+                        f"held it for {timeout_s:.0f}s; index.lock_timeout_s)"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        handle.close()  # closing the descriptor releases the lock
+
+
+class VectorStore:
+    """One open connection; use through `open_store`."""
+
+    def __init__(self, client: Any, target: IndexTarget) -> None:
+        self.client = client
+        self.target = target
+        self._loaded: set[str] = set()
+
+    def _load(self, name: str) -> None:
+        """Queries and searches need the collection loaded (a reopened Milvus Lite file starts released)."""
+        if name not in self._loaded:
+            self.client.load_collection(name)
+            self._loaded.add(name)
+
+    # --- collections ----------------------------------------------------------------------------
+    def collections(self) -> list[str]:
+        return list(self.client.list_collections())
+
+    def has(self, name: str) -> bool:
+        return bool(self.client.has_collection(name))
+
+    def create(self, name: str, dim: int) -> None:
+        """A collection of chunk id (primary key), vector (inner product on normalised vectors), the
+        document path and the chunk text, so RAG clients get the passage back with each hit."""
+        from pymilvus import DataType, MilvusClient
+
+        if self.has(name):
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("chunk_id", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        schema.add_field("path", DataType.VARCHAR, max_length=PATH_BYTES)
+        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_BYTES)
+        index = self.client.prepare_index_params()
+        index.add_index("vector", index_type=self.target.index_type, metric_type="IP")
+        self.client.create_collection(name, schema=schema, index_params=index)
+
+    def drop(self, name: str) -> None:
+        if self.has(name):
+            self.client.drop_collection(name)
+
+    def ids(self, name: str, upper: int) -> set[int]:
+        """Every chunk id in a collection. Chunk ids come from SQLite, so none exceeds `upper` (the largest
+        chunk id ever made): the listing walks id windows, each within one query's result cap, which every
+        Milvus deployment serves (query iterators need a timestamp service Milvus Lite lacks)."""
+        return {int(row["chunk_id"]) for page in self._pages(name, upper, ["chunk_id"]) for row in page}
+
+    def _pages(self, name: str, upper: int, fields: list[str]) -> Iterator[list[dict[str, Any]]]:
+        self._load(name)
+        for low in range(0, upper + 1, _PAGE):
+            page = self.client.query(
+                name,
+                filter=f"chunk_id >= {low} and chunk_id < {low + _PAGE}",
+                output_fields=fields,
+                limit=_PAGE,
+            )
+            if page:
+                yield list(page)
+
+    def upsert(
+        self, name: str, ids: Sequence[int], vectors: np.ndarray, paths: Sequence[str], texts: Sequence[str]
+    ) -> None:
+        rows = [
+            {
+                "chunk_id": int(chunk_id),
+                "vector": vector.tolist(),
+                "path": _cut(path, PATH_BYTES),
+                "text": _cut(text, TEXT_BYTES),
+            }
+            for chunk_id, vector, path, text in zip(ids, vectors, paths, texts, strict=True)
+        ]
+        if rows:
+            self.client.upsert(name, rows)
+
+    def delete(self, name: str, ids: Sequence[int]) -> None:
+        ids = [int(i) for i in ids]
+        for start in range(0, len(ids), _PAGE):
+            self.client.delete(name, ids=ids[start : start + _PAGE])
+
+    def vectors(self, name: str, upper: int) -> Iterator[list[dict[str, Any]]]:
+        """Pages of {chunk_id, vector} rows (for exports)."""
+        return self._pages(name, upper, ["chunk_id", "vector"])
+
+    # --- the alias clients query ----------------------------------------------------------------
+    def alias_target(self, alias: str) -> str | None:
+        if alias not in self.client.list_aliases().get("aliases", []):
+            return None
+        return self.client.describe_alias(alias).get("collection_name")
+
+    def point_alias(self, alias: str, collection: str) -> None:
+        """Swap the alias onto `collection` in one server-side operation (clients never see a gap)."""
+        if self.alias_target(alias) is None:
+            self.client.create_alias(collection, alias)
+        else:
+            self.client.alter_alias(collection, alias)
+
+    # --- search ---------------------------------------------------------------------------------
+    def search(self, name: str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        self._load(name)
+        results = self.client.search(
+            name,
+            data=[vector.tolist() for vector in vectors],
+            limit=k,
+            output_fields=["chunk_id", "path", "text"],
+            search_params={"metric_type": "IP"},
+        )
+        return [
+            [
+                Hit(
+                    int(hit["entity"]["chunk_id"]),
+                    float(hit["distance"]),
+                    hit["entity"]["path"],
+                    hit["entity"]["text"],
+                )
+                for hit in hits
+            ]
+            for hits in results
+        ]
+
+
+@contextmanager
+def open_store(target: IndexTarget) -> Iterator[VectorStore]:
+    """Open the store for one piece of work. Milvus Lite: under the file lock, and the embedded server
+    is stopped on close so that the next process can open the file."""
+    lite = target.lite_file
+    if lite is None:
+        yield from _open_client(target)
+        return
+    with _file_lock(lite.with_name(lite.name + ".lock"), target.lock_timeout_s):
+        lite.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            yield from _open_client(target)
+        finally:
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(str(lite))
+
+
+def _open_client(target: IndexTarget) -> Iterator[VectorStore]:
+    from pymilvus import MilvusClient
+    from pymilvus.exceptions import MilvusException
+
+    where = f"Milvus Lite file {target.uri}" if target.lite_file else f"Milvus at {target.uri}"
+    try:
+        client = MilvusClient(uri=target.uri, token=target.token, timeout=CONNECT_TIMEOUT_S)
+    except (MilvusException, OSError) as exc:
+        raise IndexUnavailable(f"cannot open {where}: {exc} (index.uri)") from exc
+    try:
+        yield VectorStore(client, target)
+    except (MilvusException, OSError) as exc:
+        # a server gone mid-way, a full disk under Milvus Lite: the caller retries later, the alias stays
+        raise IndexUnavailable(f"{where} failed: {exc}") from exc
+    finally:
+        try:
+            client.close()
+        except Exception:  # closing a broken connection must not hide the error that broke it
+            pass

@@ -1,0 +1,198 @@
+"""The vector store follows the model in service: Milvus Lite for real, tiny real models, a real daemon."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.test_rounds import _corpus, _round_settings
+
+
+def _alias_view(settings):
+    """(collection behind the alias, its chunk ids) read from Milvus Lite itself."""
+    from daemon.indexing import index_target
+    from state.db import connect
+    from state.index_records import max_chunk_id
+    from state.vector_store import open_store
+
+    conn = connect(settings.paths.state_dir / "embedtune.db", readonly=True)
+    upper = max_chunk_id(conn)
+    conn.close()
+    with open_store(index_target(settings)) as store:
+        target = store.alias_target(settings.index.alias)
+        return target, (store.ids(target, upper) if target else set())
+
+
+def _active_ids(conn) -> set[int]:
+    return {row[0] for row in conn.execute("SELECT id FROM chunks WHERE active = 1")}
+
+
+def _records(conn):
+    from state.index_records import IndexRecords
+
+    return IndexRecords(conn)
+
+
+def test_index_follows_documents_promotion_deletion_and_rollback(make_settings, start_daemon):
+    from daemon.cli import cmd_rollback
+    from daemon.indexing import IndexService
+    from state.db import Database
+
+    settings = _round_settings(make_settings, check_minutes=0.1)
+    _corpus(settings.paths.inbox)
+    running = start_daemon(settings)
+    layout = running.daemon.layout
+
+    # 1. before any promotion the base model's collection serves every active chunk
+    def base_live():
+        live = _records(running.conn).live()
+        return live if live and live.model_id is None and live.signature else None
+
+    base = wait_for(base_live, timeout=120, message="the base model's collection to go live")
+    target, ids = _alias_view(settings)
+    assert target == base.name and ids == _active_ids(running.conn) and ids
+
+    # 2. a round promotes: a new collection is filled by the promoted model, then the alias swaps
+    def promoted():
+        row = running.query("SELECT * FROM rounds WHERE state != 'running' ORDER BY id DESC")
+        return row[0] if row else None
+
+    row = wait_for(promoted, timeout=240, message="a round to finish")
+    assert row["decision"] == "promoted", row["reason"]
+    model_id = row["model_id"]
+    live = wait_for(
+        lambda: (lambda r: r if r and r.model_id == model_id else None)(_records(running.conn).live()),
+        timeout=120,
+        message="the promoted model's collection to go live",
+    )
+    target, ids = _alias_view(settings)
+    assert target == live.name != base.name and ids == _active_ids(running.conn)
+    assert _records(running.conn).get(base.name).state == "ready"  # kept for rollback
+
+    # 3. a deleted document's chunks leave the live collection
+    before = _active_ids(running.conn)
+    (settings.paths.inbox / "doc0.md").unlink()
+    wait_for(lambda: _active_ids(running.conn) < before, timeout=30, message="doc0's chunks to retire")
+    wait_for(lambda: _alias_view(settings)[1] == _active_ids(running.conn), timeout=60, message="the delete")
+    status = running.status()
+    assert status["index"]["live"]["name"] == live.name
+    running.stop()
+
+    # 4. rollback swaps the alias back to the kept base collection at once; a sync removes doc0 from it
+    assert cmd_rollback(settings) == 0
+    target, ids = _alias_view(settings)
+    assert target == base.name and ids > _active_ids(Database(layout.database).conn)
+    conn = Database(layout.database).conn
+    assert conn.execute("SELECT COUNT(*) FROM jobs WHERE kind = 'index' AND state = 'pending'").fetchone()[0]
+    report = IndexService(settings, layout).sync(conn)
+    assert report.collection == base.name and report.removed > 0 and not report.swapped
+    assert _alias_view(settings) == (base.name, _active_ids(conn))
+
+
+def _ingested(make_settings, start_daemon, **index):
+    """A state folder with ingested chunks (the daemon's index off), and settings with the index on."""
+    settings = make_settings(index={"enabled": False})
+    _corpus(settings.paths.inbox, documents=6)
+    running = start_daemon(settings)
+    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM chunks WHERE active = 1") >= 6)
+    wait_for(running.idle, timeout=60)
+    running.stop()
+    data = settings.model_dump(mode="json")
+    data["index"] = {"enabled": True, **index}
+    return type(settings).model_validate(data), running.daemon.layout
+
+
+def _promote_copy(layout, conn, model_path):
+    from state.registry import ModelRegistry
+
+    registry = ModelRegistry(conn, layout)
+    record = registry.register(Path(model_path))
+    return registry.promote(record.id)
+
+
+def test_interrupted_fill_keeps_the_alias_and_resumes_where_it_stopped(
+    make_settings, start_daemon, monkeypatch
+):
+    from daemon import indexing
+    from daemon.indexing import IndexService
+    from state.db import Database
+
+    settings, layout = _ingested(make_settings, start_daemon, batch_size=4)
+    conn = Database(layout.database).conn
+    service = IndexService(settings, layout)
+    first = service.sync(conn)
+    assert first.swapped and first.added == len(_active_ids(conn))
+    assert _alias_view(settings) == (first.collection, _active_ids(conn))
+
+    promoted = _promote_copy(layout, conn, settings.model.base)
+    calls = {"n": 0}
+    original = indexing._LazyEncoder.passages
+
+    def dies_on_second_batch(self, chunks):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("killed mid-fill")
+        return original(self, chunks)
+
+    monkeypatch.setattr(indexing._LazyEncoder, "passages", dies_on_second_batch)
+    with pytest.raises(RuntimeError, match="killed mid-fill"):
+        service.sync(conn)
+    monkeypatch.setattr(indexing._LazyEncoder, "passages", original)
+    filling = _records(conn).for_model(promoted.id, str(promoted.path))
+    assert filling.state == "filling"
+    assert _alias_view(settings)[0] == first.collection  # clients still get the old, complete collection
+
+    resumed = service.sync(conn)
+    assert resumed.collection == filling.name and resumed.swapped
+    assert resumed.added == len(_active_ids(conn)) - 4  # only what the first attempt had not written
+    assert _alias_view(settings) == (filling.name, _active_ids(conn))
+    assert _records(conn).get(first.collection).state == "ready"
+
+
+def test_collections_beyond_keep_are_dropped(make_settings, start_daemon):
+    from daemon.indexing import IndexService, index_target
+    from state.db import Database
+    from state.vector_store import open_store
+
+    settings, layout = _ingested(make_settings, start_daemon, keep_collections=1)
+    conn = Database(layout.database).conn
+    service = IndexService(settings, layout)
+    names = [service.sync(conn).collection]
+    for _ in range(2):
+        _promote_copy(layout, conn, settings.model.base)
+        names.append(service.sync(conn).collection)
+    with open_store(index_target(settings)) as store:
+        present = set(store.collections())
+    assert present == {names[1], names[2]}  # the live one and one kept for rollback
+    assert _records(conn).get(names[0]).state == "dropped"
+
+
+def test_unreachable_milvus_server_is_a_clear_retried_error(make_settings, start_daemon):
+    from daemon.indexing import IndexService
+    from daemon.workers import JobContext, RetryLater
+    from state.db import Database
+    from state.queue import JobQueue
+    from state.status import format_status, read_status
+
+    settings, layout = _ingested(make_settings, start_daemon, uri="http://127.0.0.1:9")
+    conn = Database(layout.database).conn
+    service = IndexService(settings, layout)
+    assert service.needs_sync(conn) and service.enqueue(conn, "test")
+    queue = JobQueue(conn)
+    job = queue.claim("test", ["index"])
+    with pytest.raises(RetryLater) as caught:
+        service.handle(JobContext(job, queue))
+    assert "Milvus at http://127.0.0.1:9" in str(caught.value) and "index.uri" in str(caught.value)
+    text = format_status(read_status(layout))
+    assert "index" in text and "cannot open Milvus at http://127.0.0.1:9" in text
+
+
+def test_index_settings_are_validated_with_the_key_named():
+    from daemon.settings import Settings
+
+    with pytest.raises(ValueError, match="index.alias"):
+        Settings.model_validate({"index": {"alias": "bad-name"}})
+    with pytest.raises(ValueError, match="index.uri"):
+        Settings.model_validate({"index": {"uri": "milvus.internal"}})
