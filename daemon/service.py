@@ -207,6 +207,17 @@ class Daemon:
         self._schedule_window()
         self.scheduler.start()
 
+    def _write_metrics(self, up: bool = True) -> None:
+        path = self.settings.metrics.path(self.settings.paths.state_dir)
+        if path is None:
+            return
+        from daemon.metrics import write_metrics
+
+        try:
+            write_metrics(self.db.conn, path, up)
+        except Exception:  # a full disk or a bad folder must not stop the daemon; the log says why
+            log.exception("metrics_write_failed", path=str(path))
+
     def _check_index(self) -> None:
         """New or retired chunks, or another model in service: queue a sync of the vector store."""
         try:
@@ -268,9 +279,13 @@ class Daemon:
         last_watchdog = 0.0
         last_round_check = 0.0
         last_index_check = 0.0
+        last_metrics = 0.0
         while not self.stop_requested.is_set():
             try:
                 self.heartbeat()
+                if time.monotonic() - last_metrics >= self.settings.metrics.interval_s:
+                    last_metrics = time.monotonic()
+                    self._write_metrics()
                 if self.index is not None and time.monotonic() - last_index_check > INDEX_CHECK_S:
                     last_index_check = time.monotonic()
                     self._check_index()
@@ -344,6 +359,7 @@ class Daemon:
         if self.db is not None:
             released = JobQueue(self.db.conn).release_owner("")
             mark_stopped(self.db.conn)
+            self._write_metrics(up=False)
             log.info("daemon_stopped", released_jobs=released)
         self.lock.release()
 

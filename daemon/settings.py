@@ -295,6 +295,13 @@ class MetricsSettings(_Section):
     textfile: str = ""
     interval_s: float = Field(15.0, ge=1)
 
+    @field_validator("textfile")
+    @classmethod
+    def _prom_suffix(cls, value: str) -> str:
+        if value and value.strip().lower() != "off" and not value.endswith(".prom"):
+            raise ValueError("metrics.textfile must end in .prom (node_exporter reads only those) or be 'off'")
+        return value
+
     def path(self, state_dir: Path) -> Path | None:
         if self.textfile.strip().lower() == "off":
             return None
