@@ -7,7 +7,7 @@ CONFIG ?= config.toml
 # requirement is already satisfied and pip does not pull several GB of CUDA packages.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv run test test-all reliability bench lint clean
+.PHONY: venv run test test-all reliability bench lint clean browser
 
 $(BIN)/embedtune: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -28,8 +28,20 @@ run: venv
 	$(BIN)/embedtune --config $(CONFIG) run
 
 # CI runs this through .ci/run: lint first (ruff check and ruff format --check), then the suite.
-test: venv lint
+test: venv lint browser
 	$(BIN)/python -m pytest -q
+
+# The report's browser test drives Debian's chromium through Playwright (no browser download: Playwright
+# is pointed at /usr/bin/chromium). Installed when missing and we may (root); otherwise the test skips,
+# unless EMBEDTUNE_REQUIRE_BROWSER=1 (.ci/run sets it) makes a missing browser a failure.
+browser:
+	@if [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian's chromium for the report's browser test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; }; \
+	  else echo "chromium missing and not root: the browser test will skip (sudo apt-get install chromium)"; fi; \
+	fi
 
 test-all: venv
 	$(BIN)/python -m pytest -q -m ''

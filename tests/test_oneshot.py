@@ -148,34 +148,58 @@ def test_report_writes_html_and_png(once_run, tmp_path):
     assert (tmp_path / "report" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.skipif(
-    not __import__("shutil").which("chromium"),
-    reason="chromium is not installed (apt-get install chromium); see docs/report.md",
-)
+CHROMIUM = "/usr/bin/chromium"
+# Flags for a closed network (DESIGN of this machine: chromium's background connections are refused).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _browser_or_skip() -> str:
+    """Debian's chromium, which `make test` installs. Under CI (EMBEDTUNE_REQUIRE_BROWSER=1, set by
+    .ci/run) a missing browser fails the test instead of skipping it."""
+    import os
+
+    if Path(CHROMIUM).exists():
+        return CHROMIUM
+    if os.environ.get("EMBEDTUNE_REQUIRE_BROWSER") == "1":
+        pytest.fail("chromium is not installed although EMBEDTUNE_REQUIRE_BROWSER=1 (make browser)")
+    pytest.skip("chromium is not installed (make browser); see docs/report.md")
+
+
 def test_report_renders_in_headless_chromium(once_run, tmp_path):
+    """The report in a real browser: every chart decodes, the tables are there, and the console is clean."""
+    browser_path = _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
     _tmp, _output, _stdout, config = once_run
     assert _cli(config, "report", "--output", str(tmp_path / "report")).returncode == 0
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            "chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            f"--user-data-dir={tmp_path / 'profile'}",
-            "--window-size=1400,1000",
-            f"--screenshot={shot}",
-            (tmp_path / "report" / "index.html").as_uri(),
-        ],
-        capture_output=True,
-        timeout=120,
-    )
-    assert shot.exists() and shot.stat().st_size > 20_000
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+            page.on("pageerror", lambda error: problems.append(str(error)))
+            page.goto((tmp_path / "report" / "index.html").as_uri(), wait_until="load")
+            images = page.eval_on_selector_all(
+                "img", "els => els.map(e => [e.complete, e.naturalWidth, e.naturalHeight])"
+            )
+            tables = page.eval_on_selector_all("table", "els => els.map(e => e.rows.length)")
+            title = page.title()
+            page.screenshot(path=str(tmp_path / "shot.png"), full_page=True)
+        finally:
+            browser.close()
+    assert images and all(done and width > 100 and height > 100 for done, width, height in images), images
+    assert tables and all(rows >= 2 for rows in tables), tables  # a header row and at least one row each
+    assert title and not problems, problems
+    assert (tmp_path / "shot.png").stat().st_size > 20_000
 
 
 def _index_state(config: Path):
