@@ -83,12 +83,15 @@ def cmd_eval(settings: Settings, data: str, model: str, against: str, metric: st
     if baseline and baseline.path == chosen.path:
         baseline = None
     results = {}
+    from daemon.progress import Progress
+
     for choice in [chosen, baseline] if baseline else [chosen]:
-        encoder = Encoder(choice.path, encode_params(settings))
-        try:
-            results[choice.label] = evaluator(encoder)
-        finally:
-            encoder.release()
+        with Progress(f"eval {choice.label}", None, "texts") as progress:
+            encoder = Encoder(choice.path, encode_params(settings), progress=progress.advance)
+            try:
+                results[choice.label] = evaluator(encoder)
+            finally:
+                encoder.release()
     report = {
         "data": str(data),
         "queries": len(eval_set.queries),

@@ -30,8 +30,16 @@ def mined_examples(settings: Settings, layout: StateLayout, conn) -> list[dict]:
     snapshot = Snapshot(inputs.corpus, sorted(inputs.train, key=lambda s: s.id), inputs.heldout)
     params = negative_params(settings)
     params = replace(params, count=max(1, params.count))  # an export always carries negatives
-    encoder = Encoder(model_in_service(conn, layout, settings), encode_params(settings), layout.cache)
-    mined = mine_negatives(snapshot, encoder, params)
+    from daemon.progress import Progress
+
+    with Progress("mine negatives", None, "texts") as progress:
+        encoder = Encoder(
+            model_in_service(conn, layout, settings),
+            encode_params(settings),
+            layout.cache,
+            progress=progress.advance,
+        )
+        mined = mine_negatives(snapshot, encoder, params)
     examples = [
         {"query": e.query, "pos": e.pos, "neg": e.neg, "pos_score": e.pos_score, "neg_scores": e.neg_scores}
         for e in mined.examples

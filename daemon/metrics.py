@@ -41,7 +41,9 @@ def build_registry(conn: sqlite3.Connection, up: bool = True) -> CollectorRegist
         gauge("last_round_duration_seconds", "wall time of the last finished round").set(
             counts.last_round_seconds
         )
-    gauge("model_version", "registry id of the model in service (0: the base model)").set(counts.model_version)
+    gauge("model_version", "registry id of the model in service (0: the base model)").set(
+        counts.model_version
+    )
     breaker = gauge("llm_breaker_state", "1 for the LLM circuit breaker's current state", ("state",))
     for state in BREAKER_STATES:
         breaker.labels(state).set(1 if counts.breaker == state else 0)

@@ -62,6 +62,17 @@ class Progress:
             self._last_log = now
             self._log("progress")
 
+    def advance(self, n: int, total: int) -> None:
+        """An encoder's callback: (0, total) when a call over `total` texts begins, then (n, total) as
+        each slice of n texts is done; the bar's total is the sum over calls."""
+        if n == 0:
+            self.total = (self.total or 0) + total
+            if self._bar is not None:
+                self._bar.total = self.total
+                self._bar.refresh()
+            return
+        self.update(n)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -299,7 +299,9 @@ class MetricsSettings(_Section):
     @classmethod
     def _prom_suffix(cls, value: str) -> str:
         if value and value.strip().lower() != "off" and not value.endswith(".prom"):
-            raise ValueError("metrics.textfile must end in .prom (node_exporter reads only those) or be 'off'")
+            raise ValueError(
+                "metrics.textfile must end in .prom (node_exporter reads only those) or be 'off'"
+            )
         return value
 
     def path(self, state_dir: Path) -> Path | None:

@@ -8,7 +8,7 @@ again. The round, the filter, exports and the benchmarks all use this class.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,18 +32,41 @@ class Encoder:
     (1, 384)
     """
 
-    def __init__(self, path: Path, params: EncodeParams, cache_root: Path | None = None, model=None) -> None:
+    # With a progress callback, texts are encoded in slices of this many and the callback hears of each.
+    PROGRESS_SLICE = 512
+
+    def __init__(
+        self,
+        path: Path,
+        params: EncodeParams,
+        cache_root: Path | None = None,
+        model=None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
         from stages.models import load_embedder
 
         self.path = Path(path)
         self.params = params
         self.model = model if model is not None else load_embedder(self.path, params.device)
         self.cache = EmbeddingCache(cache_root, model_key(self.path)) if cache_root is not None else None
+        # progress(0, n) when a call over n texts begins, then progress(k, n) per slice of k texts encoded
+        self.progress = progress
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:
             dim = self.model.get_sentence_embedding_dimension() or 0
             return np.zeros((0, dim), dtype=np.float32)
+        if self.progress is None:
+            return self._encode_slice(texts)
+        self.progress(0, len(texts))  # a call begins: the total grows by its size
+        parts = []
+        for start in range(0, len(texts), self.PROGRESS_SLICE):
+            part = texts[start : start + self.PROGRESS_SLICE]
+            parts.append(self._encode_slice(part))
+            self.progress(len(part), len(texts))
+        return np.concatenate(parts)
+
+    def _encode_slice(self, texts: Sequence[str]) -> np.ndarray:
         return self.model.encode(
             list(texts), batch_size=self.params.batch_size, normalize_embeddings=True, convert_to_numpy=True
         ).astype(np.float32, copy=False)

@@ -36,9 +36,14 @@ def read_counts(conn: sqlite3.Connection) -> StateCounts:
     kept, dropped, unfiltered = conn.execute(
         "SELECT SUM(kept = 1), SUM(kept = 0), SUM(kept IS NULL) FROM samples"
     ).fetchone()
-    counts.samples = {"kept": int(kept or 0), "dropped": int(dropped or 0), "unfiltered": int(unfiltered or 0)}
+    counts.samples = {
+        "kept": int(kept or 0),
+        "dropped": int(dropped or 0),
+        "unfiltered": int(unfiltered or 0),
+    }
     counts.jobs = {
-        (kind, state): n for kind, state, n in conn.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY 1, 2")
+        (kind, state): n
+        for kind, state, n in conn.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY 1, 2")
     }
     for state, decision, n in conn.execute("SELECT state, decision, COUNT(*) FROM rounds GROUP BY 1, 2"):
         key = decision if state == "finished" and decision else state

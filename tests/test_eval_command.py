@@ -8,11 +8,14 @@ import json
 def main(argv: list[str]) -> int:
     """The CLI's parsing and settings, then the command (not daemon.cli.main: it configures logging for
     the process, which would bind structlog to this test's captured, soon closed, stdout)."""
+    from structlog.testing import capture_logs
+
     from daemon.cli import _load, _parser
     from daemon.evaluation import cmd_eval
 
     args = _parser().parse_args(argv)
-    return cmd_eval(_load(args), args.data, args.model, args.against, args.metric, args.json)
+    with capture_logs():  # progress log lines would otherwise go to stdout, beside the JSON
+        return cmd_eval(_load(args), args.data, args.model, args.against, args.metric, args.json)
 
 
 PAIRS = [
