@@ -10,6 +10,7 @@ while a batch is written, never while the model encodes. A server needs no lock.
 from __future__ import annotations
 
 import fcntl
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -206,6 +207,10 @@ def open_store(target: IndexTarget) -> Iterator[VectorStore]:
     if lite is None:
         yield from _open_client(target)
         return
+    # Milvus Lite's in-process gRPC server logs an ERROR with a traceback for each call it does not
+    # implement (pymilvus asks for a timestamp while creating an index) and still answers the client;
+    # every real failure reaches the client as an exception, so the server's own log adds only noise.
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
     with _file_lock(lite.with_name(lite.name + ".lock"), target.lock_timeout_s):
         lite.parent.mkdir(parents=True, exist_ok=True)
         try:
