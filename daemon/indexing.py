@@ -198,10 +198,14 @@ class IndexService:
     def _create(self, records: IndexRecords, serving: ServingModel, encoders: _Encoders) -> CollectionRecord:
         dim = encoders.get(serving.path).dimension()
         name = f"{self.settings.index.alias}_{serving.version}_{records.next_serial()}"
+        # The row first: if creating the collection fails half-way (a full disk can leave Milvus Lite a
+        # folder it no longer knows), the next sync finds the row without a collection, marks it dropped
+        # and uses a fresh name instead of tripping over the leftover forever.
+        record = records.create(name, serving.model_id, str(serving.path), dim)
         with open_store(self.target) as store:
             store.create(name, dim)
         log.info("index_collection_created", collection=name, model=serving.version, dim=dim)
-        return records.create(name, serving.model_id, str(serving.path), dim)
+        return record
 
     def _top_up_live(
         self,

@@ -96,3 +96,30 @@ def test_round_that_cannot_save_is_aborted_and_service_stays(tmp_path, tiny_embe
             }
         ),
     )
+
+
+def test_index_fill_on_a_full_disk_leaves_the_alias_and_resumes(make_settings, start_daemon, small_disk):
+    """Milvus Lite on a full tmpfs: the sync fails with a clear, retryable error, the alias stays on the
+    complete collection, and once space is back the same sync finishes the fill."""
+    from pathlib import Path
+
+    from daemon.indexing import IndexService
+    from state.db import Database
+    from state.registry import ModelRegistry
+    from state.vector_store import IndexUnavailable
+    from tests.test_index import _alias_view, _ingested
+
+    settings, layout = _ingested(make_settings, start_daemon, uri=str(small_disk / "milvus.db"), batch_size=2)
+    conn = Database(layout.database).conn
+    service = IndexService(settings, layout)
+    first = service.sync(conn)
+    registry = ModelRegistry(conn, layout)
+    registry.promote(registry.register(Path(settings.model.base)).id)
+    _fill(small_disk, leave_bytes=0)
+    with pytest.raises(IndexUnavailable):
+        service.sync(conn)
+    (small_disk / "ballast").unlink()
+    assert _alias_view(settings)[0] == first.collection
+    resumed = service.sync(conn)
+    active = {row[0] for row in conn.execute("SELECT id FROM chunks WHERE active = 1")}
+    assert resumed.swapped and _alias_view(settings) == (resumed.collection, active)
