@@ -91,8 +91,9 @@ class Daemon:
     # --- start-up -------------------------------------------------------------------------------
     def start(self) -> None:
         from daemon.ingest import Chunker, make_ingest_handler
+        from daemon.job_process import ChildJobs
         from daemon.round_scheduler import RoundScheduler
-        from daemon.synthesis import FilterService, SynthesisService
+        from daemon.synthesis import SynthesisService
         from stages.llm import CircuitBreaker
 
         self.lock.acquire()
@@ -118,10 +119,8 @@ class Daemon:
 
         self.breaker = CircuitBreaker(self.settings.llm.breaker_failures, self.settings.llm.breaker_reset_s)
         self.synthesis = SynthesisService(self.settings, self.breaker)
-        self.filter = FilterService(
-            self.settings,
-            lambda conn: (model_in_service(conn, self.layout, self.settings), self.layout.cache),
-        )
+        # The filter pass and the index sync load models: each runs in a child process (daemon/job_process.py)
+        self.model_jobs = ChildJobs(self.settings, self.layout)
         chunker = Chunker(
             self.settings.model.base,
             self.settings.ingest.chunk_tokens,
@@ -139,7 +138,7 @@ class Daemon:
             "synthesize", self.layout.database, {"synthesize": self.synthesis.handle}, synth_threads
         )
         self.filter_pool = WorkerPool(
-            "filter", self.layout.database, {"filter": self.filter.handle}, 1, lease_seconds=1800
+            "filter", self.layout.database, {"filter": self.model_jobs.handle}, 1, lease_seconds=1800
         )
         self.pools = [self.ingest_pool, self.synth_pool, self.filter_pool]
         self.index = None
@@ -148,7 +147,7 @@ class Daemon:
 
             self.index = IndexService(self.settings, self.layout)
             self.index_pool = WorkerPool(
-                "index", self.layout.database, {JOB_KIND: self.index.handle}, 1, lease_seconds=1800
+                "index", self.layout.database, {JOB_KIND: self.model_jobs.handle}, 1, lease_seconds=1800
             )
             self.pools.append(self.index_pool)
         for pool in self.pools:
@@ -353,6 +352,8 @@ class Daemon:
             self.scheduler.shutdown(wait=False)
         if hasattr(self, "rounds"):
             self.rounds.stop(self.db.conn)
+        if hasattr(self, "model_jobs"):
+            self.model_jobs.stop()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         for pool in self.pools:
             pool.stop(max(0.0, deadline - time.monotonic()))

@@ -133,8 +133,9 @@ class SynthesisService:
 
 
 class FilterService:
-    """The batch filter pass. Loads the scoring model once and keeps it until the model in service
-    changes."""
+    """The batch filter pass. Loads the scoring model on first use and keeps it while this object lives:
+    in the daemon that is one job (a child process per pass, daemon/job_process.py); a caller that
+    runs several passes in one process reuses it until the model in service changes."""
 
     def __init__(self, settings, model_path_provider) -> None:
         self.settings = settings

@@ -33,17 +33,17 @@ class Chunk:
 
 
 class TokenCounter:
-    """Counts and hard-splits text in a Hugging Face tokenizer's tokens (special tokens excluded)."""
+    """Counts and hard-splits text in the model's tokens (special tokens excluded), with a
+    `tokenizers.Tokenizer` (stages.models.load_tokenizer)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
 
     def count(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def split(self, text: str, max_tokens: int) -> list[str]:
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        offsets = encoded["offset_mapping"]
+        offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
         pieces = []
         for start in range(0, len(offsets), max_tokens):
             window = offsets[start : start + max_tokens]

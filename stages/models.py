@@ -77,9 +77,22 @@ def load_embedder(path: Path | str, device: str = "auto", max_seq_length: int | 
 
 
 def load_tokenizer(path: Path | str):
-    from transformers import AutoTokenizer
+    """The model's fast tokenizer as a `tokenizers.Tokenizer`, read from its tokenizer.json: chunking needs
+    token counts and offsets only, and `transformers` would import torch into the process that chunks
+    (the daemon). A folder without tokenizer.json (an older slow-tokenizer save) goes through transformers
+    once to get the fast backend."""
+    from tokenizers import Tokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    file = Path(path) / "tokenizer.json"
+    if file.exists():
+        tokenizer = Tokenizer.from_file(str(file))
+    else:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True).backend_tokenizer
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
 
 
 def max_seq_length(path: Path | str, default: int = 512) -> int:

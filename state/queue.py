@@ -119,6 +119,11 @@ class JobQueue:
             row = self.conn.execute(sql, params).fetchone()
         return Job.from_row(row) if row else None
 
+    def get(self, job_id: int) -> Job | None:
+        """A running job by id (a child process picks up the job its parent claimed)."""
+        row = self.conn.execute("SELECT * FROM jobs WHERE id=? AND state='running'", (job_id,)).fetchone()
+        return Job.from_row(row) if row else None
+
     def heartbeat(self, job: Job, lease_seconds: float = 300.0) -> None:
         """Extend the lease of a long job. Raises LeaseLost if the lease is no longer ours."""
         with transaction(self.conn):

@@ -1,0 +1,188 @@
+"""Jobs that load a model (the filter pass, the index sync) run in a child process, one per job.
+
+Why: torch alone costs a process ~220 MB, a loaded model and its caches several hundred more, pymilvus
+with Milvus Lite's embedded server ~150 MB; a daemon that ran these jobs itself stayed near 1 GB after
+the first one. In a child they are gone the moment the job ends, so the idle daemon stays small
+(issue 14), and a crash in native code (an OOM kill, a CUDA fault) fails one job instead of the daemon.
+The price is loading the model per job (seconds), paid by jobs that run for seconds to minutes anyway.
+
+The parent's worker thread keeps the lease (its pool's LeaseKeeper heartbeats while the child works),
+starts `python -m daemon.job_process`, and turns the child's outcome back into what an in-process handler
+would have raised, so the queue's rules (retry later without an attempt, back-off, dead letters) are the
+same. The child finishes the job itself on success, inside the handler's own transaction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from daemon.logs import configure_logging, get_logger
+from daemon.settings import Settings
+from daemon.workers import Handler, JobContext, JobFailed, PermanentFailure, RetryLater
+from state.layout import StateLayout
+from state.queue import JobQueue, LeaseLost
+
+log = get_logger("embedtune.jobs")
+MODEL_JOB_KINDS = ("filter", "index")
+STOP_GRACE_S = 10.0
+
+
+def _die_with_parent() -> None:
+    """Child side: SIGTERM if the daemon dies, so no orphan keeps encoding."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class ChildJobs:
+    """Parent side: one handler for every model job kind; each call runs one child to completion."""
+
+    def __init__(self, settings: Settings, layout: StateLayout) -> None:
+        self.settings = settings  # the daemon's object: a SIGHUP's live changes reach the next child
+        self.layout = layout
+        self._children: set[subprocess.Popen] = set()
+        self._lock = threading.Lock()
+
+    def handle(self, ctx: JobContext) -> None:
+        job = ctx.job
+        with tempfile.TemporaryDirectory(prefix=f"job-{job.id}-") as tmp:
+            settings_file, result_file = Path(tmp) / "settings.json", Path(tmp) / "result.json"
+            settings_file.write_text(json.dumps(self.settings.model_dump(mode="json")))
+            process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "daemon.job_process",
+                    "--settings",
+                    str(settings_file),
+                    "--job-id",
+                    str(job.id),
+                    "--owner",
+                    job.lease_owner,
+                    "--result",
+                    str(result_file),
+                ],
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent,
+                cwd=os.getcwd(),
+            )
+            with self._lock:
+                self._children.add(process)
+            try:
+                code = process.wait()
+            finally:
+                with self._lock:
+                    self._children.discard(process)
+            result = json.loads(result_file.read_text()) if result_file.exists() else None
+        if result is not None:
+            log.info("model_job_process", job_id=job.id, kind=job.kind, **result.get("process", {}))
+        raise_outcome(result, code)
+
+    def stop(self) -> None:
+        """Daemon shutdown: ask running children to stop (their jobs go back to the queue)."""
+        with self._lock:
+            children = list(self._children)
+        for process in children:
+            process.send_signal(signal.SIGTERM)
+        for process in children:
+            try:
+                process.wait(timeout=STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def raise_outcome(result: dict | None, code: int) -> None:
+    """Map the child's report onto the exceptions the worker pool understands."""
+    if result is None:
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        raise JobFailed(f"job process {how} before reporting an outcome")
+    outcome = result.get("outcome")
+    if outcome == "done":
+        return
+    if outcome == "retry_later":
+        raise RetryLater(result["message"], float(result["delay"]))
+    if outcome == "lease_lost":
+        raise LeaseLost(result["message"])
+    if result.get("retry", True):
+        raise JobFailed(result["message"], result.get("raw_reply"))
+    raise PermanentFailure(result["message"], result.get("raw_reply"))
+
+
+# --- child side -------------------------------------------------------------------------------------
+def build_handler(kind: str, settings: Settings, layout: StateLayout) -> Handler:
+    if kind == "filter":
+        from daemon.service import model_in_service
+        from daemon.synthesis import FilterService
+
+        return FilterService(
+            settings, lambda conn: (model_in_service(conn, layout, settings), layout.cache)
+        ).handle
+    if kind == "index":
+        from daemon.indexing import IndexService
+
+        return IndexService(settings, layout).handle
+    raise ValueError(f"no child handler for job kind {kind!r}")
+
+
+def run_job(settings: Settings, job_id: int, owner: str) -> dict:
+    from state.db import Database
+
+    layout = StateLayout(settings.paths.state_dir)
+    db = Database(layout.database)
+    try:
+        queue = JobQueue(db.conn)
+        job = queue.get(job_id)
+        if job is None or job.lease_owner != owner:
+            return {"outcome": "lease_lost", "message": f"job {job_id} is no longer leased to {owner}"}
+        try:
+            build_handler(job.kind, settings, layout)(JobContext(job, queue))
+        except RetryLater as exc:
+            return {"outcome": "retry_later", "message": str(exc), "delay": exc.delay}
+        except LeaseLost as exc:
+            return {"outcome": "lease_lost", "message": str(exc)}
+        except JobFailed as exc:
+            return {"outcome": "failed", "message": str(exc), "retry": exc.retry, "raw_reply": exc.raw_reply}
+        except Exception as exc:
+            log.exception("job_failed_in_child", job_id=job_id, kind=job.kind)
+            return {"outcome": "failed", "message": f"{type(exc).__name__}: {exc}", "retry": True}
+        return {"outcome": "done"}
+    finally:
+        db.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="run one embedtune job that loads a model")
+    parser.add_argument("--settings", required=True)
+    parser.add_argument("--job-id", type=int, required=True)
+    parser.add_argument("--owner", required=True)
+    parser.add_argument("--result", required=True)
+    args = parser.parse_args(argv)
+    settings = Settings.model_validate(json.loads(Path(args.settings).read_text()))
+    configure_logging(settings.logging.level, settings.logging.format)
+    started = time.monotonic()
+    result = run_job(settings, args.job_id, args.owner)
+    result["process"] = {
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    tmp = Path(args.result + ".tmp")
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, args.result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
