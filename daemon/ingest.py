@@ -38,6 +38,7 @@ class Chunker:
                 self.max_tokens,
                 self.overlap,
                 self.min_chars,
+                self.counter.count_many,
             )
         return [NewChunk(c.ordinal, c.text, c.heading, c.sha256, detect_language(c.text)) for c in chunks]
 

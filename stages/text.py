@@ -7,11 +7,12 @@ from functools import lru_cache
 
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _WORD = re.compile(r"\w+", re.UNICODE)
+_SPACE = re.compile(r"\s")
 
 
 def cjk_ratio(text: str) -> float:
-    letters = sum(1 for ch in text if not ch.isspace())
-    return len(_CJK.findall(text)) / letters if letters else 0.0
+    letters = len(text) - len(_SPACE.findall(text))  # regex scans in C; a Python loop per character was
+    return len(_CJK.findall(text)) / letters if letters else 0.0  # a sixth of ingest time
 
 
 def detect_language(text: str) -> str:

@@ -176,3 +176,12 @@ def test_overlong_sentence_is_split_not_dropped(counter):
     chunks = chunk_sections([Section("", sentence)], counter.count, counter.split, 32, 4)
     assert len(chunks) >= 9
     assert sum(c.text.count("word") for c in chunks) == 300
+
+
+def test_batched_token_counts_give_the_same_chunks(counter):
+    sections = [Section("h", (CHINESE + " The river city has a long history. ") * 8), Section("", "Short.")]
+    one_by_one = chunk_sections(sections, counter.count, counter.split, 40, 8)
+    batched = chunk_sections(sections, counter.count, counter.split, 40, 8, count_many=counter.count_many)
+    assert one_by_one == batched and len(batched) > 2
+    texts = ["river", "城市的历史很长。", ""]
+    assert counter.count_many(texts) == [counter.count(t) for t in texts]
