@@ -79,37 +79,31 @@ def add_random_extras(
 ) -> None:
     """Give each query `count` random chunks outside its retrieved window, with the student's cosines.
     Far chunks are almost never relevant; the teacher still judges them before one becomes a negative."""
+    from stages.negatives import random_others
+
     rng = random.Random(seed)
     size = len(corpus_vectors)
     for row, found in enumerate(candidates):
         taken = set(found.indices)
         if size - len(taken) < count:
             taken = set()  # a corpus no larger than the window: any chunk, as hn_mine tops up
-        pool_size = size - len(taken)
-        if count <= 0 or pool_size <= 0:
+        if count <= 0 or size - len(taken) <= 0:
             continue
-        extras: list[int] = []
-        for _ in range(count * 20):  # rejection sampling: the window is a small part of the corpus
-            pick = rng.randrange(size)
-            if pick not in taken:
-                taken.add(pick)
-                extras.append(pick)
-                if len(extras) == min(count, pool_size):
-                    break
+        extras = random_others(rng, size, taken, count)
         found.extras = extras
         found.extras_student = [float(query_vectors[row] @ corpus_vectors[c]) for c in extras]
 
 
 def student_candidates(query_vectors: np.ndarray, corpus_vectors: np.ndarray, depth: int) -> list[Candidates]:
     """The student's top `depth` chunks per query (faiss inner product on normalised vectors)."""
-    from stages.negatives import build_index
+    from stages.negatives import build_index, search_depth
 
     depth = min(depth, len(corpus_vectors))
     if depth == 0:
         return [Candidates([], []) for _ in range(len(query_vectors))]
-    scores, ids = build_index(corpus_vectors).search(
-        np.ascontiguousarray(query_vectors, dtype=np.float32), depth
-    )
+    index = build_index(corpus_vectors)
+    search_depth(index, depth)
+    scores, ids = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), depth)
     return [
         Candidates(
             [int(i) for i in row_ids if i >= 0],

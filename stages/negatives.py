@@ -19,11 +19,50 @@ class MinedNegatives:
     negative_scores: list[float]
 
 
-def build_index(corpus_vectors: np.ndarray) -> faiss.Index:
+# Exact search below this many chunks; an HNSW graph above. Exact search costs queries x chunks x dim, and
+# the training queries grow with the corpus, so exact mining is quadratic in the folder's size; the graph
+# keeps it near-linear at a recall measured in docs/benchmarks.md ("Approximate candidate search").
+EXACT_LIMIT = 50_000
+HNSW_NEIGHBOURS = 32
+HNSW_BUILD_DEPTH = 80
+
+
+def build_index(corpus_vectors: np.ndarray, exact_limit: int = EXACT_LIMIT) -> faiss.Index:
+    """Inner product over normalised vectors: flat (exact) for small corpora, HNSW above `exact_limit`.
+    Both keep the vectors (`reconstruct` works) and take `search_depth` before a search."""
     vectors = np.ascontiguousarray(corpus_vectors, dtype=np.float32)
-    index = faiss.IndexFlatIP(vectors.shape[1])
+    if len(vectors) <= exact_limit:
+        index = faiss.IndexFlatIP(vectors.shape[1])
+    else:
+        index = faiss.IndexHNSWFlat(vectors.shape[1], HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = HNSW_BUILD_DEPTH
     index.add(vectors)
     return index
+
+
+def search_depth(index: faiss.Index, depth: int) -> None:
+    """An HNSW search explores at least `depth` candidates (its efSearch); a flat index needs nothing."""
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = max(2 * depth, 128)
+
+
+def random_others(rng: random.Random, total: int, exclude: set[int], count: int) -> list[int]:
+    """`count` distinct indices in [0, total) outside `exclude`, by rejection: O(count) for a large
+    corpus instead of listing every index (which made top-ups O(queries x chunks))."""
+    available = total - len(exclude)
+    if available <= 0:
+        return []
+    count = min(count, available)
+    if available <= 4 * count:  # small corpus: listing is cheap and rejection would spin
+        return rng.sample([i for i in range(total) if i not in exclude], k=count)
+    picked: list[int] = []
+    seen = set(exclude)
+    while len(picked) < count:
+        candidate = rng.randrange(total)
+        if candidate not in seen:
+            seen.add(candidate)
+            picked.append(candidate)
+    return picked
 
 
 def mine_hard_negatives(
@@ -41,6 +80,7 @@ def mine_hard_negatives(
     depth = min(index.ntotal, high)
     rng = random.Random(seed)
     queries = np.ascontiguousarray(query_vectors, dtype=np.float32)
+    search_depth(index, depth)
     scores, ids = (
         index.search(queries, depth) if depth else (np.zeros((len(queries), 0)), np.zeros((len(queries), 0)))
     )
@@ -59,8 +99,7 @@ def mine_hard_negatives(
         if len(picked) < count:
             # Too few in the window (a small corpus): top up from the whole corpus, as hn_mine does.
             taken = {c for c, _s in picked} | set(positives)
-            pool = [i for i in range(index.ntotal) if i not in taken]
-            for candidate in rng.sample(pool, k=min(count - len(picked), len(pool))):
+            for candidate in random_others(rng, index.ntotal, taken, count - len(picked)):
                 score = float(np.dot(queries[row], index.reconstruct(candidate)))
                 picked.append((candidate, score))
         results.append(MinedNegatives([c for c, _s in picked], positive_score, [s for _c, s in picked]))
