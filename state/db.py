@@ -190,6 +190,11 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE daemon ADD COLUMN index_error TEXT;
     """,
+    # 6: the held-out choice at ingest asks whether any document has a split; without an index that was a
+    # scan of every document per ingest (quadratic over a growing folder).
+    """
+    CREATE INDEX documents_split ON documents(split);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

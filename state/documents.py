@@ -261,13 +261,13 @@ class DocumentStore:
     def _choose_split(self, first_sha256: str, fraction: float) -> str:
         if heldout_bucket(first_sha256) < fraction:
             return "heldout"
-        counts = dict(
-            self.conn.execute(
-                "SELECT split, COUNT(*) FROM documents WHERE split IS NOT NULL GROUP BY split"
-            ).fetchall()
-        )
         # Once there are two documents, at least one is held out; the newcomer (no samples yet) is it.
-        if counts.get("heldout", 0) == 0 and counts.get("train", 0) >= 1:
+        # Two indexed EXISTS probes: counting every document here made each ingest O(documents).
+        has_heldout, has_train = self.conn.execute(
+            "SELECT EXISTS(SELECT 1 FROM documents WHERE split = 'heldout'), "
+            "EXISTS(SELECT 1 FROM documents WHERE split = 'train')"
+        ).fetchone()
+        if not has_heldout and has_train:
             return "heldout"
         return "train"
 
