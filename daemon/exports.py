@@ -72,7 +72,6 @@ def export_embeddings(settings: Settings, layout: StateLayout, conn, output: Pat
     chunks = active_chunks(conn)
     if settings.index.enabled:
         from daemon.indexing import index_target
-        from state.index_records import IndexRecords
         from state.vector_store import open_store
 
         report = IndexService(settings, layout, show_progress=None).sync(conn)
@@ -80,7 +79,7 @@ def export_embeddings(settings: Settings, layout: StateLayout, conn, output: Pat
         with open_store(index_target(settings)) as store:
             for page in store.vectors(report.collection, max_chunk_id(conn)):
                 vectors.update((int(row["chunk_id"]), row["vector"]) for row in page)
-        source = f"collection {IndexRecords(conn).get(report.collection).name}"
+        source = f"collection {report.collection}"
     else:
         from daemon.progress import Progress
         from daemon.round_process import encode_params

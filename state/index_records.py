@@ -49,10 +49,6 @@ class CollectionRecord:
             swapped=row["swapped"],
         )
 
-    @property
-    def version(self) -> str:
-        return f"v{self.model_id}" if self.model_id is not None else "base"
-
 
 def active_chunks(conn: sqlite3.Connection) -> list[ActiveChunk]:
     """Every chunk the index must hold: the active chunks (the same corpus a round snapshots)."""
@@ -88,13 +84,6 @@ class IndexRecords:
     def live(self) -> CollectionRecord | None:
         row = self.conn.execute("SELECT * FROM index_collections WHERE state = 'live'").fetchone()
         return CollectionRecord.from_row(row) if row else None
-
-    def existing(self) -> list[CollectionRecord]:
-        """Collections not dropped, newest first."""
-        rows = self.conn.execute(
-            "SELECT * FROM index_collections WHERE state != 'dropped' ORDER BY created DESC, name DESC"
-        ).fetchall()
-        return [CollectionRecord.from_row(row) for row in rows]
 
     def for_model(self, model_id: int | None, model_path: str) -> CollectionRecord | None:
         """The collection being filled or filled by this model (newest), if any."""
