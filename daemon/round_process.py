@@ -29,14 +29,22 @@ HOOK_TIMEOUT_S = 600
 
 
 class RoundProgress:
-    """Stage and progress lines for `status` and the log."""
+    """Stage and progress lines for `status` and the log, and each step's cost: when a step ends, its
+    wall time and its own peak resident memory go to `steps.json` in the round folder (rewritten per
+    step, so a killed round keeps what it measured) and to the log."""
 
-    def __init__(self, records: RoundStore, round_id: int) -> None:
+    def __init__(self, records: RoundStore, round_id: int, folder: Path | None = None) -> None:
         self.records = records
         self.round_id = round_id
         self.started = time.monotonic()
+        self.folder = folder
+        self.steps: list[dict] = []
+        self._current: tuple[str, float] | None = None
 
     def stage(self, name: str, **progress) -> None:
+        self._close_step()
+        self._current = (name, time.monotonic())
+        reset_peak_rss()
         self.records.set_stage(self.round_id, name, elapsed_s=self.elapsed(), **progress)
         log.info("round_stage", round_id=self.round_id, stage=name, **progress)
 
@@ -47,6 +55,42 @@ class RoundProgress:
 
     def elapsed(self) -> float:
         return round(time.monotonic() - self.started, 1)
+
+    def finish(self) -> None:
+        self._close_step()
+
+    def _close_step(self) -> None:
+        if self._current is None:
+            return
+        name, started = self._current
+        self._current = None
+        step = {"step": name, "seconds": round(time.monotonic() - started, 2), "peak_rss_mb": peak_rss_mb()}
+        self.steps.append(step)
+        log.info("round_step_finished", round_id=self.round_id, **step)
+        if self.folder is not None:
+            (self.folder / "steps.json").write_text(json.dumps(self.steps, indent=1))
+
+
+def reset_peak_rss() -> None:
+    """Start a new high-water mark for this process (Linux: writing 5 to clear_refs resets VmHWM), so
+    each step reports its own peak rather than the round's so far."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux, or not permitted: the peak then includes earlier steps
+
+
+def peak_rss_mb() -> int:
+    """VmHWM since the last reset; the process's lifetime peak where /proc is not there."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024)
+    except OSError:
+        pass
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOutcome:
@@ -59,6 +103,7 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
         build_evaluators,
         decide_round,
         evaluate_variant,
+        evaluation_pool,
         merge_variants,
         mine_negatives,
         take_snapshot,
@@ -70,7 +115,7 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
     registry = ModelRegistry(db.conn, layout)
     folder = layout.round_dir(round_id)
     folder.mkdir(parents=True, exist_ok=True)
-    progress = RoundProgress(records, round_id)
+    progress = RoundProgress(records, round_id, folder)
     base_path = resolve_model_path(settings.model.base)
     current = registry.current()
     serving_path = current.path if current else base_path
@@ -109,8 +154,11 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
         )
 
         progress.stage("evaluate")
-        evaluators = build_evaluators(snapshot, eval_plan(settings))
-        results = {CURRENT: evaluate_variant(serving, evaluators, mined.corpus_vectors)}
+        plan = eval_plan(settings)
+        pool = evaluation_pool(snapshot, plan, serving, mined.corpus_vectors)
+        evaluators = build_evaluators(snapshot, plan, pool)
+        serving_vectors = mined.corpus_vectors if pool is None else mined.corpus_vectors[pool]
+        results = {CURRENT: evaluate_variant(serving, evaluators, serving_vectors)}
         serving.release()
         variant_dirs = {CANDIDATE: folder / CANDIDATE}
         results[CANDIDATE] = evaluate_model(variant_dirs[CANDIDATE], evaluators)
@@ -124,7 +172,9 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
 
         progress.stage("decide")
         verdict = decide_round(results, gate_params(settings), folder, trained)
+        progress.finish()
     except RoundRejected as rejected:
+        progress.finish()
         records.finish(round_id, RoundOutcome.REJECTED, rejected.reason, None, [], cause=rejected.cause.value)
         log.info(
             "round_finished",
@@ -145,6 +195,8 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
             "gains": verdict.decision.gains,
             "interval": verdict.interval,
             "best": verdict.best,
+            "corpus": len(snapshot.texts),
+            "pool": None if pool is None else len(pool),
         },
     )
     used = [s.id for s in snapshot.train]
@@ -352,6 +404,7 @@ def eval_plan(settings: Settings):
         promotion.user_eval_query_key,
         promotion.user_eval_positive_key,
         promotion.guard_eval,
+        promotion.eval_pool,
     )
 
 

@@ -237,6 +237,7 @@ class PromotionSettings(_Section):
     user_eval_positive_key: str = "positive"
     on_promote: str = ""
     bootstrap_samples: int = Field(1000, ge=0)
+    eval_pool: int = Field(10_000, ge=0)
 
     @field_validator("merge_weights")
     @classmethod

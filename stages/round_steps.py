@@ -23,6 +23,7 @@ import structlog
 
 from stages.embed_cache import text_key
 from stages.encoder import Encoder
+from stages.eval_pool import pool_indices, restrict
 from stages.evalsets import EvalSet, load_eval_file, structure_set
 from stages.evaluate import EvalResult, RetrievalEvaluator
 from stages.labels import (
@@ -290,12 +291,15 @@ class EvalPlan:
     user_query_key: str = "anchor"
     user_positive_key: str = "positive"
     guard_eval: str = ""
+    pool_size: int = 0  # 0: whole corpus; else judge variants on a pool of about this many chunks
+    pool_seed: int = 0
 
 
 HELDOUT = "heldout"
 
 
-def build_evaluators(snapshot: Snapshot, plan: EvalPlan) -> list[RetrievalEvaluator]:
+def snapshot_sets(snapshot: Snapshot, plan: EvalPlan) -> list[EvalSet]:
+    """The sets whose corpus is the round's snapshot: held-out pseudo-queries, headings, the user's file."""
     sets = [
         EvalSet(
             HELDOUT,
@@ -314,6 +318,28 @@ def build_evaluators(snapshot: Snapshot, plan: EvalPlan) -> list[RetrievalEvalua
                 plan.user_eval, plan.user_query_key, plan.user_positive_key, "user", snapshot.texts
             )
         )
+    return sets
+
+
+def evaluation_pool(
+    snapshot: Snapshot, plan: EvalPlan, serving: Encoder, corpus_vectors: np.ndarray
+) -> np.ndarray | None:
+    """The bounded corpus variants are judged on when the snapshot is larger than `plan.pool_size`
+    (stages/eval_pool.py); None when the whole corpus is used."""
+    if plan.pool_size <= 0 or len(snapshot.texts) <= plan.pool_size:
+        return None
+    sets = snapshot_sets(snapshot, plan)
+    queries = [query for eval_set in sets for query in eval_set.queries]
+    relevant = [judged for eval_set in sets for judged in eval_set.relevant]
+    return pool_indices(serving.queries(queries), relevant, corpus_vectors, plan.pool_size, plan.pool_seed)
+
+
+def build_evaluators(
+    snapshot: Snapshot, plan: EvalPlan, pool: np.ndarray | None = None
+) -> list[RetrievalEvaluator]:
+    sets = snapshot_sets(snapshot, plan)
+    if pool is not None:
+        sets = [restrict(eval_set, pool) for eval_set in sets]
     if plan.guard_eval:
         sets.append(load_eval_file(plan.guard_eval, name="guard"))
     return [RetrievalEvaluator(eval_set, plan.metric) for eval_set in sets]

@@ -183,3 +183,18 @@ def test_rounds_never_import_upward():
     assert out.stdout.strip() == "[]"
     for path in (ROOT / "state").glob("*.py"):
         assert "from stages" not in path.read_text() and "import stages" not in path.read_text(), path
+
+
+def test_a_large_corpus_is_judged_on_a_pool_and_each_step_reports_its_cost(prepared, tmp_path, tiny_embedder):
+    settings = _case(prepared, tmp_path, tiny_embedder)
+    # Below the corpus size, so variants are judged on a pool (relevant + the served model's top 20 per
+    # query + random); on this 20-chunk corpus the top 20 reach every chunk, so the pool is the corpus.
+    settings.promotion.eval_pool = 4
+    row, layout, _db = _run(settings)
+    assert row["state"] == "finished", row["reason"]
+    sets = json.loads(row["eval_sets"])
+    assert sets["pool"] is not None and sets["pool"] <= sets["corpus"], sets
+    steps = json.loads((layout.round_dir(row["id"]) / "steps.json").read_text())
+    names = [step["step"] for step in steps]
+    assert names[:4] == ["snapshot", "negatives", "train", "evaluate"] and names[-1] == "decide", names
+    assert all(step["seconds"] >= 0 and step["peak_rss_mb"] > 0 for step in steps)
