@@ -131,7 +131,9 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
 
     try:
         progress.stage("snapshot")
-        snapshot = take_snapshot(records.inputs(settings.training.max_pairs), folder)
+        snapshot = take_snapshot(
+            records.inputs(settings.training.max_pairs, settings.promotion.heldout_queries), folder
+        )
         records.update(
             round_id, n_train=len(snapshot.train), n_heldout=len(snapshot.heldout), base_model=str(base_path)
         )

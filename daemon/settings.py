@@ -238,6 +238,7 @@ class PromotionSettings(_Section):
     on_promote: str = ""
     bootstrap_samples: int = Field(1000, ge=0)
     eval_pool: int = Field(10_000, ge=0)
+    heldout_queries: int = Field(2000, ge=1)
 
     @field_validator("merge_weights")
     @classmethod

@@ -141,9 +141,11 @@ class RoundStore:
     def all(self) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM rounds ORDER BY id").fetchall()
 
-    def inputs(self, max_pairs: int) -> RoundInputs:
+    def inputs(self, max_pairs: int, max_heldout: int = -1) -> RoundInputs:
         """The active corpus, the kept training samples (not yet used first, newest first, up to
-        max_pairs) and the kept held-out samples whose chunk is still active."""
+        max_pairs) and the kept held-out samples whose chunk is still active: all of them, or a fixed
+        spread-out sample of `max_heldout` (ordered by a multiplicative hash of the id, so consecutive
+        rounds judge on nearly the same queries and new documents still enter the sample)."""
         corpus = [
             CorpusChunk(r["id"], r["document_id"], r["text"], r["heading"] or "", r["sha256"], r["split"])
             for r in self.conn.execute(
@@ -163,7 +165,9 @@ class RoundStore:
             HeldoutSample(r["id"], r["query"], r["chunk_id"], r["kind"])
             for r in self.conn.execute(
                 "SELECT s.id, s.query, s.chunk_id, s.kind FROM samples s JOIN chunks c ON c.id=s.chunk_id "
-                "WHERE s.kept=1 AND s.split='heldout' AND c.active=1 ORDER BY s.id"
+                "WHERE s.kept=1 AND s.split='heldout' AND c.active=1 "
+                "ORDER BY (s.id * 2654435761) % 4294967296 LIMIT ?",
+                (max_heldout,),
             )
         ]
         return RoundInputs(corpus, train, heldout)

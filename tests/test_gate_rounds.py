@@ -190,6 +190,7 @@ def test_a_large_corpus_is_judged_on_a_pool_and_each_step_reports_its_cost(prepa
     # Below the corpus size, so variants are judged on a pool (relevant + the served model's top 20 per
     # query + random); on this 20-chunk corpus the top 20 reach every chunk, so the pool is the corpus.
     settings.promotion.eval_pool = 4
+    settings.promotion.heldout_queries = 3  # a fixed sample of the held-out queries, not all of them
     row, layout, _db = _run(settings)
     assert row["state"] == "finished", row["reason"]
     sets = json.loads(row["eval_sets"])
@@ -198,3 +199,7 @@ def test_a_large_corpus_is_judged_on_a_pool_and_each_step_reports_its_cost(prepa
     names = [step["step"] for step in steps]
     assert names[:4] == ["snapshot", "negatives", "train", "evaluate"] and names[-1] == "decide", names
     assert all(step["seconds"] >= 0 and step["peak_rss_mb"] > 0 for step in steps)
+    heldout = (layout.round_dir(row["id"]) / "heldout.jsonl").read_text().splitlines()
+    assert len(heldout) == 3
+    again, _layout, _db = _run(settings)
+    assert (layout.round_dir(again["id"]) / "heldout.jsonl").read_text().splitlines() == heldout  # stable

@@ -1,0 +1,110 @@
+"""Where the round's peak memory goes: the training step's resident memory under each setting that
+changes what the backward pass keeps (batch, mined negatives, cached MNRL's mini-batches, gradient
+checkpointing), with its throughput, each in a fresh process so that peaks do not mix.
+
+Passages are real abstracts (a BEIR set's corpus), queries their titles, negatives other abstracts, so
+sequence lengths are what a round sees (the model truncates at its max_seq_length).
+
+    python -m bench.train_memory ../shared/data/nfcorpus [--pairs 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# name -> (batch, negatives, cached_batch, gradient_checkpointing)
+SETTINGS = {
+    "round default (batch 32, 3 negatives)": (32, 3, 0, False),
+    "1 negative": (32, 1, 0, False),
+    "no mined negatives": (32, 0, 0, False),
+    "batch 16": (16, 3, 0, False),
+    "cached MNRL, mini-batch 8": (32, 3, 8, False),
+    "gradient checkpointing": (32, 3, 0, True),
+}
+
+
+def child(dataset: Path, pairs: int, batch: int, negatives: int, cached: int, checkpointing: bool) -> dict:
+    """Runs in its own process: load the model, train, report the step's peak RSS and pairs/s."""
+    from daemon.round_process import peak_rss_mb, reset_peak_rss
+    from stages.evalsets import load_beir
+    from stages.models import resolve_model_path
+    from stages.train import TrainParams, train_model
+
+    corpus = load_beir(dataset).corpus_texts
+    rows = []
+    for i in range(pairs):
+        title, _, body = corpus[i].partition("\n")
+        others = [corpus[(i + 7 * (k + 1)) % len(corpus)] for k in range(negatives)]
+        rows.append({"query": title, "pos": body or title, "neg": others})
+    model_path = resolve_model_path("packaged:all-MiniLM-L6-v2")
+    params = TrainParams(
+        batch_size=batch,
+        cached_batch=cached,
+        gradient_checkpointing=checkpointing,
+        warmup_ratio=0.0,
+        max_minutes=30,
+        device="cpu",
+    )
+    from stages.models import load_embedder
+
+    model = load_embedder(model_path, "cpu")
+    loaded = peak_rss_mb()
+    reset_peak_rss()
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = train_model(model_path, Path(tmp) / "out", rows, params, model=model)
+    return {
+        "model_loaded_mb": loaded,
+        "train_peak_mb": peak_rss_mb(),
+        "pairs_per_s": round(outcome.pairs_per_second, 2),
+        "steps": outcome.steps,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("dataset", type=Path, nargs="?")
+    parser.add_argument("--pairs", type=int, default=96)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        batch, negatives, cached, checkpointing = json.loads(args.child)
+        print(json.dumps(child(args.dataset, args.pairs, batch, negatives, cached, checkpointing)))
+        return 0
+    from daemon.logs import configure_logging
+
+    configure_logging("error", "console")
+    print(f"{args.pairs} pairs of real abstracts ({args.dataset.name}), all-MiniLM-L6-v2, CPU fp32")
+    print("| setting | model loaded MB | training peak MB | pairs/s |")
+    print("| --- | --- | --- | --- |")
+    results = {}
+    for name, setting in SETTINGS.items():
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.train_memory", str(args.dataset), "--pairs", str(args.pairs)]
+            + ["--child", json.dumps(setting)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
+        )
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        results[name] = result
+        print(
+            f"| {name} | {result['model_loaded_mb']} | {result['train_peak_mb']} | {result['pairs_per_s']} |",
+            flush=True,
+        )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
