@@ -104,6 +104,7 @@ def main() -> int:
         "--model", default="tiny", help='"tiny" or a model spec such as packaged:all-MiniLM-L6-v2'
     )
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "scale-round.json")
+    parser.add_argument("--prepare-only", action="store_true", help="store and synthesize; no round")
     args = parser.parse_args()
     from daemon.settings import Settings
 
@@ -129,6 +130,9 @@ def main() -> int:
 
                 StateLayout(state_dir).ensure()
                 prepared = prepare(state_dir, size, settings)
+                if args.prepare_only:
+                    print(json.dumps({"chunks": size, **prepared}), flush=True)
+                    continue
                 settings_file = Path(tmp) / "settings.json"
                 settings_file.write_text(settings.model_dump_json())
                 wall, round_id = run_round(settings_file, state_dir)

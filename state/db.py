@@ -195,6 +195,12 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX documents_split ON documents(split);
     """,
+    # 7: claiming the next job read every pending job of its kind and sorted them (jobs_claim cannot give
+    # priority order across two states), so synthesizing 100k chunks was quadratic; this index holds only
+    # claimable jobs, per kind, in claim order, and a claim reads its first ready row.
+    """
+    CREATE INDEX jobs_ready ON jobs(kind, priority, not_before, id) WHERE state IN ('pending','failed');
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

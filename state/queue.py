@@ -99,25 +99,36 @@ class JobQueue:
         return cursor.rowcount > 0
 
     def claim(self, owner: str, kinds: list[str] | None = None, lease_seconds: float = 300.0) -> Job | None:
-        """Take the next ready job with a lease, in one statement inside one write transaction."""
+        """Take the next ready job with a lease, inside one write transaction: the first ready row of each
+        kind in claim order (the jobs_ready index, so O(1) per kind however many are pending), the best
+        of those, then the lease."""
         now = self.clock()
-        kind_filter = ""
-        params: list[Any] = [owner, now + lease_seconds, utcnow(), now]
-        if kinds:
-            kind_filter = f"AND kind IN ({','.join('?' * len(kinds))})"
-            params.extend(kinds)
-        sql = f"""
-            UPDATE jobs SET state='running', lease_owner=?, lease_until=?, attempts=attempts+1, updated=?
-            WHERE id = (
-                SELECT id FROM jobs
-                WHERE state IN ('pending','failed') AND not_before <= ? {kind_filter}
-                ORDER BY priority, not_before, id LIMIT 1
-            )
-            RETURNING *
-        """
         with transaction(self.conn):
-            row = self.conn.execute(sql, params).fetchone()
-        return Job.from_row(row) if row else None
+            if kinds is None:
+                kinds = [
+                    row[0]
+                    for row in self.conn.execute(
+                        "SELECT DISTINCT kind FROM jobs WHERE state IN ('pending','failed')"
+                    )
+                ]
+            best: tuple[int, float, int] | None = None
+            for kind in kinds:
+                row = self.conn.execute(
+                    "SELECT priority, not_before, id FROM jobs INDEXED BY jobs_ready "
+                    "WHERE kind=? AND state IN ('pending','failed') AND not_before <= ? "
+                    "ORDER BY priority, not_before, id LIMIT 1",
+                    (kind, now),
+                ).fetchone()
+                if row is not None and (best is None or tuple(row) < best):
+                    best = tuple(row)
+            if best is None:
+                return None
+            row = self.conn.execute(
+                "UPDATE jobs SET state='running', lease_owner=?, lease_until=?, attempts=attempts+1, updated=? "
+                "WHERE id=? RETURNING *",
+                (owner, now + lease_seconds, utcnow(), best[2]),
+            ).fetchone()
+        return Job.from_row(row)
 
     def get(self, job_id: int) -> Job | None:
         """A running job by id (a child process picks up the job its parent claimed)."""
