@@ -9,7 +9,7 @@ import os
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -136,7 +136,7 @@ class TrainingSettings(_Section):
     max_pairs: int = Field(1000, ge=1)
     max_minutes: float = Field(20.0, gt=0)
     batch_size: int = Field(32, ge=2)
-    cached_batch: int = Field(0, ge=0)
+    cached_batch: Annotated[int, Field(ge=0)] | Literal["auto"] = "auto"
     learning_rate: float = Field(1e-5, gt=0, lt=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     temperature: float = Field(0.05, gt=0, le=1)
@@ -238,7 +238,7 @@ class PromotionSettings(_Section):
     on_promote: str = ""
     bootstrap_samples: int = Field(1000, ge=0)
     eval_pool: int = Field(10_000, ge=0)
-    heldout_queries: int = Field(2000, ge=1)
+    heldout_queries: int = Field(1000, ge=1)
 
     @field_validator("merge_weights")
     @classmethod

@@ -19,15 +19,15 @@ import numpy as np
 from stages.evalsets import EvalSet
 from stages.negatives import build_index, random_others
 
-MIN_DEPTH = 20  # below this the model in service's recall@20 in the pool would no longer be exact
 MAX_DEPTH = 100  # the evaluator's own search depth (stages.evaluate.SEARCH_DEPTH)
 
 
-def pool_depth(size: int, queries: int, relevant: int) -> int:
+def pool_depth(size: int, queries: int, relevant: int, min_depth: int = 10) -> int:
     """How deep each query's search reaches so that the pool stays near `size` (queries' results
-    overlap, so this is a bound, not an exact count)."""
+    overlap, so this is a bound, not an exact count). Never shallower than `min_depth`, the gate
+    metric's cut-off, below which the model in service's own score would no longer be exact."""
     room = max(size - relevant, 0)
-    return max(MIN_DEPTH, min(MAX_DEPTH, room // max(queries, 1)))
+    return max(min_depth, min(MAX_DEPTH, room // max(queries, 1)))
 
 
 def pool_indices(
@@ -36,6 +36,7 @@ def pool_indices(
     corpus_vectors: np.ndarray,
     size: int,
     seed: int = 0,
+    min_depth: int = 10,
 ) -> np.ndarray | None:
     """Sorted corpus indices of the pool, or None when the whole corpus is small enough to use."""
     total = len(corpus_vectors)
@@ -45,7 +46,7 @@ def pool_indices(
     for judged in relevant:
         chosen.update(judged)
     if len(query_vectors):
-        depth = min(pool_depth(size, len(query_vectors), len(chosen)), total)
+        depth = min(pool_depth(size, len(query_vectors), len(chosen), min_depth), total)
         _scores, ids = build_index(corpus_vectors).search(
             np.ascontiguousarray(query_vectors, dtype=np.float32), depth
         )

@@ -331,7 +331,10 @@ def evaluation_pool(
     sets = snapshot_sets(snapshot, plan)
     queries = [query for eval_set in sets for query in eval_set.queries]
     relevant = [judged for eval_set in sets for judged in eval_set.relevant]
-    return pool_indices(serving.queries(queries), relevant, corpus_vectors, plan.pool_size, plan.pool_seed)
+    cutoff = int(plan.metric.rsplit("@", 1)[1])  # the model in service stays exact down to the metric's k
+    return pool_indices(
+        serving.queries(queries), relevant, corpus_vectors, plan.pool_size, plan.pool_seed, cutoff
+    )
 
 
 def build_evaluators(

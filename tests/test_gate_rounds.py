@@ -187,8 +187,8 @@ def test_rounds_never_import_upward():
 
 def test_a_large_corpus_is_judged_on_a_pool_and_each_step_reports_its_cost(prepared, tmp_path, tiny_embedder):
     settings = _case(prepared, tmp_path, tiny_embedder)
-    # Below the corpus size, so variants are judged on a pool (relevant + the served model's top 20 per
-    # query + random); on this 20-chunk corpus the top 20 reach every chunk, so the pool is the corpus.
+    # Below the corpus size, so variants are judged on a pool (relevant + the served model's top 10 per
+    # query + random); on this 20-chunk corpus that may reach every chunk.
     settings.promotion.eval_pool = 4
     settings.promotion.heldout_queries = 3  # a fixed sample of the held-out queries, not all of them
     row, layout, _db = _run(settings)

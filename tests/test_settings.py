@@ -63,6 +63,9 @@ def test_every_documented_key_exists():
         ('[training]\nwindow = "* * *"\n', "training.window"),
         ('[training]\nwindow = "0 25 * * *"\n', "training.window"),
         ("[training]\nnegative_range = [10, 5]\n", "training.negative_range"),
+        ("[training]\ncached_batch = -2\n", "training.cached_batch"),
+        ('[training]\ncached_batch = "big"\n', "training.cached_batch"),
+        ("[promotion]\nheldout_queries = 0\n", "promotion.heldout_queries"),
         ("[ingest]\nchunk_tokens = 64\nchunk_overlap = 64\n", "ingest"),
     ],
 )
@@ -172,3 +175,12 @@ def test_cli_config_check(tmp_path):
     )
     assert result.returncode == 2
     assert "promotion.min_gain" in result.stderr
+
+
+def test_cached_batch_auto_bounds_cpu_memory_and_stays_off_on_a_gpu():
+    from stages.train import CPU_CACHED_BATCH, resolve_cached_batch
+
+    assert Settings().training.cached_batch == "auto"
+    assert resolve_cached_batch("auto", on_cpu=True) == CPU_CACHED_BATCH
+    assert resolve_cached_batch("auto", on_cpu=False) == 0
+    assert resolve_cached_batch(0, on_cpu=True) == 0 and resolve_cached_batch(16, on_cpu=False) == 16
