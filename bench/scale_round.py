@@ -131,7 +131,8 @@ def main() -> int:
                 StateLayout(state_dir).ensure()
                 prepared = prepare(state_dir, size, settings)
                 if args.prepare_only:
-                    print(json.dumps({"chunks": size, **prepared}), flush=True)
+                    rows.append({"chunks": size, **prepared})
+                    print(json.dumps(rows[-1]), flush=True)
                     continue
                 settings_file = Path(tmp) / "settings.json"
                 settings_file.write_text(settings.model_dump_json())
@@ -161,6 +162,13 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
 
+    if args.prepare_only:
+        sizes = [r["chunks"] for r in rows]
+        for key in ("store_s", "synthesize_s"):
+            k = exponent(sizes, [r[key] for r in rows]) if len(sizes) > 1 else float("nan")
+            print(f"{key}: " + ", ".join(f"{r['chunks']:,}: {r[key]} s" for r in rows) + f"; k = {k:.2f}")
+        return 0
+
     def step_total(row: dict, name: str) -> tuple[float, int]:
         chosen = [s for s in row["steps"] if s["step"] == name]
         return sum(s["seconds"] for s in chosen), max((s["peak_rss_mb"] for s in chosen), default=0)
@@ -174,10 +182,11 @@ def main() -> int:
         values = [step_total(r, name) for r in rows]
         if not any(v[0] for v in values):
             continue
-        k = exponent(sizes, [v[0] for v in values]) if len(sizes) > 1 else float("nan")
-        exponents[name] = round(k, 2)
+        measurable = len(sizes) > 1 and max(v[0] for v in values) >= 0.1  # below that it is timer noise
+        k = exponent(sizes, [v[0] for v in values]) if measurable else float("nan")
+        exponents[name] = round(k, 2) if measurable else None
         cells = " | ".join(f"{v[0]:.1f} / {v[1]}" for v in values)
-        print(f"| {name} | {cells} | {k:.2f} |")
+        print(f"| {name} | {cells} | {f'{k:.2f}' if measurable else '—'} |")
     for key in ("store_s", "synthesize_s", "round_s"):
         k = exponent(sizes, [r[key] for r in rows]) if len(sizes) > 1 else float("nan")
         exponents[key] = round(k, 2)
