@@ -69,6 +69,7 @@ class RoundProgress:
         log.info("round_step_finished", round_id=self.round_id, **step)
         if self.folder is not None:
             (self.folder / "steps.json").write_text(json.dumps(self.steps, indent=1))
+        self.records.update(self.round_id, steps=self.steps)
 
 
 def reset_peak_rss() -> None:

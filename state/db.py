@@ -201,6 +201,10 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX jobs_ready ON jobs(kind, priority, not_before, id) WHERE state IN ('pending','failed');
     """,
+    # 8: what each round step cost (wall seconds and its own peak RSS), for `status` and capacity planning.
+    """
+    ALTER TABLE rounds ADD COLUMN steps TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

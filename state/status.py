@@ -175,6 +175,7 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
                 "model_id": r["model_id"],
                 "cause": r["cause"] if "cause" in r.keys() else None,
                 "hook": (_loads(r["hook"]) if "hook" in r.keys() else None),
+                "steps": (_loads(r["steps"]) if "steps" in r.keys() else None) or [],
             }
         )
     status["rounds"] = rounds
@@ -219,6 +220,18 @@ def _fill_index(conn: sqlite3.Connection, status: dict[str, Any], daemon_row: sq
         index["collections"].append(entry)
         if row["state"] == "live":
             index["live"] = entry
+
+
+def _steps_line(steps: list[dict[str, Any]]) -> str:
+    """'snapshot 0.1s, negatives 46s, train 11s ... peak 1.2 GB (train)': where a round's time and memory went."""
+    seconds: dict[str, float] = {}
+    for step in steps:
+        seconds[step["step"]] = seconds.get(step["step"], 0.0) + float(step.get("seconds", 0))
+    peak = max(steps, key=lambda step: step.get("peak_rss_mb", 0))
+    times = ", ".join(
+        f"{name} {value:.0f}s" if value >= 1 else f"{name} {value:.1f}s" for name, value in seconds.items()
+    )
+    return f"{times}; peak {peak.get('peak_rss_mb', 0) / 1024:.1f} GB ({peak['step']})"
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -287,6 +300,8 @@ def format_status(status: dict[str, Any]) -> str:
                 f"  #{r['id']:<4} {r['state']:<9} {r['stage']:<10}{step} "
                 f"{r['decision'] or '':<9} {r['reason'][:90]}"
             )
+            if r.get("steps") and r["state"] != "running":
+                lines.append("        " + _steps_line(r["steps"]))
             hook = r.get("hook")
             if hook and not hook.get("ok"):
                 lines.append(

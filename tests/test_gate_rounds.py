@@ -203,3 +203,8 @@ def test_a_large_corpus_is_judged_on_a_pool_and_each_step_reports_its_cost(prepa
     assert len(heldout) == 3
     again, _layout, _db = _run(settings)
     assert (layout.round_dir(again["id"]) / "heldout.jsonl").read_text().splitlines() == heldout  # stable
+    from state.status import format_status, read_status
+
+    status = read_status(layout)
+    assert [step["step"] for step in status["rounds"][0]["steps"]] == names
+    assert "peak " in format_status(status) and "negatives " in format_status(status)
