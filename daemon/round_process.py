@@ -175,9 +175,7 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
 
         progress.stage("decide")
         verdict = decide_round(results, gate_params(settings), folder, trained)
-        progress.finish()
     except RoundRejected as rejected:
-        progress.finish()
         records.finish(round_id, RoundOutcome.REJECTED, rejected.reason, None, [], cause=rejected.cause.value)
         log.info(
             "round_finished",
@@ -186,6 +184,8 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
             cause=rejected.cause.value,
         )
         return RoundOutcome.REJECTED
+    finally:
+        progress.finish()  # the last step's cost, also when it failed
 
     table = verdict.table
     records.update(
