@@ -107,6 +107,7 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
         evaluation_pool,
         merge_variants,
         mine_negatives,
+        snapshot_sets,
         take_snapshot,
         train_candidate,
     )
@@ -158,8 +159,9 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
 
         progress.stage("evaluate")
         plan = eval_plan(settings)
-        pool = evaluation_pool(snapshot, plan, serving, mined.corpus_vectors)
-        evaluators = build_evaluators(snapshot, plan, pool)
+        sets = snapshot_sets(snapshot, plan)
+        pool = evaluation_pool(sets, plan, serving, mined.corpus_vectors)
+        evaluators = build_evaluators(sets, plan, pool)
         serving_vectors = mined.corpus_vectors if pool is None else mined.corpus_vectors[pool]
         results = {CURRENT: evaluate_variant(serving, evaluators, serving_vectors)}
         serving.release()

@@ -322,13 +322,12 @@ def snapshot_sets(snapshot: Snapshot, plan: EvalPlan) -> list[EvalSet]:
 
 
 def evaluation_pool(
-    snapshot: Snapshot, plan: EvalPlan, serving: Encoder, corpus_vectors: np.ndarray
+    sets: list[EvalSet], plan: EvalPlan, serving: Encoder, corpus_vectors: np.ndarray
 ) -> np.ndarray | None:
-    """The bounded corpus variants are judged on when the snapshot is larger than `plan.pool_size`
-    (stages/eval_pool.py); None when the whole corpus is used."""
-    if plan.pool_size <= 0 or len(snapshot.texts) <= plan.pool_size:
+    """The bounded corpus variants are judged on when the snapshot (the corpus of `sets`) is larger than
+    `plan.pool_size` (stages/eval_pool.py); None when the whole corpus is used."""
+    if plan.pool_size <= 0 or len(corpus_vectors) <= plan.pool_size:
         return None
-    sets = snapshot_sets(snapshot, plan)
     queries = [query for eval_set in sets for query in eval_set.queries]
     relevant = [judged for eval_set in sets for judged in eval_set.relevant]
     cutoff = int(plan.metric.rsplit("@", 1)[1])  # the model in service stays exact down to the metric's k
@@ -338,13 +337,14 @@ def evaluation_pool(
 
 
 def build_evaluators(
-    snapshot: Snapshot, plan: EvalPlan, pool: np.ndarray | None = None
+    sets: list[EvalSet], plan: EvalPlan, pool: np.ndarray | None = None
 ) -> list[RetrievalEvaluator]:
-    sets = snapshot_sets(snapshot, plan)
+    """Evaluators for the snapshot's sets (restricted to the pool when there is one) and the guard set,
+    which has its own corpus."""
     if pool is not None:
         sets = [restrict(eval_set, pool) for eval_set in sets]
     if plan.guard_eval:
-        sets.append(load_eval_file(plan.guard_eval, name="guard"))
+        sets = [*sets, load_eval_file(plan.guard_eval, name="guard")]
     return [RetrievalEvaluator(eval_set, plan.metric) for eval_set in sets]
 
 
