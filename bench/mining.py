@@ -127,16 +127,9 @@ def main() -> int:
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model == "tiny":
-            sys.path.insert(0, str(ROOT))
-            from tests.tiny_models import build_tiny_embedder
+        from bench.scale import bench_model
 
-            model = str(build_tiny_embedder(Path(tmp) / "tiny"))
-        else:
-            from stages.models import resolve_model_path
-
-            model = str(resolve_model_path(model))
+        model = bench_model(args.model, Path(tmp))
         print("| chunks | miner | seconds | of which encoding | peak RSS MB | rows with 3 negatives |")
         print("| --- | --- | --- | --- | --- | --- |")
         for size in [int(s) for s in args.sizes.split(",")]:

@@ -32,6 +32,20 @@ def exponent(sizes: list[int], values: list[float]) -> float:
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
 
 
+def bench_model(spec: str, folder: Path) -> str:
+    """A model folder for a scaling bench: "tiny" builds the tests' 2-layer, 32-dimension BERT in
+    `folder` (cheap encoding, so the pipeline's own costs show at 100k chunks); anything else is a model
+    spec as the config takes it (e.g. packaged:all-MiniLM-L6-v2)."""
+    if spec == "tiny":
+        sys.path.insert(0, str(ROOT))
+        from tests.tiny_models import build_tiny_embedder
+
+        return str(build_tiny_embedder(folder / "tiny"))
+    from stages.models import resolve_model_path
+
+    return str(resolve_model_path(spec))
+
+
 def status_seconds(config: Path, repeats: int) -> float:
     times = []
     for _ in range(repeats):

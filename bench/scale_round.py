@@ -96,7 +96,7 @@ def run_round(settings_file: Path, state_dir: Path) -> tuple[float, int]:
 
 
 def main() -> int:
-    from bench.scale import exponent
+    from bench.scale import bench_model, exponent
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="1000,10000,100000")
@@ -110,12 +110,7 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as models:
-        model = args.model
-        if model == "tiny":
-            sys.path.insert(0, str(ROOT))
-            from tests.tiny_models import build_tiny_embedder
-
-            model = str(build_tiny_embedder(Path(models) / "tiny"))
+        model = bench_model(args.model, Path(models))
         for size in [int(s) for s in args.sizes.split(",")]:
             with tempfile.TemporaryDirectory() as tmp:
                 state_dir = Path(tmp) / "state"
