@@ -7,9 +7,9 @@ CONFIG ?= config.toml
 # requirement is already satisfied and pip does not pull several GB of CUDA packages.
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: venv run test test-all reliability bench lint clean browser
+.PHONY: venv run test test-all reliability bench lint clean browser lock
 
-$(BIN)/embedtune: pyproject.toml
+$(BIN)/embedtune: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
@@ -19,7 +19,7 @@ $(BIN)/embedtune: pyproject.toml
 	  $(BIN)/pip install -q torch==$(TORCH_VERSION) || \
 	  $(BIN)/pip install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	@touch $@
 
 venv: $(BIN)/embedtune
@@ -53,6 +53,12 @@ reliability: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Pin what the suite passed on. A new upstream release (transformers 5.24 removed a module FlagEmbedding
+# 1.4.2 imports) then breaks nobody's fresh install until someone upgrades on purpose and runs the tests.
+lock: venv
+	{ sed -n 1,2p constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -viE '^(torch|pip)=='; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean:
 	rm -rf $(VENV) build *.egg-info
