@@ -6,7 +6,7 @@ import threading
 import pytest
 
 from state.db import Database, connect
-from state.queue import JobQueue, JobState, LeaseLost
+from state.queue import _READY_KINDS, JobQueue, JobState, LeaseLost
 
 
 class Clock:
@@ -58,6 +58,22 @@ def test_claim_respects_kinds_and_priority(db):
     assert queue.claim("w", ["filter"]) is None
     assert queue.claim("w").kind == "ingest"
     assert queue.claim("w").kind == "synthesize"
+
+
+def test_claim_any_kind_probes_the_ready_index_instead_of_scanning(db):
+    """claim() without kinds lists the ready kinds by skip-scan; a plan that reads every pending row would make
+    each claim O(backlog)."""
+    queue = JobQueue(db.conn)
+    for kind in ("synthesize", "filter", "ingest"):
+        for n in range(3):
+            queue.enqueue(kind, f"{kind}-{n}")
+    done = queue.claim("w", ["filter"])
+    queue.complete(done)
+    plan = [row[3] for row in db.conn.execute("EXPLAIN QUERY PLAN " + _READY_KINDS)]
+    assert not any(step.startswith("SCAN jobs") for step in plan), plan
+    assert [row[0] for row in db.conn.execute(_READY_KINDS)] == ["filter", "ingest", "synthesize"]
+    claimed = {queue.claim("w").kind for _ in range(8)}
+    assert claimed == {"filter", "ingest", "synthesize"} and queue.claim("w") is None
 
 
 def test_fail_backs_off_then_dead_letters(db):
