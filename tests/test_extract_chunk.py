@@ -185,3 +185,52 @@ def test_batched_token_counts_give_the_same_chunks(counter):
     assert one_by_one == batched and len(batched) > 2
     texts = ["river", "城市的历史很长。", ""]
     assert counter.count_many(texts) == [counter.count(t) for t in texts]
+
+
+WORD_COUNT_CASES = [
+    "The river city has a long history.",
+    "Version 2.5 (beta) costs $3,000 -- see https://example.org/a_b?c=d&e=f#g.",
+    "UPPER lower MiXeD snake_case camelCase don't it's",
+    "tabs\tand\nnewlines\r\nand  double  spaces",
+    "x" * 150 + " too long for one WordPiece word",
+    "unknownzzqqxx words hyphen-ated e.g. i.e. etc...",
+    "a literal [MASK] and [cls] and [SEP] token",
+    "control\x0cjoined\x07words and DEL\x7fhere",
+    "naïve café résumé",
+    "城市的历史很长。 mixed English",
+    "",
+    "   ",
+    "!!!???...,,,;;;:::",
+]
+
+
+@pytest.mark.parametrize("which", ["tiny", "packaged"])
+def test_word_counts_equal_whole_sentence_counts(tiny_embedder, which):
+    """The per-word path must give the tokenizer's own count for every sentence it accepts, and send every
+    sentence it cannot count exactly to the tokenizer."""
+    from stages.models import resolve_model_path
+
+    path = tiny_embedder if which == "tiny" else resolve_model_path("packaged:all-MiniLM-L6-v2")
+    counter = TokenCounter(load_tokenizer(path))
+    assert counter._words is not None  # both are BERT WordPiece tokenizers
+    texts = WORD_COUNT_CASES + split_sentences(ENGLISH * 3) + split_sentences(CHINESE)
+    expected = [counter.count(t) for t in texts]
+    assert counter.count_many(texts) == expected
+    assert counter.count_many(texts) == expected  # from the word cache
+    small = TokenCounter(load_tokenizer(path), word_cache_size=5)
+    assert small.count_many(texts) == expected
+    small.count_many(["eight nine"])  # over the bound: the cache restarts with this batch's words
+    assert set(small._word_counts) == {"eight", "nine"}
+    assert counter._split_words("control\x0cjoined") is None and counter._split_words("naïve") is None
+    assert counter._split_words("a literal [MASK] token") is None
+
+
+def test_other_tokenizers_are_counted_whole():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "river": 1, "city": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    counter = TokenCounter(tokenizer)
+    assert counter._words is None
+    texts = ["river city", "the river, the city.", ""]
+    assert counter.count_many(texts) == [counter.count(t) for t in texts] == [2, 6, 0]
