@@ -234,3 +234,26 @@ def test_other_tokenizers_are_counted_whole():
     assert counter._words is None
     texts = ["river city", "the river, the city.", ""]
     assert counter.count_many(texts) == [counter.count(t) for t in texts] == [2, 6, 0]
+
+
+def test_docx_style_table_names_paragraphs_as_python_docx_does(tmp_path):
+    import io
+
+    import docx
+
+    from stages.extract import _docx_style_names, extract_docx
+
+    document = docx.Document()
+    document.add_heading("Manual", 0)
+    document.add_heading("Install", 1)
+    document.add_paragraph("Run the installer.", style="List Bullet")
+    document.add_paragraph("Plain body text.")
+    document.add_heading("Offline", 3)
+    document.add_paragraph("Quoted.", style="Intense Quote")
+    buffer = io.BytesIO()
+    document.save(buffer)
+    reopened = docx.Document(io.BytesIO(buffer.getvalue()))
+    name = _docx_style_names(reopened)
+    assert [name(p) for p in reopened.paragraphs] == [p.style.name for p in reopened.paragraphs]
+    sections = extract_docx(buffer.getvalue()).sections
+    assert [s.heading for s in sections] == ["Install", "Install > Offline"]  # Title and Heading 1 share level 1
