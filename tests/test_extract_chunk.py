@@ -256,4 +256,7 @@ def test_docx_style_table_names_paragraphs_as_python_docx_does(tmp_path):
     name = _docx_style_names(reopened)
     assert [name(p) for p in reopened.paragraphs] == [p.style.name for p in reopened.paragraphs]
     sections = extract_docx(buffer.getvalue()).sections
-    assert [s.heading for s in sections] == ["Install", "Install > Offline"]  # Title and Heading 1 share level 1
+    assert [s.heading for s in sections] == [
+        "Install",
+        "Install > Offline",
+    ]  # Title and Heading 1 share level 1
