@@ -4,7 +4,8 @@ Starts the real daemon on a temp inbox with the packaged model's tokenizer, drop
 prints documents/s, MB/s and the p50/p95 latency from a file landing to its chunks being committed
 (including the settle period, printed beside it).
 
-    python -m bench.ingest [--files 1000] [--settle 0.5] [--workers 2]
+    python -m bench.ingest [--files 1000] [--settle 0.5] [--workers 2] [--kinds txt,md,docx,html]
+                           [--exact-counts]
 """
 
 from __future__ import annotations
@@ -28,13 +29,26 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--settle", type=float, default=0.5)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--kinds", default="txt,md,docx,html", help="file kinds, comma-separated (txt alone: plain text)"
+    )
+    parser.add_argument(
+        "--exact-counts",
+        action="store_true",
+        help="baseline: encode every sentence whole (turns off the chunker's per-word counting)",
+    )
     args = parser.parse_args()
     configure_logging("error", "console")
+    if args.exact_counts:
+        import stages.chunk
+
+        stages.chunk._bert_words = lambda _tokenizer: (None, False, ())
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         staging = root / "staging"
         staging.mkdir()
-        files = generate_corpus(staging, args.files)
+        kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+        files = generate_corpus(staging, args.files, kinds=kinds)
         total_bytes = sum(p.stat().st_size for p in files)
         settings = Settings.model_validate(
             {
@@ -69,7 +83,7 @@ def main() -> None:
         daemon.shutdown()
     p95 = latencies[int(0.95 * (len(latencies) - 1))]
     print(
-        f"files {len(files)} ({total_bytes / 1e6:.1f} MB; txt/md/docx/html, 1/3 Chinese), chunks {chunks}, "
+        f"files {len(files)} ({total_bytes / 1e6:.1f} MB; {'/'.join(kinds)}, 1/3 Chinese), chunks {chunks}, "
         f"rejected {rejected}, workers {args.workers}, settle {args.settle}s"
     )
     print(
