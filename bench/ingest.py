@@ -4,7 +4,7 @@ Starts the real daemon on a temp inbox with the packaged model's tokenizer, drop
 prints documents/s, MB/s and the p50/p95 latency from a file landing to its chunks being committed
 (including the settle period, printed beside it).
 
-    python -m bench.ingest [--files 1000] [--settle 0.5] [--workers 2] [--kinds txt,md,docx,html]
+    python -m bench.ingest [--files 1000] [--settle 0.5] [--workers 2] [--kinds txt,md,docx,html] [--sentences 10,60]
                            [--exact-counts]
 """
 
@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument(
         "--kinds", default="txt,md,docx,html", help="file kinds, comma-separated (txt alone: plain text)"
     )
+    parser.add_argument("--sentences", default="10,60", help="sentences per file, MIN,MAX")
     parser.add_argument(
         "--exact-counts",
         action="store_true",
@@ -42,13 +43,14 @@ def main() -> None:
     if args.exact_counts:
         import stages.chunk
 
-        stages.chunk._bert_words = lambda _tokenizer: (None, False, ())
+        stages.chunk._bert_word_rule = lambda _tokenizer: None
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         staging = root / "staging"
         staging.mkdir()
         kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
-        files = generate_corpus(staging, args.files, kinds=kinds)
+        low, high = (int(n) for n in args.sentences.split(","))
+        files = generate_corpus(staging, args.files, kinds=kinds, sentences=(low, high))
         total_bytes = sum(p.stat().st_size for p in files)
         settings = Settings.model_validate(
             {

@@ -32,27 +32,43 @@ class Chunk:
         return hashlib.sha256(f"{self.heading}\x00{self.text}".encode()).hexdigest()
 
 
-# Text the word-count path counts exactly: printable ASCII and the whitespace BERT treats as a separator.
-# Control characters (which BERT's normalizer deletes, joining words) and non-ASCII text take the exact path.
-_PLAIN_ASCII = re.compile(r"[\t\n\r\x20-\x7e]*")
+# Text the word-count path counts exactly: printable ASCII and the whitespace BERT treats as a separator;
+# with BERT's Chinese-character handling also CJK unified ideographs (each one a word of its own) and the
+# common CJK punctuation marks (Unicode P*, unchanged by NFD, so each is cut off as a word). Control
+# characters (which the normalizer deletes, joining words) and anything else take the exact path.
+_ASCII_CHARS = r"\t\n\r\x20-\x7e"
+_CJK_CHARS = r"\u4e00-\u9fff。，、；：？！“”‘’（）《》【】「」『』…—·"
+_PLAIN_ASCII = re.compile(rf"[{_ASCII_CHARS}]*")
+_PLAIN_ASCII_CJK = re.compile(rf"[{_ASCII_CHARS}{_CJK_CHARS}]*")
+
+
+@dataclass(frozen=True)
+class _WordRule:
+    """How a BERT WordPiece tokenizer cuts plain text into words."""
+
+    words: re.Pattern[str]  # one match per word of the pre-tokenizer
+    plain: re.Pattern[str]  # text this rule counts exactly (fullmatch)
+    lowercase: bool
+    added: tuple[str, ...]  # added tokens, folded like the text; matched before splitting words
 
 
 class TokenCounter:
     """Counts and hard-splits text in the model's tokens (special tokens excluded), with a
     `tokenizers.Tokenizer` (stages.models.load_tokenizer).
 
-    For BERT WordPiece tokenizers (BERT, MiniLM, BGE) `count_many` counts plain-ASCII sentences per word:
-    BERT's pre-tokenizer cuts ASCII text at whitespace and at every punctuation mark, and WordPiece splits
-    each word on its own, so a sentence's count is the sum of its words' counts. Each distinct word goes
+    For BERT WordPiece tokenizers (BERT, MiniLM, BGE) `count_many` counts plain sentences per word:
+    BERT's pre-tokenizer cuts ASCII text at whitespace and at every punctuation mark (and, with its
+    Chinese handling, around every CJK ideograph), and WordPiece splits each word on its own, so a
+    sentence's count is the sum of its words' counts. Each distinct word goes
     through the real tokenizer once and is remembered; running text repeats its words, so this is ~5x
     faster than encoding every sentence (the normalizer dominates encoding) and gives the same numbers.
-    Anything else (other tokenizers, non-ASCII or control characters, added tokens) is encoded whole."""
+    Anything else (other tokenizers, other scripts, control characters, added tokens) is encoded whole."""
 
     def __init__(self, tokenizer, word_cache_size: int = 200_000) -> None:
         self.tokenizer = tokenizer
         self.word_cache_size = word_cache_size
         self._word_counts: dict[str, int] = {}
-        self._words, self._lowercase, self._added = _bert_words(tokenizer)
+        self._rule = _bert_word_rule(tokenizer)
 
     def count(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False).ids)
@@ -88,12 +104,13 @@ class TokenCounter:
 
     def _split_words(self, text: str) -> list[str] | None:
         """BERT's words of `text`, or None where the word sum might differ from encoding it whole."""
-        if self._words is None or not text.isascii() or not _PLAIN_ASCII.fullmatch(text):
+        rule = self._rule
+        if rule is None or not rule.plain.fullmatch(text):
             return None
-        folded = text.lower() if self._lowercase else text
-        if self._added and any(token in folded for token in self._added):
+        folded = text.lower() if rule.lowercase else text
+        if rule.added and any(token in folded for token in rule.added):
             return None
-        return self._words.findall(folded)
+        return rule.words.findall(folded)
 
     def split(self, text: str, max_tokens: int) -> list[str]:
         offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
@@ -108,9 +125,8 @@ class TokenCounter:
         return pieces
 
 
-def _bert_words(tokenizer) -> tuple[re.Pattern[str] | None, bool, tuple[str, ...]]:
-    """The ASCII word pattern of a BERT WordPiece tokenizer (None for any other kind), whether it
-    lowercases, and its added tokens (folded the same way), which it matches before splitting words."""
+def _bert_word_rule(tokenizer) -> _WordRule | None:
+    """The word rule of a BERT WordPiece tokenizer; None for any other kind (counted whole)."""
     from tokenizers import models, normalizers, pre_tokenizers
 
     normalizer = tokenizer.normalizer
@@ -120,12 +136,16 @@ def _bert_words(tokenizer) -> tuple[re.Pattern[str] | None, bool, tuple[str, ...
         and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
         and isinstance(tokenizer.model, models.WordPiece)
     ):
-        return None, False, ()
+        return None
     lowercase = bool(normalizer.lowercase)
     alnum = "a-z0-9" if lowercase else "A-Za-z0-9"
     added = tokenizer.get_added_tokens_decoder().values()
-    folded = tuple(t.content.lower() if lowercase else t.content for t in added if t.content)
-    return re.compile(rf"[{alnum}]+|[^\s{alnum}]"), lowercase, folded
+    return _WordRule(
+        words=re.compile(rf"[{alnum}]+|[^\s{alnum}]"),
+        plain=_PLAIN_ASCII_CJK if normalizer.handle_chinese_chars else _PLAIN_ASCII,
+        lowercase=lowercase,
+        added=tuple(t.content.lower() if lowercase else t.content for t in added if t.content),
+    )
 
 
 def split_sentences(text: str) -> list[str]:
@@ -143,8 +163,11 @@ def split_sentences(text: str) -> list[str]:
     return [" ".join(p.split()) if not _has_cjk(p) else re.sub(r"\s*\n\s*", "", p) for p in parts]
 
 
+_CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
 def _has_cjk(text: str) -> bool:
-    return bool(re.search(r"[\u4e00-\u9fff]", text))
+    return _CJK.search(text) is not None
 
 
 def _join(sentences: Sequence[str]) -> str:

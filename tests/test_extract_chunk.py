@@ -198,6 +198,11 @@ WORD_COUNT_CASES = [
     "control\x0cjoined\x07words and DEL\x7fhere",
     "naïve café résumé",
     "城市的历史很长。 mixed English",
+    "他说：“你好！”（测试）《书》【注】「引」『号』、…—·",
+    "mixed 中文 and English 123, 第3章",
+    "ＡＢＣ fullwidth letters ０１２",
+    "〇々 and 한국어 and Ελληνικά",
+    "中文\x0c控制",
     "",
     "   ",
     "!!!???...,,,;;;:::",
@@ -212,7 +217,7 @@ def test_word_counts_equal_whole_sentence_counts(tiny_embedder, which):
 
     path = tiny_embedder if which == "tiny" else resolve_model_path("packaged:all-MiniLM-L6-v2")
     counter = TokenCounter(load_tokenizer(path))
-    assert counter._words is not None  # both are BERT WordPiece tokenizers
+    assert counter._rule is not None  # both are BERT WordPiece tokenizers
     texts = WORD_COUNT_CASES + split_sentences(ENGLISH * 3) + split_sentences(CHINESE)
     expected = [counter.count(t) for t in texts]
     assert counter.count_many(texts) == expected
@@ -223,6 +228,9 @@ def test_word_counts_equal_whole_sentence_counts(tiny_embedder, which):
     assert set(small._word_counts) == {"eight", "nine"}
     assert counter._split_words("control\x0cjoined") is None and counter._split_words("naïve") is None
     assert counter._split_words("a literal [MASK] token") is None
+    assert counter._split_words("ＡＢＣ") is None and counter._split_words("城市，历史。") == list(
+        "城市，历史。"
+    )
 
 
 def test_other_tokenizers_are_counted_whole():
@@ -231,7 +239,7 @@ def test_other_tokenizers_are_counted_whole():
     tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "river": 1, "city": 2}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     counter = TokenCounter(tokenizer)
-    assert counter._words is None
+    assert counter._rule is None
     texts = ["river city", "the river, the city.", ""]
     assert counter.count_many(texts) == [counter.count(t) for t in texts] == [2, 6, 0]
 
