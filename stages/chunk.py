@@ -59,9 +59,9 @@ class TokenCounter:
     For BERT WordPiece tokenizers (BERT, MiniLM, BGE) `count_many` counts plain sentences per word:
     BERT's pre-tokenizer cuts ASCII text at whitespace and at every punctuation mark (and, with its
     Chinese handling, around every CJK ideograph), and WordPiece splits each word on its own, so a
-    sentence's count is the sum of its words' counts. Each distinct word goes
-    through the real tokenizer once and is remembered; running text repeats its words, so this is ~5x
-    faster than encoding every sentence (the normalizer dominates encoding) and gives the same numbers.
+    sentence's count is the sum of its words' counts. Each distinct word goes through the real tokenizer
+    once and is remembered; running text repeats its words, so this is 2-4x faster than encoding every
+    sentence (the normalizer dominates encoding; docs/benchmarks.md "Ingestion") with the same numbers.
     Anything else (other tokenizers, other scripts, control characters, added tokens) is encoded whole."""
 
     def __init__(self, tokenizer, word_cache_size: int = 200_000) -> None:
