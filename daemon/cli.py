@@ -53,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--output", required=True, help="output file")
 
-    evaluate = sub.add_parser("eval", help="score a model on an evaluation set, with a 95% interval")
+    evaluate = sub.add_parser("eval", help="score a model on an evaluation set, with a 95%% interval")
     evaluate.add_argument(
         "--data", required=True, help="a BEIR folder, a RAG eval JSON, or anchor/positive JSON lines"
     )

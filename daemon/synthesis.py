@@ -26,7 +26,7 @@ from stages.llm import (
 )
 from stages.pseudo import pseudo_queries
 from stages.synthesize import ReplyBudget, synthesize_chunk
-from state.samples import FILTER_KEY, SampleIn, SampleStore
+from state.samples import SampleIn, SampleStore
 
 log = get_logger("embedtune.synthesis")
 
@@ -211,6 +211,4 @@ class FilterService:
                     corpus=len(corpus),
                     duration_s=round(time.monotonic() - started, 2),
                 )
-        ctx.queue.complete(ctx.job)
-        if store.count_unfiltered():
-            ctx.queue.enqueue("filter", FILTER_KEY, {}, priority=60, requeue_finished=True)
+        store.finish_filter_pass(ctx.job)

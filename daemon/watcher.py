@@ -68,6 +68,7 @@ class SettleTracker:
         self.settle_seconds = settle_seconds
         self.clock = clock
         self._tracked: dict[str, _Tracked] = {}
+        self._handing_off: set[str] = set()  # settled, returned by poll(), not yet handed_off()
         self._lock = threading.Lock()
 
     def touch(self, path: str) -> None:
@@ -86,7 +87,15 @@ class SettleTracker:
                 del self._tracked[path]
 
     def __len__(self) -> int:
-        return len(self._tracked)
+        """Files not yet turned into jobs: still settling, or settled and being handed over. A settled
+        file counts until handed_off(): otherwise there is a moment where it is neither tracked nor a job,
+        and whoever waits for "no jobs and nothing tracked" (`once`, tests) sees an idle pipeline early."""
+        with self._lock:
+            return len(self._tracked) + len(self._handing_off)
+
+    def handed_off(self, path: str) -> None:
+        with self._lock:
+            self._handing_off.discard(path)
 
     def poll(self) -> list[tuple[str, int, float]]:
         """Re-stat every tracked path; return those that have been unchanged for the settle period."""
@@ -102,7 +111,7 @@ class SettleTracker:
                 continue
             if not stat.S_ISREG(info.st_mode):
                 ready.append((path, info.st_size, info.st_mtime))  # ingestion rejects it with a reason
-                self.forget(path)
+                self._hand_off(path)
                 continue
             if info.st_size != entry.size or info.st_mtime != entry.mtime:
                 with self._lock:
@@ -111,8 +120,13 @@ class SettleTracker:
                 continue
             if now - entry.stable_since >= self.settle_seconds:
                 ready.append((path, info.st_size, info.st_mtime))
-                self.forget(path)
+                self._hand_off(path)
         return ready
+
+    def _hand_off(self, path: str) -> None:
+        with self._lock:
+            self._tracked.pop(path, None)
+            self._handing_off.add(path)
 
 
 class InboxWatcher(FileSystemEventHandler):
@@ -275,6 +289,8 @@ class InboxWatcher(FileSystemEventHandler):
                         will_retry=True,
                         error=f"{type(exc).__name__}: {exc}",
                     )
+                finally:
+                    self.tracker.handed_off(path)
 
     def stop(self) -> None:
         self._stop.set()

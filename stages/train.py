@@ -143,6 +143,23 @@ def choose_precision(precision: str, device: str, cuda_available: bool, bf16_sup
     return "bf16" if bf16_supported else "fp16"
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask (systemd's CPUAffinity=, taskset) capped by
+    a cgroup v2 quota (systemd's CPUQuota=, a container's --cpus). os.cpu_count() counts the machine's
+    cores, and as many torch threads as cores on a 2-CPU quota only makes them wait for each other."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
 def _any_rank(flag: bool, device) -> bool:
     import torch
     import torch.distributed as dist
@@ -187,6 +204,55 @@ def write_shard_log(output_dir: Path, rank: int, anchors: list[str]) -> None:
     )
 
 
+def _fit(model, dataset, loss, batch_size: int, params: TrainParams, progress, state: dict, started: float):
+    """One trainer run at this batch size: (trainer, anchors seen, train() result)."""
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from transformers import TrainerCallback
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    precision = resolve_precision(params.precision, params.device)
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(state["work_dir"]),
+        num_train_epochs=params.epochs,
+        per_device_train_batch_size=batch_size,
+        learning_rate=params.learning_rate,
+        warmup_steps=_warmup_steps(params.warmup_ratio, len(dataset), batch_size, params.epochs),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        batch_sampler="no_duplicates",
+        prompts={"anchor": params.query_instruction} if params.query_instruction else None,
+        save_strategy="no",
+        logging_steps=1,
+        report_to="none",
+        seed=params.seed,
+        dataloader_drop_last=len(dataset) > batch_size,
+        disable_tqdm=True,
+        use_cpu=state["on_cpu"],
+    )
+
+    class Progress(TrainerCallback):
+        def on_log(self, _args, control_state, control, logs=None, **_):
+            if logs and "loss" in logs:
+                state["loss"] = float(logs["loss"])
+            if progress:
+                progress(control_state.global_step, control_state.max_steps, state["loss"])
+
+        def on_step_end(self, step_args, control_state, control, **_):
+            stop = time.monotonic() - started > params.max_minutes * 60
+            if world_size > 1:
+                stop = _any_rank(stop, step_args.device)  # ranks must stop at the same step or they hang
+            if stop:
+                state["stopped"] = True
+                control.should_training_stop = True
+            return control
+
+    trainer = SentenceTransformerTrainer(
+        model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[Progress()]
+    )
+    seen = _record_anchors(trainer)
+    return trainer, seen, trainer.train()
+
+
 def train_model(
     base_path: Path,
     output_dir: Path,
@@ -196,11 +262,6 @@ def train_model(
     model=None,
 ) -> TrainOutcome:
     import torch
-    from sentence_transformers import (
-        SentenceTransformerTrainer,
-        SentenceTransformerTrainingArguments,
-    )
-    from transformers import TrainerCallback
 
     from stages.losses import build_loss, needs_teacher
     from stages.models import load_embedder
@@ -208,7 +269,7 @@ def train_model(
     precision = resolve_precision(params.precision, params.device)
     on_cpu = not torch.cuda.is_available() or params.device == "cpu"
     if on_cpu:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(usable_cpus())
     if model is None:
         model = load_embedder(base_path, params.device)
     if params.gradient_checkpointing:
@@ -235,48 +296,17 @@ def train_model(
     if world_size > 1:  # every rank needs at least one batch of its own, or the ranks disagree on steps
         batch_size = max(2, min(batch_size, len(dataset) // world_size))
     work_dir = output_dir.parent / (output_dir.name + ".work")
-    args = SentenceTransformerTrainingArguments(
-        output_dir=str(work_dir),
-        num_train_epochs=params.epochs,
-        per_device_train_batch_size=batch_size,
-        learning_rate=params.learning_rate,
-        warmup_steps=_warmup_steps(params.warmup_ratio, len(dataset), batch_size, params.epochs),
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        batch_sampler="no_duplicates",
-        prompts={"anchor": params.query_instruction} if params.query_instruction else None,
-        save_strategy="no",
-        logging_steps=1,
-        report_to="none",
-        seed=params.seed,
-        dataloader_drop_last=len(dataset) > batch_size,
-        disable_tqdm=True,
-        use_cpu=on_cpu,
-    )
     started = time.monotonic()
-    state = {"stopped": False, "loss": None}
-
-    class Progress(TrainerCallback):
-        def on_log(self, _args, control_state, control, logs=None, **_):
-            if logs and "loss" in logs:
-                state["loss"] = float(logs["loss"])
-            if progress:
-                progress(control_state.global_step, control_state.max_steps, state["loss"])
-
-        def on_step_end(self, step_args, control_state, control, **_):
-            stop = time.monotonic() - started > params.max_minutes * 60
-            if world_size > 1:
-                stop = _any_rank(stop, step_args.device)  # ranks must stop at the same step or they hang
-            if stop:
-                state["stopped"] = True
-                control.should_training_stop = True
-            return control
-
-    trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[Progress()]
-    )
-    seen = _record_anchors(trainer)
-    result = trainer.train()
+    state = {"stopped": False, "loss": None, "work_dir": work_dir, "on_cpu": on_cpu}
+    while True:
+        trainer, seen, result = _fit(model, dataset, loss, batch_size, params, progress, state, started)
+        # The no-duplicates sampler fills batches greedily in its own shuffled order, which
+        # feasible_batch_size can only sample: a size it judged feasible may still fill no batch in the
+        # order the sampler draws, and the round would end with no step. No step was taken, so the
+        # model is untouched: try again with a smaller batch (one process only; ranks must agree).
+        if trainer.state.global_step > 0 or batch_size <= 2 or world_size > 1:
+            break
+        batch_size = max(2, batch_size // 2)
     seconds = time.monotonic() - started
     if world_size > 1:
         write_shard_log(output_dir, rank, seen)

@@ -86,8 +86,15 @@ class SampleStore:
             (limit,),
         ).fetchall()
 
-    def count_unfiltered(self) -> int:
-        return self.conn.execute("SELECT COUNT(*) FROM samples WHERE kept IS NULL").fetchone()[0]
+    def finish_filter_pass(self, job: Job) -> None:
+        """Complete this filter pass and, while pairs still wait, arm the next one in the same
+        transaction: there is never a moment with unfiltered pairs and no filter job to take them."""
+        with transaction(self.conn):
+            self.queue.complete(job, in_transaction=True)
+            if self.conn.execute("SELECT 1 FROM samples WHERE kept IS NULL LIMIT 1").fetchone():
+                self.queue.enqueue(
+                    "filter", FILTER_KEY, {}, priority=60, requeue_finished=True, in_transaction=True
+                )
 
     def record_filter(self, results: Sequence) -> None:
         with transaction(self.conn):

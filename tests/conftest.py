@@ -65,8 +65,14 @@ def fake_llm():
         yield server
 
 
+# Timeouts are a safety net against a hang, never what a test waits for: a loaded CI machine (2 cores
+# shared with other jobs) runs the same state changes several times slower, so every limit is scaled.
+TIMEOUT_SCALE = float(os.environ.get("EMBEDTUNE_TEST_TIMEOUT_SCALE", "3"))
+
+
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: str = "condition"):
     """Poll until predicate() is truthy (event-driven code has no other completion signal to join on)."""
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -280,3 +280,23 @@ def test_a_failing_settle_callback_keeps_the_file_for_a_retry(tmp_path):
     assert callbacks.calls[0] == callbacks.calls[1] == str(inbox / "a.txt")
     failure = next(e for e in logs if e["event"] == "settle_callback_failed")
     assert failure["will_retry"] and "database is locked" in failure["error"]
+
+
+def test_a_settled_file_counts_as_tracked_until_its_job_exists(tmp_path):
+    """poll() used to forget a settled file before the callback enqueued its job: in between, a file was
+    neither tracked nor a job, and a waiter on "no jobs, nothing tracked" (`once`, the tests) saw an
+    idle pipeline with a document still to come."""
+    from daemon.watcher import SettleTracker
+
+    now = [0.0]
+    tracker = SettleTracker(settle_seconds=1.0, clock=lambda: now[0])
+    path = tmp_path / "a.md"
+    path.write_text("# A\n\ntext\n")
+    tracker.touch(str(path))
+    assert tracker.poll() == [] and len(tracker) == 1  # first stat: size and mtime recorded
+    now[0] = 5.0
+    ready = tracker.poll()
+    assert [p for p, _size, _mtime in ready] == [str(path)]
+    assert len(tracker) == 1 and tracker.poll() == []  # handed over, not yet a job: still counted, once
+    tracker.handed_off(str(path))
+    assert len(tracker) == 0

@@ -402,6 +402,22 @@ def test_batch_size_shrinks_until_a_batch_without_repeated_texts_exists():
     assert feasible_batch_size(distinct[:3], 8) == 3
 
 
+def test_training_takes_a_step_when_the_sampler_cannot_fill_the_chosen_batch(
+    tiny_embedder, tmp_path, monkeypatch
+):
+    """The flaky CI round: a batch size judged feasible on sampled orders that the trainer's own shuffle
+    cannot fill ran zero steps. Here no order can fill 5 (three positives shared two by two)."""
+    import stages.train as train
+    from stages.train import TrainParams, train_model
+
+    examples = [{"query": f"q{i}", "pos": f"p{i % 3}", "neg": [f"n{i}"]} for i in range(6)]
+    monkeypatch.setattr(train, "feasible_batch_size", lambda rows, wanted, seed=0: 5)
+    params = TrainParams(batch_size=5, device="cpu", epochs=1.0, learning_rate=1e-4)
+    outcome = train_model(tiny_embedder, tmp_path / "out", examples, params)
+    assert outcome.steps > 0
+    assert (tmp_path / "out" / "config_sentence_transformers.json").exists()
+
+
 @pytest.mark.parametrize("header", [True, False])
 def test_beir_qrels_with_or_without_header(tmp_path, header):
     from stages.evalsets import load_beir
