@@ -21,13 +21,17 @@ from pathlib import Path
 
 
 def write_inbox(dataset: Path, inbox: Path) -> int:
+    """Each corpus document as <id>.md (the title as a heading): `embedtune eval --mode` maps what the
+    index serves back to the ids by these names."""
+    from stages.evalsets import document_stem
+
     inbox.mkdir(parents=True, exist_ok=True)
     count = 0
     with open(dataset / "corpus.jsonl", encoding="utf-8") as handle:
         for line in handle:
             row = json.loads(line)
             title = (row.get("title") or "").strip().replace("\n", " ")
-            safe_id = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(row["_id"]))[:80]
+            safe_id = document_stem(row["_id"])
             body = f"# {title}\n\n{row['text']}\n" if title else f"{row['text']}\n"
             (inbox / f"{safe_id}.md").write_text(body, encoding="utf-8")
             count += 1

@@ -60,16 +60,30 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", default="current", help="current (default), base or a version (v3)")
     evaluate.add_argument("--against", default="base", help="compare with: base (default), current, vN, none")
     evaluate.add_argument("--metric", default="ndcg@10", help="the metric the interval is for")
+    evaluate.add_argument(
+        "--mode",
+        choices=("model", "hybrid", "dense", "lexical", "all"),
+        default="model",
+        help="model (default): the model alone on the set's own corpus; hybrid, dense, lexical or all: "
+        "the set's queries through `search` on what the index serves (feed the set's corpus first)",
+    )
     evaluate.add_argument("--json", action="store_true")
 
-    search = sub.add_parser("search", help="search the chunks with a model")
-    search.add_argument("query")
+    modes = ("hybrid", "dense", "lexical")
+    mode_help = "hybrid (BM25 + the model), dense (the model alone) or lexical (BM25); default index.mode"
+    search = sub.add_parser("search", help="search the chunks as the index serves them")
+    search.add_argument("query", nargs="?", help="the question (or --queries FILE)")
+    search.add_argument(
+        "--queries", default=None, help="a file of queries: one a line, or JSON lines with id and query"
+    )
     search.add_argument("--model", default="current", help="current (default), base or a version (v3)")
+    search.add_argument("--mode", choices=modes, default=None, help=mode_help)
     search.add_argument("-k", type=int, default=10, help="hits to show (default 10)")
-    search.add_argument("--json", action="store_true")
+    search.add_argument("--json", action="store_true", help="one JSON object per query")
 
     compare = sub.add_parser("compare", help="base and current model side by side for one query")
     compare.add_argument("query")
+    compare.add_argument("--mode", choices=modes, default=None, help=mode_help)
     compare.add_argument("-k", type=int, default=10, help="hits to show (default 10)")
     compare.add_argument("--json", action="store_true")
 
@@ -200,17 +214,23 @@ def main(argv: list[str] | None = None) -> int:
 
         return export(settings, args.format, Path(args.output))
     if args.command == "eval":
+        if args.mode != "model":
+            from daemon.served_eval import cmd_eval_served
+
+            return cmd_eval_served(
+                settings, args.data, args.model, args.against, args.metric, args.mode, args.json
+            )
         from daemon.evaluation import cmd_eval
 
         return cmd_eval(settings, args.data, args.model, args.against, args.metric, args.json)
     if args.command == "search":
         from daemon.search import cmd_search
 
-        return cmd_search(settings, args.query, args.model, args.k, args.json)
+        return cmd_search(settings, args.query, args.model, args.k, args.json, args.mode, args.queries)
     if args.command == "compare":
         from daemon.search import cmd_compare
 
-        return cmd_compare(settings, args.query, args.k, args.json)
+        return cmd_compare(settings, args.query, args.k, args.json, args.mode)
     if args.command == "report":
         from daemon.report import write_report
 

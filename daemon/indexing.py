@@ -32,6 +32,7 @@ from state.index_records import (
     CollectionRecord,
     IndexRecords,
     active_chunks,
+    active_languages,
     chunk_signature,
     max_chunk_id,
 )
@@ -44,6 +45,9 @@ log = get_logger("embedtune.index")
 JOB_KIND = "index"
 UNAVAILABLE_RETRY_S = 60.0
 MAX_PASSES = 3
+# `index.analyzer = "auto"`: jieba once Chinese chunks are this share of the corpus (jieba also splits
+# English words, so a mixed corpus loses nothing; a purely English one keeps the faster standard analyzer).
+JIEBA_CHINESE_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,22 @@ def index_target(settings: Settings) -> IndexTarget:
         index_type=settings.index.index_type,
         lock_timeout_s=settings.index.lock_timeout_s,
     )
+
+
+def served_analyzer(conn: sqlite3.Connection, settings: Settings) -> str:
+    """The BM25 analyzer collections are built with: the configured one, or by the corpus language."""
+    if settings.index.analyzer != "auto":
+        return settings.index.analyzer
+    languages = active_languages(conn)
+    total = sum(languages.values())
+    return "jieba" if total and languages.get("zh", 0) / total >= JIEBA_CHINESE_SHARE else "standard"
+
+
+def served_bm25_weight(settings: Settings, analyzer: str) -> float:
+    from stages.fusion import default_bm25_weight
+
+    weight = settings.index.bm25_weight
+    return default_bm25_weight(analyzer) if weight == "auto" else float(weight)
 
 
 def serving_model(conn: sqlite3.Connection, layout: StateLayout, settings: Settings) -> ServingModel:
@@ -117,7 +137,10 @@ class IndexService:
         if live is None:
             return bool(conn.execute("SELECT 1 FROM chunks WHERE active = 1 LIMIT 1").fetchone())
         serving = serving_model(conn, self.layout, self.settings)
-        if (live.model_id, live.model_path) != (serving.model_id, str(serving.path)):
+        analyzer = served_analyzer(conn, self.settings)
+        if (live.model_id, live.model_path, live.analyzer) != (serving.model_id, str(serving.path), analyzer):
+            return True  # another model, or a collection to rebuild (dense only, or another analyzer)
+        if live.bm25_weight != served_bm25_weight(self.settings, analyzer):
             return True
         return live.signature != chunk_signature(conn)
 
@@ -128,17 +151,20 @@ class IndexService:
         if queue.has_pending(JOB_KIND):
             return False
         serving = serving_model(conn, self.layout, self.settings)
-        key = f"index:{serving.version}:{chunk_signature(conn)}:{reason}"
+        analyzer = served_analyzer(conn, self.settings)
+        key = f"index:{serving.version}:{analyzer}:{chunk_signature(conn)}:{reason}"
         return queue.enqueue(JOB_KIND, key, {"reason": reason}, priority=150, max_attempts=5)
 
     # --- the one operation ------------------------------------------------------------------------
     def sync(self, conn: sqlite3.Connection) -> SyncReport:
         records = IndexRecords(conn)
         serving = serving_model(conn, self.layout, self.settings)
+        analyzer = served_analyzer(conn, self.settings)
+        weight = served_bm25_weight(self.settings, analyzer)
         with open_store(self.target) as store:
             self._reconcile(records, store)
             existing = set(store.collections())
-        target = records.for_model(serving.model_id, str(serving.path))
+        target = records.for_model(serving.model_id, str(serving.path), analyzer)
         if target is not None and target.name not in existing:
             records.mark_dropped(target.name)  # removed behind our back: fill a new one
             target = None
@@ -149,7 +175,9 @@ class IndexService:
             if live is not None and (target is None or live.name != target.name):
                 self._top_up_live(conn, records, live, encoders, report)
             if target is None:
-                target = self._create(records, serving, encoders)
+                target = self._create(records, serving, encoders, analyzer, weight)
+            elif target.bm25_weight != weight:
+                records.set_bm25_weight(target.name, weight)
             report.collection = target.name
             for _ in range(MAX_PASSES):
                 signature = chunk_signature(conn)
@@ -163,7 +191,7 @@ class IndexService:
             encoders.release()
         if records.get(target.name).state != LIVE:
             report.swapped = self._swap(conn, records, target)
-        report.dropped = self._drop_surplus(records, serving)
+        report.dropped = self._drop_surplus(records, serving, analyzer)
         return report
 
     def follow_serving(self, conn: sqlite3.Connection) -> CollectionRecord | None:
@@ -171,7 +199,7 @@ class IndexService:
         one (a sync then adds what arrived since). None when it must be filled first."""
         serving = serving_model(conn, self.layout, self.settings)
         records = IndexRecords(conn)
-        target = records.for_model(serving.model_id, str(serving.path))
+        target = records.for_model(serving.model_id, str(serving.path), served_analyzer(conn, self.settings))
         if target is None or target.state not in ("ready", LIVE):
             return None
         with open_store(self.target) as store:
@@ -195,16 +223,25 @@ class IndexService:
         elif live is not None:
             records.clear_live()
 
-    def _create(self, records: IndexRecords, serving: ServingModel, encoders: _Encoders) -> CollectionRecord:
+    def _create(
+        self,
+        records: IndexRecords,
+        serving: ServingModel,
+        encoders: _Encoders,
+        analyzer: str,
+        weight: float,
+    ) -> CollectionRecord:
         dim = encoders.get(serving.path).dimension()
         name = f"{self.settings.index.alias}_{serving.version}_{records.next_serial()}"
         # The row first: if creating the collection fails half-way (a full disk can leave Milvus Lite a
         # folder it no longer knows), the next sync finds the row without a collection, marks it dropped
         # and uses a fresh name instead of tripping over the leftover forever.
-        record = records.create(name, serving.model_id, str(serving.path), dim)
+        record = records.create(name, serving.model_id, str(serving.path), dim, analyzer, weight)
         with open_store(self.target) as store:
-            store.create(name, dim)
-        log.info("index_collection_created", collection=name, model=serving.version, dim=dim)
+            store.create(name, dim, analyzer)
+        log.info(
+            "index_collection_created", collection=name, model=serving.version, dim=dim, analyzer=analyzer
+        )
         return record
 
     def _top_up_live(
@@ -271,8 +308,8 @@ class IndexService:
         log.info("index_alias_swapped", alias=self.settings.index.alias, collection=target.name)
         return True
 
-    def _drop_surplus(self, records: IndexRecords, serving: ServingModel) -> list[str]:
-        current = records.for_model(serving.model_id, str(serving.path))
+    def _drop_surplus(self, records: IndexRecords, serving: ServingModel, analyzer: str) -> list[str]:
+        current = records.for_model(serving.model_id, str(serving.path), analyzer)
         surplus = records.surplus(self.settings.index.keep_collections, current.name if current else None)
         if not surplus:
             return []

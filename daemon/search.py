@@ -1,25 +1,35 @@
-"""`embedtune search` and `embedtune compare`: what a model retrieves from the team's own chunks.
+"""`embedtune search` and `embedtune compare`: what the index serves for the team's own questions.
 
-The model in service answers from the live Milvus collection (what RAG clients get through the alias).
-Any other model (the base, an older version) answers from a kept collection of its own when there is one
-that holds exactly the active chunks, and otherwise by exact search over the active chunks, encoded once
-and kept in the embedding cache, so a second question to the same model encodes only the query.
+Three modes (`--mode`, default `index.mode`): "hybrid" (BM25 over the chunk text fused with the model's
+vectors, stages/fusion.py), "dense" (the model alone) and "lexical" (BM25 alone). The model in service
+answers from the live Milvus collection, which holds both halves (what RAG clients get through the alias).
+Any other model (the base, an older version) answers from a kept collection of its own when one holds
+exactly the active chunks, and otherwise by exact search over the active chunks (vectors from the
+embedding cache, BM25 with the teacher's tokenizer), so a question is always answered, with a note.
+
+`search_many` answers a batch in one process (one model load, one store connection): `--queries FILE` and
+`embedtune eval --mode` use it, so what eval scores is exactly what search returns.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from daemon.evaluation import ModelChoice, ModelChoiceError, resolve_model_choice
 from daemon.settings import Settings
+from stages.fusion import MODES, Scored, lexical_only, zmix
 from state.db import Database
-from state.index_records import IndexRecords, active_chunks, chunk_signature
+from state.index_records import ActiveChunk, CollectionRecord, IndexRecords, active_chunks, chunk_signature
 from state.layout import StateLayout
 from state.vector_store import Hit, IndexUnavailable
+
+_WORD = re.compile(r"\w", re.UNICODE)
 
 
 class SearchError(Exception):
@@ -29,18 +39,65 @@ class SearchError(Exception):
 @dataclass
 class SearchAnswer:
     model: str
+    mode: str
     source: str  # "collection <name>" or "exact search over N chunks"
     note: str
-    hits: list[Hit]
+    hits: list[Hit] = field(default_factory=list)
+    query: str = ""
+    id: str = ""
+    error: str = ""  # this query was not searched, and why (the others of a batch still are)
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "query": self.query,
+            "model": self.model,
+            "mode": self.mode,
+            "source": self.source,
+            "note": self.note,
+            **({"error": self.error} if self.error else {}),
+            "hits": [
+                {"chunk_id": h.chunk_id, "path": h.path, "score": round(h.score, 6), "text": h.text}
+                for h in self.hits
+            ],
+        }
+
+
+def query_problem(query: str) -> str:
+    """Why a query cannot be searched, or "" when it can."""
+    if not query.strip():
+        return "the query is empty"
+    if not _WORD.search(query):
+        return "the query has no words to search (only punctuation or symbols)"
+    return ""
 
 
 def _model_id(choice: ModelChoice) -> int | None:
     return int(choice.label[1:]) if choice.label.startswith("v") else None
 
 
-def search(settings: Settings, query: str, model: str = "current", k: int = 10) -> SearchAnswer:
-    if not query.strip():
-        raise SearchError("the query is empty")
+def search(
+    settings: Settings, query: str, model: str = "current", k: int = 10, mode: str | None = None
+) -> SearchAnswer:
+    """One query; a query that cannot be searched raises SearchError with the reason."""
+    answer = search_many(settings, [query], model, k, mode)[0]
+    if answer.error:
+        raise SearchError(answer.error)
+    return answer
+
+
+def search_many(
+    settings: Settings,
+    queries: list[str],
+    model: str = "current",
+    k: int = 10,
+    mode: str | None = None,
+    ids: list[str] | None = None,
+) -> list[SearchAnswer]:
+    """Answers in the order of `queries`; a query that cannot be searched gets its `error`."""
+    mode = mode or settings.index.mode
+    if mode not in MODES:
+        raise SearchError(f"--mode {mode!r}: use {', '.join(MODES)}")
     if k < 1:
         raise SearchError("-k must be at least 1")
     try:
@@ -50,38 +107,88 @@ def search(settings: Settings, query: str, model: str = "current", k: int = 10) 
     layout = StateLayout(settings.paths.state_dir)
     if not layout.database.exists():
         raise SearchError(f"no documents yet: no state in {settings.paths.state_dir}")
+    ids = ids or [str(i) for i in range(1, len(queries) + 1)]
+    plan = _plan(settings, layout, choice, model, mode)
+    answers = [
+        SearchAnswer(choice.label, mode, plan.source, plan.note, query=q, id=i, error=query_problem(q))
+        for q, i in zip(queries, ids, strict=True)
+    ]
+    todo = [a for a in answers if not a.error]
+    if not todo:
+        return answers
+    depth = max(k, settings.index.candidates) if mode == "hybrid" else k
+    texts = [a.query for a in todo]
+    encoder = _encoder(settings, layout, choice) if mode != "lexical" else None
+    vectors = None
+    if encoder is not None:
+        vectors = encoder.queries(texts)
+        window = _window(encoder)
+        for answer in todo:
+            if window and _tokens(encoder, answer.query) > window:
+                answer.note = "; ".join(
+                    filter(None, [answer.note, f"query cut to the model's {window} tokens"])
+                )
+    if plan.collection is not None:
+        found = _from_collection(settings, plan.collection, mode, vectors, texts, depth)
+    else:
+        found = _exact(settings, layout, choice, plan.chunks, encoder, mode, vectors, texts, depth)
+    for row, answer in enumerate(todo):
+        answer.hits = _combine(mode, found, row, plan.weight, k)
+    return answers
+
+
+@dataclass
+class _Found:
+    """Each half's top-N hits per query, and for hybrid the cosines of BM25-only candidates."""
+
+    dense: list[list[Hit]] | None
+    lexical: list[list[Hit]] | None
+    dense_of: list[dict[int, float]] | None = None
+
+
+@dataclass
+class _Plan:
+    source: str
+    note: str
+    weight: float
+    collection: CollectionRecord | None = None
+    chunks: list[ActiveChunk] = field(default_factory=list)
+
+
+def _plan(settings: Settings, layout: StateLayout, choice: ModelChoice, model: str, mode: str) -> _Plan:
+    """Where the answers come from: a collection in line with the active chunks, else exact search."""
+    from daemon.indexing import served_analyzer, served_bm25_weight
+
     db = Database(layout.database)
     try:
         conn = db.conn
         note = choice.note
-        record = IndexRecords(conn).for_model(_model_id(choice), str(choice.path))
-        if (
-            settings.index.enabled
-            and record is not None
-            and record.state in ("live", "ready")
-            and record.signature == chunk_signature(conn)
-        ):
-            return SearchAnswer(
-                choice.label,
-                f"collection {record.name}",
-                note,
-                _search_collection(settings, record.name, choice, query, k),
-            )
+        weight = served_bm25_weight(settings, served_analyzer(conn, settings))
+        signature = chunk_signature(conn)
+        usable = [
+            record
+            for record in IndexRecords(conn).collections_for_model(_model_id(choice), str(choice.path))
+            if record.state in ("live", "ready") and record.signature == signature
+        ]
+        fit = [record for record in usable if record.hybrid or mode == "dense"]
+        if settings.index.enabled and fit:
+            record = fit[0]
+            if record.bm25_weight is not None:
+                weight = record.bm25_weight
+            return _Plan(f"collection {record.name}", note, weight, collection=record)
         if model == "current" and settings.index.enabled:
-            note = "; ".join(
-                filter(None, [note, "the index is not yet in line with this model: exact search"])
+            why = (
+                "the collection was built before hybrid search (a rebuild runs in the background)"
+                if usable
+                else "the index is not yet in line with this model"
             )
+            note = "; ".join(filter(None, [note, f"{why}: exact search"]))
         chunks = active_chunks(conn)
     finally:
         db.close()
     if not chunks:
         raise SearchError("no active chunks yet: drop documents into the inbox first")
-    return SearchAnswer(
-        choice.label,
-        f"exact search over {len(chunks)} chunks",
-        note,
-        _search_exact(settings, layout, choice, chunks, query, k),
-    )
+    return _Plan(f"exact search over {len(chunks)} chunks", note, weight, chunks=chunks)
 
 
 def _encoder(settings: Settings, layout: StateLayout, choice: ModelChoice):
@@ -91,30 +198,125 @@ def _encoder(settings: Settings, layout: StateLayout, choice: ModelChoice):
     return Encoder(choice.path, encode_params(settings), layout.cache)
 
 
-def _search_collection(settings: Settings, name: str, choice: ModelChoice, query: str, k: int) -> list[Hit]:
+def _window(encoder) -> int:
+    return int(getattr(encoder.model, "max_seq_length", 0) or 0)
+
+
+def _tokens(encoder, text: str) -> int:
+    tokenizer = getattr(encoder.model, "tokenizer", None)
+    if tokenizer is None:
+        return 0
+    return len(tokenizer(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+
+
+def _from_collection(
+    settings, record: CollectionRecord, mode: str, vectors, texts: list[str], depth: int
+) -> _Found:
     from daemon.indexing import index_target
     from state.vector_store import open_store
 
-    vector = _encoder(settings, StateLayout(settings.paths.state_dir), choice).queries([query])
     with open_store(index_target(settings)) as store:
-        return store.search(name, vector, k)[0]
+        dense = store.search(record.name, vectors, depth) if mode != "lexical" else None
+        lexical = store.search_text(record.name, texts, depth) if mode != "dense" else None
+        found = _Found(dense, lexical)
+        if mode == "hybrid" and dense is not None and lexical is not None:
+            wanted = [lexical_only(_scored(d), _scored(le)) for d, le in zip(dense, lexical, strict=True)]
+            stored = store.vectors_of(record.name, [i for ids in wanted for i in ids])
+            found.dense_of = [
+                {i: float(stored[i] @ vectors[row]) for i in ids if i in stored}
+                for row, ids in enumerate(wanted)
+            ]
+    return found
 
 
-def _search_exact(settings, layout, choice, chunks, query: str, k: int) -> list[Hit]:
-    encoder = _encoder(settings, layout, choice)
-    from daemon.progress import Progress
+def _scored(hits: list[Hit]) -> list[Scored]:
+    return [Scored(hit.chunk_id, hit.score) for hit in hits]
 
-    with Progress(f"encode chunks ({choice.label})", len(chunks), "chunks") as progress:
-        vectors = []
-        for start in range(0, len(chunks), 256):
-            batch = chunks[start : start + 256]
-            vectors.append(encoder.passages([c.text for c in batch]))
-            progress.update(len(batch))
-    encoder.save_cache()
-    matrix = np.concatenate(vectors)
-    scores = matrix @ encoder.queries([query])[0]
-    order = np.argsort(-scores)[:k]
-    return [Hit(chunks[i].id, float(scores[i]), chunks[i].path, chunks[i].text) for i in order]
+
+def _exact(
+    settings, layout, choice, chunks, encoder, mode: str, vectors, texts: list[str], depth: int
+) -> _Found:
+    """Both halves over the active chunks in memory: the same fusion as a collection's."""
+    dense = lexical = scores = None
+    if mode != "lexical":
+        from daemon.progress import Progress
+
+        with Progress(f"encode chunks ({choice.label})", len(chunks), "chunks") as progress:
+            parts = []
+            for start in range(0, len(chunks), 256):
+                batch = chunks[start : start + 256]
+                parts.append(encoder.passages([c.text for c in batch]))
+                progress.update(len(batch))
+        encoder.save_cache()
+        scores = vectors @ np.concatenate(parts).T
+        dense = [_top(row, chunks, depth) for row in scores]
+    if mode != "dense":
+        from stages.filter import Bm25Index
+
+        bm25 = Bm25Index([c.text for c in chunks])
+        lexical = [_top(bm25.scores(text), chunks, depth, positive_only=True) for text in texts]
+    found = _Found(dense, lexical)
+    if scores is not None and lexical is not None:
+        row_of = {chunk.id: i for i, chunk in enumerate(chunks)}
+        found.dense_of = [
+            {hit.chunk_id: float(scores[row, row_of[hit.chunk_id]]) for hit in hits}
+            for row, hits in enumerate(lexical)
+        ]
+    return found
+
+
+def _top(scores: np.ndarray, chunks: list[ActiveChunk], depth: int, positive_only: bool = False) -> list[Hit]:
+    order = np.argsort(-scores, kind="stable")[:depth]
+    return [
+        Hit(chunks[i].id, float(scores[i]), chunks[i].path, chunks[i].text)
+        for i in order
+        if not positive_only or scores[i] > 0  # BM25 0: no query word in the chunk (as Milvus returns)
+    ]
+
+
+def _combine(mode: str, found: _Found, row: int, weight: float, k: int) -> list[Hit]:
+    dense = found.dense[row] if found.dense else []
+    lexical = found.lexical[row] if found.lexical else []
+    if mode == "dense":
+        return dense[:k]
+    if mode == "lexical":
+        return lexical[:k]
+    by_id = {hit.chunk_id: hit for hit in lexical} | {hit.chunk_id: hit for hit in dense}
+    extra = found.dense_of[row] if found.dense_of else None
+    fused = zmix(_scored(dense), _scored(lexical), weight, k, extra)
+    return [Hit(s.chunk_id, s.score, by_id[s.chunk_id].path, by_id[s.chunk_id].text) for s in fused]
+
+
+# --- the commands ------------------------------------------------------------------------------
+def read_queries(path: Path) -> tuple[list[str], list[str]]:
+    """(ids, queries) from a file: JSON lines with `query` (and optional `id`), or one query a line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SearchError(f"cannot read --queries {path}: {exc}") from None
+    ids, queries = [], []
+    as_json = path.suffix == ".jsonl" or next(
+        (ln.lstrip().startswith("{") for ln in lines if ln.strip()), False
+    )
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not as_json:
+            ids.append(str(number))
+            queries.append(line.strip())
+            continue
+        try:
+            row = json.loads(line)
+            query = row["query"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SearchError(f"{path}:{number}: expected a JSON object with a 'query' string") from None
+        if not isinstance(query, str):
+            raise SearchError(f"{path}:{number}: 'query' must be a string")
+        ids.append(str(row.get("id", number)))
+        queries.append(query)
+    if not queries:
+        raise SearchError(f"{path} holds no queries")
+    return ids, queries
 
 
 def _snippet(text: str, width: int = 90) -> str:
@@ -122,30 +324,49 @@ def _snippet(text: str, width: int = 90) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
-def cmd_search(settings: Settings, query: str, model: str, k: int, as_json: bool) -> int:
+def cmd_search(
+    settings: Settings,
+    query: str | None,
+    model: str,
+    k: int,
+    as_json: bool,
+    mode: str | None = None,
+    queries_file: str | None = None,
+) -> int:
     try:
-        answer = search(settings, query, model, k)
+        if queries_file:
+            ids, queries = read_queries(Path(queries_file))
+        elif query is not None:
+            ids, queries = ["1"], [query]
+        else:
+            raise SearchError("give a query, or --queries FILE")
+        answers = search_many(settings, queries, model, k, mode, ids)
     except (SearchError, IndexUnavailable) as exc:
         print(f"embedtune: {exc}", file=sys.stderr)
         return 2
     if as_json:
-        print(
-            json.dumps(
-                {
-                    "model": answer.model,
-                    "source": answer.source,
-                    "note": answer.note,
-                    "hits": [hit.__dict__ for hit in answer.hits],
-                },
-                ensure_ascii=False,
-                indent=1,
-            )
-        )
-        return 0
-    print(f"model {answer.model} ({answer.source})" + (f": {answer.note}" if answer.note else ""))
+        for answer in answers:  # one object per query (a JSON lines stream for a batch)
+            print(json.dumps(answer.to_json(), ensure_ascii=False, indent=None if queries_file else 1))
+    else:
+        for answer in answers:
+            _print_answer(answer, batch=bool(queries_file))
+    failed = [a for a in answers if a.error]
+    if failed and not queries_file:
+        return 2
+    return 0
+
+
+def _print_answer(answer: SearchAnswer, batch: bool) -> None:
+    if batch:
+        print(f"[{answer.id}] {_snippet(answer.query, 70)}")
+    if answer.error:
+        print(f"embedtune: {answer.error}", file=sys.stderr if not batch else sys.stdout)
+        return
+    if not batch or answer.id == "1":
+        head = f"model {answer.model}, {answer.mode} ({answer.source})"
+        print(head + (f": {answer.note}" if answer.note else ""))
     for rank, hit in enumerate(answer.hits, 1):
         print(f"{rank:>3}  {hit.score:.4f}  {hit.path}#{hit.chunk_id}  {_snippet(hit.text)}")
-    return 0
 
 
 def rank_changes(base: list[Hit], current: list[Hit]) -> list[tuple[int, Hit, str]]:
@@ -166,10 +387,10 @@ def rank_changes(base: list[Hit], current: list[Hit]) -> list[tuple[int, Hit, st
     return rows
 
 
-def cmd_compare(settings: Settings, query: str, k: int, as_json: bool) -> int:
+def cmd_compare(settings: Settings, query: str, k: int, as_json: bool, mode: str | None = None) -> int:
     try:
-        current = search(settings, query, "current", k)
-        base = current if current.model == "base" else search(settings, query, "base", k)
+        current = search(settings, query, "current", k, mode)
+        base = current if current.model == "base" else search(settings, query, "base", k, mode)
     except (SearchError, IndexUnavailable) as exc:
         print(f"embedtune: {exc}", file=sys.stderr)
         return 2
@@ -180,6 +401,7 @@ def cmd_compare(settings: Settings, query: str, k: int, as_json: bool) -> int:
         print(
             json.dumps(
                 {
+                    "mode": current.mode,
                     "base": {"source": base.source, "hits": [h.__dict__ for h in base.hits]},
                     "current": {
                         "model": current.model,
@@ -197,6 +419,7 @@ def cmd_compare(settings: Settings, query: str, k: int, as_json: bool) -> int:
     if current.model == "base":
         print("nothing promoted yet: the model in service is the base model, so both columns agree")
     width = 60
+    print(f"{current.mode} retrieval")
     print(f"{'base':<{width + 6}}  {current.model + ' (in service)':<{width}}")
     for (rank, hit, change), base_hit in zip(rows, base.hits + [None] * len(rows), strict=False):
         left = f"{rank:>2} {_snippet(base_hit.text, width)}" if base_hit else ""

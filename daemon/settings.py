@@ -260,6 +260,10 @@ class IndexSettings(_Section):
     batch_size: int = Field(256, ge=1, le=100_000)
     index_type: str = "AUTOINDEX"
     lock_timeout_s: float = Field(120.0, gt=0)
+    mode: Literal["hybrid", "dense", "lexical"] = "hybrid"
+    analyzer: Literal["auto", "standard", "jieba"] = "auto"
+    bm25_weight: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"] = "auto"
+    candidates: int = Field(100, ge=10, le=5000)
 
     @field_validator("alias")
     @classmethod

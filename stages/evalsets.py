@@ -19,6 +19,7 @@ class EvalSet:
     corpus_texts: list[str]
     relevant: list[dict[int, float]]
     corpus_keys: list[str] = field(default_factory=list)
+    corpus_ids: list[str] = field(default_factory=list)  # a BEIR corpus' document ids, when it has them
 
     def __post_init__(self) -> None:
         if not self.corpus_keys:
@@ -97,7 +98,19 @@ def load_beir(folder: Path, split: str = "test", name: str = "beir") -> EvalSet:
         if score > 0 and corpus_id in position:
             qrels.setdefault(query_id, {})[position[corpus_id]] = score
     query_ids = [qid for qid in qrels if qid in query_text]
-    return EvalSet(name, [query_text[q] for q in query_ids], corpus_texts, [qrels[q] for q in query_ids])
+    return EvalSet(
+        name,
+        [query_text[q] for q in query_ids],
+        corpus_texts,
+        [qrels[q] for q in query_ids],
+        corpus_ids=corpus_ids,
+    )
+
+
+def document_stem(corpus_id: str) -> str:
+    """The file name (without suffix) a BEIR document is fed to the inbox under, so that what the index
+    serves for it can be traced back to its id (`embedtune eval --mode`; bench/quality.py writes them)."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(corpus_id))[:80]
 
 
 def _read_qrels(path: Path):

@@ -74,6 +74,19 @@ def evaluate_scores(
     return EvalResult(metrics, per_query, len(relevant), primary_metric)
 
 
+def evaluate_rankings(
+    ranked: Sequence[Sequence[int]], relevant: Sequence[dict[int, float]], primary_metric: str = "ndcg@10"
+) -> EvalResult:
+    """The same metrics from ranked lists of corpus indices, one per query (what a search returned)."""
+    per_query: dict[str, list[float]] = {name: [] for name in METRICS}
+    for ranking, rel in zip(ranked, relevant, strict=True):
+        values = query_metrics(list(ranking), rel)
+        for name in METRICS:
+            per_query[name].append(values[name])
+    metrics = {name: float(np.mean(per_query[name])) if per_query[name] else 0.0 for name in METRICS}
+    return EvalResult(metrics, per_query, len(relevant), primary_metric)
+
+
 def evaluate_retrieval(
     query_vectors: np.ndarray, corpus_vectors: np.ndarray, relevant: Sequence[dict[int, float]]
 ) -> EvalResult:

@@ -205,6 +205,12 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE rounds ADD COLUMN steps TEXT;
     """,
+    # 9: hybrid search. A collection's BM25 analyzer (NULL: made before hybrid search, dense only, so the
+    # sync rebuilds it blue/green) and the BM25 share its hybrid queries use (the served configuration).
+    """
+    ALTER TABLE index_collections ADD COLUMN analyzer TEXT;
+    ALTER TABLE index_collections ADD COLUMN bm25_weight REAL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -34,6 +34,12 @@ class CollectionRecord:
     signature: str
     progress: str
     swapped: str | None
+    analyzer: str | None = None  # None: dense only (made before hybrid search)
+    bm25_weight: float | None = None
+
+    @property
+    def hybrid(self) -> bool:
+        return self.analyzer is not None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> CollectionRecord:
@@ -47,6 +53,8 @@ class CollectionRecord:
             signature=row["signature"],
             progress=row["progress"],
             swapped=row["swapped"],
+            analyzer=row["analyzer"],
+            bm25_weight=row["bm25_weight"],
         )
 
 
@@ -57,6 +65,12 @@ def active_chunks(conn: sqlite3.Connection) -> list[ActiveChunk]:
         "WHERE c.active = 1 ORDER BY c.id"
     ).fetchall()
     return [ActiveChunk(row[0], row[1], row[2], row[3]) for row in rows]
+
+
+def active_languages(conn: sqlite3.Connection) -> dict[str, int]:
+    """Active chunks per detected language ('en', 'zh'): what `index.analyzer = "auto"` decides by."""
+    rows = conn.execute("SELECT language, COUNT(*) FROM chunks WHERE active = 1 GROUP BY language")
+    return {str(language): int(count) for language, count in rows}
 
 
 def chunk_signature(conn: sqlite3.Connection) -> str:
@@ -85,21 +99,49 @@ class IndexRecords:
         row = self.conn.execute("SELECT * FROM index_collections WHERE state = 'live'").fetchone()
         return CollectionRecord.from_row(row) if row else None
 
-    def for_model(self, model_id: int | None, model_path: str) -> CollectionRecord | None:
-        """The collection being filled or filled by this model (newest), if any."""
+    def for_model(
+        self,
+        model_id: int | None,
+        model_path: str,
+        analyzer: str | None = None,
+        *,
+        any_analyzer: bool = False,
+    ) -> CollectionRecord | None:
+        """The collection being filled or filled by this model with this analyzer (newest), if any;
+        with any_analyzer, whatever its analyzer (a search can still use a dense-only collection)."""
+        where = "" if any_analyzer else " AND analyzer IS ?"
+        params = (model_id, model_path) if any_analyzer else (model_id, model_path, analyzer)
         row = self.conn.execute(
-            "SELECT * FROM index_collections WHERE model_id IS ? AND model_path = ? AND state != 'dropped' "
-            "ORDER BY created DESC, name DESC LIMIT 1",
-            (model_id, model_path),
+            "SELECT * FROM index_collections WHERE model_id IS ? AND model_path = ? AND state != 'dropped'"
+            f"{where} ORDER BY created DESC, name DESC LIMIT 1",
+            params,
         ).fetchone()
         return CollectionRecord.from_row(row) if row else None
 
-    def create(self, name: str, model_id: int | None, model_path: str, dim: int) -> CollectionRecord:
+    def collections_for_model(self, model_id: int | None, model_path: str) -> list[CollectionRecord]:
+        """Every collection of this model not dropped, the live one first, then newest first."""
+        rows = self.conn.execute(
+            "SELECT * FROM index_collections WHERE model_id IS ? AND model_path = ? AND state != 'dropped' "
+            "ORDER BY state = 'live' DESC, created DESC, name DESC",
+            (model_id, model_path),
+        ).fetchall()
+        return [CollectionRecord.from_row(row) for row in rows]
+
+    def create(
+        self,
+        name: str,
+        model_id: int | None,
+        model_path: str,
+        dim: int,
+        analyzer: str | None = None,
+        bm25_weight: float | None = None,
+    ) -> CollectionRecord:
         with transaction(self.conn):
             self.conn.execute(
-                "INSERT INTO index_collections (name, model_id, model_path, dim, state, created) "
-                "VALUES (?, ?, ?, ?, 'filling', ?)",
-                (name, model_id, model_path, dim, utcnow()),
+                "INSERT INTO index_collections "
+                "(name, model_id, model_path, dim, state, created, analyzer, bm25_weight) "
+                "VALUES (?, ?, ?, ?, 'filling', ?, ?, ?)",
+                (name, model_id, model_path, dim, utcnow(), analyzer, bm25_weight),
             )
         record = self.get(name)
         assert record is not None
@@ -107,6 +149,11 @@ class IndexRecords:
 
     def next_serial(self) -> int:
         return int(self.conn.execute("SELECT COUNT(*) FROM index_collections").fetchone()[0]) + 1
+
+    def set_bm25_weight(self, name: str, weight: float) -> None:
+        """The BM25 share hybrid queries on this collection use (a query-time setting: no refill)."""
+        with transaction(self.conn):
+            self.conn.execute("UPDATE index_collections SET bm25_weight = ? WHERE name = ?", (weight, name))
 
     def set_progress(self, name: str, text: str) -> None:
         with transaction(self.conn):

@@ -203,12 +203,13 @@ def _fill_index(conn: sqlite3.Connection, status: dict[str, Any], daemon_row: sq
         index["error"] = daemon_row["index_error"]
     try:
         rows = conn.execute(
-            "SELECT name, model_id, state, chunks, progress, swapped FROM index_collections "
-            "WHERE state != 'dropped' ORDER BY created DESC"
+            "SELECT * FROM index_collections WHERE state != 'dropped' ORDER BY created DESC"
         ).fetchall()
     except sqlite3.OperationalError:
         return  # a database from before the index existed
     for row in rows:
+        analyzer = row["analyzer"] if "analyzer" in row.keys() else None
+        weight = row["bm25_weight"] if "bm25_weight" in row.keys() else None
         entry = {
             "name": row["name"],
             "model": f"v{row['model_id']}" if row["model_id"] is not None else "base",
@@ -216,10 +217,22 @@ def _fill_index(conn: sqlite3.Connection, status: dict[str, Any], daemon_row: sq
             "chunks": row["chunks"],
             "progress": row["progress"],
             "swapped": row["swapped"],
+            # what this collection can serve: "hybrid" (BM25 + dense) or "dense" (built before hybrid)
+            "retrieval": "hybrid" if analyzer else "dense",
+            "analyzer": analyzer,
+            "bm25_weight": weight,
         }
         index["collections"].append(entry)
         if row["state"] == "live":
             index["live"] = entry
+
+
+def _retrieval(entry: dict[str, Any]) -> str:
+    if entry.get("retrieval") != "hybrid":
+        return "dense only: built before hybrid search, rebuilt in the background"
+    weight = entry.get("bm25_weight")
+    share = f", BM25 share {weight:.2f}" if weight is not None else ""
+    return f"hybrid: BM25 ({entry.get('analyzer')}) + dense{share}"
 
 
 def _steps_line(steps: list[dict[str, Any]]) -> str:
@@ -273,7 +286,7 @@ def format_status(status: dict[str, Any]) -> str:
     if index.get("collections") or index.get("error"):
         live = index.get("live")
         parts = [
-            f"live {live['name']} ({live['model']}, {live['chunks']} chunks)"
+            f"live {live['name']} ({live['model']}, {live['chunks']} chunks, {_retrieval(live)})"
             if live
             else "no live collection"
         ]

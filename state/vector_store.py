@@ -52,6 +52,22 @@ class Hit:
     text: str
 
 
+# What Milvus analyses the chunk text with for BM25. Both forms run on Milvus Lite (whose analyzers are
+# `standard` and `jieba`) and on a server. "standard": lower-cased \w+ words, as the teacher's BM25
+# (stages/text.py); "jieba": Chinese words (search mode, as the teacher's), with punctuation dropped so
+# that "，" and "。" are not terms.
+CJK_PUNCTUATION = list("，。、；：？！“”‘’（）《》【】—…·「」『』〈〉﹏～")
+ANALYZERS: dict[str, dict[str, Any]] = {
+    "standard": {"tokenizer": "standard", "filter": ["lowercase"]},
+    "jieba": {
+        "tokenizer": {"type": "jieba", "mode": "search"},
+        "filter": ["lowercase", {"type": "stop", "stop_words": CJK_PUNCTUATION}],
+    },
+}
+SPARSE_FIELD = "sparse"
+BM25_FUNCTION = "text_bm25"
+
+
 def _cut(text: str, limit: int) -> str:
     data = text.encode("utf-8")
     return text if len(data) <= limit else data[:limit].decode("utf-8", errors="ignore")
@@ -100,10 +116,13 @@ class VectorStore:
     def has(self, name: str) -> bool:
         return bool(self.client.has_collection(name))
 
-    def create(self, name: str, dim: int) -> None:
+    def create(self, name: str, dim: int, analyzer: str | None = "standard") -> None:
         """A collection of chunk id (primary key), vector (inner product on normalised vectors), the
-        document path and the chunk text, so RAG clients get the passage back with each hit."""
-        from pymilvus import DataType, MilvusClient
+        document path and the chunk text, so RAG clients get the passage back with each hit. With an
+        analyzer, the text is also analysed for full-text search: Milvus' BM25 function fills the sparse
+        field from it on every insert, so the two halves of a hybrid query can never disagree on which
+        chunks exist. `analyzer=None` makes the dense-only form collections had before hybrid search."""
+        from pymilvus import DataType, Function, FunctionType, MilvusClient
 
         if self.has(name):
             return
@@ -111,9 +130,28 @@ class VectorStore:
         schema.add_field("chunk_id", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         schema.add_field("path", DataType.VARCHAR, max_length=PATH_BYTES)
-        schema.add_field("text", DataType.VARCHAR, max_length=TEXT_BYTES)
         index = self.client.prepare_index_params()
         index.add_index("vector", index_type=self.target.index_type, metric_type="IP")
+        if analyzer is None:
+            schema.add_field("text", DataType.VARCHAR, max_length=TEXT_BYTES)
+        else:
+            schema.add_field(
+                "text",
+                DataType.VARCHAR,
+                max_length=TEXT_BYTES,
+                enable_analyzer=True,
+                analyzer_params=ANALYZERS[analyzer],
+            )
+            schema.add_field(SPARSE_FIELD, DataType.SPARSE_FLOAT_VECTOR)
+            schema.add_function(
+                Function(
+                    name=BM25_FUNCTION,
+                    function_type=FunctionType.BM25,
+                    input_field_names=["text"],
+                    output_field_names=[SPARSE_FIELD],
+                )
+            )
+            index.add_index(SPARSE_FIELD, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
         self.client.create_collection(name, schema=schema, index_params=index)
 
     def drop(self, name: str) -> None:
@@ -158,6 +196,20 @@ class VectorStore:
         for start in range(0, len(ids), _PAGE):
             self.client.delete(name, ids=ids[start : start + _PAGE])
 
+    def vectors_of(self, name: str, ids: Sequence[int]) -> dict[int, np.ndarray]:
+        """The stored vectors of these chunks (a hybrid query scores lexical-only candidates exactly)."""
+        self._load(name)
+        ids = sorted({int(i) for i in ids})
+        out: dict[int, np.ndarray] = {}
+        for start in range(0, len(ids), _PAGE):
+            part = ids[start : start + _PAGE]
+            rows = self.client.query(
+                name, filter=f"chunk_id in {part}", output_fields=["chunk_id", "vector"], limit=len(part)
+            )
+            for row in rows:
+                out[int(row["chunk_id"])] = np.asarray(row["vector"], dtype=np.float32)
+        return out
+
     def vectors(self, name: str, upper: int) -> Iterator[list[dict[str, Any]]]:
         """Pages of {chunk_id, vector} rows (for exports)."""
         return self._pages(name, upper, ["chunk_id", "vector"])
@@ -177,26 +229,47 @@ class VectorStore:
 
     # --- search ---------------------------------------------------------------------------------
     def search(self, name: str, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Dense search: inner product of normalised vectors (cosine), best first."""
         self._load(name)
         results = self.client.search(
             name,
             data=[vector.tolist() for vector in vectors],
+            anns_field="vector",
             limit=k,
             output_fields=["chunk_id", "path", "text"],
             search_params={"metric_type": "IP"},
         )
-        return [
-            [
-                Hit(
-                    int(hit["entity"]["chunk_id"]),
-                    float(hit["distance"]),
-                    hit["entity"]["path"],
-                    hit["entity"]["text"],
-                )
-                for hit in hits
-            ]
-            for hits in results
+        return _hits(results)
+
+    def search_text(self, name: str, queries: Sequence[str], k: int) -> list[list[Hit]]:
+        """Full-text search: BM25 of the raw query text against the analysed chunk text, best first.
+        Milvus Lite reports BM25 as a negative distance and a server as a positive score; BM25 is never
+        negative, so the magnitude is the score either way."""
+        self._load(name)
+        results = self.client.search(
+            name,
+            data=list(queries),
+            anns_field=SPARSE_FIELD,
+            limit=k,
+            output_fields=["chunk_id", "path", "text"],
+            search_params={"metric_type": "BM25"},
+        )
+        return _hits(results, magnitude=True)
+
+
+def _hits(results, magnitude: bool = False) -> list[list[Hit]]:
+    return [
+        [
+            Hit(
+                int(hit["entity"]["chunk_id"]),
+                abs(float(hit["distance"])) if magnitude else float(hit["distance"]),
+                hit["entity"]["path"],
+                hit["entity"]["text"],
+            )
+            for hit in hits
         ]
+        for hits in results
+    ]
 
 
 @contextmanager

@@ -140,7 +140,7 @@ def test_interrupted_fill_keeps_the_alias_and_resumes_where_it_stopped(
     with pytest.raises(RuntimeError, match="killed mid-fill"):
         service.sync(conn)
     monkeypatch.setattr(indexing._LazyEncoder, "passages", original)
-    filling = _records(conn).for_model(promoted.id, str(promoted.path))
+    filling = _records(conn).for_model(promoted.id, str(promoted.path), "standard")
     assert filling.state == "filling"
     assert _alias_view(settings)[0] == first.collection  # clients still get the old, complete collection
 
