@@ -22,6 +22,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from daemon.logs import get_logger
 from daemon.progress import Progress
 from daemon.settings import Settings
@@ -36,6 +38,7 @@ from state.index_records import (
     chunk_signature,
     max_chunk_id,
 )
+from state.index_stats import VectorStats, drop_stats, load_stats, save_stats
 from state.layout import StateLayout
 from state.queue import JobQueue
 from state.registry import ModelRegistry
@@ -187,6 +190,7 @@ class IndexService:
                     break
             records.mark_synced(target.name, len(chunks), signature)
             report.chunks = len(chunks)
+            self._refresh_stats(target.name, [chunk.id for chunk in chunks])
         finally:
             encoders.release()
         if records.get(target.name).state != LIVE:
@@ -258,6 +262,7 @@ class IndexService:
         chunks = active_chunks(conn)
         self._fill(records, live, chunks, encoders.get(Path(live.model_path)), SyncReport())
         records.mark_synced(live.name, len(chunks), chunk_signature(conn))
+        self._refresh_stats(live.name, [chunk.id for chunk in chunks])
 
     def _fill(
         self,
@@ -296,6 +301,23 @@ class IndexService:
                 records.set_progress(collection.name, f"{start + len(batch)}/{len(missing)}")
         encoder.save_cache()
 
+    def _refresh_stats(self, name: str, chunk_ids: list[int]) -> None:
+        """Redraw the collection's vector sample when there is none or the corpus changed by a tenth:
+        the covariance moves slowly with the corpus, and a redraw reads up to 2,000 stored vectors."""
+        from stages.fusion import STATS_SAMPLE, vector_covariance
+
+        folder = self.layout.index_stats
+        known = load_stats(folder, name)
+        if not chunk_ids or (known is not None and abs(known.chunks - len(chunk_ids)) <= 0.1 * known.chunks):
+            return
+        rng = np.random.default_rng(0)
+        sample = rng.choice(np.asarray(chunk_ids), size=min(STATS_SAMPLE, len(chunk_ids)), replace=False)
+        with open_store(self.target) as store:
+            vectors = store.vectors_of(name, [int(i) for i in sample])
+        if vectors:
+            covariance = vector_covariance(np.stack(list(vectors.values())))
+            save_stats(folder, name, VectorStats(covariance, len(chunk_ids)))
+
     def _swap(self, conn: sqlite3.Connection, records: IndexRecords, target: CollectionRecord) -> bool:
         """Swap the alias, unless the model changed meanwhile (a rollback during the fill)."""
         with open_store(self.target) as store:
@@ -317,6 +339,7 @@ class IndexService:
             for record in surplus:
                 store.drop(record.name)
                 records.mark_dropped(record.name)
+                drop_stats(self.layout.index_stats, record.name)
         names = [record.name for record in surplus]
         log.info("index_collections_dropped", collections=names)
         return names

@@ -23,7 +23,16 @@ import numpy as np
 
 from daemon.evaluation import ModelChoice, ModelChoiceError, resolve_model_choice
 from daemon.settings import Settings
-from stages.fusion import MODES, Scored, lexical_only, zmix
+from stages.fusion import (
+    MODES,
+    STATS_SAMPLE,
+    Scored,
+    dense_spread,
+    lexical_only,
+    lexical_spread,
+    vector_covariance,
+    zmix,
+)
 from state.db import Database
 from state.index_records import ActiveChunk, CollectionRecord, IndexRecords, active_chunks, chunk_signature
 from state.layout import StateLayout
@@ -130,10 +139,16 @@ def search_many(
                 )
     if plan.collection is not None:
         found = _from_collection(settings, plan.collection, mode, vectors, texts, depth)
+        if mode == "hybrid":
+            from state.index_stats import load_stats
+
+            stats = load_stats(layout.index_stats, plan.collection.name)
+            found.covariance = stats.covariance if stats is not None else None
+            found.corpus_size = plan.collection.chunks
     else:
         found = _exact(settings, layout, choice, plan.chunks, encoder, mode, vectors, texts, depth)
     for row, answer in enumerate(todo):
-        answer.hits = _combine(mode, found, row, plan.weight, k)
+        answer.hits = _combine(mode, found, row, plan, vectors[row] if vectors is not None else None, k)
     return answers
 
 
@@ -144,6 +159,8 @@ class _Found:
     dense: list[list[Hit]] | None
     lexical: list[list[Hit]] | None
     dense_of: list[dict[int, float]] | None = None
+    covariance: np.ndarray | None = None  # of the chunk vectors (None: no statistics yet)
+    corpus_size: int = 0
 
 
 @dataclass
@@ -248,14 +265,20 @@ def _exact(
                 parts.append(encoder.passages([c.text for c in batch]))
                 progress.update(len(batch))
         encoder.save_cache()
-        scores = vectors @ np.concatenate(parts).T
+        matrix = np.concatenate(parts)
+        scores = vectors @ matrix.T
         dense = [_top(row, chunks, depth) for row in scores]
+        rng = np.random.default_rng(0)
+        sample = rng.choice(len(matrix), size=min(STATS_SAMPLE, len(matrix)), replace=False)
+        covariance = vector_covariance(matrix[sample])
     if mode != "dense":
         from stages.filter import Bm25Index
 
         bm25 = Bm25Index([c.text for c in chunks])
         lexical = [_top(bm25.scores(text), chunks, depth, positive_only=True) for text in texts]
-    found = _Found(dense, lexical)
+    found = _Found(dense, lexical, corpus_size=len(chunks))
+    if scores is not None:
+        found.covariance = covariance
     if scores is not None and lexical is not None:
         row_of = {chunk.id: i for i, chunk in enumerate(chunks)}
         found.dense_of = [
@@ -274,7 +297,7 @@ def _top(scores: np.ndarray, chunks: list[ActiveChunk], depth: int, positive_onl
     ]
 
 
-def _combine(mode: str, found: _Found, row: int, weight: float, k: int) -> list[Hit]:
+def _combine(mode: str, found: _Found, row: int, plan: _Plan, vector, k: int) -> list[Hit]:
     dense = found.dense[row] if found.dense else []
     lexical = found.lexical[row] if found.lexical else []
     if mode == "dense":
@@ -283,7 +306,12 @@ def _combine(mode: str, found: _Found, row: int, weight: float, k: int) -> list[
         return lexical[:k]
     by_id = {hit.chunk_id: hit for hit in lexical} | {hit.chunk_id: hit for hit in dense}
     extra = found.dense_of[row] if found.dense_of else None
-    fused = zmix(_scored(dense), _scored(lexical), weight, k, extra)
+    dense_scored, lexical_scored = _scored(dense), _scored(lexical)
+    spreads = (
+        dense_spread(vector, found.covariance, dense_scored),
+        lexical_spread(lexical_scored, found.corpus_size),
+    )
+    fused = zmix(dense_scored, lexical_scored, plan.weight, k, extra, spreads)
     return [Hit(s.chunk_id, s.score, by_id[s.chunk_id].path, by_id[s.chunk_id].text) for s in fused]
 
 

@@ -38,6 +38,11 @@ class StateLayout:
     def cache(self) -> Path:
         return self.root / "cache"
 
+    @property
+    def index_stats(self) -> Path:
+        """Per-collection vector statistics hybrid queries normalise with (stages/fusion.py)."""
+        return self.root / "index" / "stats"
+
     def round_dir(self, round_id: int) -> Path:
         return self.rounds / str(round_id)
 

@@ -57,13 +57,32 @@ def test_zmix_scores_bm25_only_candidates_with_their_exact_cosine():
     dense = [Scored(1, 0.9), Scored(2, 0.5), Scored(3, 0.4)]
     lexical = [Scored(4, 12.0), Scored(1, 3.0)]
     assert lexical_only(dense, lexical) == [4]
+    spreads = (0.1, 10.0)
     # chunk 4 is BM25's best; its true cosine (0.85) puts it first, the dense floor (0.4) would not
-    assert [hit.chunk_id for hit in zmix(dense, lexical, 0.5, 4, {4: 0.85})][0] == 4
-    assert [hit.chunk_id for hit in zmix(dense, lexical, 0.5, 4, {4: 0.0})][0] == 1
+    assert [hit.chunk_id for hit in zmix(dense, lexical, 0.5, 4, {4: 0.85}, spreads)][0] == 4
+    assert [hit.chunk_id for hit in zmix(dense, lexical, 0.5, 4, None, spreads)][0] == 1
+    assert [hit.chunk_id for hit in zmix(dense, lexical, 0.5, 4, {4: 0.0}, spreads)][0] == 1
     assert [hit.chunk_id for hit in zmix(dense, lexical, 0.0, 3)] == [1, 2, 3]
     assert [hit.chunk_id for hit in zmix(dense, lexical, 1.0, 2)] == [4, 1]
     with pytest.raises(ValueError):
         zmix(dense, lexical, 1.5, 3)
+
+
+def test_spreads_are_the_corpus_standard_deviations():
+    import numpy as np
+
+    from stages.fusion import dense_spread, lexical_spread, vector_covariance
+
+    rng = np.random.default_rng(1)
+    corpus = rng.normal(size=(500, 8))
+    query = rng.normal(size=8)
+    cosines = corpus @ query
+    assert dense_spread(query, vector_covariance(corpus), []) == pytest.approx(cosines.std())
+    bm25 = np.zeros(500)
+    bm25[:7] = [9.0, 7.5, 3.0, 2.0, 1.0, 0.5, 0.25]  # the rest of the corpus has no query word
+    listed = [Scored(i, float(bm25[i])) for i in range(7)]
+    assert lexical_spread(listed, 500) == pytest.approx(bm25.std())
+    assert lexical_spread([], 500) == 1.0
 
 
 def test_a_collection_holds_both_halves_and_hybrid_fuses_them(make_settings, start_daemon):
