@@ -227,6 +227,20 @@ def _fill_index(conn: sqlite3.Connection, status: dict[str, Any], daemon_row: sq
             index["live"] = entry
 
 
+def set_served_mode(status: dict[str, Any], wanted: str) -> None:
+    """`index.mode` (what search and eval serve by default) and what the live collection can serve of
+    it now: a collection built before hybrid search serves dense until its rebuild goes live."""
+    index = status["index"]
+    live = index.get("live")
+    index["mode"] = wanted
+    if not wanted or live is None:
+        index["serving"] = None
+    elif wanted != "dense" and live.get("retrieval") != "hybrid":
+        index["serving"] = "dense"
+    else:
+        index["serving"] = wanted
+
+
 def _retrieval(entry: dict[str, Any]) -> str:
     if entry.get("retrieval") != "hybrid":
         return "dense only: built before hybrid search, rebuilt in the background"
@@ -295,6 +309,8 @@ def format_status(status: dict[str, Any]) -> str:
                 parts.append(f"filling {entry['name']} ({entry['model']}) {entry['progress'] or ''}".rstrip())
             elif entry["progress"]:
                 parts.append(f"adding {entry['progress']}")
+        if index.get("serving"):
+            parts.insert(0, f"serves {index['serving']}")
         lines.append("index     " + "; ".join(parts))
         if index.get("error"):
             lines.append(f"          error: {index['error'][:160]}")

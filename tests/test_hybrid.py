@@ -165,6 +165,9 @@ def test_a_collection_from_before_hybrid_search_is_rebuilt_blue_green(make_setti
     )
     conn.commit()
     assert service.needs_sync(conn)
+    assert "serves dense" in _status_text(settings, layout) and "built before hybrid" in _status_text(
+        settings, layout
+    )
     old = search(settings, "database server", k=3, mode="hybrid")
     assert old.source.startswith("exact search") and "before hybrid search" in old.note
     assert search(settings, "database server", k=3, mode="dense").source == f"collection {live.name}"
@@ -173,6 +176,16 @@ def test_a_collection_from_before_hybrid_search_is_rebuilt_blue_green(make_setti
     assert records.live().hybrid and records.get(live.name).state == "ready"
     assert not service.needs_sync(conn)
     assert search(settings, "database server", k=3).source == f"collection {report.collection}"
+    text = _status_text(settings, layout)
+    assert "serves hybrid" in text and "hybrid: BM25 (standard) + dense" in text
+
+
+def _status_text(settings, layout) -> str:
+    from state.status import format_status, read_status, set_served_mode
+
+    status = read_status(layout)
+    set_served_mode(status, settings.index.mode)
+    return format_status(status)
 
 
 def test_bad_queries_get_reasons_and_long_ones_a_note(make_settings, start_daemon, tmp_path, capsys):
