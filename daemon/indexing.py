@@ -48,9 +48,6 @@ log = get_logger("embedtune.index")
 JOB_KIND = "index"
 UNAVAILABLE_RETRY_S = 60.0
 MAX_PASSES = 3
-# `index.analyzer = "auto"`: jieba once Chinese chunks are this share of the corpus (jieba also splits
-# English words, so a mixed corpus loses nothing; a purely English one keeps the faster standard analyzer).
-JIEBA_CHINESE_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -86,18 +83,17 @@ def index_target(settings: Settings) -> IndexTarget:
 
 def served_analyzer(conn: sqlite3.Connection, settings: Settings) -> str:
     """The BM25 analyzer collections are built with: the configured one, or by the corpus language."""
+    from stages.fusion import choose_analyzer
+
     if settings.index.analyzer != "auto":
         return settings.index.analyzer
-    languages = active_languages(conn)
-    total = sum(languages.values())
-    return "jieba" if total and languages.get("zh", 0) / total >= JIEBA_CHINESE_SHARE else "standard"
+    return choose_analyzer("auto", active_languages(conn))
 
 
 def served_bm25_weight(settings: Settings, analyzer: str) -> float:
-    from stages.fusion import default_bm25_weight
+    from stages.fusion import choose_bm25_weight
 
-    weight = settings.index.bm25_weight
-    return default_bm25_weight(analyzer) if weight == "auto" else float(weight)
+    return choose_bm25_weight(settings.index.bm25_weight, analyzer)
 
 
 def serving_model(conn: sqlite3.Connection, layout: StateLayout, settings: Settings) -> ServingModel:

@@ -410,6 +410,9 @@ def eval_plan(settings: Settings):
         promotion.user_eval_positive_key,
         promotion.guard_eval,
         promotion.eval_pool,
+        served_mode=settings.index.mode if settings.index.enabled else "",
+        analyzer=settings.index.analyzer,
+        bm25_weight=settings.index.bm25_weight,
     )
 
 

@@ -109,6 +109,23 @@ def rrf(dense: Sequence[Scored], lexical: Sequence[Scored], k: int, constant: in
     return fused[:k]
 
 
+# `index.analyzer = "auto"`: jieba once Chinese chunks are this share of the corpus (jieba also splits
+# English words, so a mixed corpus loses nothing; a purely English one keeps the faster standard analyzer).
+JIEBA_CHINESE_SHARE = 0.05
+
+
+def choose_analyzer(configured: str, languages: Mapping[str, int]) -> str:
+    """The BM25 analyzer: the configured one, or by the corpus' languages (chunks per language)."""
+    if configured != "auto":
+        return configured
+    total = sum(languages.values())
+    return "jieba" if total and languages.get("zh", 0) / total >= JIEBA_CHINESE_SHARE else "standard"
+
+
+def choose_bm25_weight(configured: float | str, analyzer: str) -> float:
+    return default_bm25_weight(analyzer) if configured == "auto" else float(configured)
+
+
 # BM25's share of the hybrid score by analyzer (so by corpus language), measured on the dev sets over
 # Milvus top-N lists (docs/benchmarks.md, "Hybrid retrieval").
 DEFAULT_BM25_WEIGHT = {"standard": 0.2, "jieba": 0.7}

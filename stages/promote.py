@@ -6,6 +6,9 @@ Rule (docs/promotion.md):
 2. Human-signal sets (the user's evaluation file, document-structure queries) veto: a variant that
    loses more than `human_tolerance` on any of them is not eligible, whatever the synthetic gain.
 3. The guard set vetoes a variant that drops more than `max_guard_drop` on it (forgetting).
+3a. What users are served vetoes: a variant whose served hybrid ranking (BM25 fused with its vectors, the
+    `<set>+served` sets) is worse than the model in service's with the whole paired 95% interval below
+    zero is not eligible, whatever its dense gain (docs/promotion.md).
 3b. With no human-signal set at all, the synthetic gain alone must be convincing: the lower end of its
     paired-bootstrap 95% interval must reach `synthetic_only_min_gain`.
 4. Among eligible variants, the one with the best score on the strongest set wins: the user's file if
@@ -23,6 +26,7 @@ import numpy as np
 SYNTHETIC = "heldout"
 HUMAN_SETS = ("user", "structure")
 GUARD = "guard"
+SERVED_SUFFIX = "+served"  # a set scored through the served hybrid ranking (stages/hybrid_eval.py)
 
 
 class RejectionCause(StrEnum):
@@ -36,6 +40,7 @@ class RejectionCause(StrEnum):
     NOT_CONVINCING = "synthetic_gain_not_convincing"
     HUMAN_VETO = "human_signal_veto"
     GUARD_VETO = "guard_veto"
+    SERVED_VETO = "served_hybrid_veto"
 
 
 @dataclass
@@ -70,10 +75,12 @@ def decide(
     current: str = "current",
     intervals: dict[str, tuple[float, float] | None] | None = None,
     synthetic_only_min_gain: float = 0.0,
+    served_intervals: dict[str, dict[str, tuple[float, float] | None]] | None = None,
 ) -> Decision:
     """`scores[variant][set]` is the metric value; `current` names the model in service.
 
-    `intervals[variant]` is the bootstrap interval of the variant's held-out gain (used by rule 3b).
+    `intervals[variant]` is the bootstrap interval of the variant's held-out gain (used by rule 3b);
+    `served_intervals[variant][set]` those of its gains on the `+served` sets (rule 3a).
     """
     if current not in scores or SYNTHETIC not in scores[current]:
         return Decision(
@@ -109,6 +116,13 @@ def decide(
             if name in gain and gain[name] < -human_tolerance:
                 refusals.append(f"{variant}: vetoed by {name} set ({metric} {gain[name]:+.4f})")
                 causes.setdefault(variant, RejectionCause.HUMAN_VETO)
+        for name, interval in ((served_intervals or {}).get(variant) or {}).items():
+            if interval is not None and interval[1] < 0:
+                refusals.append(
+                    f"{variant}: the served hybrid gets worse on {name.removesuffix(SERVED_SUFFIX)} "
+                    f"({metric} {gain.get(name, 0.0):+.4f}, 95% CI [{interval[0]:+.4f}, {interval[1]:+.4f}])"
+                )
+                causes.setdefault(variant, RejectionCause.SERVED_VETO)
         if GUARD in gain and gain[GUARD] < -max_guard_drop:
             refusals.append(
                 f"{variant}: vetoed by guard set ({metric} {gain[GUARD]:+.4f} < -{max_guard_drop})"

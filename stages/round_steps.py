@@ -14,6 +14,8 @@ distillation losses their targets (stages/labels.py).
 from __future__ import annotations
 
 import json
+import random
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +28,8 @@ from stages.encoder import Encoder
 from stages.eval_pool import pool_indices, restrict
 from stages.evalsets import EvalSet, load_eval_file, structure_set
 from stages.evaluate import EvalResult, RetrievalEvaluator
+from stages.fusion import choose_analyzer, choose_bm25_weight
+from stages.hybrid_eval import HybridEvaluator, served_name
 from stages.labels import (
     LabelParams,
     LabelQuery,
@@ -36,8 +40,9 @@ from stages.labels import (
     student_candidates,
 )
 from stages.negatives import build_index, mine_hard_negatives
-from stages.promote import Decision, RejectionCause, decide, paired_bootstrap
+from stages.promote import SERVED_SUFFIX, Decision, RejectionCause, decide, paired_bootstrap
 from stages.teacher import Teacher
+from stages.text import detect_language
 from stages.train import ProgressFn, TrainOutcome, TrainParams, train_model
 from state.round_records import CorpusChunk, HeldoutSample, RoundInputs, TrainSample
 from state.teacher_scores import PairKey
@@ -293,6 +298,9 @@ class EvalPlan:
     guard_eval: str = ""
     pool_size: int = 0  # 0: whole corpus; else judge variants on a pool of about this many chunks
     pool_seed: int = 0
+    served_mode: str = ""  # "hybrid": also judge the held-out and user sets as the index serves them
+    analyzer: str = "auto"  # index.analyzer, to pick the served BM25 share as the index does
+    bm25_weight: float | str = "auto"
 
 
 HELDOUT = "heldout"
@@ -345,7 +353,23 @@ def build_evaluators(
         sets = [restrict(eval_set, pool) for eval_set in sets]
     if plan.guard_eval:
         sets = [*sets, load_eval_file(plan.guard_eval, name="guard")]
-    return [RetrievalEvaluator(eval_set, plan.metric) for eval_set in sets]
+    evaluators: list = [RetrievalEvaluator(eval_set, plan.metric) for eval_set in sets]
+    if plan.served_mode == "hybrid":
+        weight = served_weight(sets[0].corpus_texts, plan)
+        evaluators += [
+            HybridEvaluator(eval_set, weight, plan.metric)
+            for eval_set in sets
+            if eval_set.name in (HELDOUT, "user")
+        ]
+    return evaluators
+
+
+def served_weight(corpus_texts: list[str], plan: EvalPlan) -> float:
+    """The BM25 share the index serves this corpus with (the analyzer by its languages, as the index
+    picks it; languages detected on a sample of the texts)."""
+    sample = random.Random(0).sample(corpus_texts, min(500, len(corpus_texts)))
+    languages = Counter(detect_language(text) for text in sample)
+    return choose_bm25_weight(plan.bm25_weight, choose_analyzer(plan.analyzer, languages))
 
 
 Results = dict[str, dict[str, EvalResult]]  # variant -> evaluator name -> result
@@ -355,7 +379,8 @@ def evaluate_variant(
     encoder: Encoder, evaluators: list[RetrievalEvaluator], heldout_vectors: np.ndarray | None = None
 ) -> dict[str, EvalResult]:
     """One model on every set; `heldout_vectors` are the model's own corpus vectors when known."""
-    return {e.name: e(encoder, heldout_vectors if e.name == HELDOUT else None) for e in evaluators}
+    own = (HELDOUT, served_name(HELDOUT))
+    return {e.name: e(encoder, heldout_vectors if e.name in own else None) for e in evaluators}
 
 
 # --- merge -------------------------------------------------------------------------------------------
@@ -440,6 +465,15 @@ def decide_round(
         for variant in per_query
         if variant != CURRENT
     }
+    served_intervals = {
+        variant: {
+            name: paired_bootstrap(values, per_query[CURRENT][name], params.bootstrap_samples, params.seed)
+            for name, values in sets.items()
+            if name.endswith(SERVED_SUFFIX) and name in per_query[CURRENT]
+        }
+        for variant, sets in per_query.items()
+        if variant != CURRENT
+    }
     decision = decide(
         scores,
         params.metric,
@@ -448,6 +482,7 @@ def decide_round(
         params.max_guard_drop,
         intervals=intervals,
         synthetic_only_min_gain=params.synthetic_only_min_gain,
+        served_intervals=served_intervals,
     )
     table = {
         variant: {name: r.to_json() for name, r in per_set.items()} for variant, per_set in results.items()

@@ -118,6 +118,9 @@ def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
     assert heldout_docs and not heldout_docs & trained_docs  # no held-out document is trained on
     metrics = json.loads(row["candidate_metrics"])
     assert set(metrics["heldout"]) >= {"recall@1", "recall@10", "ndcg@10", "mrr@10", "map@10"}
+    # the gate also judged the held-out queries as the index serves them (hybrid), for both models
+    assert metrics["heldout+served"]["n_queries"] == metrics["heldout"]["n_queries"]
+    assert "heldout+served" in json.loads(row["current_metrics"])
     status = running.status()
     assert status["model"]["current"] == f"v{row['model_id']}"
     model = SentenceTransformer(str(running.daemon.layout.current), device="cpu")
@@ -388,6 +391,38 @@ def test_status_shows_round_progress_while_training(make_settings, start_daemon)
     conn = connect(running.daemon.layout.database, readonly=True)
     assert conn.execute("SELECT state FROM rounds").fetchone()[0] == "aborted"
     assert conn.execute("SELECT COUNT(*) FROM jobs WHERE state='running'").fetchone()[0] == 0
+
+
+def test_a_dense_gain_that_makes_the_served_hybrid_worse_is_refused():
+    scores = {
+        "current": {"heldout": 0.50, "heldout+served": 0.60},
+        "candidate": {"heldout": 0.56, "heldout+served": 0.52},
+        "merged-0.5": {"heldout": 0.53, "heldout+served": 0.61},
+    }
+    served = {
+        "candidate": {"heldout+served": (-0.12, -0.03)},
+        "merged-0.5": {"heldout+served": (-0.01, 0.03)},
+    }
+    decision = decide(scores, "ndcg@10", 0.01, served_intervals=served)
+    assert decision.promote and decision.variant == "merged-0.5"
+    alone = decide(
+        {k: v for k, v in scores.items() if k != "merged-0.5"}, "ndcg@10", 0.01, served_intervals=served
+    )
+    assert not alone.promote and alone.cause.value == "served_hybrid_veto"
+    assert "served hybrid gets worse on heldout" in alone.reason
+
+
+def test_the_served_hybrid_evaluator_ranks_by_the_fusion(tiny_embedder):
+    from stages.encoder import EncodeParams, Encoder
+    from stages.evalsets import EvalSet
+    from stages.hybrid_eval import HybridEvaluator
+
+    corpus = [f"the {TOPICS[i]} report number {i}" for i in range(10)]
+    eval_set = EvalSet("heldout", ["music report", "database report"], corpus, [{2: 1.0}, {7: 1.0}])
+    encoder = Encoder(tiny_embedder, EncodeParams(device="cpu"))
+    lexical_only = HybridEvaluator(eval_set, 1.0)(encoder)
+    assert lexical_only.metrics["recall@1"] == 1.0  # each query's words are in its passage only
+    assert HybridEvaluator(eval_set, 0.0)(encoder).n_queries == 2
 
 
 def test_batch_size_shrinks_until_a_batch_without_repeated_texts_exists():

@@ -1,0 +1,82 @@
+"""The gate's view of what users are served: a set's queries ranked by the hybrid the index serves
+(BM25 over the set's corpus fused with the variant's vectors, stages/fusion.py), scored like any set.
+
+In a round the corpus is the snapshot (or the evaluation pool), in memory, so BM25 here is rank_bm25 with
+the teacher's tokenizer rather than Milvus' (the same words; docs/index.md), and the fusion is the same
+function with the same candidate depth, the same spreads and the same BM25 share as `embedtune search`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from stages.evalsets import EvalSet
+from stages.evaluate import METRICS, SEARCH_DEPTH, EvalResult, evaluate_rankings
+from stages.filter import Bm25Index
+from stages.fusion import (
+    STATS_SAMPLE,
+    Scored,
+    dense_spread,
+    lexical_spread,
+    vector_covariance,
+    zmix,
+)
+from stages.promote import SERVED_SUFFIX
+
+
+def served_name(set_name: str) -> str:
+    return set_name + SERVED_SUFFIX
+
+
+class HybridEvaluator:
+    """Like RetrievalEvaluator (same call, same result), ranking with the served hybrid fusion.
+    BM25 depends on the corpus only, so it is computed once for every variant judged."""
+
+    greater_is_better = True
+
+    def __init__(
+        self, eval_set: EvalSet, bm25_weight: float, primary_metric: str = "ndcg@10", depth: int = 100
+    ) -> None:
+        if primary_metric not in METRICS:
+            raise ValueError(f"unknown metric {primary_metric!r}; one of {', '.join(METRICS)}")
+        self.eval_set = eval_set
+        self.name = served_name(eval_set.name)
+        self.primary_metric = primary_metric
+        self.bm25_weight = bm25_weight
+        self.depth = depth
+        self._lexical: list[list[Scored]] | None = None
+
+    def _lexical_lists(self) -> list[list[Scored]]:
+        if self._lexical is None:
+            index = Bm25Index(self.eval_set.corpus_texts)
+            self._lexical = []
+            for query in self.eval_set.queries:
+                scores = index.scores(query)
+                top = np.argsort(-scores, kind="stable")[: self.depth]
+                self._lexical.append([Scored(int(i), float(scores[i])) for i in top if scores[i] > 0])
+        return self._lexical
+
+    def __call__(self, encoder, corpus_vectors: np.ndarray | None = None) -> EvalResult:
+        if not self.eval_set.queries or not self.eval_set.corpus_texts:
+            return evaluate_rankings([], [], self.primary_metric)
+        passages = (
+            corpus_vectors
+            if corpus_vectors is not None
+            else encoder.passages(self.eval_set.corpus_texts, self.eval_set.corpus_keys)
+        )
+        queries = encoder.queries(self.eval_set.queries)
+        rng = np.random.default_rng(0)
+        sample = rng.choice(len(passages), size=min(STATS_SAMPLE, len(passages)), replace=False)
+        covariance = vector_covariance(passages[sample])
+        cosines = queries @ passages.T
+        corpus_size = len(passages)
+        ranked = []
+        for row, lexical in enumerate(self._lexical_lists()):
+            scores = cosines[row]
+            top = np.argsort(-scores, kind="stable")[: self.depth]
+            dense = [Scored(int(i), float(scores[i])) for i in top]
+            dense_of = {hit.chunk_id: float(scores[hit.chunk_id]) for hit in lexical}
+            spreads = (dense_spread(queries[row], covariance, dense), lexical_spread(lexical, corpus_size))
+            fused = zmix(dense, lexical, self.bm25_weight, SEARCH_DEPTH, dense_of, spreads)
+            ranked.append([hit.chunk_id for hit in fused])
+        return evaluate_rankings(ranked, self.eval_set.relevant, self.primary_metric)
