@@ -209,8 +209,13 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
         outcome = promote(
             registry, records, round_id, variant_dirs[verdict.decision.variant], verdict, current, used
         )
+        promoted = registry.current()  # the version folder: `models/current` moves with the next rollback
         run_on_promote_hook(
-            settings.promotion.on_promote, layout.current, table[verdict.decision.variant], records, round_id
+            settings.promotion.on_promote,
+            promoted.path if promoted else layout.current,
+            table[verdict.decision.variant],
+            records,
+            round_id,
         )
     else:
         outcome = RoundOutcome.REJECTED

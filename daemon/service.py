@@ -56,13 +56,13 @@ class DbCallbacks(InboxCallbacks):
             store.file_deleted(path, self.settings.ingest.retire_samples)
 
     def moved(self, src: str, dest: str) -> None:
-        if self._store().file_moved(src, dest):
+        if self._store().file_moved(src, dest, self.settings.ingest.retire_samples):
             log.info("document_moved", src=src, dest=dest)
 
     def moved_tree(self, src: str, dest: str) -> None:
         store = self._store()
         for path in store.paths_under(src):
-            store.file_moved(path, dest + path[len(src) :])
+            store.file_moved(path, dest + path[len(src) :], self.settings.ingest.retire_samples)
 
     def rejected(self, path: str, reason: str) -> None:
         self._store().reject_path(path, reason)
@@ -313,11 +313,11 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_settings(self.config_file)
+            changes = apply_live(self.settings, new)  # all live keys or none
         except ConfigError as exc:
             log.error("reload_rejected", error=str(exc))
             self.notifier.ready(self.describe())
             return
-        changes = apply_live(self.settings, new)
         self.restart_needed = restart_keys(self.settings, new)
         self.breaker.threshold = self.settings.llm.breaker_failures
         self.breaker.reset_s = self.settings.llm.breaker_reset_s

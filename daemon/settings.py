@@ -390,11 +390,27 @@ def restart_keys(running: Settings, wanted: Settings) -> list[str]:
 
 
 def apply_live(running: Settings, wanted: Settings) -> dict[str, tuple[object, object]]:
-    """Copy the changed live keys into the running settings object; returns what changed."""
+    """Copy the changed live keys into the running settings object; returns what changed. All of them
+    or none: the running settings with the new live values are validated as a whole first (keys that
+    must agree, such as training.launcher and nproc_per_node, would fail one assignment at a time), and
+    a ConfigError leaves the running settings as they were."""
     changes = diff_live(running, wanted)
+    if not changes:
+        return {}
+    merged = running.model_dump()
     for dotted, (_old, new) in changes.items():
         section, key = dotted.split(".")
-        setattr(getattr(running, section), key, new)
+        merged[section][key] = new
+    try:
+        checked = Settings.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(
+            _format_error(exc, "the reloaded file (live keys with the running settings)")
+        ) from exc
+    for dotted in changes:
+        section, key = dotted.split(".")
+        # in place, as validated together above: objects that hold a section see the new values
+        getattr(running, section).__dict__[key] = getattr(getattr(checked, section), key)
     return changes
 
 

@@ -294,11 +294,13 @@ class LlmClient:
 
     def chat(self, messages: list[dict[str, str]], request: JsonRequest | None = None) -> Completion:
         """One completion, retried on transient failures. With a JsonRequest, `max_tokens` and (per the
-        structured mode) `response_format` are sent; in `auto` mode a 4xx refusal of `response_format`
-        steps down one mode, is remembered, and the request is sent again at once.
+        structured mode) `response_format` are sent. In `auto` mode a 4xx refusal steps down one mode and
+        the request is sent again at once; the weaker mode is remembered only once a request in it is
+        answered, so a refusal that had nothing to do with the format (a wrong model name: 404) fails
+        the request and leaves structured output on.
         Raises LlmUnavailable, LlmRejected or BreakerOpen."""
+        asked = mode = self.structured
         while True:
-            mode = self.structured
             body: dict[str, Any] = {
                 "model": self.config.model,
                 "messages": messages,
@@ -311,26 +313,26 @@ class LlmClient:
                 if fmt is not None:
                     body["response_format"] = fmt
             try:
-                return self._send(body)
+                completion = self._send(body)
             except LlmRejected as exc:
-                if "response_format" not in body or not self._step_down(mode, exc):
+                if "response_format" not in body or not self._may_step_down(exc):
                     raise
+                mode = FALLBACK.get(mode, StructuredMode.OFF)
+                continue
+            if mode is not asked:
+                self._remember(asked, mode)
+            return completion
 
-    def _step_down(self, refused: StructuredMode, error: LlmRejected) -> bool:
-        """Remember that the server refused `refused`; False when there is nothing weaker to try."""
+    def _may_step_down(self, error: LlmRejected) -> bool:
         refusal = isinstance(error, FormatRefused) or error.status in (400, 404, 415, 422, 501)
-        if not self._fallback_allowed or not refusal:
-            return False
+        return self._fallback_allowed and refusal
+
+    def _remember(self, refused: StructuredMode, works: StructuredMode) -> None:
+        """The server answered in `works` after refusing `refused`: use it from now on."""
         with self._mode_lock:
             if self.structured is refused:
-                self.structured = FALLBACK.get(refused, StructuredMode.OFF)
-                log.warning(
-                    "llm_structured_fallback",
-                    refused=refused.value,
-                    now=self.structured.value,
-                    error=str(error)[:200],
-                )
-        return True
+                self.structured = works
+                log.warning("llm_structured_fallback", refused=refused.value, now=works.value)
 
     def _send(self, body: dict[str, Any]) -> Completion:
         last_error = "no attempt made"

@@ -117,8 +117,9 @@ class DocumentStore:
             self._hand_over_duplicate(row)
         return True
 
-    def file_moved(self, src: str, dest: str) -> bool:
-        """A rename inside the inbox: same content, new path; nothing is re-ingested."""
+    def file_moved(self, src: str, dest: str, retire_samples: str = "keep") -> bool:
+        """A rename inside the inbox: same content, new path; nothing is re-ingested. A file the move
+        overwrote is retired as a deletion would retire it (`ingest.retire_samples`)."""
         with transaction(self.conn):
             row = self.by_path(src)
             if row is None:
@@ -127,7 +128,7 @@ class DocumentStore:
             if existing is not None:
                 if existing["status"] != "deleted":
                     # Overwrote another file: that file's content is gone.
-                    self._retire_chunks(existing["id"], "keep", "overwritten by a move")
+                    self._retire_chunks(existing["id"], retire_samples, "overwritten by a move")
                 self.conn.execute(
                     "UPDATE documents SET path=?, status='deleted', updated=? WHERE id=?",
                     (f"{dest}\x00replaced:{existing['id']}", utcnow(), existing["id"]),

@@ -78,6 +78,7 @@ class FakeLlm:
         slots: int = 0,
         accepts: tuple[str, ...] = ("json_schema", "json_object"),
         refusal_status: int = 400,
+        models: tuple[str, ...] = (),
     ) -> None:
         self.script = list(script or [])
         self.ramble_tokens = ramble_tokens
@@ -85,6 +86,7 @@ class FakeLlm:
         self.slot_gate = threading.BoundedSemaphore(slots) if slots else None
         self.accepts = accepts
         self.refusal_status = refusal_status  # llama-cpp-python's server refuses with 500
+        self.models = models  # when set, any other model name is answered 404, as vLLM and OpenAI do
         self.completion_tokens: list[int] = []
         self.weights = weights
         self.latency = latency
@@ -183,6 +185,10 @@ class FakeLlm:
                     )
                 if not self.path.endswith("/v1/chat/completions"):
                     self._send(404, b'{"error": {"message": "not found"}}')
+                    return
+                if fake.models and body.get("model") not in fake.models:
+                    message = f"The model `{body.get('model')}` does not exist."
+                    self._send(404, json.dumps({"error": {"message": message}}).encode())
                     return
                 fmt = (body.get("response_format") or {}).get("type")
                 if fmt is not None and fmt not in fake.accepts:

@@ -118,6 +118,28 @@ def test_move_modify_delete(make_settings, start_daemon):
     assert running.scalar("SELECT COUNT(*) FROM samples WHERE kept=1") == 0
 
 
+def test_a_move_over_another_file_retires_it_by_the_retire_policy(make_settings, start_daemon):
+    """The overwritten file's content is gone, as for a delete: with `retire_samples = "drop"` its
+    pairs must stop being training data (the move path used to hard-code "keep")."""
+    # featured_percentage 1: the filter keeps every pair (the tiny model ranks at random)
+    settings = make_settings(ingest={"retire_samples": "drop"}, synthesis={"featured_percentage": 1.0})
+    inbox = settings.paths.inbox
+    running = start_daemon(settings)
+    mover, victim = inbox / "a.txt", inbox / "b.txt"
+    mover.write_text(ENGLISH)
+    victim.write_text("A second guide. " + ENGLISH.replace("solar", "wind"))
+    wait_for(lambda: _status_of(running, victim) == "ingested" and _status_of(running, mover) == "ingested")
+    wait_for(running.idle)
+    victim_id = _doc(running, victim)["id"]
+    kept = (
+        "SELECT COUNT(*) FROM samples s JOIN chunks c ON c.id=s.chunk_id WHERE c.document_id=? AND s.kept=1"
+    )
+    assert running.scalar(kept, victim_id) > 0
+    os.replace(mover, victim)
+    wait_for(lambda: running.scalar("SELECT status FROM documents WHERE id=?", victim_id) == "deleted")
+    assert running.scalar(kept, victim_id) == 0
+
+
 def test_startup_reconciles_changes_made_while_down(make_settings, start_daemon):
     settings = make_settings()
     inbox = settings.paths.inbox

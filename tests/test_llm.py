@@ -255,6 +255,22 @@ def test_auto_structured_mode_falls_back_once_and_remembers(accepts, refusal, se
         assert client.breaker.state is BreakerState.CLOSED
 
 
+def test_a_wrong_model_name_does_not_turn_structured_output_off():
+    """A 404 for the model is not a refusal of response_format: the request fails with the server's
+    reason and the client keeps json_schema for when the name is fixed."""
+    from stages.llm import JsonRequest, StructuredMode
+    from stages.prompts import SCHEMAS
+
+    request = JsonRequest("questions", SCHEMAS["questions"], 100)
+    with FakeLlm(models=("served-model",)) as server:
+        client = _client(server)
+        before = client.structured
+        with pytest.raises(LlmRejected, match="does not exist"):
+            client.ask_json(MESSAGES, _questions, request)
+        assert client.structured is before is StructuredMode.JSON_SCHEMA
+        assert client.breaker.state is BreakerState.CLOSED
+
+
 def test_an_explicit_structured_mode_is_not_second_guessed():
     from stages.llm import JsonRequest, StructuredMode
     from stages.prompts import SCHEMAS

@@ -80,13 +80,15 @@ def foreground_round(settings):
     return running, row, running.daemon.layout.round_dir(row["id"])
 
 
-def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
+def test_round_promotes_and_current_model_loads(make_settings, start_daemon, tmp_path):
     from sentence_transformers import SentenceTransformer
 
     # check_minutes over 5 s: the round is started by the apscheduler job, not the main loop's fast path.
     # The teacher's label step end to end (the default is "none"); one negative per query, as the
     # student-margin rule leaves few candidates in this small corpus.
     settings = _round_settings(make_settings, teacher="hybrid", check_minutes=0.1, hard_negatives=1)
+    hook_out = tmp_path / "hook.txt"
+    settings.promotion.on_promote = f'printf %s "$EMBEDTUNE_MODEL_PATH" > {hook_out}'
     _corpus(settings.paths.inbox)
     running = start_daemon(settings)
     row = _finished_round(running)
@@ -126,6 +128,9 @@ def test_round_promotes_and_current_model_loads(make_settings, start_daemon):
     model = SentenceTransformer(str(running.daemon.layout.current), device="cpu")
     assert model.encode(["river"]).shape[1] == 32
     assert running.scalar("SELECT COUNT(*) FROM samples WHERE round_id=?", row["id"]) == row["n_train"]
+    # the hook gets the version folder, which a later rollback does not move, not the models/current link
+    hooked = hook_out.read_text()
+    assert hooked == str(running.daemon.layout.versions / str(row["model_id"])), hooked
 
 
 def test_round_rejected_when_gain_below_min_gain(make_settings):

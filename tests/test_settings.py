@@ -156,6 +156,40 @@ def test_reload_applies_live_keys_only_and_names_the_rest():
     assert restart_keys(running, wanted) == ["model.device"]
 
 
+@pytest.mark.parametrize(
+    "training",
+    [
+        {"launcher": "torchrun", "nproc_per_node": 2},  # launcher first would be fine, nproc first not
+        {"launcher": "torchrun", "nnodes": 2, "node_rank": 1, "rdzv_endpoint": "10.0.0.1:29400"},
+    ],
+)
+def test_reload_applies_linked_training_keys_together(training):
+    from daemon.settings import apply_live
+
+    running = Settings()
+    wanted = Settings.model_validate({"training": training})
+    changes = apply_live(running, wanted)
+    assert set(changes) == {f"training.{key}" for key in training}
+    for key, value in training.items():
+        assert getattr(running.training, key) == value
+    back = apply_live(running, Settings())  # and back to the defaults, in the opposite order
+    assert set(back) == set(changes) and running.training.launcher == "local"
+
+
+def test_a_reload_that_cannot_apply_changes_nothing():
+    from daemon.settings import ConfigError, apply_live
+
+    # the file turns the teacher on (model.*: restart only) and a teacher loss with it (training.*: live);
+    # until a restart the running teacher is "none", so the new loss cannot apply, and neither may epochs
+    running = Settings()
+    wanted = Settings.model_validate(
+        {"model": {"teacher": "hybrid"}, "training": {"loss": "margin_mse", "epochs": 3.0}}
+    )
+    with pytest.raises(ConfigError, match="teacher"):
+        apply_live(running, wanted)
+    assert running.training.loss == "mnrl" and running.training.epochs == Settings().training.epochs
+
+
 def test_cli_config_check(tmp_path):
     ok = subprocess.run(
         [sys.executable, "-m", "daemon.cli", "--config", str(ROOT / "config.toml"), "config", "check"],
