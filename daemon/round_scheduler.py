@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from datetime import datetime, tzinfo
+from pathlib import Path
 
 from daemon.logs import get_logger
 from daemon.settings import Settings
@@ -201,6 +202,31 @@ def round_outlook(settings: Settings) -> str:
     return "\n".join(lines)
 
 
+def round_process_alive(pid: int | None) -> bool:
+    """Is `pid` a live round child? A pid of a dead process may have been reused by another program,
+    so the command line must name the round module too."""
+    if not pid:
+        return False
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"daemon.round_process" in cmdline
+
+
+def _round_in_the_way(store: RoundStore) -> str:
+    """Why a round cannot start now ("" when it can). A 'running' row whose child is gone (the daemon
+    was killed before it could record the end) is aborted here, as a daemon start-up would."""
+    for row in store.running_rounds():
+        if round_process_alive(row["pid"]):
+            return (
+                f"round {row['id']} is already running (pid {row['pid']}, stage {row['stage']}); "
+                "follow it with `embedtune status`"
+            )
+        store.abort(row["id"], f"its process ({row['pid'] or 'no pid'}) is gone: the daemon was stopped hard")
+    return ""
+
+
 def train_now(settings: Settings, foreground: bool = False, config_file: str | None = None) -> int:
     """`embedtune train --now`: ask the running daemon, or run a round here when none runs."""
     from state.status import read_status
@@ -215,8 +241,16 @@ def train_now(settings: Settings, foreground: bool = False, config_file: str | N
             "follow it with `embedtune status`"
         )
         return 0
+    busy = _round_in_the_way(RoundStore(db.conn))
+    if busy:
+        print(f"embedtune: {busy}", file=sys.stderr)
+        return 2
     manager = RoundScheduler(settings, layout, config_file)
-    round_id = manager.start(db.conn, "manual")
+    try:
+        round_id = manager.start(db.conn, "manual")
+    except RuntimeError as exc:  # a daemon started one in between
+        print(f"embedtune: {exc}; follow it with `embedtune status`", file=sys.stderr)
+        return 2
     print(f"round {round_id} running in the foreground (log: {layout.round_dir(round_id) / 'child.log'})")
     try:
         outcome = manager.wait(db.conn)

@@ -136,7 +136,7 @@ class RoundStore:
             self.conn.execute("UPDATE rounds SET hook=? WHERE id=?", (json.dumps(outcome), round_id))
 
     def running_rounds(self) -> list[sqlite3.Row]:
-        return self.conn.execute("SELECT id, pid FROM rounds WHERE state='running'").fetchall()
+        return self.conn.execute("SELECT id, pid, stage FROM rounds WHERE state='running'").fetchall()
 
     def all(self) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM rounds ORDER BY id").fetchall()

@@ -471,3 +471,34 @@ def test_beir_qrels_with_or_without_header(tmp_path, header):
     (tmp_path / "qrels" / "test.tsv").write_text(("query-id\tcorpus-id\tscore\n" if header else "") + rows)
     eval_set = load_beir(tmp_path)
     assert eval_set.queries == ["flood"] and eval_set.relevant == [{0: 2.0}]
+
+
+def test_train_now_with_a_stale_or_a_live_running_round(make_settings, capsys):
+    """A 'running' row left by a killed daemon is aborted and the round starts; a live one is reported
+    in a sentence, never a traceback."""
+    import subprocess
+    import sys
+
+    from daemon.round_scheduler import train_now
+    from state.db import Database
+    from state.layout import StateLayout
+    from state.round_records import RoundStore
+
+    settings = make_settings()
+    layout = StateLayout(settings.paths.state_dir).ensure()
+    conn = Database(layout.database).conn
+    store = RoundStore(conn)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "daemon.round_process"])
+    try:
+        running = store.create("schedule", "base")
+        store.set_pid(running, live.pid)
+        assert train_now(settings, foreground=True) == 2
+        err = capsys.readouterr().err
+        assert f"round {running} is already running (pid {live.pid}" in err and "Traceback" not in err
+    finally:
+        live.kill()
+        live.wait()
+    # the same row, its process now gone: aborted, and the requested round runs (and is rejected: no data)
+    assert train_now(settings, foreground=True) == 0
+    assert store.get(running)["state"] == "aborted" and "gone" in store.get(running)["error"]
+    assert store.get(running + 1)["state"] == "finished"
