@@ -34,7 +34,8 @@ def _config(work: Path) -> Path:
 
 
 def _serve(settings, documents: int) -> dict:
-    """Run the daemon until every document is ingested and the live collection holds every active chunk."""
+    """Run the daemon until every document is ingested and the live collection holds every active chunk.
+    The filter passes over the pseudo-queries are left running (they feed training, not the index)."""
     from daemon.indexing import IndexService
     from daemon.service import Daemon
     from state.db import connect
@@ -52,9 +53,12 @@ def _serve(settings, documents: int) -> dict:
         while True:
             progress = pipeline_progress(conn)
             live = IndexRecords(conn).live()
+            ingesting = conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE kind IN ('ingest', 'index') AND state IN ('pending','running','failed')"
+            ).fetchone()[0]
             if (
                 progress.documents_done >= documents
-                and not progress.busy_jobs
+                and not ingesting
                 and not len(daemon.watcher.tracker)
                 and live is not None
                 and not service.needs_sync(conn)

@@ -51,6 +51,15 @@ def build_registry(conn: sqlite3.Connection, up: bool = True) -> CollectorRegist
         gauge("index_chunks", "chunks in the live vector-store collection at its last sync").set(
             counts.index_chunks
         )
+    if counts.served_scores:
+        served = gauge(
+            "heldout_ndcg_at_10",
+            "held-out nDCG@10 of the model in service at the last round: the model alone (dense) and as "
+            "the index serves it (hybrid)",
+            ("retrieval",),
+        )
+        for retrieval, value in counts.served_scores.items():
+            served.labels(retrieval).set(value)
     return registry
 
 

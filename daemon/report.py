@@ -9,28 +9,24 @@ import json
 from pathlib import Path
 
 from daemon.settings import Settings
+from state.counts import served_after
 from state.db import connect
 from state.layout import StateLayout
 from state.pipeline_progress import report_data
-from state.round_records import RoundOutcome, RoundState
+from state.round_records import RoundState
+
+SERIES = (("heldout", "ndcg@10"), ("heldout", "recall@10"), ("heldout+served", "ndcg@10"))
 
 
-def _served_series(rounds, metric_names=("ndcg@10", "recall@10")):
-    """Per finished round: the score of the model that served after its decision."""
+def _served_series(rounds):
+    """Per finished round: the held-out scores of the model that served after its decision, as dense
+    retrieval and (when the round judged it) as the index serves it, hybrid."""
     points = []
     for row in rounds:
         if row["state"] != RoundState.FINISHED or not row["current_metrics"]:
             continue
-        current = json.loads(row["current_metrics"]).get("heldout", {})
-        served = current
-        if row["decision"] == RoundOutcome.PROMOTED and row["eval_sets"]:
-            best = json.loads(row["eval_sets"]).get("best")
-            variants = {
-                "candidate": json.loads(row["candidate_metrics"] or "{}"),
-                **json.loads(row["merged_metrics"] or "{}"),
-            }
-            served = variants.get(best, {}).get("heldout", current)
-        points.append((row["id"], {name: served.get(name) for name in metric_names}))
+        metrics = served_after(row)
+        points.append((row["id"], {(s, m): (metrics.get(s) or {}).get(m) for s, m in SERIES}))
     return points
 
 
@@ -44,8 +40,13 @@ def _chart(rounds, growth, funnel) -> bytes:
     series = _served_series(rounds)
     if series:
         ids = [p[0] for p in series]
-        for name in ("ndcg@10", "recall@10"):
-            axes[0].plot(ids, [p[1][name] for p in series], marker="o", label=name)
+        for key in SERIES:
+            values = [p[1][key] for p in series]
+            if any(v is not None for v in values):
+                label = f"{key[1]} (served hybrid)" if key[0].endswith("+served") else key[1]
+                axes[0].plot(
+                    ids, [v if v is not None else float("nan") for v in values], marker="o", label=label
+                )
         axes[0].legend()
         axes[0].set_xticks(ids)
     axes[0].set_title("model in service (held-out)")
@@ -72,8 +73,8 @@ def render_html(rounds, growth, funnel, chunks, png: bytes) -> str:
     rows = []
     for row in reversed(rounds):
 
-        def metric(text, name="ndcg@10"):
-            value = (json.loads(text or "{}").get("heldout") or {}).get(name)
+        def metric(text, name="ndcg@10", evaluation="heldout"):
+            value = (json.loads(text or "{}").get(evaluation) or {}).get(name)
             return f"{value:.4f}" if isinstance(value, int | float) else "-"
 
         merged = json.loads(row["merged_metrics"] or "{}")
@@ -94,6 +95,8 @@ def render_html(rounds, growth, funnel, chunks, png: bytes) -> str:
                     metric(row["current_metrics"]),
                     metric(row["candidate_metrics"]),
                     merged_text or "-",
+                    metric(row["current_metrics"], evaluation="heldout+served"),
+                    metric(row["candidate_metrics"], evaluation="heldout+served"),
                     (row["reason"] or row["error"] or "")[:200],
                 )
             )
@@ -111,14 +114,16 @@ filtered {funnel[2]}, kept {funnel[3]}.</p>
 <img alt="model quality over rounds, corpus growth and sample funnel" src="data:image/png;base64,{image}">
 <h2>Rounds</h2>
 <table><tr><th>round</th><th>started</th><th>state</th><th>decision</th><th>train pairs</th><th>held-out queries</th>
-<th>current nDCG@10</th><th>candidate nDCG@10</th><th>merged nDCG@10</th><th>reason</th></tr>
+<th>current nDCG@10</th><th>candidate nDCG@10</th><th>merged nDCG@10</th>
+<th>current served (hybrid)</th><th>candidate served (hybrid)</th><th>reason</th></tr>
 {"".join(rows)}
 </table>
 <h2>How to read this</h2>
 <p>The left chart is the held-out score of the model that served after each finished round (a promotion
 raises it; a rejected round keeps it). Each row compares, on the same held-out queries, the model in
 service before the round, the fine-tuned candidate and its LM-Cocktail merges; the reason says which set
-decided. The funnel shows how many generated pairs survived the judge and the filter.</p>
+decided. The "served (hybrid)" columns score the same queries as the index serves them (BM25 fused with
+each model's vectors): the gate refuses a model that makes them clearly worse. The funnel shows how many generated pairs survived the judge and the filter.</p>
 </body></html>
 """
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -18,6 +19,23 @@ class StateCounts:
     model_version: int = 0  # 0: the base model serves
     breaker: str = "closed"
     index_chunks: int | None = None  # chunks in the live collection at its last sync
+    # held-out nDCG@10 of the model that served after the last finished round, by retrieval
+    # ("dense": the model alone; "hybrid": as the index serves it)
+    served_scores: dict[str, float] = field(default_factory=dict)
+
+
+def served_after(row: sqlite3.Row) -> dict[str, dict]:
+    """A finished round's metrics (set -> metric -> value) of the model that served after its decision:
+    the promoted variant, or the model in service when the round was rejected."""
+    current = json.loads(row["current_metrics"] or "{}")
+    if row["decision"] != "promoted" or not row["eval_sets"]:
+        return current
+    best = json.loads(row["eval_sets"]).get("best")
+    variants = {
+        "candidate": json.loads(row["candidate_metrics"] or "{}"),
+        **json.loads(row["merged_metrics"] or "{}"),
+    }
+    return variants.get(best, current)
 
 
 def _seconds_between(start: str | None, end: str | None) -> float | None:
@@ -60,6 +78,15 @@ def read_counts(conn: sqlite3.Connection) -> StateCounts:
     counts.model_version = int(model[0]) if model else 0
     daemon = conn.execute("SELECT breaker FROM daemon WHERE id = 1").fetchone()
     counts.breaker = daemon[0] if daemon else "closed"
+    finished = conn.execute(
+        "SELECT * FROM rounds WHERE state = 'finished' AND current_metrics IS NOT NULL ORDER BY id DESC LIMIT 1"
+    ).fetchone()
+    if finished is not None:
+        metrics = served_after(finished)
+        for retrieval, name in (("dense", "heldout"), ("hybrid", "heldout+served")):
+            value = (metrics.get(name) or {}).get("ndcg@10")
+            if isinstance(value, int | float):
+                counts.served_scores[retrieval] = float(value)
     live = conn.execute("SELECT chunks FROM index_collections WHERE state = 'live'").fetchone()
     counts.index_chunks = int(live[0]) if live else None
     return counts

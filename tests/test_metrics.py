@@ -54,3 +54,26 @@ def test_metrics_textfile_must_be_a_prom_file():
 
     with pytest.raises(ValueError, match="metrics.textfile"):
         Settings.model_validate({"metrics": {"textfile": "/var/lib/node_exporter/embedtune.txt"}})
+
+
+def test_the_served_hybrid_score_is_exported_next_to_the_dense_one(tmp_path):
+    """After a finished round: the held-out nDCG@10 of the model in service, alone and as served."""
+    import json
+
+    from daemon.metrics import build_registry
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from state.db import Database
+    from state.round_records import RoundStore
+
+    conn = Database(tmp_path / "embedtune.db").conn
+    round_id = RoundStore(conn).create("schedule", "base")
+    metrics = {"heldout": {"ndcg@10": 0.41}, "heldout+served": {"ndcg@10": 0.47}}
+    conn.execute(
+        "UPDATE rounds SET state='finished', decision='rejected', finished=started, current_metrics=? WHERE id=?",
+        (json.dumps(metrics), round_id),
+    )
+    conn.commit()
+    text = generate_latest(build_registry(conn)).decode()
+    family = {f.name: f for f in text_string_to_metric_families(text)}["embedtune_heldout_ndcg_at_10"]
+    assert {s.labels["retrieval"]: s.value for s in family.samples} == {"dense": 0.41, "hybrid": 0.47}
