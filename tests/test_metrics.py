@@ -60,9 +60,10 @@ def test_the_served_hybrid_score_is_exported_next_to_the_dense_one(tmp_path):
     """After a finished round: the held-out nDCG@10 of the model in service, alone and as served."""
     import json
 
-    from daemon.metrics import build_registry
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
+
+    from daemon.metrics import build_registry
     from state.db import Database
     from state.round_records import RoundStore
 
