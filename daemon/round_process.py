@@ -158,7 +158,7 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
         )
 
         progress.stage("evaluate")
-        plan = eval_plan(settings)
+        plan = eval_plan(settings, serving_path)
         sets = snapshot_sets(snapshot, plan)
         pool = evaluation_pool(sets, plan, serving, mined.corpus_vectors)
         evaluators = build_evaluators(sets, plan, pool)
@@ -206,6 +206,7 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
     )
     used = [s.id for s in snapshot.train]
     if verdict.promote:
+        write_retrieval_choice(settings, plan, sets, table, verdict.decision.variant, variant_dirs)
         outcome = promote(
             registry, records, round_id, variant_dirs[verdict.decision.variant], verdict, current, used
         )
@@ -294,6 +295,26 @@ def label_round(
             base.release()
     log.info("round_labelled", round_id=progress.round_id, **outcome.stats)
     return outcome.examples
+
+
+def write_retrieval_choice(
+    settings: Settings, plan, sets, table: dict, variant: str, variant_dirs: dict
+) -> None:
+    """With the user's judged queries, the BM25 share they rank best goes into the promoted model's folder
+    (`index.bm25_weight = "auto"` serves it; a rollback serves the previous folder's)."""
+    from dataclasses import replace
+
+    from stages.fusion import RETRIEVAL_FILE
+    from stages.round_steps import retrieval_choice, served_weight
+
+    if settings.index.bm25_weight != "auto" or not sets:
+        return
+    language_default = served_weight(sets[0].corpus_texts, replace(plan, serving_model=""))
+    choice = retrieval_choice(table, variant, language_default)
+    if choice is None:
+        return
+    (Path(variant_dirs[variant]) / RETRIEVAL_FILE).write_text(json.dumps(choice, indent=2))
+    log.info("retrieval_weight_chosen", variant=variant, bm25_weight=choice["bm25_weight"])
 
 
 def promote(
@@ -401,7 +422,7 @@ def train_params(settings: Settings):
     )
 
 
-def eval_plan(settings: Settings):
+def eval_plan(settings: Settings, serving_path: Path | None = None):
     from stages.round_steps import EvalPlan
 
     promotion = settings.promotion
@@ -418,6 +439,7 @@ def eval_plan(settings: Settings):
         served_mode=settings.index.mode if settings.index.enabled else "",
         analyzer=settings.index.analyzer,
         bm25_weight=settings.index.bm25_weight,
+        serving_model=str(serving_path or ""),
     )
 
 

@@ -180,7 +180,7 @@ def _plan(settings: Settings, layout: StateLayout, choice: ModelChoice, model: s
     try:
         conn = db.conn
         note = choice.note
-        weight = served_bm25_weight(settings, served_analyzer(conn, settings))
+        weight = served_bm25_weight(settings, served_analyzer(conn, settings), choice.path)
         signature = chunk_signature(conn)
         usable = [
             record

@@ -25,6 +25,7 @@ class EvalResult:
     per_query: dict[str, list[float]] = field(default_factory=dict)
     n_queries: int = 0
     primary_metric: str = "ndcg@10"
+    extra: dict = field(default_factory=dict)  # evaluator-specific findings (the hybrid's weight sweep)
 
     @property
     def primary(self) -> float:
@@ -36,7 +37,11 @@ class EvalResult:
         return self.per_query.get(self.primary_metric, [])
 
     def to_json(self) -> dict:
-        return {"n_queries": self.n_queries, **{k: round(v, 5) for k, v in self.metrics.items()}}
+        return {
+            "n_queries": self.n_queries,
+            **{k: round(v, 5) for k, v in self.metrics.items()},
+            **self.extra,
+        }
 
 
 def query_metrics(ranked: Sequence[int], relevant: dict[int, float]) -> dict[str, float]:

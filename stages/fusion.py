@@ -16,9 +16,11 @@ order), `w` being the BM25 share. Reciprocal rank fusion is kept as the alternat
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -122,8 +124,13 @@ def choose_analyzer(configured: str, languages: Mapping[str, int]) -> str:
     return "jieba" if total and languages.get("zh", 0) / total >= JIEBA_CHINESE_SHARE else "standard"
 
 
-def choose_bm25_weight(configured: float | str, analyzer: str) -> float:
-    return default_bm25_weight(analyzer) if configured == "auto" else float(configured)
+def choose_bm25_weight(configured: float | str, analyzer: str, model_path: Path | None = None) -> float:
+    """The configured share; "auto": the one chosen for the model on the user's queries when a round
+    chose one, else the analyzer's measured default."""
+    if configured != "auto":
+        return float(configured)
+    chosen = model_bm25_weight(model_path) if model_path is not None else None
+    return chosen if chosen is not None else default_bm25_weight(analyzer)
 
 
 # BM25's share of the hybrid score by analyzer (so by corpus language), measured on the dev sets over
@@ -133,3 +140,25 @@ DEFAULT_BM25_WEIGHT = {"standard": 0.2, "jieba": 0.7}
 
 def default_bm25_weight(analyzer: str) -> float:
     return DEFAULT_BM25_WEIGHT.get(analyzer, DEFAULT_BM25_WEIGHT["standard"])
+
+
+# BM25 shares a round tries on the user's judged queries; the best is served with the model it promotes.
+WEIGHT_GRID = (0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9)
+# Beside the model's files in its version folder, so it is promoted and rolled back with the model.
+RETRIEVAL_FILE = "embedtune_retrieval.json"
+
+
+def pick_weight(sweep: Mapping[str, float], default: float) -> float:
+    """The best share of a sweep (ties: the one nearest the language default)."""
+    best = max(sweep.values())
+    tied = [float(w) for w, value in sweep.items() if value >= best - 1e-9]
+    return min(tied, key=lambda w: abs(w - default))
+
+
+def model_bm25_weight(model_path: Path) -> float | None:
+    """The BM25 share chosen for this model version on the user's queries, if one was."""
+    try:
+        value = json.loads((Path(model_path) / RETRIEVAL_FILE).read_text(encoding="utf-8"))["bm25_weight"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return float(value) if isinstance(value, int | float) and 0.0 <= value <= 1.0 else None

@@ -35,7 +35,12 @@ class HybridEvaluator:
     greater_is_better = True
 
     def __init__(
-        self, eval_set: EvalSet, bm25_weight: float, primary_metric: str = "ndcg@10", depth: int = 100
+        self,
+        eval_set: EvalSet,
+        bm25_weight: float,
+        primary_metric: str = "ndcg@10",
+        depth: int = 100,
+        sweep: tuple[float, ...] = (),
     ) -> None:
         if primary_metric not in METRICS:
             raise ValueError(f"unknown metric {primary_metric!r}; one of {', '.join(METRICS)}")
@@ -44,6 +49,7 @@ class HybridEvaluator:
         self.primary_metric = primary_metric
         self.bm25_weight = bm25_weight
         self.depth = depth
+        self.sweep = sweep  # also score these shares (the round picks the served one on the user's set)
         self._lexical: list[list[Scored]] | None = None
 
     def _lexical_lists(self) -> list[list[Scored]]:
@@ -70,13 +76,24 @@ class HybridEvaluator:
         covariance = vector_covariance(passages[sample])
         cosines = queries @ passages.T
         corpus_size = len(passages)
-        ranked = []
+        weights = list(dict.fromkeys([self.bm25_weight, *self.sweep]))
+        ranked: dict[float, list[list[int]]] = {w: [] for w in weights}
         for row, lexical in enumerate(self._lexical_lists()):
             scores = cosines[row]
             top = np.argsort(-scores, kind="stable")[: self.depth]
             dense = [Scored(int(i), float(scores[i])) for i in top]
             dense_of = {hit.chunk_id: float(scores[hit.chunk_id]) for hit in lexical}
             spreads = (dense_spread(queries[row], covariance, dense), lexical_spread(lexical, corpus_size))
-            fused = zmix(dense, lexical, self.bm25_weight, SEARCH_DEPTH, dense_of, spreads)
-            ranked.append([hit.chunk_id for hit in fused])
-        return evaluate_rankings(ranked, self.eval_set.relevant, self.primary_metric)
+            for weight in weights:
+                fused = zmix(dense, lexical, weight, SEARCH_DEPTH, dense_of, spreads)
+                ranked[weight].append([hit.chunk_id for hit in fused])
+        result = evaluate_rankings(ranked[self.bm25_weight], self.eval_set.relevant, self.primary_metric)
+        if self.sweep:
+            result.extra["bm25_weight"] = self.bm25_weight
+            result.extra["bm25_sweep"] = {
+                f"{w:g}": round(
+                    evaluate_rankings(ranked[w], self.eval_set.relevant, self.primary_metric).primary, 5
+                )
+                for w in self.sweep
+            }
+        return result

@@ -28,7 +28,7 @@ from stages.encoder import Encoder
 from stages.eval_pool import pool_indices, restrict
 from stages.evalsets import EvalSet, load_eval_file, structure_set
 from stages.evaluate import EvalResult, RetrievalEvaluator
-from stages.fusion import choose_analyzer, choose_bm25_weight
+from stages.fusion import WEIGHT_GRID, choose_analyzer, choose_bm25_weight, pick_weight
 from stages.hybrid_eval import HybridEvaluator, served_name
 from stages.labels import (
     LabelParams,
@@ -301,6 +301,7 @@ class EvalPlan:
     served_mode: str = ""  # "hybrid": also judge the held-out and user sets as the index serves them
     analyzer: str = "auto"  # index.analyzer, to pick the served BM25 share as the index does
     bm25_weight: float | str = "auto"
+    serving_model: str = ""  # the model in service: its chosen BM25 share, if a round chose one
 
 
 HELDOUT = "heldout"
@@ -357,7 +358,9 @@ def build_evaluators(
     if plan.served_mode == "hybrid":
         weight = served_weight(sets[0].corpus_texts, plan)
         evaluators += [
-            HybridEvaluator(eval_set, weight, plan.metric)
+            HybridEvaluator(
+                eval_set, weight, plan.metric, sweep=WEIGHT_GRID if eval_set.name == "user" else ()
+            )
             for eval_set in sets
             if eval_set.name in (HELDOUT, "user")
         ]
@@ -369,7 +372,17 @@ def served_weight(corpus_texts: list[str], plan: EvalPlan) -> float:
     picks it; languages detected on a sample of the texts)."""
     sample = random.Random(0).sample(corpus_texts, min(500, len(corpus_texts)))
     languages = Counter(detect_language(text) for text in sample)
-    return choose_bm25_weight(plan.bm25_weight, choose_analyzer(plan.analyzer, languages))
+    serving = Path(plan.serving_model) if plan.serving_model else None
+    return choose_bm25_weight(plan.bm25_weight, choose_analyzer(plan.analyzer, languages), serving)
+
+
+def retrieval_choice(table: dict[str, dict], variant: str, default: float) -> dict | None:
+    """The BM25 share to serve `variant` with, picked on the user's judged queries (its `user+served`
+    sweep); None without a user set. Written into the model's folder (stages/fusion.RETRIEVAL_FILE)."""
+    sweep = (table.get(variant, {}).get(served_name("user")) or {}).get("bm25_sweep")
+    if not sweep:
+        return None
+    return {"bm25_weight": pick_weight(sweep, default), "chosen_on": "user", "sweep": sweep}
 
 
 Results = dict[str, dict[str, EvalResult]]  # variant -> evaluator name -> result

@@ -125,7 +125,9 @@ def test_gate_rule_3b_without_human_signal(prepared, tmp_path, tiny_embedder):
     settings.synthesis.pseudo_method = "heading"  # headings were the queries: no structure set
     row, layout, _db = _run(settings)
     assert (row["decision"], row["cause"]) == ("rejected", "synthetic_gain_not_convincing")
-    assert json.loads(row["eval_sets"])["sets"] == ["heldout"] and not layout.current.exists()
+    assert (
+        json.loads(row["eval_sets"])["sets"] == ["heldout", "heldout+served"] and not layout.current.exists()
+    )
 
 
 def test_gate_user_file_vetoes_a_candidate_that_loses_on_it(prepared, tmp_path, tiny_embedder):
@@ -137,6 +139,31 @@ def test_gate_user_file_vetoes_a_candidate_that_loses_on_it(prepared, tmp_path, 
     assert all(g["user"] < 0 for g in gains.values()), gains
     assert (row["decision"], row["cause"]) == ("rejected", "human_signal_veto"), row["reason"]
     assert "vetoed by user set" in row["reason"] and not layout.current.exists()
+
+
+def test_a_promotion_with_user_queries_serves_the_bm25_share_they_rank_best(
+    prepared, tmp_path, tiny_embedder
+):
+    """With a user file the round sweeps the served BM25 share on it; the promoted model's folder carries
+    the best one, the index serves it, and a rollback brings back the previous model's share."""
+    from daemon.indexing import served_bm25_weight
+    from stages.fusion import RETRIEVAL_FILE, WEIGHT_GRID, default_bm25_weight
+
+    settings = _case(prepared, tmp_path, tiny_embedder, human_tolerance=1.0)  # the file may not veto here
+    settings.promotion.user_eval = _served_perfectly(settings, tmp_path / "user.jsonl")
+    row, layout, db = _run(settings)
+    assert row["decision"] == "promoted", row["reason"]
+    table = json.loads(row["candidate_metrics"])
+    assert "bm25_sweep" in table["user+served"], table
+    assert set(table["user+served"]["bm25_sweep"]) == {f"{w:g}" for w in WEIGHT_GRID}
+    chosen = json.loads((layout.current / RETRIEVAL_FILE).read_text())
+    sweep = chosen["sweep"]
+    assert chosen["chosen_on"] == "user" and sweep[f"{chosen['bm25_weight']:g}"] == max(sweep.values())
+    assert served_bm25_weight(settings, "standard", layout.current.resolve()) == chosen["bm25_weight"]
+    base = Path(settings.model.base)
+    assert served_bm25_weight(settings, "standard", base) == default_bm25_weight("standard")
+    settings.index.bm25_weight = 0.45  # an explicit setting wins over the choice
+    assert served_bm25_weight(settings, "standard", layout.current.resolve()) == 0.45
 
 
 def test_gate_guard_set_vetoes_forgetting(prepared, tmp_path, tiny_embedder):
