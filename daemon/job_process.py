@@ -55,6 +55,7 @@ class ChildJobs:
         self.layout = layout
         self._children: set[subprocess.Popen] = set()
         self._lock = threading.Lock()
+        self._stopping = threading.Event()  # set by stop(): a child ended by it is not a failed attempt
 
     def handle(self, ctx: JobContext) -> None:
         job = ctx.job
@@ -62,19 +63,7 @@ class ChildJobs:
             settings_file, result_file = Path(tmp) / "settings.json", Path(tmp) / "result.json"
             settings_file.write_text(json.dumps(self.settings.model_dump(mode="json")))
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "daemon.job_process",
-                    "--settings",
-                    str(settings_file),
-                    "--job-id",
-                    str(job.id),
-                    "--owner",
-                    job.lease_owner,
-                    "--result",
-                    str(result_file),
-                ],
+                self.command(settings_file, job.id, job.lease_owner, result_file),
                 stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent,
                 cwd=os.getcwd(),
@@ -87,12 +76,33 @@ class ChildJobs:
                 with self._lock:
                     self._children.discard(process)
             result = json.loads(result_file.read_text()) if result_file.exists() else None
+        if result is None and self._stopping.is_set():
+            # The daemon is stopping and ended the child: the job was interrupted, it did not fail. Back
+            # to the queue without an attempt, or five restarts would dead-letter a healthy filter pass.
+            raise RetryLater("the daemon stopped while the job ran; it runs again after the restart", 0.0)
         if result is not None:
             log.info("model_job_process", job_id=job.id, kind=job.kind, **result.get("process", {}))
         raise_outcome(result, code)
 
+    def command(self, settings_file: Path, job_id: int, owner: str, result_file: Path) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "daemon.job_process",
+            "--settings",
+            str(settings_file),
+            "--job-id",
+            str(job_id),
+            "--owner",
+            owner,
+            "--result",
+            str(result_file),
+        ]
+
     def stop(self) -> None:
-        """Daemon shutdown: ask running children to stop (their jobs go back to the queue)."""
+        """Daemon shutdown: ask running children to stop (their jobs go back to the queue, no attempt
+        counted)."""
+        self._stopping.set()
         with self._lock:
             children = list(self._children)
         for process in children:

@@ -228,3 +228,43 @@ def test_daemon_process_notify_lock_sighup_and_sigterm(tmp_path, tiny_embedder, 
     # the file that arrived just before SIGTERM is kept: ingested, or pending for the next start
     assert status["documents"]["pending"] + status["documents"]["ingested"] == 6
     assert "STOPPING=1" in messages + _drain(sock)
+
+
+def test_a_model_job_ended_by_a_daemon_stop_goes_back_without_an_attempt(tmp_path):
+    """Stopping the daemon SIGTERMs its model-job children: that is an interruption, not a failure, or
+    five restarts during one filter pass would dead-letter it."""
+    import threading
+
+    from daemon.job_process import ChildJobs
+    from daemon.settings import Settings
+    from daemon.workers import JobContext, RetryLater
+    from state.db import Database
+    from state.layout import StateLayout
+    from state.queue import JobQueue
+
+    class SlowChild(ChildJobs):  # the real spawn and stop; a child that takes long, as a filter pass does
+        def command(self, settings_file, job_id, owner, result_file):
+            return [sys.executable, "-c", "import time; time.sleep(120)"]
+
+    settings = Settings.model_validate(
+        {"paths": {"state_dir": str(tmp_path / "state"), "inbox": str(tmp_path / "in")}}
+    )
+    layout = StateLayout(settings.paths.state_dir).ensure()
+    queue = JobQueue(Database(layout.database).conn)
+    queue.enqueue("filter", "filter", {})
+    job = queue.claim("test", ["filter"])
+    children = SlowChild(settings, layout)
+    outcome: dict = {}
+
+    def run():
+        try:
+            children.handle(JobContext(job, queue))
+        except Exception as exc:  # noqa: BLE001 - what the worker pool would see
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    wait_for(lambda: children._children, message="the child to start")
+    children.stop()
+    worker.join(timeout=60)
+    assert isinstance(outcome.get("error"), RetryLater), outcome
