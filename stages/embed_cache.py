@@ -1,8 +1,12 @@
 """Chunk embeddings cached per (model key, chunk hash), so the model in service is not re-encoded for
-every filter pass or round. One folder per model key; written atomically (temp file + os.replace)."""
+every filter pass or round. One folder per model key holding one file, `cache.npz` (keys and vectors
+together), replaced atomically: a reader never pairs the keys of one save with the vectors of another,
+which two files replaced one after the other allowed while several processes saved. A save merges
+what other processes saved meanwhile (under a file lock), so no process drops another's work."""
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import threading
@@ -10,6 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+CACHE_FILE = "cache.npz"
 
 
 class EmbeddingCache:
@@ -25,18 +31,32 @@ class EmbeddingCache:
         self._load()
 
     def _load(self) -> None:
-        if self.folder is None:
-            return
-        keys_file, data_file = self.folder / "keys.txt", self.folder / "vectors.npy"
-        if not (keys_file.exists() and data_file.exists()):
-            return
+        if self.folder is not None:
+            self._vectors = self._read()
+
+    def _read(self) -> dict[str, np.ndarray]:
+        assert self.folder is not None
         try:
-            keys = keys_file.read_text().split()
-            matrix = np.load(data_file)
+            with np.load(self.folder / CACHE_FILE) as data:
+                keys, matrix = data["keys"], data["vectors"]
+                if len(keys) == len(matrix):
+                    return dict(zip((str(k) for k in keys), matrix, strict=True))
+                return {}
+        except FileNotFoundError:
+            return self._read_legacy()
+        except (OSError, ValueError, KeyError):
+            return {}  # a damaged cache is rebuilt, never trusted
+
+    def _read_legacy(self) -> dict[str, np.ndarray]:
+        """The two-file form of earlier versions, when its halves agree in length (kept so an upgrade
+        does not re-encode every chunk; the next save replaces it)."""
+        assert self.folder is not None
+        try:
+            keys = (self.folder / "keys.txt").read_text().split()
+            matrix = np.load(self.folder / "vectors.npy")
         except (OSError, ValueError):
-            return  # a damaged cache is rebuilt, never trusted
-        if len(keys) == len(matrix):
-            self._vectors = dict(zip(keys, matrix, strict=True))
+            return {}
+        return dict(zip(keys, matrix, strict=True)) if len(keys) == len(matrix) else {}
 
     def get_many(
         self, keys: Sequence[str], texts: Sequence[str], encode: Callable[[list[str]], np.ndarray]
@@ -59,17 +79,21 @@ class EmbeddingCache:
     def save(self) -> None:
         if self.folder is None or not self._dirty:
             return
-        with self._lock:
-            keys = list(self._vectors)
-            matrix = np.stack([self._vectors[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
-            self._dirty = False
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp_keys = self.folder / f"keys.{os.getpid()}.tmp"
-        tmp_data = self.folder / f"vectors.{os.getpid()}.tmp.npy"
-        tmp_keys.write_text("\n".join(keys))
-        np.save(tmp_data, matrix)
-        os.replace(tmp_data, self.folder / "vectors.npy")
-        os.replace(tmp_keys, self.folder / "keys.txt")
+        with open(self.folder / "cache.lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            on_disk = self._read()
+            with self._lock:
+                for key, vector in on_disk.items():
+                    self._vectors.setdefault(key, vector)
+                keys = list(self._vectors)
+                matrix = np.stack([self._vectors[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+                self._dirty = False
+            partial = self.folder / f"cache.{os.getpid()}.partial.npz"
+            np.savez(partial, keys=np.asarray(keys, dtype=str), vectors=matrix)
+            os.replace(partial, self.folder / CACHE_FILE)
+            for legacy in ("keys.txt", "vectors.npy"):
+                (self.folder / legacy).unlink(missing_ok=True)
 
 
 def text_key(text: str) -> str:
