@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from daemon.child_process import child_env, die_with_parent
 from daemon.logs import configure_logging, get_logger
 from daemon.settings import Settings
 from daemon.workers import Handler, JobContext, JobFailed, PermanentFailure, RetryLater
@@ -35,16 +36,6 @@ from state.queue import JobQueue, LeaseLost
 log = get_logger("embedtune.jobs")
 MODEL_JOB_KINDS = ("filter", "index")
 STOP_GRACE_S = 10.0
-
-
-def _die_with_parent() -> None:
-    """Child side: SIGTERM if the daemon dies, so no orphan keeps encoding."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class ChildJobs:
@@ -65,7 +56,7 @@ class ChildJobs:
             process = subprocess.Popen(
                 self.command(settings_file, job.id, job.lease_owner, result_file),
                 stdin=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent,
+                env=child_env(),
                 cwd=os.getcwd(),
             )
             with self._lock:
@@ -180,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--owner", required=True)
     parser.add_argument("--result", required=True)
     args = parser.parse_args(argv)
+    die_with_parent()
     settings = Settings.model_validate(json.loads(Path(args.settings).read_text()))
     configure_logging(settings.logging.level, settings.logging.format)
     started = time.monotonic()

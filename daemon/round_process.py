@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from daemon.child_process import die_with_parent
 from daemon.logs import configure_logging, get_logger
 from daemon.settings import Settings
 from state.db import Database
@@ -487,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", required=True, help="settings JSON written by the daemon")
     parser.add_argument("--round-id", type=int, required=True)
     args = parser.parse_args(argv)
+    die_with_parent()
     settings = Settings.model_validate(json.loads(Path(args.settings).read_text()))
     _quiet_libraries()
     configure_logging(settings.logging.level, settings.logging.format)

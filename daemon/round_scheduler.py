@@ -11,6 +11,7 @@ import time
 from datetime import datetime, tzinfo
 from pathlib import Path
 
+from daemon.child_process import child_env
 from daemon.logs import get_logger
 from daemon.settings import Settings
 from state.db import Database
@@ -35,17 +36,6 @@ def window_trigger(window: str, timezone: tzinfo | None = None):
     from apscheduler.triggers.cron import CronTrigger
 
     return CronTrigger.from_crontab(window, timezone=timezone or datetime.now().astimezone().tzinfo)
-
-
-def _die_with_parent() -> None:
-    """Child side: get SIGTERM if the daemon dies, so no orphan keeps training."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class RoundScheduler:
@@ -99,7 +89,7 @@ class RoundScheduler:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            env=child_env(),
             cwd=os.getcwd(),
         )
         log_file.close()

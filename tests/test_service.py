@@ -268,3 +268,32 @@ def test_a_model_job_ended_by_a_daemon_stop_goes_back_without_an_attempt(tmp_pat
     children.stop()
     worker.join(timeout=60)
     assert isinstance(outcome.get("error"), RetryLater), outcome
+
+
+def test_a_child_dies_with_the_process_that_started_it(tmp_path):
+    """The death signal is asked for by the child after exec (no Python between fork and exec in the
+    threaded daemon): SIGKILL the parent and the child goes too."""
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "from daemon.child_process import child_env\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'from daemon.child_process import die_with_parent; "
+        "die_with_parent(); import time; time.sleep(120)'], env=child_env())\n"
+        "print(child.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    child_pid = int(parent.stdout.readline())
+    wait_for(lambda: b"child_process" in Path(f"/proc/{child_pid}/cmdline").read_bytes(), message="the child")
+    parent.kill()
+    parent.wait()
+
+    def gone() -> bool:
+        try:
+            state = Path(f"/proc/{child_pid}/stat").read_text().split()[2]
+        except OSError:
+            return True
+        return state == "Z"  # exited, waiting for init to reap it
+
+    wait_for(gone, timeout=20, message="the child to die with its parent")
