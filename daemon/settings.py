@@ -98,6 +98,14 @@ class ModelSettings(_Section):
     device: str = "auto"
     encode_batch_size: int = Field(64, ge=1)
 
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError(f"model.device {value!r}: use auto, cpu, cuda, cuda:N or mps")
+        return value
+
     @field_validator("teacher")
     @classmethod
     def _teacher_spec(cls, value: str) -> str:
@@ -494,11 +502,69 @@ def _resolve_relative_paths(data: dict, base_dir: Path) -> None:
             continue  # empty, switched off, or an address (http://, unix:) rather than a path
         if not value.startswith(("~", "/", "$")):
             table[key] = str(base_dir / value)
+    model = data.get("model")
+    if isinstance(model, dict):
+        for key in ("base", "reranker"):
+            if isinstance(model.get(key), str) and _is_relative_folder(model[key]):
+                model[key] = str(base_dir / model[key])
+        teacher = model.get("teacher")
+        if isinstance(teacher, str):
+            parts = teacher.split("+")
+            resolved = [_resolve_member(part, base_dir) for part in parts]
+            if resolved != [part.strip() for part in parts]:  # only a spec that named a relative folder
+                model["teacher"] = " + ".join(resolved)
+
+
+TEACHER_NAMES = ("none", "hybrid", "llm")
+
+
+def _is_relative_folder(value: str) -> bool:
+    value = value.strip()
+    return (
+        bool(value) and not value.startswith(("~", "/", "$", PACKAGED_PREFIX)) and value not in TEACHER_NAMES
+    )
+
+
+def _resolve_member(part: str, base_dir: Path) -> str:
+    """One member of a teacher spec ("name", or "name*weight") with a relative folder made absolute."""
+    name, star, weight = part.strip().rpartition("*")
+    name = name.strip() if star else part.strip()
+    if _is_relative_folder(name):
+        name = str(base_dir / name)
+    return f"{name}*{weight.strip()}" if star else name
+
+
+def model_folder_problems(settings: Settings) -> list[str]:
+    """Model references that `run` could not load: a folder that is missing or holds no model, a packaged
+    model whose package is not installed. One message per key."""
+    import importlib.util
+
+    from stages.models import PACKAGED
+
+    problems = []
+    references = [("model.base", settings.model.base), ("model.reranker", settings.model.reranker)]
+    for part in settings.model.teacher.split("+"):
+        name, star, _weight = part.strip().rpartition("*")
+        references.append(("model.teacher", name.strip() if star else part.strip()))
+    for key, value in references:
+        if not value or value in TEACHER_NAMES:
+            continue
+        if value.startswith(PACKAGED_PREFIX):
+            module = PACKAGED.get(value[len(PACKAGED_PREFIX) :].strip().lower())
+            if module is None or importlib.util.find_spec(module) is None:
+                problems.append(f"{key}: {value} is not installed (packaged: {', '.join(PACKAGED)})")
+            continue
+        folder = Path(os.path.expandvars(value)).expanduser()
+        if not folder.is_dir():
+            problems.append(f"{key}: model folder not found: {folder} (models are never downloaded)")
+        elif not ((folder / "modules.json").exists() or (folder / "config.json").exists()):
+            problems.append(f"{key}: {folder} holds no model (no modules.json or config.json)")
+    return problems
 
 
 def missing_files(settings: Settings) -> list[str]:
-    """One message per configured file that does not exist, naming its key."""
-    problems = []
+    """One message per configured file or model folder that does not exist, naming its key."""
+    problems = model_folder_problems(settings)
     for section, key in REQUIRED_FILE_KEYS:
         value = getattr(getattr(settings, section), key)
         if value and not Path(os.path.expandvars(value)).expanduser().exists():

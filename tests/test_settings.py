@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,41 @@ def test_cached_batch_auto_bounds_cpu_memory_and_stays_off_on_a_gpu():
     assert resolve_cached_batch("auto", on_cpu=True) == CPU_CACHED_BATCH
     assert resolve_cached_batch("auto", on_cpu=False) == 0
     assert resolve_cached_batch(0, on_cpu=True) == 0 and resolve_cached_batch(16, on_cpu=False) == 16
+
+
+def test_config_check_refuses_what_run_cannot_start(tmp_path, tiny_embedder):
+    """Model folders are checked, relative ones are found next to the config file, and a device torch
+    does not know is refused by name."""
+    import shutil
+
+    shutil.copytree(tiny_embedder, tmp_path / "models" / "base")
+    (tmp_path / "empty").mkdir()
+    good = tmp_path / "good.toml"
+    good.write_text('[model]\nbase = "models/base"\nteacher = "hybrid*0.5 + models/base*0.5"\n')
+    elsewhere = subprocess.run(
+        [sys.executable, "-m", "daemon.cli", "--config", str(good), "config", "check"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path / "empty",  # relative to the file, not to where the command runs
+    )
+    assert elsewhere.returncode == 0, elsewhere.stderr
+    effective = json.loads(elsewhere.stdout.split("\n", 1)[1])["model"]
+    assert effective["base"] == str(tmp_path / "models" / "base")
+    assert effective["teacher"] == f"hybrid*0.5 + {tmp_path / 'models' / 'base'}*0.5"
+    for body, expected in (
+        ('[model]\nbase = "models/missing"\n', "model.base: model folder not found"),
+        ('[model]\nbase = "empty"\n', "model.base: " + str(tmp_path / "empty") + " holds no model"),
+        ('[model]\nreranker = "/nowhere/bge-reranker"\n', "model.reranker: model folder not found"),
+        ('[model]\nteacher = "hybrid + models/nope"\n', "model.teacher: model folder not found"),
+        ('[model]\ndevice = "gpu"\n', "model.device"),
+    ):
+        config = tmp_path / "bad.toml"
+        config.write_text(body)
+        done = subprocess.run(
+            [sys.executable, "-m", "daemon.cli", "--config", str(config), "config", "check"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        assert done.returncode == 2 and expected in done.stderr, (body, done.stderr)
+        assert "Traceback" not in done.stderr
