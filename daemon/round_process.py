@@ -212,13 +212,14 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
             registry, records, round_id, variant_dirs[verdict.decision.variant], verdict, current, used
         )
         promoted = registry.current()  # the version folder: `models/current` moves with the next rollback
-        run_on_promote_hook(
-            settings.promotion.on_promote,
-            promoted.path if promoted else layout.current,
-            table[verdict.decision.variant],
-            records,
-            round_id,
-        )
+        if outcome == RoundOutcome.PROMOTED:
+            run_on_promote_hook(
+                settings.promotion.on_promote,
+                promoted.path if promoted else layout.current,
+                table[verdict.decision.variant],
+                records,
+                round_id,
+            )
     else:
         outcome = RoundOutcome.REJECTED
         records.finish(
@@ -329,13 +330,26 @@ def promote(
 ) -> RoundOutcome:
     """Serve the variant (atomic swap in the registry) and record the round as promoted, before any hook
     runs: a SIGTERM after this point cannot leave a new model in service with an 'aborted' round."""
+    from stages.promote import RejectionCause
+    from state.registry import ServingChanged
+
     record = registry.register(
         variant_dir,
         round_id=round_id,
         parent_id=current.id if current else None,
         metrics={"variant": verdict.decision.variant, **verdict.table[verdict.decision.variant]["heldout"]},
     )
-    registry.promote(record.id, note=f"round {round_id}")
+    try:
+        registry.promote(record.id, note=f"round {round_id}", replacing=current.id if current else None)
+    except ServingChanged as exc:
+        # A rollback (or another promotion) ran while this round trained: its verdict compared against
+        # a model that no longer serves, so it must not undo what the user just did.
+        reason = f"not promoted: the model in service changed during the round ({exc}); {verdict.reason}"
+        records.finish(
+            round_id, RoundOutcome.REJECTED, reason, None, [], cause=RejectionCause.SERVING_CHANGED.value
+        )
+        log.warning("round_not_promoted_serving_changed", round_id=round_id, error=str(exc))
+        return RoundOutcome.REJECTED
     records.finish(round_id, RoundOutcome.PROMOTED, verdict.reason, record.id, used_sample_ids)
     return RoundOutcome.PROMOTED
 

@@ -41,6 +41,7 @@ class RejectionCause(StrEnum):
     HUMAN_VETO = "human_signal_veto"
     GUARD_VETO = "guard_veto"
     SERVED_VETO = "served_hybrid_veto"
+    SERVING_CHANGED = "serving_changed"
 
 
 @dataclass

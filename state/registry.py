@@ -8,16 +8,24 @@ the symlink at start-up.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from state.db import transaction, utcnow
 from state.layout import StateLayout
+
+
+class ServingChanged(Exception):
+    """The model in service is not the one the caller judged against (a rollback or another promotion
+    happened meanwhile); nothing was changed."""
 
 
 class RegistryError(Exception):
@@ -130,13 +138,32 @@ class ModelRegistry:
         return self.conn.execute("SELECT * FROM promotions ORDER BY id").fetchall()
 
     # --- serving ----------------------------------------------------------------------------------
-    def promote(self, model_id: int, note: str = "") -> ModelRecord:
+    def promote(self, model_id: int, note: str = "", *, replacing: int | None | str = "any") -> ModelRecord:
+        """Serve `model_id`. With `replacing` (a model id, or None for the base model), only if that is
+        still the model in service: a round judged against one model must not undo a rollback that ran
+        while it trained. The check and the swap hold the serving lock that rollback holds too."""
         record = self.get(model_id)
         if not record.path.is_dir():
             raise RegistryError(f"model {model_id} folder {record.path} is missing")
-        self._swap_symlink(record.path)
-        self._record_serving(model_id, "promote", note)
+        with self._serving_lock():
+            if replacing != "any":
+                serving = self.current()
+                serving_id = serving.id if serving else None
+                if serving_id != replacing:
+                    judged = f"v{replacing}" if replacing is not None else "the base model"
+                    now = f"v{serving_id}" if serving_id is not None else "the base model"
+                    raise ServingChanged(f"judged against {judged}, but {now} serves now")
+            self._swap_symlink(record.path)
+            self._record_serving(model_id, "promote", note)
         return self.get(model_id)
+
+    @contextmanager
+    def _serving_lock(self) -> Iterator[None]:
+        """One process at a time changes what serves (a round's promotion, `embedtune rollback`)."""
+        self.layout.models.mkdir(parents=True, exist_ok=True)
+        with open(self.layout.models / "serving.lock", "a+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
 
     def serving_stack(self) -> list[int | None]:
         """Which model served, as a stack rebuilt from the append-only history: a promotion pushes, a
@@ -157,6 +184,10 @@ class ModelRegistry:
 
     def rollback(self) -> ModelRecord | None:
         """Serve the model that served before the current one (or the base model when there was none)."""
+        with self._serving_lock():
+            return self._rollback()
+
+    def _rollback(self) -> ModelRecord | None:
         current = self.current()
         if current is None:
             raise RegistryError("no promoted model in service; nothing to roll back")

@@ -79,3 +79,35 @@ def test_reconcile_restores_a_missing_symlink_and_cleans_staging(registry, tmp_p
     assert _served(registry) == "A"
     assert not (registry.layout.versions / "99.tmp").exists()
     assert registry.reconcile() == "consistent"
+
+
+def test_a_round_judged_against_a_model_that_was_rolled_back_does_not_promote(registry, tmp_path):
+    """A round compares its candidate with the model in service when it started; a rollback during the
+    round changes that model, and promoting anyway would silently undo the rollback."""
+    from types import SimpleNamespace
+
+    from daemon.round_process import promote
+    from state.registry import ServingChanged
+    from state.round_records import RoundOutcome, RoundStore
+
+    a = registry.register(_model(tmp_path / "a", "A"))
+    registry.promote(a.id)
+    judged_against = registry.current()  # what the round saw when it started
+    registry.rollback()  # the user, meanwhile
+    candidate = _model(tmp_path / "candidate", "C")
+    with pytest.raises(ServingChanged, match="judged against v1, but the base model serves now"):
+        registry.promote(registry.register(candidate).id, replacing=judged_against.id)
+    assert not registry.layout.current.exists()  # still the base model, as the rollback left it
+
+    records = RoundStore(registry.conn)
+    round_id = records.create("schedule", "base")
+    verdict = SimpleNamespace(
+        decision=SimpleNamespace(variant="candidate"),
+        table={"candidate": {"heldout": {"ndcg@10": 0.9}}},
+        reason="promoted candidate: ndcg@10 gain heldout +0.1",
+    )
+    outcome = promote(registry, records, round_id, candidate, verdict, judged_against, [])
+    row = records.get(round_id)
+    assert outcome == RoundOutcome.REJECTED and row["cause"] == "serving_changed"
+    assert "the model in service changed during the round" in row["reason"]
+    assert not registry.layout.current.exists()
