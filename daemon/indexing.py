@@ -90,12 +90,12 @@ def served_analyzer(conn: sqlite3.Connection, settings: Settings) -> str:
     return choose_analyzer("auto", active_languages(conn))
 
 
-def served_bm25_weight(settings: Settings, analyzer: str, model_path: Path | None = None) -> float:
+def served_bm25_weight(settings: Settings, model_path: Path | None = None) -> float | None:
     """The configured BM25 share, or ("auto") the one a round chose for this model on the user's
-    queries, or the analyzer's measured default."""
+    queries; None: each query gets its language's measured share."""
     from stages.fusion import choose_bm25_weight
 
-    return choose_bm25_weight(settings.index.bm25_weight, analyzer, model_path)
+    return choose_bm25_weight(settings.index.bm25_weight, model_path)
 
 
 def serving_model(conn: sqlite3.Connection, layout: StateLayout, settings: Settings) -> ServingModel:
@@ -141,7 +141,7 @@ class IndexService:
         analyzer = served_analyzer(conn, self.settings)
         if (live.model_id, live.model_path, live.analyzer) != (serving.model_id, str(serving.path), analyzer):
             return True  # another model, or a collection to rebuild (dense only, or another analyzer)
-        if live.bm25_weight != served_bm25_weight(self.settings, analyzer, serving.path):
+        if live.bm25_weight != served_bm25_weight(self.settings, serving.path):
             return True
         return live.signature != chunk_signature(conn)
 
@@ -161,7 +161,7 @@ class IndexService:
         records = IndexRecords(conn)
         serving = serving_model(conn, self.layout, self.settings)
         analyzer = served_analyzer(conn, self.settings)
-        weight = served_bm25_weight(self.settings, analyzer, serving.path)
+        weight = served_bm25_weight(self.settings, serving.path)
         with open_store(self.target) as store:
             self._reconcile(records, store)
             existing = set(store.collections())

@@ -304,15 +304,12 @@ def write_retrieval_choice(
 ) -> None:
     """With the user's judged queries, the BM25 share they rank best goes into the promoted model's folder
     (`index.bm25_weight = "auto"` serves it; a rollback serves the previous folder's)."""
-    from dataclasses import replace
-
     from stages.fusion import RETRIEVAL_FILE
-    from stages.round_steps import retrieval_choice, served_weight
+    from stages.round_steps import corpus_default_weight, retrieval_choice
 
     if settings.index.bm25_weight != "auto" or not sets:
         return
-    language_default = served_weight(sets[0].corpus_texts, replace(plan, serving_model=""))
-    choice = retrieval_choice(table, variant, language_default)
+    choice = retrieval_choice(table, variant, corpus_default_weight(sets[0].corpus_texts))
     if choice is None:
         return
     (Path(variant_dirs[variant]) / RETRIEVAL_FILE).write_text(json.dumps(choice, indent=2))

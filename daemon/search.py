@@ -30,6 +30,7 @@ from stages.fusion import (
     dense_spread,
     lexical_only,
     lexical_spread,
+    query_bm25_weight,
     vector_covariance,
     zmix,
 )
@@ -148,7 +149,8 @@ def search_many(
     else:
         found = _exact(settings, layout, choice, plan.chunks, encoder, mode, vectors, texts, depth)
     for row, answer in enumerate(todo):
-        answer.hits = _combine(mode, found, row, plan, vectors[row] if vectors is not None else None, k)
+        vector = vectors[row] if vectors is not None else None
+        answer.hits = _combine(mode, found, row, plan, vector, answer.query, k)
     return answers
 
 
@@ -167,20 +169,20 @@ class _Found:
 class _Plan:
     source: str
     note: str
-    weight: float
+    weight: float | None  # None: each query's language decides (stages/fusion.query_bm25_weight)
     collection: CollectionRecord | None = None
     chunks: list[ActiveChunk] = field(default_factory=list)
 
 
 def _plan(settings: Settings, layout: StateLayout, choice: ModelChoice, model: str, mode: str) -> _Plan:
     """Where the answers come from: a collection in line with the active chunks, else exact search."""
-    from daemon.indexing import served_analyzer, served_bm25_weight
+    from daemon.indexing import served_bm25_weight
 
     db = Database(layout.database)
     try:
         conn = db.conn
         note = choice.note
-        weight = served_bm25_weight(settings, served_analyzer(conn, settings), choice.path)
+        weight = served_bm25_weight(settings, choice.path)
         signature = chunk_signature(conn)
         usable = [
             record
@@ -190,8 +192,7 @@ def _plan(settings: Settings, layout: StateLayout, choice: ModelChoice, model: s
         fit = [record for record in usable if record.hybrid or mode == "dense"]
         if settings.index.enabled and fit:
             record = fit[0]
-            if record.bm25_weight is not None:
-                weight = record.bm25_weight
+            weight = record.bm25_weight  # what the collection serves (None: by each query's language)
             return _Plan(f"collection {record.name}", note, weight, collection=record)
         if model == "current" and settings.index.enabled:
             why = (
@@ -297,7 +298,7 @@ def _top(scores: np.ndarray, chunks: list[ActiveChunk], depth: int, positive_onl
     ]
 
 
-def _combine(mode: str, found: _Found, row: int, plan: _Plan, vector, k: int) -> list[Hit]:
+def _combine(mode: str, found: _Found, row: int, plan: _Plan, vector, query: str, k: int) -> list[Hit]:
     dense = found.dense[row] if found.dense else []
     lexical = found.lexical[row] if found.lexical else []
     if mode == "dense":
@@ -311,7 +312,8 @@ def _combine(mode: str, found: _Found, row: int, plan: _Plan, vector, k: int) ->
         dense_spread(vector, found.covariance, dense_scored),
         lexical_spread(lexical_scored, found.corpus_size),
     )
-    fused = zmix(dense_scored, lexical_scored, plan.weight, k, extra, spreads)
+    weight = plan.weight if plan.weight is not None else query_bm25_weight(query)
+    fused = zmix(dense_scored, lexical_scored, weight, k, extra, spreads)
     return [Hit(s.chunk_id, s.score, by_id[s.chunk_id].path, by_id[s.chunk_id].text) for s in fused]
 
 

@@ -111,26 +111,33 @@ def rrf(dense: Sequence[Scored], lexical: Sequence[Scored], k: int, constant: in
     return fused[:k]
 
 
-# `index.analyzer = "auto"`: jieba once Chinese chunks are this share of the corpus (jieba also splits
-# English words, so a mixed corpus loses nothing; a purely English one keeps the faster standard analyzer).
-JIEBA_CHINESE_SHARE = 0.05
+# `index.analyzer = "auto"`: jieba as soon as the corpus holds Chinese (this many Chinese chunks: one
+# stray quotation is not Chinese content). jieba splits English words too, so a mixed corpus loses
+# nothing; a purely English one keeps the faster standard analyzer.
+JIEBA_MIN_CHINESE_CHUNKS = 3
 
 
 def choose_analyzer(configured: str, languages: Mapping[str, int]) -> str:
     """The BM25 analyzer: the configured one, or by the corpus' languages (chunks per language)."""
     if configured != "auto":
         return configured
-    total = sum(languages.values())
-    return "jieba" if total and languages.get("zh", 0) / total >= JIEBA_CHINESE_SHARE else "standard"
+    return "jieba" if languages.get("zh", 0) >= JIEBA_MIN_CHINESE_CHUNKS else "standard"
 
 
-def choose_bm25_weight(configured: float | str, analyzer: str, model_path: Path | None = None) -> float:
+def choose_bm25_weight(configured: float | str, model_path: Path | None = None) -> float | None:
     """The configured share; "auto": the one chosen for the model on the user's queries when a round
-    chose one, else the analyzer's measured default."""
+    chose one, else None: each query gets its language's measured share (`query_bm25_weight`)."""
     if configured != "auto":
         return float(configured)
-    chosen = model_bm25_weight(model_path) if model_path is not None else None
-    return chosen if chosen is not None else default_bm25_weight(analyzer)
+    return model_bm25_weight(model_path) if model_path is not None else None
+
+
+def query_bm25_weight(query: str) -> float:
+    """The measured share for the query's language: how much the dense half can be trusted depends on
+    the model knowing the query's language, and a team's corpus may hold both."""
+    from stages.text import detect_language
+
+    return DEFAULT_BM25_WEIGHT["jieba" if detect_language(query) == "zh" else "standard"]
 
 
 # BM25's share of the hybrid score by analyzer (so by corpus language), measured on the dev sets over

@@ -18,6 +18,7 @@ from stages.fusion import (
     Scored,
     dense_spread,
     lexical_spread,
+    query_bm25_weight,
     vector_covariance,
     zmix,
 )
@@ -37,7 +38,7 @@ class HybridEvaluator:
     def __init__(
         self,
         eval_set: EvalSet,
-        bm25_weight: float,
+        bm25_weight: float | None,
         primary_metric: str = "ndcg@10",
         depth: int = 100,
         sweep: tuple[float, ...] = (),
@@ -77,7 +78,7 @@ class HybridEvaluator:
         cosines = queries @ passages.T
         corpus_size = len(passages)
         weights = list(dict.fromkeys([self.bm25_weight, *self.sweep]))
-        ranked: dict[float, list[list[int]]] = {w: [] for w in weights}
+        ranked: dict[float | None, list[list[int]]] = {w: [] for w in weights}
         for row, lexical in enumerate(self._lexical_lists()):
             scores = cosines[row]
             top = np.argsort(-scores, kind="stable")[: self.depth]
@@ -85,7 +86,8 @@ class HybridEvaluator:
             dense_of = {hit.chunk_id: float(scores[hit.chunk_id]) for hit in lexical}
             spreads = (dense_spread(queries[row], covariance, dense), lexical_spread(lexical, corpus_size))
             for weight in weights:
-                fused = zmix(dense, lexical, weight, SEARCH_DEPTH, dense_of, spreads)
+                share = weight if weight is not None else query_bm25_weight(self.eval_set.queries[row])
+                fused = zmix(dense, lexical, share, SEARCH_DEPTH, dense_of, spreads)
                 ranked[weight].append([hit.chunk_id for hit in fused])
         result = evaluate_rankings(ranked[self.bm25_weight], self.eval_set.relevant, self.primary_metric)
         if self.sweep:

@@ -28,7 +28,7 @@ from stages.encoder import Encoder
 from stages.eval_pool import pool_indices, restrict
 from stages.evalsets import EvalSet, load_eval_file, structure_set
 from stages.evaluate import EvalResult, RetrievalEvaluator
-from stages.fusion import WEIGHT_GRID, choose_analyzer, choose_bm25_weight, pick_weight
+from stages.fusion import WEIGHT_GRID, choose_bm25_weight, default_bm25_weight, pick_weight
 from stages.hybrid_eval import HybridEvaluator, served_name
 from stages.labels import (
     LabelParams,
@@ -356,7 +356,7 @@ def build_evaluators(
         sets = [*sets, load_eval_file(plan.guard_eval, name="guard")]
     evaluators: list = [RetrievalEvaluator(eval_set, plan.metric) for eval_set in sets]
     if plan.served_mode == "hybrid":
-        weight = served_weight(sets[0].corpus_texts, plan)
+        weight = served_weight(plan)
         evaluators += [
             HybridEvaluator(
                 eval_set, weight, plan.metric, sweep=WEIGHT_GRID if eval_set.name == "user" else ()
@@ -367,13 +367,17 @@ def build_evaluators(
     return evaluators
 
 
-def served_weight(corpus_texts: list[str], plan: EvalPlan) -> float:
-    """The BM25 share the index serves this corpus with (the analyzer by its languages, as the index
-    picks it; languages detected on a sample of the texts)."""
+def served_weight(plan: EvalPlan) -> float | None:
+    """The BM25 share the index serves the model in service with (None: by each query's language)."""
+    serving = Path(plan.serving_model) if plan.serving_model else None
+    return choose_bm25_weight(plan.bm25_weight, serving)
+
+
+def corpus_default_weight(corpus_texts: list[str]) -> float:
+    """The measured share of the corpus' main language (tie-breaks a sweep), on a sample of its texts."""
     sample = random.Random(0).sample(corpus_texts, min(500, len(corpus_texts)))
     languages = Counter(detect_language(text) for text in sample)
-    serving = Path(plan.serving_model) if plan.serving_model else None
-    return choose_bm25_weight(plan.bm25_weight, choose_analyzer(plan.analyzer, languages), serving)
+    return default_bm25_weight("jieba" if languages.get("zh", 0) > languages.get("en", 0) else "standard")
 
 
 def retrieval_choice(table: dict[str, dict], variant: str, default: float) -> dict | None:

@@ -245,7 +245,7 @@ def _retrieval(entry: dict[str, Any]) -> str:
     if entry.get("retrieval") != "hybrid":
         return "dense only: built before hybrid search, rebuilt in the background"
     weight = entry.get("bm25_weight")
-    share = f", BM25 share {weight:.2f}" if weight is not None else ""
+    share = f", BM25 share {weight:.2f}" if weight is not None else ", BM25 share by query language"
     return f"hybrid: BM25 ({entry.get('analyzer')}) + dense{share}"
 
 

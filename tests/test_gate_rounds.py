@@ -147,7 +147,7 @@ def test_a_promotion_with_user_queries_serves_the_bm25_share_they_rank_best(
     """With a user file the round sweeps the served BM25 share on it; the promoted model's folder carries
     the best one, the index serves it, and a rollback brings back the previous model's share."""
     from daemon.indexing import served_bm25_weight
-    from stages.fusion import RETRIEVAL_FILE, WEIGHT_GRID, default_bm25_weight
+    from stages.fusion import RETRIEVAL_FILE, WEIGHT_GRID
 
     settings = _case(prepared, tmp_path, tiny_embedder, human_tolerance=1.0)  # the file may not veto here
     settings.promotion.user_eval = _served_perfectly(settings, tmp_path / "user.jsonl")
@@ -159,11 +159,11 @@ def test_a_promotion_with_user_queries_serves_the_bm25_share_they_rank_best(
     chosen = json.loads((layout.current / RETRIEVAL_FILE).read_text())
     sweep = chosen["sweep"]
     assert chosen["chosen_on"] == "user" and sweep[f"{chosen['bm25_weight']:g}"] == max(sweep.values())
-    assert served_bm25_weight(settings, "standard", layout.current.resolve()) == chosen["bm25_weight"]
+    assert served_bm25_weight(settings, layout.current.resolve()) == chosen["bm25_weight"]
     base = Path(settings.model.base)
-    assert served_bm25_weight(settings, "standard", base) == default_bm25_weight("standard")
+    assert served_bm25_weight(settings, base) is None  # no choice: each query's language decides
     settings.index.bm25_weight = 0.45  # an explicit setting wins over the choice
-    assert served_bm25_weight(settings, "standard", layout.current.resolve()) == 0.45
+    assert served_bm25_weight(settings, layout.current.resolve()) == 0.45
 
 
 def test_gate_guard_set_vetoes_forgetting(prepared, tmp_path, tiny_embedder):

@@ -68,6 +68,15 @@ def test_zmix_scores_bm25_only_candidates_with_their_exact_cosine():
         zmix(dense, lexical, 1.5, 3)
 
 
+def test_auto_shares_follow_the_query_language_and_the_analyzer_any_chinese():
+    from stages.fusion import choose_analyzer, query_bm25_weight
+
+    assert query_bm25_weight("数据库怎么备份") > query_bm25_weight("how are database backups made")
+    assert choose_analyzer("auto", {"en": 818, "zh": 4}) == "jieba"  # the bundled samples: one Chinese guide
+    assert choose_analyzer("auto", {"en": 818, "zh": 1}) == "standard"
+    assert choose_analyzer("standard", {"zh": 500}) == "standard"
+
+
 def test_spreads_are_the_corpus_standard_deviations():
     import numpy as np
 
@@ -92,7 +101,8 @@ def test_a_collection_holds_both_halves_and_hybrid_fuses_them(make_settings, sta
 
     settings, layout, conn, report = _indexed(make_settings, start_daemon, ENGLISH)
     live = IndexRecords(conn).live()
-    assert report.swapped and live.analyzer == "standard" and live.hybrid and live.bm25_weight is not None
+    assert report.swapped and live.analyzer == "standard" and live.hybrid
+    assert live.bm25_weight is None  # "auto" and no round chose one: each query's language decides
     query = "which server stores the database backups"
     lexical = search(settings, query, k=5, mode="lexical")
     dense = search(settings, query, k=5, mode="dense")
