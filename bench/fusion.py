@@ -28,37 +28,16 @@ DEPTH = 100
 
 
 def _collection(client, vectors: np.ndarray, texts: list[str], analyzer: str) -> None:
-    from state.vector_store import ANALYZERS, BM25_FUNCTION, SPARSE_FIELD
+    """The product's collection (VectorStore.create: vectors, text, the BM25 field), filled once."""
+    from state.vector_store import IndexTarget, VectorStore
 
     if client.has_collection("bench"):
         return
-    from pymilvus import DataType, Function, FunctionType, MilvusClient
-
-    schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    schema.add_field("chunk_id", DataType.INT64, is_primary=True)
-    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=vectors.shape[1])
-    schema.add_field(
-        "text", DataType.VARCHAR, max_length=16000, enable_analyzer=True, analyzer_params=ANALYZERS[analyzer]
-    )
-    schema.add_field(SPARSE_FIELD, DataType.SPARSE_FLOAT_VECTOR)
-    schema.add_function(
-        Function(
-            name=BM25_FUNCTION,
-            function_type=FunctionType.BM25,
-            input_field_names=["text"],
-            output_field_names=[SPARSE_FIELD],
-        )
-    )
-    index = client.prepare_index_params()
-    index.add_index("vector", index_type="AUTOINDEX", metric_type="IP")
-    index.add_index(SPARSE_FIELD, index_type="SPARSE_INVERTED_INDEX", metric_type="BM25")
-    client.create_collection("bench", schema=schema, index_params=index)
+    store = VectorStore(client, IndexTarget(uri="", token=""))
+    store.create("bench", vectors.shape[1], analyzer)
     for start in range(0, len(texts), 500):
-        rows = [
-            {"chunk_id": i, "vector": vectors[i].tolist(), "text": texts[i][:5000]}
-            for i in range(start, min(start + 500, len(texts)))
-        ]
-        client.insert("bench", rows)
+        ids = list(range(start, min(start + 500, len(texts))))
+        store.upsert("bench", ids, vectors[ids], [""] * len(ids), [texts[i][:5000] for i in ids])
 
 
 def main() -> None:

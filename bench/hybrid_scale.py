@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.index import DATA, add_documents, passages, peak_rss_mb
+from bench.index import DATA, add_documents, passages, peak_rss_mb, time_fill_parts
 from bench.scale import bench_model
 
 
@@ -61,7 +61,6 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
 
-    from daemon import indexing
     from daemon.indexing import IndexService
     from daemon.logs import configure_logging
     from daemon.search import search_many
@@ -72,21 +71,8 @@ def main() -> None:
     from state.vector_store import VectorStore
 
     configure_logging("warning", "console")
-    timers = {"encode": 0.0, "store": 0.0}
-
-    def timed(name, function):
-        def wrapper(*a, **k):
-            started = time.perf_counter()
-            try:
-                return function(*a, **k)
-            finally:
-                timers[name] += time.perf_counter() - started
-
-        return wrapper
-
-    indexing._LazyEncoder.passages = timed("encode", indexing._LazyEncoder.passages)
-    upsert = VectorStore.upsert
-    VectorStore.upsert = timed("store", VectorStore.upsert)
+    upsert = VectorStore.upsert  # unpatched, for the baseline
+    timers = time_fill_parts()
     with tempfile.TemporaryDirectory() as tmp:
         model = bench_model(args.model, Path(tmp))
         settings = Settings.model_validate(

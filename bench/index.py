@@ -82,24 +82,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--chunks", type=int, default=10_000)
-    parser.add_argument("--doc-chunks", type=int, default=10)
-    parser.add_argument("--model", default="packaged:all-MiniLM-L6-v2")
-    parser.add_argument("--incremental", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=256)
-    args = parser.parse_args()
-
+def time_fill_parts() -> dict[str, float]:
+    """Accumulate the seconds an index fill spends encoding and in Milvus upserts (patched in place)."""
     from daemon import indexing
-    from daemon.indexing import IndexService, index_target
-    from daemon.logs import configure_logging
-    from daemon.settings import Settings
-    from state.db import Database
-    from state.layout import StateLayout
-    from state.vector_store import VectorStore, open_store
+    from state.vector_store import VectorStore
 
-    configure_logging("warning", "console")
     timers = {"encode": 0.0, "store": 0.0}
 
     def timed(name, function):
@@ -114,6 +101,27 @@ def main() -> None:
 
     indexing._LazyEncoder.passages = timed("encode", indexing._LazyEncoder.passages)
     VectorStore.upsert = timed("store", VectorStore.upsert)
+    return timers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--chunks", type=int, default=10_000)
+    parser.add_argument("--doc-chunks", type=int, default=10)
+    parser.add_argument("--model", default="packaged:all-MiniLM-L6-v2")
+    parser.add_argument("--incremental", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=256)
+    args = parser.parse_args()
+
+    from daemon.indexing import IndexService, index_target
+    from daemon.logs import configure_logging
+    from daemon.settings import Settings
+    from state.db import Database
+    from state.layout import StateLayout
+    from state.vector_store import open_store
+
+    configure_logging("warning", "console")
+    timers = time_fill_parts()
 
     with tempfile.TemporaryDirectory() as tmp:
         settings = Settings.model_validate(
