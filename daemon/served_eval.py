@@ -97,9 +97,9 @@ def cmd_eval_served(
             label = f"{answers[0].model} {each}"
             results[label], labels[each] = result, label
             notes.update(a.note for a in answers if a.note)
-            skipped = sum(1 for a in answers if a.error)
-            if skipped:
-                notes.add(f"{skipped} queries could not be searched (scored 0): e.g. {answers[0].error}")
+            failed = [a for a in answers if a.error]
+            if failed:
+                notes.add(f"{len(failed)} queries could not be searched (scored 0): e.g. {failed[0].error}")
         baseline = None
         if against != "none":
             base_result, base_answers = score_served(settings, eval_set, against, "dense", metric)
