@@ -26,6 +26,7 @@ def main() -> int:
     from stages.encoder import EncodeParams, Encoder
     from stages.evalsets import load_beir
     from stages.evaluate import RetrievalEvaluator
+    from stages.gate import paired_bootstrap
     from stages.labels import (
         LabelParams,
         LabelQuery,
@@ -35,7 +36,6 @@ def main() -> int:
         student_candidates,
     )
     from stages.models import resolve_model_path
-    from stages.promote import paired_bootstrap
     from stages.pseudo import pseudo_queries
     from stages.teacher import HybridTeacher, default_bm25_weight
     from stages.text import detect_language

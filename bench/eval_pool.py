@@ -28,8 +28,8 @@ def main() -> int:
     from stages.eval_pool import pool_indices, restrict
     from stages.evalsets import EvalSet, load_beir
     from stages.evaluate import evaluate_retrieval
+    from stages.gate import paired_bootstrap
     from stages.models import resolve_model_path
-    from stages.promote import paired_bootstrap
 
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("dataset", type=Path)

@@ -48,8 +48,8 @@ def main() -> None:
     from stages.evaluate import query_metrics
     from stages.filter import Bm25Index
     from stages.fusion import Scored, dense_spread, lexical_spread, vector_covariance, zmix
+    from stages.gate import paired_bootstrap
     from stages.models import resolve_model_path
-    from stages.promote import paired_bootstrap
     from stages.teacher import zscore
 
     parser = argparse.ArgumentParser(description=__doc__)

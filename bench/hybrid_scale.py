@@ -25,7 +25,7 @@ from bench.scale import bench_model
 def _dense_only_fill(settings, layout, conn, name: str) -> float:
     """Seconds of upserts of every active chunk's cached vector into a collection without the BM25 field."""
     from daemon.indexing import index_target
-    from daemon.round_process import encode_params
+    from daemon.step_params import encode_params
     from stages.encoder import Encoder
     from stages.models import resolve_model_path
     from state.index_records import active_chunks

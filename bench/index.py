@@ -173,7 +173,7 @@ def main() -> None:
             started = time.perf_counter()
             store.point_alias(settings.index.alias, report.collection)
             swap_ms = (time.perf_counter() - started) * 1000
-        from daemon.round_process import encode_params
+        from daemon.step_params import encode_params
         from stages.encoder import Encoder
         from stages.models import resolve_model_path
 

@@ -140,8 +140,8 @@ def main() -> int:
         variants[f"merged-{weight:g}"] = merge_with_base(
             round_dir / "candidate", base_path, weight, round_dir / f"bench-merged-{weight:g}"
         )
-    from daemon.round_process import encode_params
-    from stages.promote import paired_bootstrap
+    from daemon.step_params import encode_params
+    from stages.gate import paired_bootstrap
 
     scored = {name: score(path, real, encode_params(settings)) for name, path in variants.items()}
     results = {name: result.metrics for name, result in scored.items()}

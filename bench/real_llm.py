@@ -28,7 +28,7 @@ from pathlib import Path
 
 import httpx
 
-from daemon.samples import write_samples
+from daemon.bundled_docs import write_samples
 from stages.llm import chat_completions_url, extract_json
 
 FAULT_MIX = {"429": 0.10, "500": 0.10, "truncated": 0.10, "hang": 0.03}

@@ -17,8 +17,8 @@ def main() -> int:
     from stages.encoder import EncodeParams, Encoder
     from stages.evalsets import load_beir
     from stages.evaluate import evaluate_scores
+    from stages.gate import paired_bootstrap
     from stages.models import resolve_model_path
-    from stages.promote import paired_bootstrap
     from stages.teacher import HybridTeacher, default_bm25_weight
     from stages.text import detect_language
 

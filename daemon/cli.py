@@ -129,6 +129,7 @@ def cmd_config_check(settings: Settings, source: str | None) -> int:
 
 
 def cmd_rollback(settings: Settings) -> int:
+    from daemon.serving import base_model_path_or_none
     from state.db import Database
     from state.layout import StateLayout
     from state.registry import ModelRegistry, RegistryError
@@ -136,7 +137,7 @@ def cmd_rollback(settings: Settings) -> int:
     layout = StateLayout(settings.paths.state_dir).ensure()
     db = Database(layout.database)
     try:
-        record = ModelRegistry(db.conn, layout).rollback()
+        record = ModelRegistry(db.conn, layout).rollback(base_model_path_or_none(settings))
     except RegistryError as exc:
         print(f"embedtune: {exc}", file=sys.stderr)
         return 1
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return train_now(settings, foreground=args.foreground, config_file=args.config)
     if args.command == "samples":
-        from daemon.samples import write_samples
+        from daemon.bundled_docs import write_samples
 
         target = Path(args.into) if args.into else settings.paths.inbox
         print(f"wrote {write_samples(target)} sample documents to {target}")

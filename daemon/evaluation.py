@@ -43,10 +43,10 @@ def resolve_model_choice(settings: Settings, choice: str) -> ModelChoice:
     try:
         registry = ModelRegistry(db.conn, layout)
         if choice == "current":
-            record = registry.current()
-            if record is None:
+            if registry.current() is None:
                 return ModelChoice("base", resolve_model_path(settings.model.base), "nothing promoted yet")
-            return ModelChoice(f"v{record.id}", record.path)
+            serving = registry.serving(resolve_model_path(settings.model.base))
+            return ModelChoice(serving.version, serving.path)
         try:
             record = registry.get(int(choice[1:]))
         except RegistryError:
@@ -61,11 +61,11 @@ def resolve_model_choice(settings: Settings, choice: str) -> ModelChoice:
 def cmd_eval(settings: Settings, data: str, model: str, against: str, metric: str, as_json: bool) -> int:
     import json
 
-    from daemon.round_process import encode_params
+    from daemon.step_params import encode_params
     from stages.encoder import Encoder
     from stages.evalsets import EvalFileError, load_eval_file
     from stages.evaluate import RetrievalEvaluator
-    from stages.promote import paired_bootstrap
+    from stages.gate import paired_bootstrap
 
     try:
         chosen = resolve_model_choice(settings, model)

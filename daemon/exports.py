@@ -19,8 +19,8 @@ log = get_logger("embedtune.export")
 
 def mined_examples(settings: Settings, layout: StateLayout, conn) -> list[dict]:
     """Kept training pairs with negatives mined now by the model in service, by the round's own miner."""
-    from daemon.round_process import encode_params, negative_params
-    from daemon.service import model_in_service
+    from daemon.serving import model_in_service
+    from daemon.step_params import encode_params, negative_params
     from stages.encoder import Encoder
     from stages.round_steps import Snapshot, mine_negatives
 
@@ -34,7 +34,7 @@ def mined_examples(settings: Settings, layout: StateLayout, conn) -> list[dict]:
 
     with Progress("mine negatives", None, "texts") as progress:
         encoder = Encoder(
-            model_in_service(conn, layout, settings),
+            model_in_service(conn, layout, settings).path,
             encode_params(settings),
             layout.cache,
             progress=progress.advance,
@@ -65,10 +65,11 @@ def export_embeddings(settings: Settings, layout: StateLayout, conn, output: Pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from daemon.indexing import IndexService, serving_model
+    from daemon.indexing import IndexService
+    from daemon.serving import model_in_service
     from state.index_records import active_chunks, max_chunk_id
 
-    serving = serving_model(conn, layout, settings)
+    serving = model_in_service(conn, layout, settings)
     chunks = active_chunks(conn)
     if settings.index.enabled:
         from daemon.indexing import index_target
@@ -82,7 +83,7 @@ def export_embeddings(settings: Settings, layout: StateLayout, conn, output: Pat
         source = f"collection {report.collection}"
     else:
         from daemon.progress import Progress
-        from daemon.round_process import encode_params
+        from daemon.step_params import encode_params
         from stages.encoder import Encoder
 
         encoder = Encoder(serving.path, encode_params(settings), layout.cache)

@@ -26,6 +26,7 @@ import numpy as np
 
 from daemon.logs import get_logger
 from daemon.progress import Progress
+from daemon.serving import model_in_service
 from daemon.settings import Settings
 from daemon.workers import JobContext, RetryLater
 from state.index_records import (
@@ -36,28 +37,19 @@ from state.index_records import (
     active_chunks,
     active_languages,
     chunk_signature,
+    has_active_chunks,
     max_chunk_id,
 )
 from state.index_stats import VectorStats, drop_stats, load_stats, save_stats
 from state.layout import StateLayout
 from state.queue import JobQueue
-from state.registry import ModelRegistry
+from state.registry import ServingModel
 from state.vector_store import IndexTarget, IndexUnavailable, VectorStore, open_store
 
 log = get_logger("embedtune.index")
 JOB_KIND = "index"
 UNAVAILABLE_RETRY_S = 60.0
 MAX_PASSES = 3
-
-
-@dataclass(frozen=True)
-class ServingModel:
-    model_id: int | None
-    path: Path
-
-    @property
-    def version(self) -> str:
-        return f"v{self.model_id}" if self.model_id is not None else "base"
 
 
 @dataclass
@@ -98,16 +90,6 @@ def served_bm25_weight(settings: Settings, model_path: Path | None = None) -> fl
     return choose_bm25_weight(settings.index.bm25_weight, model_path)
 
 
-def serving_model(conn: sqlite3.Connection, layout: StateLayout, settings: Settings) -> ServingModel:
-    from stages.models import resolve_model_path
-
-    registry = ModelRegistry(conn, layout)
-    current = registry.current()
-    return ServingModel(
-        current.id if current else None, registry.serving_path(resolve_model_path(settings.model.base))
-    )
-
-
 class IndexService:
     """Keeps the vector store in line with the model in service and the active chunks."""
 
@@ -118,6 +100,7 @@ class IndexService:
         self.layout = layout
         self.target = index_target(settings)
         self.show_progress = show_progress
+        self._analyzer_cache: tuple[str, str] | None = None  # (chunk signature, analyzer)
 
     # --- the job ----------------------------------------------------------------------------------
     def handle(self, ctx: JobContext) -> None:
@@ -136,14 +119,22 @@ class IndexService:
         """Cheap check for the main loop: is the live collection behind the chunks or the model?"""
         live = IndexRecords(conn).live()
         if live is None:
-            return bool(conn.execute("SELECT 1 FROM chunks WHERE active = 1 LIMIT 1").fetchone())
-        serving = serving_model(conn, self.layout, self.settings)
-        analyzer = served_analyzer(conn, self.settings)
+            return has_active_chunks(conn)
+        signature = chunk_signature(conn)
+        serving = model_in_service(conn, self.layout, self.settings)
+        analyzer = self._analyzer_for(conn, signature)
         if (live.model_id, live.model_path, live.analyzer) != (serving.model_id, str(serving.path), analyzer):
             return True  # another model, or a collection to rebuild (dense only, or another analyzer)
         if live.bm25_weight != served_bm25_weight(self.settings, serving.path):
             return True
-        return live.signature != chunk_signature(conn)
+        return live.signature != signature
+
+    def _analyzer_for(self, conn: sqlite3.Connection, signature: str) -> str:
+        """`served_analyzer`, recomputed only when the active chunks change: the main loop asks every few
+        seconds and the language count is a scan of every active chunk."""
+        if self._analyzer_cache is None or self._analyzer_cache[0] != signature:
+            self._analyzer_cache = (signature, served_analyzer(conn, self.settings))
+        return self._analyzer_cache[1]
 
     def enqueue(self, conn: sqlite3.Connection, reason: str) -> bool:
         """One pending sync at a time is enough: it reads the state when it runs. Each job's key names
@@ -151,7 +142,7 @@ class IndexService:
         queue = JobQueue(conn)
         if queue.has_pending(JOB_KIND):
             return False
-        serving = serving_model(conn, self.layout, self.settings)
+        serving = model_in_service(conn, self.layout, self.settings)
         analyzer = served_analyzer(conn, self.settings)
         key = f"index:{serving.version}:{analyzer}:{chunk_signature(conn)}:{reason}"
         return queue.enqueue(JOB_KIND, key, {"reason": reason}, priority=150, max_attempts=5)
@@ -159,7 +150,7 @@ class IndexService:
     # --- the one operation ------------------------------------------------------------------------
     def sync(self, conn: sqlite3.Connection) -> SyncReport:
         records = IndexRecords(conn)
-        serving = serving_model(conn, self.layout, self.settings)
+        serving = model_in_service(conn, self.layout, self.settings)
         analyzer = served_analyzer(conn, self.settings)
         weight = served_bm25_weight(self.settings, serving.path)
         with open_store(self.target) as store:
@@ -199,7 +190,7 @@ class IndexService:
     def follow_serving(self, conn: sqlite3.Connection) -> CollectionRecord | None:
         """After a rollback: point the alias at the serving model's kept collection at once, if there is
         one (a sync then adds what arrived since). None when it must be filled first."""
-        serving = serving_model(conn, self.layout, self.settings)
+        serving = model_in_service(conn, self.layout, self.settings)
         records = IndexRecords(conn)
         target = records.for_model(serving.model_id, str(serving.path), served_analyzer(conn, self.settings))
         if target is None or target.state not in ("ready", LIVE):
@@ -319,7 +310,7 @@ class IndexService:
     def _swap(self, conn: sqlite3.Connection, records: IndexRecords, target: CollectionRecord) -> bool:
         """Swap the alias, unless the model changed meanwhile (a rollback during the fill)."""
         with open_store(self.target) as store:
-            serving = serving_model(conn, self.layout, self.settings)
+            serving = model_in_service(conn, self.layout, self.settings)
             if (serving.model_id, str(serving.path)) != (target.model_id, target.model_path):
                 log.info("index_swap_skipped", collection=target.name, serving=serving.version)
                 return False
@@ -354,7 +345,7 @@ class _LazyEncoder:
 
     def _get(self):
         if self._encoder is None:
-            from daemon.round_process import encode_params
+            from daemon.step_params import encode_params
             from stages.encoder import Encoder
 
             self._encoder = Encoder(self.path, encode_params(self.settings), self.layout.cache)

@@ -34,7 +34,6 @@ from state.layout import StateLayout
 from state.queue import JobQueue, LeaseLost
 
 log = get_logger("embedtune.jobs")
-MODEL_JOB_KINDS = ("filter", "index")
 STOP_GRACE_S = 10.0
 
 
@@ -125,11 +124,11 @@ def raise_outcome(result: dict | None, code: int) -> None:
 # --- child side -------------------------------------------------------------------------------------
 def build_handler(kind: str, settings: Settings, layout: StateLayout) -> Handler:
     if kind == "filter":
-        from daemon.service import model_in_service
-        from daemon.synthesis import FilterService
+        from daemon.filtering import FilterService
+        from daemon.serving import model_in_service
 
         return FilterService(
-            settings, lambda conn: (model_in_service(conn, layout, settings), layout.cache)
+            settings, lambda conn: (model_in_service(conn, layout, settings).path, layout.cache)
         ).handle
     if kind == "index":
         from daemon.indexing import IndexService

@@ -17,23 +17,6 @@ from pathlib import Path
 
 from daemon.settings import Settings
 
-# classic script parameter -> our option (documented in the README)
-CLASSIC_NAMES = {
-    "documents path": "--documents",
-    "dataset output path": "--dataset-output",
-    "LLM url / model name": "--llm-url / --llm-model",
-    "embedding model path": "--embedding-model",
-    "reranker model path": "--reranker-model",
-    "output path": "--output",
-    "featured percentage": "--featured-percentage",
-    "judge threshold": "--judge-threshold",
-    "questions per chunk": "--questions-per-chunk",
-    "rewrites": "--rewrites",
-    "eval data path": "--eval-data",
-    "max iterations": "--max-iterations",
-    "increase rate": "--increase-rate",
-}
-
 
 def add_once_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--documents", required=True, help="folder of documents (read recursively)")
@@ -96,6 +79,7 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
     from daemon.service import Daemon
     from state.db import connect
     from state.pipeline_progress import pipeline_progress
+    from state.registry import ModelRegistry
     from state.round_records import RoundOutcome, RoundStore
     from state.samples import SampleStore
 
@@ -183,7 +167,7 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
                 break
         _print_summary(summary, metric)
         output = Path(args.output).resolve()
-        if daemon.layout.current.exists():
+        if ModelRegistry(conn, daemon.layout).current() is not None:
             target = output / "model"
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(daemon.layout.current.resolve(), target)

@@ -2,8 +2,8 @@
 
 The daemon starts it with `python -m daemon.round_process`; an OOM, a CUDA fault or a SIGKILL here cannot
 take the daemon down, and the model in service changes only through the registry's atomic promotion.
-This module sequences the steps, records progress and outcome, and turns settings into each step's
-parameters; the work itself is in stages/.
+This module sequences the steps and records progress and outcome; daemon/step_params.py turns settings
+into each step's parameters; the work itself is in stages/.
 """
 
 from __future__ import annotations
@@ -20,6 +20,15 @@ from pathlib import Path
 from daemon.child_process import die_with_parent
 from daemon.logs import configure_logging, get_logger
 from daemon.settings import Settings
+from daemon.step_params import (
+    encode_params,
+    eval_plan,
+    gate_params,
+    label_params,
+    merge_params,
+    negative_params,
+    train_params,
+)
 from state.db import Database
 from state.layout import StateLayout
 from state.registry import ModelRegistry
@@ -121,7 +130,7 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
     progress = RoundProgress(records, round_id, folder)
     base_path = resolve_model_path(settings.model.base)
     current = registry.current()
-    serving_path = current.path if current else base_path
+    serving_path = registry.serving(base_path).path
     init_path = serving_path if settings.training.init == "current" else base_path
     encode = encode_params(settings)
 
@@ -327,7 +336,7 @@ def promote(
 ) -> RoundOutcome:
     """Serve the variant (atomic swap in the registry) and record the round as promoted, before any hook
     runs: a SIGTERM after this point cannot leave a new model in service with an 'aborted' round."""
-    from stages.promote import RejectionCause
+    from stages.gate import RejectionCause
     from state.registry import ServingChanged
 
     record = registry.register(
@@ -374,110 +383,6 @@ def run_on_promote_hook(
             "on_promote_failed", round_id=round_id, returncode=outcome["returncode"], stderr=outcome["stderr"]
         )
     return outcome
-
-
-# --- settings -> step parameters ----------------------------------------------------------------------
-def encode_params(settings: Settings):
-    from stages.encoder import EncodeParams
-
-    return EncodeParams(
-        settings.model.device, settings.model.query_instruction, settings.model.encode_batch_size
-    )
-
-
-def negative_params(settings: Settings, corpus_only: bool = False):
-    """With a teacher, the miner only encodes the corpus: the label step chooses the negatives."""
-    from stages.round_steps import NegativeParams
-
-    training = settings.training
-    return NegativeParams(
-        0 if corpus_only else training.hard_negatives,
-        tuple(training.negative_range),
-        training.negative_margin,
-        training.seed,
-    )
-
-
-def label_params(settings: Settings):
-    from stages.labels import LabelParams
-
-    training = settings.training
-    return LabelParams(
-        negatives=training.hard_negatives,
-        rank_range=(1, training.teacher_depth),
-        keep_rank=training.teacher_keep_rank,
-        repair=training.label_repair,
-        student_margin=training.negative_margin,
-        target_spread=training.temperature,
-        seed=training.seed,
-    )
-
-
-def train_params(settings: Settings):
-    from stages.train import TrainParams
-
-    training = settings.training
-    return TrainParams(
-        epochs=training.epochs,
-        batch_size=training.batch_size,
-        learning_rate=training.learning_rate,
-        warmup_ratio=training.warmup_ratio,
-        temperature=training.temperature,
-        cached_batch=training.cached_batch,
-        precision=training.precision,
-        gradient_checkpointing=training.gradient_checkpointing,
-        max_minutes=training.max_minutes,
-        query_instruction=settings.model.query_instruction,
-        seed=training.seed,
-        device=settings.model.device,
-        loss=training.loss,
-    )
-
-
-def eval_plan(settings: Settings, serving_path: Path | None = None):
-    from stages.round_steps import EvalPlan
-
-    promotion = settings.promotion
-    # Headings are human signal only when they were not the training queries themselves.
-    use_structure = settings.llm.enabled or settings.synthesis.pseudo_method != "heading"
-    return EvalPlan(
-        promotion.metric,
-        use_structure,
-        promotion.user_eval,
-        promotion.user_eval_query_key,
-        promotion.user_eval_positive_key,
-        promotion.guard_eval,
-        promotion.eval_pool,
-        served_mode=settings.index.mode if settings.index.enabled else "",
-        analyzer=settings.index.analyzer,
-        bm25_weight=settings.index.bm25_weight,
-        serving_model=str(serving_path or ""),
-    )
-
-
-def merge_params(settings: Settings):
-    from stages.round_steps import MergeParams
-
-    return MergeParams(
-        tuple(settings.promotion.merge_weights),
-        settings.promotion.merge_with_data,
-        max(1, min(3, settings.training.hard_negatives)),
-    )
-
-
-def gate_params(settings: Settings):
-    from stages.round_steps import GateParams
-
-    promotion = settings.promotion
-    return GateParams(
-        promotion.metric,
-        promotion.min_gain,
-        promotion.human_tolerance,
-        promotion.max_guard_drop,
-        promotion.synthetic_only_min_gain,
-        promotion.bootstrap_samples,
-        settings.training.seed,
-    )
 
 
 def _quiet_libraries() -> None:

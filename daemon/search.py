@@ -210,7 +210,7 @@ def _plan(settings: Settings, layout: StateLayout, choice: ModelChoice, model: s
 
 
 def _encoder(settings: Settings, layout: StateLayout, choice: ModelChoice):
-    from daemon.round_process import encode_params
+    from daemon.step_params import encode_params
     from stages.encoder import Encoder
 
     return Encoder(choice.path, encode_params(settings), layout.cache)

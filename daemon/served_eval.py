@@ -80,7 +80,7 @@ def cmd_eval_served(
     settings: Settings, data: str, model: str, against: str, metric: str, mode: str, as_json: bool
 ) -> int:
     from stages.evalsets import EvalFileError, load_eval_file
-    from stages.promote import paired_bootstrap
+    from stages.gate import paired_bootstrap
 
     modes = list(MODES) if mode == "all" else [mode]
     try:

@@ -11,13 +11,13 @@ import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.logs import configure_logging, get_logger
 from daemon.notify import Notifier
+from daemon.serving import base_model_path_or_none
 from daemon.settings import ConfigError, Settings, apply_live, load_settings, missing_files, restart_keys
-from daemon.watcher import InboxCallbacks, InboxWatcher, safe_path
+from daemon.watcher import InboxCallbacks, InboxWatcher
 from daemon.workers import WorkerPool
 from state.db import Database
 from state.documents import DocumentStore
@@ -68,12 +68,6 @@ class DbCallbacks(InboxCallbacks):
         self._store().reject_path(path, reason)
 
 
-def model_in_service(conn, layout: StateLayout, settings: Settings) -> Path:
-    from stages.models import resolve_model_path
-
-    return ModelRegistry(conn, layout).serving_path(resolve_model_path(settings.model.base))
-
-
 class Daemon:
     def __init__(self, settings: Settings, config_file: str | None = None) -> None:
         self.settings = settings
@@ -101,7 +95,7 @@ class Daemon:
         conn = self.db.conn
         queue = JobQueue(conn)
         released = queue.release_owner("")  # we hold the lock: every running job is an orphan
-        note = ModelRegistry(conn, self.layout).reconcile()
+        note = ModelRegistry(conn, self.layout).reconcile(base_model_path_or_none(self.settings))
         self.rounds = RoundScheduler(self.settings, self.layout, self.config_file)
         aborted = self.rounds.abort_orphans()
         mark_started(conn, os.getpid(), socket.gethostname())
@@ -167,10 +161,7 @@ class Daemon:
     def reconcile_inbox(self) -> None:
         """Start-up scan and periodic rescan: offer every file, retire what vanished while we were away."""
         store = DocumentStore(self.callbacks.db.conn)
-        seen = set()
-        for path in self.watcher.iter_inbox():
-            seen.add(safe_path(path))  # rows of undecodable names hold this printable form
-            self.watcher.offer(path)
+        seen = self.watcher.scan()
         for path in store.live_paths():
             if path not in seen and not os.path.lexists(path):
                 store.file_deleted(path, self.settings.ingest.retire_samples)

@@ -378,9 +378,6 @@ def is_live(dotted: str) -> bool:
     return dotted.split(".")[0] in LIVE_SECTIONS or dotted in LIVE_EXTRA_KEYS
 
 
-LIVE_KEYS = tuple(key for key in _dotted_items(Settings()) if is_live(key))
-
-
 def changed_keys(old: Settings, new: Settings) -> dict[str, tuple[object, object]]:
     """Every key whose value differs, as {dotted key: (old, new)}."""
     before, after = _dotted_items(old), _dotted_items(new)

@@ -1,19 +1,9 @@
-"""Synthesize and filter jobs: the daemon side of stages.synthesize, stages.pseudo and stages.filter."""
+"""Synthesize jobs: the daemon side of stages.synthesize and stages.pseudo (the filter pass: daemon/filtering.py)."""
 
 from __future__ import annotations
 
-import threading
-import time
-
 from daemon.logs import get_logger
 from daemon.workers import AttemptFailed, JobContext, PermanentFailure, RetryLater
-from stages.filter import (
-    Bm25Index,
-    FilterInput,
-    embedding_pair_scorer,
-    filter_pairs,
-    reranker_pair_scorer,
-)
 from stages.llm import (
     BreakerOpen,
     CircuitBreaker,
@@ -130,85 +120,3 @@ class SynthesisService:
             ]
         added = store.store_candidates(ctx.job, chunk, candidates, settings.judge_threshold)
         log.debug("chunk_synthesized", chunk_id=chunk["id"], added=added)
-
-
-class FilterService:
-    """The batch filter pass. Loads the scoring model on first use and keeps it while this object lives:
-    in the daemon that is one job (a child process per pass, daemon/job_process.py); a caller that
-    runs several passes in one process reuses it until the model in service changes."""
-
-    def __init__(self, settings, model_path_provider) -> None:
-        self.settings = settings
-        self.model_path_provider = model_path_provider
-        self._lock = threading.Lock()
-        self._loaded_key: str | None = None
-        self._scorer = None
-        self._encoder = None  # keeps the embedding cache of the model in service
-
-    def _scoring(self, conn):
-        from stages.encoder import EncodeParams, Encoder
-        from stages.models import resolve_model_path
-
-        if self.settings.model.reranker:
-            key = f"reranker:{self.settings.model.reranker}"
-            if key != self._loaded_key:
-                from FlagEmbedding import FlagReranker
-
-                path = resolve_model_path(self.settings.model.reranker)
-                reranker = FlagReranker(
-                    str(path), use_fp16=False, devices="cpu" if self.settings.model.device == "cpu" else None
-                )
-                self._scorer, self._loaded_key = reranker_pair_scorer(reranker), key
-            return self._scorer
-        path, cache_root = self.model_path_provider(conn)
-        if str(path) != self._loaded_key:
-            model = self.settings.model
-            encoder = Encoder(
-                path, EncodeParams(model.device, model.query_instruction, model.encode_batch_size), cache_root
-            )
-            self._scorer = embedding_pair_scorer(encoder.queries, encoder.passages)
-            self._loaded_key, self._encoder = str(path), encoder
-        return self._scorer
-
-    def handle(self, ctx: JobContext) -> None:
-        store = SampleStore(ctx.conn, ctx.queue)
-        started = time.monotonic()
-        with self._lock:
-            rows = store.unfiltered(self.settings.synthesis.filter_batch)
-            inactive = [row["id"] for row in rows if not row["active"]]
-            if inactive:
-                store.drop_inactive(inactive)
-            rows = [row for row in rows if row["active"]]
-            if rows:
-                corpus = store.active_chunks()
-                index_of = {chunk["id"]: i for i, chunk in enumerate(corpus)}
-                texts = [chunk["text"] for chunk in corpus]
-                bm25 = Bm25Index(texts)
-                items = [
-                    FilterInput(
-                        row["id"],
-                        row["query"],
-                        index_of[row["chunk_id"]],
-                        row["passage"] or row["chunk_text"],
-                    )
-                    for row in rows
-                ]
-                results = filter_pairs(
-                    items,
-                    texts,
-                    bm25,
-                    self._scoring(ctx.conn),
-                    self.settings.synthesis.featured_percentage,
-                    self.settings.synthesis.filter_candidates,
-                )
-                store.record_filter(results)
-                if self._encoder is not None:
-                    self._encoder.save_cache()
-                log.info(
-                    "filter_pass",
-                    samples=len(rows),
-                    kept=sum(r.kept for r in results),
-                    corpus=len(corpus),
-                    duration_s=round(time.monotonic() - started, 2),
-                )
-        store.finish_filter_pass(ctx.job)

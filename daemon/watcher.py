@@ -196,13 +196,14 @@ class InboxWatcher(FileSystemEventHandler):
                 else:
                     yield entry.path
 
-    def scan(self) -> int:
-        """Offer everything in the inbox to the settle tracker (start-up reconciliation and rescans)."""
-        count = 0
+    def scan(self) -> set[str]:
+        """Offer everything in the inbox to the settle tracker (start-up reconciliation and rescans);
+        the paths seen, in the printable form document rows hold for undecodable names."""
+        seen = set()
         for path in self.iter_inbox():
+            seen.add(safe_path(path))
             self.offer(path)
-            count += 1
-        return count
+        return seen
 
     # --- watchdog events ------------------------------------------------------------------------
     def on_created(self, event: FileSystemEvent) -> None:

@@ -1,7 +1,7 @@
 """Retrieval evaluation: queries against a corpus with faiss inner product on normalized embeddings.
 
 Primary metric is configurable; greater is better for every metric here. Per-query values are kept
-so that two models can be compared query by query (paired bootstrap in stages.promote).
+so that two models can be compared query by query (paired bootstrap in stages.gate).
 """
 
 from __future__ import annotations

@@ -3,7 +3,6 @@ person can act on; nothing here touches the database."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import stat
@@ -39,10 +38,6 @@ class ExtractedDocument:
     @property
     def text(self) -> str:
         return "\n\n".join(section.text for section in self.sections)
-
-
-def is_supported(path: Path) -> bool:
-    return path.suffix.lower() in SUPPORTED_SUFFIXES
 
 
 def read_checked(path: Path, max_bytes: int) -> bytes:
@@ -430,9 +425,3 @@ def extract(path: Path, data: bytes) -> ExtractedDocument:
     if suffix == ".doc":
         return extract_doc(path, data)
     raise ExtractionError(f"unsupported file type {suffix or '(none)'}")
-
-
-def display_path(path: Path | str) -> str:
-    """A printable form of a path whose name may hold invalid UTF-8 bytes."""
-    raw = os.fsencode(path)
-    return raw.decode("utf-8", errors="backslashreplace")

@@ -22,7 +22,7 @@ from stages.fusion import (
     vector_covariance,
     zmix,
 )
-from stages.promote import SERVED_SUFFIX
+from stages.gate import SERVED_SUFFIX
 
 
 def served_name(set_name: str) -> str:

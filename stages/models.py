@@ -109,10 +109,3 @@ def max_seq_length(path: Path | str, default: int = 512) -> int:
         if value and int(value) < 100_000:
             return int(value)
     return default
-
-
-def is_normalized(path: Path | str) -> bool:
-    modules = Path(path) / "modules.json"
-    if not modules.exists():
-        return True
-    return any("Normalize" in entry.get("type", "") for entry in json.loads(modules.read_text()))

@@ -29,6 +29,7 @@ from stages.eval_pool import pool_indices, restrict
 from stages.evalsets import EvalSet, load_eval_file, structure_set
 from stages.evaluate import EvalResult, RetrievalEvaluator
 from stages.fusion import WEIGHT_GRID, choose_bm25_weight, default_bm25_weight, pick_weight
+from stages.gate import SERVED_SUFFIX, Decision, RejectionCause, decide, paired_bootstrap
 from stages.hybrid_eval import HybridEvaluator, served_name
 from stages.labels import (
     LabelParams,
@@ -40,7 +41,6 @@ from stages.labels import (
     student_candidates,
 )
 from stages.negatives import build_index, mine_hard_negatives
-from stages.promote import SERVED_SUFFIX, Decision, RejectionCause, decide, paired_bootstrap
 from stages.teacher import Teacher
 from stages.text import detect_language
 from stages.train import ProgressFn, TrainOutcome, TrainParams, train_model
@@ -464,7 +464,7 @@ class Verdict:
 def decide_round(
     results: Results, params: GateParams, folder: Path, train: TrainOutcome | None = None
 ) -> Verdict:
-    """Apply the gate (stages.promote.decide) to the evaluators' primary results; write metrics.json and
+    """Apply the gate (stages.gate.decide) to the evaluators' primary results; write metrics.json and
     per_query.json."""
     scores = {
         variant: {name: r.primary for name, r in per_set.items() if r.n_queries}

@@ -7,6 +7,8 @@ import sqlite3
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from state.registry import current_model_row
+
 
 @dataclass
 class StateCounts:
@@ -44,25 +46,39 @@ def _seconds_between(start: str | None, end: str | None) -> float | None:
     return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
-def read_counts(conn: sqlite3.Connection) -> StateCounts:
-    counts = StateCounts()
-    counts.documents = {s: 0 for s in ("pending", "ingested", "rejected", "deleted")}
-    counts.documents.update(dict(conn.execute("SELECT status, COUNT(*) FROM documents GROUP BY status")))
-    counts.chunks = {"active": 0, "retired": 0}
+# --- the table counts status, metrics and the one-shot progress all read (one query each) ----------------
+def documents_by_status(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = {s: 0 for s in ("pending", "ingested", "rejected", "deleted")}
+    counts.update(dict(conn.execute("SELECT status, COUNT(*) FROM documents GROUP BY status")))
+    return counts
+
+
+def chunks_by_activity(conn: sqlite3.Connection) -> dict[str, int]:
+    counts = {"active": 0, "retired": 0}
     for active, n in conn.execute("SELECT active, COUNT(*) FROM chunks GROUP BY active"):
-        counts.chunks["active" if active else "retired"] = n
-    kept, dropped, unfiltered = conn.execute(
-        "SELECT SUM(kept = 1), SUM(kept = 0), SUM(kept IS NULL) FROM samples"
-    ).fetchone()
-    counts.samples = {
-        "kept": int(kept or 0),
-        "dropped": int(dropped or 0),
-        "unfiltered": int(unfiltered or 0),
-    }
-    counts.jobs = {
+        counts["active" if active else "retired"] = n
+    return counts
+
+
+def samples_by_outcome(conn: sqlite3.Connection) -> dict[str, int]:
+    """Kept, dropped by the filter, and not filtered yet."""
+    row = conn.execute("SELECT SUM(kept = 1), SUM(kept = 0), SUM(kept IS NULL) FROM samples").fetchone()
+    return dict(zip(("kept", "dropped", "unfiltered"), (int(value or 0) for value in row), strict=True))
+
+
+def jobs_by_kind_and_state(conn: sqlite3.Connection) -> dict[tuple[str, str], int]:
+    return {
         (kind, state): n
         for kind, state, n in conn.execute("SELECT kind, state, COUNT(*) FROM jobs GROUP BY 1, 2")
     }
+
+
+def read_counts(conn: sqlite3.Connection) -> StateCounts:
+    counts = StateCounts()
+    counts.documents = documents_by_status(conn)
+    counts.chunks = chunks_by_activity(conn)
+    counts.samples = samples_by_outcome(conn)
+    counts.jobs = jobs_by_kind_and_state(conn)
     for state, decision, n in conn.execute("SELECT state, decision, COUNT(*) FROM rounds GROUP BY 1, 2"):
         key = decision if state == "finished" and decision else state
         counts.rounds[key] = counts.rounds.get(key, 0) + n
@@ -71,11 +87,8 @@ def read_counts(conn: sqlite3.Connection) -> StateCounts:
     ).fetchone()
     if last is not None:
         counts.last_round_seconds = _seconds_between(last[0], last[1])
-    model = conn.execute(
-        "SELECT id FROM models WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
-        "ORDER BY promoted_at DESC, id DESC LIMIT 1"
-    ).fetchone()
-    counts.model_version = int(model[0]) if model else 0
+    model = current_model_row(conn)
+    counts.model_version = int(model["id"]) if model else 0
     daemon = conn.execute("SELECT breaker FROM daemon WHERE id = 1").fetchone()
     counts.breaker = daemon[0] if daemon else "closed"
     finished = conn.execute(

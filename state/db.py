@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ from pathlib import Path
 BUSY_TIMEOUT_MS = 30_000
 
 MIGRATIONS: list[str] = [
-    # 1: the tables of DESIGN.md §3, plus the daemon heartbeat and the promotion history.
+    # 1: the core tables (documents, chunks, samples, jobs, rounds, models), plus the daemon heartbeat and the promotion history.
     """
     CREATE TABLE documents (
         id            INTEGER PRIMARY KEY,
@@ -316,7 +315,3 @@ class Database:
         if conn is not None:
             conn.close()
             self._local.conn = None
-
-
-def now_ts() -> float:
-    return time.time()

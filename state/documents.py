@@ -9,17 +9,9 @@ import hashlib
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 
 from state.db import transaction, utcnow
 from state.queue import Job, JobQueue
-
-
-class DocStatus(StrEnum):
-    PENDING = "pending"
-    INGESTED = "ingested"
-    REJECTED = "rejected"
-    DELETED = "deleted"
 
 
 @dataclass(frozen=True)

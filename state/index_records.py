@@ -67,6 +67,10 @@ def active_chunks(conn: sqlite3.Connection) -> list[ActiveChunk]:
     return [ActiveChunk(row[0], row[1], row[2], row[3]) for row in rows]
 
 
+def has_active_chunks(conn: sqlite3.Connection) -> bool:
+    return conn.execute("SELECT 1 FROM chunks WHERE active = 1 LIMIT 1").fetchone() is not None
+
+
 def active_languages(conn: sqlite3.Connection) -> dict[str, int]:
     """Active chunks per detected language ('en', 'zh'): what `index.analyzer = "auto"` decides by."""
     rows = conn.execute("SELECT language, COUNT(*) FROM chunks WHERE active = 1 GROUP BY language")

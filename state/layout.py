@@ -1,4 +1,4 @@
-"""The folder layout under `paths.state_dir` (DESIGN.md §2), in one place."""
+"""The folder layout under `paths.state_dir`, in one place: every module asks here for its paths."""
 
 from __future__ import annotations
 

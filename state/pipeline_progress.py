@@ -6,6 +6,8 @@ from __future__ import annotations
 import sqlite3
 from dataclasses import dataclass
 
+from state.counts import documents_by_status, jobs_by_kind_and_state, samples_by_outcome
+
 
 @dataclass(frozen=True)
 class PipelineProgress:
@@ -19,16 +21,24 @@ class PipelineProgress:
 
 
 def pipeline_progress(conn: sqlite3.Connection) -> PipelineProgress:
-    documents = conn.execute("SELECT SUM(status != 'pending'), COUNT(*) FROM documents").fetchone()
-    synthesis = conn.execute(
-        "SELECT SUM(state IN ('done','dead')), COUNT(*) FROM jobs WHERE kind='synthesize'"
-    ).fetchone()
-    samples = conn.execute("SELECT SUM(kept IS NOT NULL), COUNT(*) FROM samples").fetchone()
-    busy = conn.execute(
-        "SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running','failed') AND kind != 'round_request'"
-    ).fetchone()[0]
-    values = [int(v or 0) for v in (*documents, *synthesis, *samples)]
-    return PipelineProgress(*values, busy_jobs=int(busy))
+    documents = documents_by_status(conn)
+    jobs = jobs_by_kind_and_state(conn)
+    samples = samples_by_outcome(conn)
+    synthesize = {state: n for (kind, state), n in jobs.items() if kind == "synthesize"}
+    busy = sum(
+        n
+        for (kind, state), n in jobs.items()
+        if state in ("pending", "running", "failed") and kind != "round_request"
+    )
+    return PipelineProgress(
+        documents_done=sum(documents.values()) - documents["pending"],
+        documents_total=sum(documents.values()),
+        synthesized=synthesize.get("done", 0) + synthesize.get("dead", 0),
+        synthesize_jobs=sum(synthesize.values()),
+        filtered=samples["kept"] + samples["dropped"],
+        samples=sum(samples.values()),
+        busy_jobs=busy,
+    )
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,15 @@
 """Model registry: versions are immutable folders; `models/current` is a symlink swapped atomically.
 
-Protocol (DESIGN.md §4): copy into `versions/<id>.tmp`, fsync, rename to `versions/<id>`, point a fresh
-symlink at it and `os.replace` it over `current`, then commit the registry row. A crash at any step
-leaves either the old model or the new one in service; `reconcile()` makes the database agree with
-the symlink at start-up.
+Protocol (README, "Where the model in service lives"): copy into `versions/<id>.tmp`, fsync, rename to
+`versions/<id>`, point a fresh symlink at it and `os.replace` it over `current`, then commit the registry
+row. A crash at any step leaves either the old model or the new one in service; `reconcile()` makes the
+database agree with the symlink at start-up.
+
+`models/current` always names the model in service: a promoted version (relative link, so the state
+folder can move) or, before any promotion and after a rollback to it, the base model's folder (absolute
+link, refreshed at every start so a changed `model.base` is followed). This module is the one owner of
+"which model serves": the database row (`current_model_row`), the folder (`ModelRegistry.serving`) and
+the link agree, and every other module asks here.
 """
 
 from __future__ import annotations
@@ -73,6 +79,26 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class ServingModel:
+    """The model in service: a promoted version, or the base model (`model_id` None)."""
+
+    model_id: int | None
+    path: Path
+
+    @property
+    def version(self) -> str:
+        return f"v{self.model_id}" if self.model_id is not None else "base"
+
+
+def current_model_row(conn: sqlite3.Connection) -> sqlite3.Row | None:
+    """The `models` row of the promoted version in service (None: the base model serves)."""
+    return conn.execute(
+        "SELECT * FROM models WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
+        "ORDER BY promoted_at DESC, id DESC LIMIT 1"
+    ).fetchone()
+
+
 class ModelRegistry:
     def __init__(self, conn: sqlite3.Connection, layout: StateLayout) -> None:
         self.conn = conn
@@ -122,17 +148,15 @@ class ModelRegistry:
 
     def current(self) -> ModelRecord | None:
         """The model in service according to the database (None: the base model serves)."""
-        row = self.conn.execute(
-            "SELECT * FROM models WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
-            "ORDER BY promoted_at DESC, id DESC LIMIT 1"
-        ).fetchone()
+        row = current_model_row(self.conn)
         return ModelRecord.from_row(row) if row else None
 
-    def serving_path(self, base_path: Path) -> Path:
-        """The folder of the model in service: the promoted version, else the base model. The one lookup
-        of "the model in service" (rounds, the filter and exports all ask here)."""
+    def serving(self, base_path: Path) -> ServingModel:
+        """The model in service and its folder: the promoted version, else the base model."""
         current = self.current()
-        return current.path if current else Path(base_path)
+        if current is None:
+            return ServingModel(None, Path(base_path))
+        return ServingModel(current.id, current.path)
 
     def history(self) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM promotions ORDER BY id").fetchall()
@@ -182,12 +206,13 @@ class ModelRegistry:
                     stack.append(row["model_id"])
         return stack
 
-    def rollback(self) -> ModelRecord | None:
-        """Serve the model that served before the current one (or the base model when there was none)."""
+    def rollback(self, base_path: Path | None = None) -> ModelRecord | None:
+        """Serve the model that served before the current one (or the base model when there was none;
+        `models/current` then names `base_path`, or is removed when the base cannot be resolved)."""
         with self._serving_lock():
-            return self._rollback()
+            return self._rollback(base_path)
 
-    def _rollback(self) -> ModelRecord | None:
+    def _rollback(self, base_path: Path | None) -> ModelRecord | None:
         current = self.current()
         if current is None:
             raise RegistryError("no promoted model in service; nothing to roll back")
@@ -197,7 +222,7 @@ class ModelRegistry:
             previous = None
         now = utcnow()
         if previous is None:
-            self._unlink_current()
+            self._point_at_base(base_path)
             with transaction(self.conn):
                 self.conn.execute("UPDATE models SET retired_at=? WHERE id=?", (now, current.id))
                 self.conn.execute(
@@ -216,8 +241,9 @@ class ModelRegistry:
             )
         return self.get(previous)
 
-    def reconcile(self) -> str:
-        """Start-up check: remove half-copied versions and make the database agree with the symlink."""
+    def reconcile(self, base_path: Path | None = None) -> str:
+        """Start-up check: remove half-copied versions and make the database agree with the symlink; with
+        nothing promoted, point `models/current` at `base_path`."""
         notes = []
         if self.layout.versions.is_dir():
             for entry in self.layout.versions.iterdir():
@@ -233,6 +259,11 @@ class ModelRegistry:
         current = self.current()
         current_id = current.id if current else None
         if link_target == current_id:
+            if current_id is None and base_path is not None and self._point_at_base(base_path):
+                if self.layout.current.is_symlink():
+                    notes.append(f"models/current names the base model {base_path}")
+                else:
+                    notes.append(f"base model {base_path} not found: models/current removed")
             return "; ".join(notes) or "consistent"
         if link_target is not None:
             # The symlink was swapped but the row was not committed: the symlink is the truth.
@@ -244,6 +275,7 @@ class ModelRegistry:
         elif current is not None:
             with transaction(self.conn):
                 self.conn.execute("UPDATE models SET retired_at=? WHERE id=?", (utcnow(), current.id))
+            self._point_at_base(base_path)
             notes.append(f"model {current.id} folder missing; serving the base model")
         return "; ".join(notes)
 
@@ -262,15 +294,30 @@ class ModelRegistry:
                 (model_id, action, now, note),
             )
 
-    def _swap_symlink(self, target: Path) -> None:
+    def _swap_symlink(self, target: Path, *, absolute: bool = False) -> None:
         link = self.layout.current
         link.parent.mkdir(parents=True, exist_ok=True)
         staging = link.with_name(f"current.{os.getpid()}.tmp")
         if staging.is_symlink() or staging.exists():
             staging.unlink()
-        os.symlink(os.path.relpath(target, link.parent), staging)
+        os.symlink(str(Path(target).resolve()) if absolute else os.path.relpath(target, link.parent), staging)
         os.replace(staging, link)
         fsync_dir(link.parent)
+
+    def _point_at_base(self, base_path: Path | None) -> bool:
+        """`models/current` names the base model (removed when there is no base folder to name). True
+        when the link changed."""
+        link = self.layout.current
+        if base_path is None or not Path(base_path).is_dir():
+            if link.is_symlink():
+                self._unlink_current()
+                return True
+            return False
+        wanted = str(Path(base_path).resolve())
+        if link.is_symlink() and os.readlink(link) == wanted:
+            return False
+        self._swap_symlink(Path(base_path), absolute=True)
+        return True
 
     def _unlink_current(self) -> None:
         link = self.layout.current
@@ -283,8 +330,8 @@ class ModelRegistry:
         if not link.is_symlink():
             return None
         target = (link.parent / os.readlink(link)).resolve()
-        if not target.is_dir():
-            return None
+        if not target.is_dir() or target.parent != self.layout.versions.resolve():
+            return None  # the base model's folder, or nothing
         try:
             model_id = int(target.name)
         except ValueError:

@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from state.counts import chunks_by_activity, documents_by_status, jobs_by_kind_and_state, samples_by_outcome
 from state.db import connect
 from state.layout import StateLayout
+from state.registry import current_model_row
 from state.samples import count_unused_train
 
 HEARTBEAT_STALE_S = 60.0
@@ -82,31 +84,54 @@ def _loads(text: str | None) -> Any:
 def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout, now: float) -> None:
     row = conn.execute("SELECT * FROM daemon WHERE id=1").fetchone()
     if row is not None:
-        alive = (
-            bool(row["pid"])
-            and row["heartbeat_ts"] is not None
-            and (now - row["heartbeat_ts"] < HEARTBEAT_STALE_S)
-            and row["activity"] != "stopped"
-        )
-        status["daemon"] = {
-            "alive": alive,
-            "pid": row["pid"] if alive else None,
-            "heartbeat": row["heartbeat"],
-            "activity": row["activity"] if alive else f"not running (last: {row['activity']})",
-            "started": row["started"],
-            "restart_needed": (_loads(row["restart_keys"]) or [])
-            if alive and "restart_keys" in row.keys()
-            else [],
+        _fill_daemon(status, row, now)
+    _fill_documents(conn, status)
+    status["chunks"].update(chunks_by_activity(conn))
+    _fill_samples(conn, status)
+    _fill_jobs(conn, status)
+    status["rounds"] = [
+        _round_entry(r) for r in conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT ?", (MAX_ROUNDS,))
+    ]
+    _fill_index(conn, status, row)
+    model = current_model_row(conn)
+    if model is not None:
+        status["model"] = {
+            "current": f"v{model['id']}",
+            "path": str(Path(layout.current)),
+            "version_path": model["path"],
+            "metrics": _loads(model["metrics"]) or {},
+            "promoted_at": model["promoted_at"],
         }
-        status["llm"]["breaker"] = row["breaker"]
-        llm_state = _loads(row["llm"]) if "llm" in row.keys() else None
-        if alive and isinstance(llm_state, dict):
-            for key in ("concurrency", "max_concurrency", "concurrency_reason", "structured"):
-                status["llm"][key] = llm_state.get(key)
 
+
+def _fill_daemon(status: dict[str, Any], row: sqlite3.Row, now: float) -> None:
+    """Alive means a fresh heartbeat from a process that did not say it stopped."""
+    alive = (
+        bool(row["pid"])
+        and row["heartbeat_ts"] is not None
+        and (now - row["heartbeat_ts"] < HEARTBEAT_STALE_S)
+        and row["activity"] != "stopped"
+    )
+    status["daemon"] = {
+        "alive": alive,
+        "pid": row["pid"] if alive else None,
+        "heartbeat": row["heartbeat"],
+        "activity": row["activity"] if alive else f"not running (last: {row['activity']})",
+        "started": row["started"],
+        "restart_needed": (_loads(row["restart_keys"]) or [])
+        if alive and "restart_keys" in row.keys()
+        else [],
+    }
+    status["llm"]["breaker"] = row["breaker"]
+    llm_state = _loads(row["llm"]) if "llm" in row.keys() else None
+    if alive and isinstance(llm_state, dict):
+        for key in ("concurrency", "max_concurrency", "concurrency_reason", "structured"):
+            status["llm"][key] = llm_state.get(key)
+
+
+def _fill_documents(conn: sqlite3.Connection, status: dict[str, Any]) -> None:
     docs = status["documents"]
-    for state, count in conn.execute("SELECT status, COUNT(*) FROM documents GROUP BY status"):
-        docs[state] = count
+    docs.update(documents_by_status(conn))
     docs["rejections"] = [
         {"path": r["path"], "reason": r["error"], "updated": r["updated"]}
         for r in conn.execute(
@@ -115,26 +140,24 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
         )
     ]
 
-    for active, count in conn.execute("SELECT active, COUNT(*) FROM chunks GROUP BY active"):
-        status["chunks"]["active" if active else "retired"] = count
 
+def _fill_samples(conn: sqlite3.Connection, status: dict[str, Any]) -> None:
     samples = status["samples"]
     for kind, count in conn.execute("SELECT kind, COUNT(*) FROM samples GROUP BY kind"):
         samples[kind] = count
         samples["total"] += count
     for split, count in conn.execute("SELECT split, COUNT(*) FROM samples GROUP BY split"):
         samples[split] = count
-    agg = conn.execute("SELECT SUM(kept = 1), SUM(kept = 0), SUM(kept IS NULL) FROM samples").fetchone()
-    samples["kept"], samples["dropped"], samples["unfiltered"] = (int(value or 0) for value in agg)
+    samples.update(samples_by_outcome(conn))
     samples["unused_train"] = count_unused_train(conn)
 
+
+def _fill_jobs(conn: sqlite3.Connection, status: dict[str, Any]) -> None:
     jobs = status["jobs"]
-    for state, count in conn.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"):
-        jobs[state] = count
-    jobs["by_kind"] = {
-        f"{r['kind']}:{r['state']}": r["n"]
-        for r in conn.execute("SELECT kind, state, COUNT(*) AS n FROM jobs GROUP BY kind, state")
-    }
+    by_kind = jobs_by_kind_and_state(conn)
+    for (_kind, state), count in by_kind.items():
+        jobs[state] = jobs.get(state, 0) + count
+    jobs["by_kind"] = {f"{kind}:{state}": n for (kind, state), n in by_kind.items()}
     jobs["recent_errors"] = [
         {
             "id": r["id"],
@@ -151,49 +174,31 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
         )
     ]
 
-    rounds = []
-    for r in conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT ?", (MAX_ROUNDS,)):
-        rounds.append(
-            {
-                "id": r["id"],
-                "state": r["state"],
-                "stage": r["stage"],
-                "decision": r["decision"],
-                "reason": r["reason"] or r["error"] or "",
-                "started": r["started"],
-                "finished": r["finished"],
-                "trigger": r["trigger"],
-                "progress": _loads(r["progress"]) or {},
-                "n_train": r["n_train"],
-                "n_heldout": r["n_heldout"],
-                "metrics": {
-                    "candidate": _loads(r["candidate_metrics"]),
-                    "merged": _loads(r["merged_metrics"]),
-                    "current": _loads(r["current_metrics"]),
-                    "eval_sets": _loads(r["eval_sets"]),
-                },
-                "model_id": r["model_id"],
-                "cause": r["cause"] if "cause" in r.keys() else None,
-                "hook": (_loads(r["hook"]) if "hook" in r.keys() else None),
-                "steps": (_loads(r["steps"]) if "steps" in r.keys() else None) or [],
-            }
-        )
-    status["rounds"] = rounds
 
-    _fill_index(conn, status, row)
-
-    model = conn.execute(
-        "SELECT * FROM models WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
-        "ORDER BY promoted_at DESC, id DESC LIMIT 1"
-    ).fetchone()
-    if model is not None:
-        status["model"] = {
-            "current": f"v{model['id']}",
-            "path": str(Path(layout.current)),
-            "version_path": model["path"],
-            "metrics": _loads(model["metrics"]) or {},
-            "promoted_at": model["promoted_at"],
-        }
+def _round_entry(r: sqlite3.Row) -> dict[str, Any]:
+    return {
+        "id": r["id"],
+        "state": r["state"],
+        "stage": r["stage"],
+        "decision": r["decision"],
+        "reason": r["reason"] or r["error"] or "",
+        "started": r["started"],
+        "finished": r["finished"],
+        "trigger": r["trigger"],
+        "progress": _loads(r["progress"]) or {},
+        "n_train": r["n_train"],
+        "n_heldout": r["n_heldout"],
+        "metrics": {
+            "candidate": _loads(r["candidate_metrics"]),
+            "merged": _loads(r["merged_metrics"]),
+            "current": _loads(r["current_metrics"]),
+            "eval_sets": _loads(r["eval_sets"]),
+        },
+        "model_id": r["model_id"],
+        "cause": r["cause"] if "cause" in r.keys() else None,
+        "hook": (_loads(r["hook"]) if "hook" in r.keys() else None),
+        "steps": (_loads(r["steps"]) if "steps" in r.keys() else None) or [],
+    }
 
 
 def _fill_index(conn: sqlite3.Connection, status: dict[str, Any], daemon_row: sqlite3.Row | None) -> None:

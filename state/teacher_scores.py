@@ -54,8 +54,3 @@ class TeacherScoreStore:
                 "SELECT COUNT(*) FROM teacher_scores WHERE teacher_id = ?", (teacher_id,)
             ).fetchone()[0]
         )
-
-    def by_teacher(self) -> dict[str, int]:
-        """Stored judgements per teacher (for `status`)."""
-        rows = self.conn.execute("SELECT teacher_id, COUNT(*) FROM teacher_scores GROUP BY teacher_id")
-        return {row[0]: int(row[1]) for row in rows}

@@ -70,6 +70,12 @@ def fake_llm():
 TIMEOUT_SCALE = float(os.environ.get("EMBEDTUNE_TEST_TIMEOUT_SCALE", "3"))
 
 
+def serves_a_version(layout) -> bool:
+    """`models/current` names a promoted version (it names the base model, or is absent, otherwise)."""
+    link = layout.current
+    return link.is_symlink() and link.resolve().parent == layout.versions.resolve()
+
+
 def wait_for(predicate, timeout: float = 30.0, interval: float = 0.1, message: str = "condition"):
     """Poll until predicate() is truthy (event-driven code has no other completion signal to join on)."""
     timeout *= TIMEOUT_SCALE

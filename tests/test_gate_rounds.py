@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RunningDaemon, settings_for, wait_for
+from tests.conftest import RunningDaemon, serves_a_version, settings_for, wait_for
 from tests.test_rounds import _corpus
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +84,7 @@ def _served_perfectly(settings, path: Path) -> str:
     gate that ignores the file's drop would promote a model that got worse there."""
     import numpy as np
 
-    from daemon.round_process import encode_params
+    from daemon.step_params import encode_params
     from stages.encoder import Encoder
     from state.db import Database
     from state.round_records import RoundStore
@@ -117,7 +117,7 @@ def test_gate_promotes_and_a_failing_hook_is_recorded_after_the_promotion(prepar
 def test_gate_rejects_below_min_gain(prepared, tmp_path, tiny_embedder):
     row, layout, _db = _run(_case(prepared, tmp_path, tiny_embedder, min_gain=0.9))
     assert (row["decision"], row["cause"]) == ("rejected", "below_min_gain")
-    assert "min_gain 0.9" in row["reason"] and not layout.current.exists()
+    assert "min_gain 0.9" in row["reason"] and not serves_a_version(layout)
 
 
 def test_gate_rule_3b_without_human_signal(prepared, tmp_path, tiny_embedder):
@@ -125,8 +125,8 @@ def test_gate_rule_3b_without_human_signal(prepared, tmp_path, tiny_embedder):
     settings.synthesis.pseudo_method = "heading"  # headings were the queries: no structure set
     row, layout, _db = _run(settings)
     assert (row["decision"], row["cause"]) == ("rejected", "synthetic_gain_not_convincing")
-    assert (
-        json.loads(row["eval_sets"])["sets"] == ["heldout", "heldout+served"] and not layout.current.exists()
+    assert json.loads(row["eval_sets"])["sets"] == ["heldout", "heldout+served"] and not serves_a_version(
+        layout
     )
 
 
@@ -138,7 +138,7 @@ def test_gate_user_file_vetoes_a_candidate_that_loses_on_it(prepared, tmp_path, 
     assert any(g["heldout"] >= 0 for g in gains.values()), gains  # the synthetic set alone would promote
     assert all(g["user"] < 0 for g in gains.values()), gains
     assert (row["decision"], row["cause"]) == ("rejected", "human_signal_veto"), row["reason"]
-    assert "vetoed by user set" in row["reason"] and not layout.current.exists()
+    assert "vetoed by user set" in row["reason"] and not serves_a_version(layout)
 
 
 def test_a_promotion_with_user_queries_serves_the_bm25_share_they_rank_best(
@@ -174,7 +174,7 @@ def test_gate_guard_set_vetoes_forgetting(prepared, tmp_path, tiny_embedder):
     assert any(g["heldout"] >= 0 for g in gains.values()), gains
     assert all(g["guard"] < 0 for g in gains.values()), gains
     assert (row["decision"], row["cause"]) == ("rejected", "guard_veto"), row["reason"]
-    assert not layout.current.exists()
+    assert not serves_a_version(layout)
 
 
 def test_sigterm_during_the_hook_leaves_the_round_promoted(prepared, tmp_path, tiny_embedder):

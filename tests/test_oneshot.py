@@ -149,7 +149,7 @@ def test_report_writes_html_and_png(once_run, tmp_path):
 
 
 CHROMIUM = "/usr/bin/chromium"
-# Flags for a closed network (DESIGN of this machine: chromium's background connections are refused).
+# Flags for a closed network (chromium's background connections are refused).
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",

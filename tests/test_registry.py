@@ -53,6 +53,33 @@ def test_rollback_returns_to_previous_and_then_to_base(registry, tmp_path):
         registry.rollback()
 
 
+def test_models_current_always_names_the_model_in_service(registry, tmp_path):
+    """One path for clients: the base model before any promotion and after a rollback to it, a version
+    otherwise; a base folder that moved is followed at the next start (reconcile)."""
+    base = _model(tmp_path / "base", "BASE")
+    assert registry.reconcile(base) == f"models/current names the base model {base}"
+    assert _served(registry) == "BASE" and registry.current() is None
+    assert registry.reconcile(base) == "consistent"
+    a = registry.register(_model(tmp_path / "a", "A"))
+    registry.promote(a.id)
+    assert _served(registry) == "A" and registry.reconcile(base) == "consistent"
+    assert registry.rollback(base) is None
+    assert _served(registry) == "BASE" and registry.current() is None
+    other_base = _model(tmp_path / "other-base", "OTHER")  # model.base changed in the config
+    registry.reconcile(other_base)
+    assert _served(registry) == "OTHER" and registry.current() is None
+    registry.reconcile(tmp_path / "gone")  # a base that cannot be resolved: no link rather than a wrong one
+    assert not registry.layout.current.exists()
+
+
+def test_a_base_folder_named_like_a_version_is_not_taken_for_one(registry, tmp_path):
+    registry.register(_model(tmp_path / "a", "A"))  # version 1 exists, unpromoted
+    base = _model(tmp_path / "models" / "1", "BASE")  # a user's base folder happens to be called 1
+    registry.reconcile(base)
+    assert registry.current() is None and _served(registry) == "BASE"
+    assert registry.reconcile(base) == "consistent"
+
+
 def test_register_rejects_non_model_folders(registry, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RegistryError):

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from stages.evaluate import evaluate_retrieval, query_metrics
+from stages.gate import decide, paired_bootstrap
 from stages.negatives import build_index, mine_hard_negatives
-from stages.promote import decide, paired_bootstrap
-from tests.conftest import wait_for
+from tests.conftest import serves_a_version, wait_for
 
 TOPICS = ["river", "city", "music", "history", "solar", "energy", "water", "database", "server", "network"]
 
@@ -140,7 +140,7 @@ def test_round_rejected_when_gain_below_min_gain(make_settings):
     settings.promotion.min_gain = 0.5
     running, row, _folder = foreground_round(settings)  # `embedtune train --now` with no daemon running
     assert row["decision"] == "rejected" and "min_gain" in row["reason"]
-    assert not running.daemon.layout.current.exists()
+    assert not serves_a_version(running.daemon.layout)
     assert connect(running.daemon.layout.database).execute("SELECT COUNT(*) FROM models").fetchone()[0] == 0
 
 
@@ -162,7 +162,7 @@ def test_sigkill_mid_training_aborts_then_next_round_succeeds(make_settings, sta
         lambda: running.scalar("SELECT state FROM rounds WHERE id=?", row["id"]) == "aborted",
         message="round aborted",
     )
-    assert not running.daemon.layout.current.exists()  # model in service untouched
+    assert not serves_a_version(running.daemon.layout)  # model in service untouched
     assert running.scalar("SELECT COUNT(*) FROM samples WHERE round_id IS NOT NULL") == 0
     running.daemon.settings.training.epochs = 1.0
     running.daemon.rounds.settings = running.daemon.settings

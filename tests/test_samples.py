@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from daemon.samples import topic_markdown, write_samples
+from daemon.bundled_docs import topic_markdown, write_samples
 from stages.extract import sections_from_markdown
 
 

@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent / "samples"
+HERE = Path(__file__).resolve().parent / "bundled_docs"
 _UNDERLINE = re.compile(r"^([*=\-~^\"]{3,})\s*$")
 
 

@@ -1,0 +1,111 @@
+"""Settings -> each pipeline step's parameters. One place, so the daemon's round, index sync, filter,
+exports, `eval` and `search` encode and mine with the same options (stages/ never reads the settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from daemon.settings import Settings
+
+
+def encode_params(settings: Settings):
+    from stages.encoder import EncodeParams
+
+    return EncodeParams(
+        settings.model.device, settings.model.query_instruction, settings.model.encode_batch_size
+    )
+
+
+def negative_params(settings: Settings, corpus_only: bool = False):
+    """With a teacher, the miner only encodes the corpus: the label step chooses the negatives."""
+    from stages.round_steps import NegativeParams
+
+    training = settings.training
+    return NegativeParams(
+        0 if corpus_only else training.hard_negatives,
+        tuple(training.negative_range),
+        training.negative_margin,
+        training.seed,
+    )
+
+
+def label_params(settings: Settings):
+    from stages.labels import LabelParams
+
+    training = settings.training
+    return LabelParams(
+        negatives=training.hard_negatives,
+        rank_range=(1, training.teacher_depth),
+        keep_rank=training.teacher_keep_rank,
+        repair=training.label_repair,
+        student_margin=training.negative_margin,
+        target_spread=training.temperature,
+        seed=training.seed,
+    )
+
+
+def train_params(settings: Settings):
+    from stages.train import TrainParams
+
+    training = settings.training
+    return TrainParams(
+        epochs=training.epochs,
+        batch_size=training.batch_size,
+        learning_rate=training.learning_rate,
+        warmup_ratio=training.warmup_ratio,
+        temperature=training.temperature,
+        cached_batch=training.cached_batch,
+        precision=training.precision,
+        gradient_checkpointing=training.gradient_checkpointing,
+        max_minutes=training.max_minutes,
+        query_instruction=settings.model.query_instruction,
+        seed=training.seed,
+        device=settings.model.device,
+        loss=training.loss,
+    )
+
+
+def eval_plan(settings: Settings, serving_path: Path | None = None):
+    from stages.round_steps import EvalPlan
+
+    promotion = settings.promotion
+    # Headings are human signal only when they were not the training queries themselves.
+    use_structure = settings.llm.enabled or settings.synthesis.pseudo_method != "heading"
+    return EvalPlan(
+        promotion.metric,
+        use_structure,
+        promotion.user_eval,
+        promotion.user_eval_query_key,
+        promotion.user_eval_positive_key,
+        promotion.guard_eval,
+        promotion.eval_pool,
+        served_mode=settings.index.mode if settings.index.enabled else "",
+        analyzer=settings.index.analyzer,
+        bm25_weight=settings.index.bm25_weight,
+        serving_model=str(serving_path or ""),
+    )
+
+
+def merge_params(settings: Settings):
+    from stages.round_steps import MergeParams
+
+    return MergeParams(
+        tuple(settings.promotion.merge_weights),
+        settings.promotion.merge_with_data,
+        max(1, min(3, settings.training.hard_negatives)),
+    )
+
+
+def gate_params(settings: Settings):
+    from stages.round_steps import GateParams
+
+    promotion = settings.promotion
+    return GateParams(
+        promotion.metric,
+        promotion.min_gain,
+        promotion.human_tolerance,
+        promotion.max_guard_drop,
+        promotion.synthetic_only_min_gain,
+        promotion.bootstrap_samples,
+        settings.training.seed,
+    )
