@@ -136,7 +136,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, ensure_ascii=False))
     if args.keep:
-        shutil.copytree(work, args.keep, dirs_exist_ok=True)
+        shutil.copytree(work, args.keep, symlinks=True, dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

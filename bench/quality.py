@@ -198,7 +198,7 @@ def main() -> int:
             )
         )
     if args.keep:
-        shutil.copytree(work, args.keep, dirs_exist_ok=True)
+        shutil.copytree(work, args.keep, symlinks=True, dirs_exist_ok=True)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -59,36 +59,41 @@ class FilterService:
             if inactive:
                 store.drop_inactive(inactive)
             rows = [row for row in rows if row["active"]]
+            if not self.settings.model.reranker:
+                # Without a reranker the scorer is the model in service, the model the held-out set
+                # judges: it must not choose the set's queries (docs/promotion.md, "The held-out set").
+                unranked = [row["id"] for row in rows if row["split"] == "heldout"]
+                store.keep_unranked(unranked)
+                rows = [row for row in rows if row["split"] != "heldout"]
             if rows:
-                corpus = store.active_chunks()
-                index_of = {chunk["id"]: i for i, chunk in enumerate(corpus)}
-                texts = [chunk["text"] for chunk in corpus]
-                bm25 = Bm25Index(texts)
-                items = [
-                    FilterInput(
-                        row["id"],
-                        row["query"],
-                        index_of[row["chunk_id"]],
-                        row["passage"] or row["chunk_text"],
-                    )
-                    for row in rows
-                ]
-                results = filter_pairs(
-                    items,
-                    texts,
-                    bm25,
-                    self._scoring(ctx.conn),
-                    self.settings.synthesis.featured_percentage,
-                    self.settings.synthesis.filter_candidates,
-                )
-                store.record_filter(results)
-                if self._encoder is not None:
-                    self._encoder.save_cache()
-                log.info(
-                    "filter_pass",
-                    samples=len(rows),
-                    kept=sum(r.kept for r in results),
-                    corpus=len(corpus),
-                    duration_s=round(time.monotonic() - started, 2),
-                )
+                self._rank(ctx.conn, store, rows, started)
         store.finish_filter_pass(ctx.job)
+
+    def _rank(self, conn, store: SampleStore, rows, started: float) -> None:
+        corpus = store.active_chunks()
+        index_of = {chunk["id"]: i for i, chunk in enumerate(corpus)}
+        texts = [chunk["text"] for chunk in corpus]
+        items = [
+            FilterInput(
+                row["id"], row["query"], index_of[row["chunk_id"]], row["passage"] or row["chunk_text"]
+            )
+            for row in rows
+        ]
+        results = filter_pairs(
+            items,
+            texts,
+            Bm25Index(texts),
+            self._scoring(conn),
+            self.settings.synthesis.featured_percentage,
+            self.settings.synthesis.filter_candidates,
+        )
+        store.record_filter(results)
+        if self._encoder is not None:
+            self._encoder.save_cache()
+        log.info(
+            "filter_pass",
+            samples=len(rows),
+            kept=sum(r.kept for r in results),
+            corpus=len(corpus),
+            duration_s=round(time.monotonic() - started, 2),
+        )

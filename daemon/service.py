@@ -25,6 +25,7 @@ from state.heartbeat import mark_started, mark_stopped, write_heartbeat
 from state.layout import StateLayout
 from state.queue import JobQueue
 from state.registry import ModelRegistry
+from state.samples import SampleStore
 
 log = get_logger("embedtune.daemon")
 SHUTDOWN_GRACE_S = 30.0
@@ -96,6 +97,7 @@ class Daemon:
         queue = JobQueue(conn)
         released = queue.release_owner("")  # we hold the lock: every running job is an orphan
         note = ModelRegistry(conn, self.layout).reconcile(base_model_path_or_none(self.settings))
+        SampleStore(conn, queue).arm_filter()  # pairs a migration re-opened, or left with no job
         self.rounds = RoundScheduler(self.settings, self.layout, self.config_file)
         aborted = self.rounds.abort_orphans()
         mark_started(conn, os.getpid(), socket.gethostname())

@@ -66,4 +66,5 @@ def restrict(eval_set: EvalSet, pool: np.ndarray) -> EvalSet:
         [eval_set.corpus_texts[i] for i in pool],
         [{position[d]: g for d, g in judged.items() if d in position} for judged in eval_set.relevant],
         [eval_set.corpus_keys[i] for i in pool],
+        stand_ins=[{position[d]: t for d, t in own.items() if d in position} for own in eval_set.stand_ins],
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,9 @@ class EvalSet:
     relevant: list[dict[int, float]]
     corpus_keys: list[str] = field(default_factory=list)
     corpus_ids: list[str] = field(default_factory=list)  # a BEIR corpus' document ids, when it has them
+    # Per query (or empty): corpus index -> the text that stands for that chunk when this query is scored,
+    # the chunk with the query taken out (a query copied from the corpus must not be a verbatim lookup).
+    stand_ins: list[dict[int, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.corpus_keys:
@@ -145,6 +149,24 @@ def load_eval_file(
     if head.startswith("{") and '"relevant_docs"' in path.read_text(encoding="utf-8"):
         return load_rag_json(path, name=name)
     return load_pairs_jsonl(path, query_key, positive_key, name=name, extra_corpus=extra_corpus)
+
+
+def without_copied_query(
+    query: str, own: int, texts: Sequence[str], same_document: Sequence[int]
+) -> tuple[dict[int, float], dict[int, str]]:
+    """Relevance and stand-ins of a held-out query. A query copied word for word from its chunk (an
+    inverse-cloze sentence, a span) would find that chunk by string match, and with chunk overlap a
+    neighbour holding the same words would count as a miss. So every chunk of the document that holds
+    the query is relevant, each scored with the query taken out; any other query: its own chunk."""
+    needle = " ".join(query.split())
+    if not needle or needle not in " ".join(texts[own].split()):
+        return {own: 1.0}, {}
+    stand_ins = {}
+    for position in same_document:
+        flat = " ".join(texts[position].split())
+        if needle in flat:
+            stand_ins[position] = " ".join(flat.replace(needle, " ", 1).split())
+    return {position: 1.0 for position in stand_ins}, stand_ins
 
 
 def structure_set(corpus: list[CorpusChunk], name: str = "structure") -> EvalSet:

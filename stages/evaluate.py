@@ -92,21 +92,54 @@ def evaluate_rankings(
     return EvalResult(metrics, per_query, len(relevant), primary_metric)
 
 
+StandInVectors = dict[int, np.ndarray]  # corpus index -> the vector scored in that chunk's place
+
+
 def evaluate_retrieval(
-    query_vectors: np.ndarray, corpus_vectors: np.ndarray, relevant: Sequence[dict[int, float]]
+    query_vectors: np.ndarray,
+    corpus_vectors: np.ndarray,
+    relevant: Sequence[dict[int, float]],
+    stand_ins: Sequence[StandInVectors] = (),
 ) -> EvalResult:
+    """Exact top-100 search per query; a query's stand-ins replace those chunks' vectors for it alone."""
     if len(relevant) == 0 or len(corpus_vectors) == 0:
         return EvalResult({name: 0.0 for name in METRICS}, {name: [] for name in METRICS}, 0)
     index = build_index(corpus_vectors)
-    depth = min(SEARCH_DEPTH, index.ntotal)
-    _scores, ids = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), depth)
+    replaced = max((len(s) for s in stand_ins), default=0)
+    depth = min(SEARCH_DEPTH + replaced, index.ntotal)
+    scores, ids = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), depth)
     per_query: dict[str, list[float]] = {name: [] for name in METRICS}
     for row, rel in enumerate(relevant):
-        values = query_metrics([int(i) for i in ids[row] if i >= 0], rel)
+        own = stand_ins[row] if stand_ins else {}
+        values = query_metrics(_ranked_with_stand_ins(ids[row], scores[row], query_vectors[row], own), rel)
         for name in METRICS:
             per_query[name].append(values[name])
     metrics = {name: float(np.mean(per_query[name])) for name in METRICS}
     return EvalResult(metrics, per_query, len(relevant))
+
+
+def _ranked_with_stand_ins(
+    ids: np.ndarray, scores: np.ndarray, query_vector: np.ndarray, stand_ins: StandInVectors
+) -> list[int]:
+    """The searched list with each stand-in chunk re-scored by its stand-in vector (the search went
+    deep enough that the top 100 stays exact once those chunks are taken out of it)."""
+    if not stand_ins:
+        return [int(i) for i in ids[:SEARCH_DEPTH] if i >= 0]
+    hits = [
+        (float(s), int(i)) for s, i in zip(scores, ids, strict=True) if i >= 0 and int(i) not in stand_ins
+    ]
+    hits += [(float(np.dot(query_vector, vector)), position) for position, vector in stand_ins.items()]
+    hits.sort(key=lambda hit: -hit[0])
+    return [position for _score, position in hits[:SEARCH_DEPTH]]
+
+
+def stand_in_vectors(encoder, eval_set: EvalSet) -> list[StandInVectors]:
+    """Each query's stand-in texts encoded as passages, in one batch (empty when the set has none)."""
+    if not any(eval_set.stand_ins):
+        return []
+    texts = [text for per_query in eval_set.stand_ins for text in per_query.values()]
+    vectors = iter(encoder.passages(texts))
+    return [{position: next(vectors) for position in per_query} for per_query in eval_set.stand_ins]
 
 
 class RetrievalEvaluator:
@@ -132,6 +165,11 @@ class RetrievalEvaluator:
             if corpus_vectors is not None
             else encoder.passages(self.eval_set.corpus_texts, self.eval_set.corpus_keys)
         )
-        result = evaluate_retrieval(encoder.queries(self.eval_set.queries), passages, self.eval_set.relevant)
+        result = evaluate_retrieval(
+            encoder.queries(self.eval_set.queries),
+            passages,
+            self.eval_set.relevant,
+            stand_in_vectors(encoder, self.eval_set),
+        )
         result.primary_metric = self.primary_metric
         return result

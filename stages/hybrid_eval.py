@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from stages.evalsets import EvalSet
-from stages.evaluate import METRICS, SEARCH_DEPTH, EvalResult, evaluate_rankings
+from stages.evaluate import METRICS, SEARCH_DEPTH, EvalResult, evaluate_rankings, stand_in_vectors
 from stages.filter import Bm25Index
 from stages.fusion import (
     STATS_SAMPLE,
@@ -57,8 +57,11 @@ class HybridEvaluator:
         if self._lexical is None:
             index = Bm25Index(self.eval_set.corpus_texts)
             self._lexical = []
-            for query in self.eval_set.queries:
+            stand_ins = self.eval_set.stand_ins or [{}] * len(self.eval_set.queries)
+            for query, own in zip(self.eval_set.queries, stand_ins, strict=True):
                 scores = index.scores(query)
+                for position, text in own.items():  # the chunk with the query taken out
+                    scores[position] = index.score_text(query, text)
                 top = np.argsort(-scores, kind="stable")[: self.depth]
                 self._lexical.append([Scored(int(i), float(scores[i])) for i in top if scores[i] > 0])
         return self._lexical
@@ -76,6 +79,9 @@ class HybridEvaluator:
         sample = rng.choice(len(passages), size=min(STATS_SAMPLE, len(passages)), replace=False)
         covariance = vector_covariance(passages[sample])
         cosines = queries @ passages.T
+        for row, own in enumerate(stand_in_vectors(encoder, self.eval_set)):
+            for position, vector in own.items():
+                cosines[row, position] = float(np.dot(queries[row], vector))
         corpus_size = len(passages)
         weights = list(dict.fromkeys([self.bm25_weight, *self.sweep]))
         ranked: dict[float | None, list[list[int]]] = {w: [] for w in weights}

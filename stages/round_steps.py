@@ -26,7 +26,7 @@ import structlog
 from stages.embed_cache import text_key
 from stages.encoder import Encoder
 from stages.eval_pool import pool_indices, restrict
-from stages.evalsets import EvalSet, load_eval_file, structure_set
+from stages.evalsets import EvalSet, load_eval_file, structure_set, without_copied_query
 from stages.evaluate import EvalResult, RetrievalEvaluator
 from stages.fusion import WEIGHT_GRID, choose_bm25_weight, default_bm25_weight, pick_weight
 from stages.gate import SERVED_SUFFIX, Decision, RejectionCause, decide, paired_bootstrap
@@ -309,15 +309,7 @@ HELDOUT = "heldout"
 
 def snapshot_sets(snapshot: Snapshot, plan: EvalPlan) -> list[EvalSet]:
     """The sets whose corpus is the round's snapshot: held-out pseudo-queries, headings, the user's file."""
-    sets = [
-        EvalSet(
-            HELDOUT,
-            [h.query for h in snapshot.heldout],
-            snapshot.texts,
-            [{snapshot.position[h.chunk_id]: 1.0} for h in snapshot.heldout],
-            snapshot.keys,
-        )
-    ]
+    sets = [heldout_set(snapshot)]
     structure = structure_set(snapshot.corpus)
     if plan.use_structure and len(structure) >= 3:
         sets.append(structure)
@@ -328,6 +320,30 @@ def snapshot_sets(snapshot: Snapshot, plan: EvalPlan) -> list[EvalSet]:
             )
         )
     return sets
+
+
+def heldout_set(snapshot: Snapshot) -> EvalSet:
+    """The held-out queries against the whole snapshot; a query copied from its chunk is judged on every
+    chunk of its document that holds it, with the query taken out (stages.evalsets.without_copied_query)."""
+    by_document: dict[int, list[int]] = {}
+    for position, chunk in enumerate(snapshot.corpus):
+        by_document.setdefault(chunk.document_id, []).append(position)
+    relevant, stand_ins = [], []
+    for sample in snapshot.heldout:
+        own = snapshot.position[sample.chunk_id]
+        judged, replaced = without_copied_query(
+            sample.query, own, snapshot.texts, by_document[snapshot.corpus[own].document_id]
+        )
+        relevant.append(judged)
+        stand_ins.append(replaced)
+    return EvalSet(
+        HELDOUT,
+        [h.query for h in snapshot.heldout],
+        snapshot.texts,
+        relevant,
+        snapshot.keys,
+        stand_ins=stand_ins,
+    )
 
 
 def evaluation_pool(

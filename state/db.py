@@ -210,6 +210,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE index_collections ADD COLUMN analyzer TEXT;
     ALTER TABLE index_collections ADD COLUMN bm25_weight REAL;
     """,
+    # 10: held-out pairs are no longer ranked by the model in service (it is the model being judged, so
+    # its filter kept only the queries it already answered): the ones it ranked are filtered again.
+    """
+    UPDATE samples SET kept = NULL, rank = NULL, bm25_score = NULL, rerank_score = NULL, reason = NULL
+    WHERE split = 'heldout' AND rank IS NOT NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

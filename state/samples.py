@@ -80,7 +80,7 @@ class SampleStore:
 
     def unfiltered(self, limit: int) -> list[sqlite3.Row]:
         return self.conn.execute(
-            "SELECT s.id, s.query, s.passage, s.chunk_id, c.text AS chunk_text, c.sha256 AS chunk_sha, "
+            "SELECT s.id, s.query, s.passage, s.chunk_id, s.split, c.text AS chunk_text, c.sha256 AS chunk_sha, "
             "c.active FROM samples s JOIN chunks c ON c.id = s.chunk_id WHERE s.kept IS NULL "
             "ORDER BY s.id LIMIT ?",
             (limit,),
@@ -91,10 +91,27 @@ class SampleStore:
         transaction: there is never a moment with unfiltered pairs and no filter job to take them."""
         with transaction(self.conn):
             self.queue.complete(job, in_transaction=True)
-            if self.conn.execute("SELECT 1 FROM samples WHERE kept IS NULL LIMIT 1").fetchone():
-                self.queue.enqueue(
-                    "filter", FILTER_KEY, {}, priority=60, requeue_finished=True, in_transaction=True
-                )
+            self._arm_filter_if_waiting()
+
+    def arm_filter(self) -> None:
+        """At start-up: pairs may wait with no filter job (a migration re-opened them)."""
+        with transaction(self.conn):
+            self._arm_filter_if_waiting()
+
+    def _arm_filter_if_waiting(self) -> None:
+        if self.conn.execute("SELECT 1 FROM samples WHERE kept IS NULL LIMIT 1").fetchone():
+            self.queue.enqueue(
+                "filter", FILTER_KEY, {}, priority=60, requeue_finished=True, in_transaction=True
+            )
+
+    def keep_unranked(self, sample_ids: Sequence[int]) -> None:
+        """Held-out pairs with no independent scorer: kept without a rank (the model in service is the
+        model the held-out set judges, so it must not choose the set's queries)."""
+        with transaction(self.conn):
+            self.conn.executemany(
+                "UPDATE samples SET kept=1, reason=NULL WHERE id=? AND kept IS NULL",
+                [(sid,) for sid in sample_ids],
+            )
 
     def record_filter(self, results: Sequence) -> None:
         with transaction(self.conn):

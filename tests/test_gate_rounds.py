@@ -59,7 +59,7 @@ MERGES = [0.5]
 
 
 def _case(prepared: Path, tmp_path: Path, tiny_embedder: Path, **promotion):
-    shutil.copytree(prepared / "state", tmp_path / "state")
+    shutil.copytree(prepared / "state", tmp_path / "state", symlinks=True)
     (tmp_path / "inbox").mkdir()
     return _settings(tmp_path, tiny_embedder, **promotion)
 
