@@ -212,8 +212,11 @@ def check_invariants(settings, files: list[Path], expected_pairs=None) -> dict:
         "SELECT path FROM models WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
         "ORDER BY promoted_at DESC LIMIT 1",
     )
-    if current.exists() or promoted:
-        assert current.exists() and promoted and current.resolve() == Path(promoted).resolve()
+    if promoted:
+        assert current.exists() and current.resolve() == Path(promoted).resolve()
+    else:  # the base model serves: the link names its folder (or is absent when no daemon started)
+        assert not current.exists() or current.resolve().parent != (state / "models" / "versions").resolve()
+    if current.exists():
         from sentence_transformers import SentenceTransformer
 
         assert SentenceTransformer(str(current), device="cpu").encode(["check"]).shape[0] == 1
