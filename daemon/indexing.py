@@ -28,7 +28,7 @@ from daemon.logs import get_logger
 from daemon.progress import Progress
 from daemon.serving import model_in_service
 from daemon.settings import Settings
-from daemon.workers import JobContext, RetryLater
+from daemon.workers import JobContext, PermanentFailure, RetryLater
 from state.index_records import (
     LIVE,
     ActiveChunk,
@@ -44,11 +44,19 @@ from state.index_stats import VectorStats, drop_stats, load_stats, save_stats
 from state.layout import StateLayout
 from state.queue import JobQueue
 from state.registry import ServingModel
-from state.vector_store import IndexTarget, IndexUnavailable, VectorStore, open_store
+from state.vector_store import IndexRefused, IndexTarget, IndexUnavailable, VectorStore, open_store
 
 log = get_logger("embedtune.index")
 JOB_KIND = "index"
 UNAVAILABLE_RETRY_S = 60.0
+MAX_RETRY_S = 1800.0
+
+
+def retry_delay(failures: int) -> float:
+    """Wait after the n-th failure in a row: 60 s, doubling, at most 30 minutes."""
+    return min(MAX_RETRY_S, UNAVAILABLE_RETRY_S * 2 ** max(0, failures - 1))
+
+
 MAX_PASSES = 3
 
 
@@ -107,9 +115,12 @@ class IndexService:
         records = IndexRecords(ctx.conn)
         try:
             report = self.sync(ctx.conn)
+        except IndexRefused as exc:
+            records.set_error(f"{exc} (refused: not retried until the daemon restarts)", refused=True)
+            raise PermanentFailure(f"Milvus refused: {exc}") from exc
         except IndexUnavailable as exc:
-            records.set_error(str(exc))
-            raise RetryLater(str(exc), UNAVAILABLE_RETRY_S) from exc
+            failures = records.set_error(str(exc))
+            raise RetryLater(str(exc), retry_delay(failures)) from exc
         records.set_error(None)
         ctx.queue.complete(ctx.job)
         if report.added or report.removed or report.swapped:
@@ -117,7 +128,10 @@ class IndexService:
 
     def needs_sync(self, conn: sqlite3.Connection) -> bool:
         """Cheap check for the main loop: is the live collection behind the chunks or the model?"""
-        live = IndexRecords(conn).live()
+        records = IndexRecords(conn)
+        if records.refused():
+            return False  # status says why; a restart tries again
+        live = records.live()
         if live is None:
             return has_active_chunks(conn)
         signature = chunk_signature(conn)

@@ -22,6 +22,7 @@ from daemon.workers import WorkerPool
 from state.db import Database
 from state.documents import DocumentStore
 from state.heartbeat import mark_started, mark_stopped, write_heartbeat
+from state.index_records import IndexRecords
 from state.layout import StateLayout
 from state.queue import JobQueue
 from state.registry import ModelRegistry
@@ -98,6 +99,7 @@ class Daemon:
         released = queue.release_owner("")  # we hold the lock: every running job is an orphan
         note = ModelRegistry(conn, self.layout).reconcile(base_model_path_or_none(self.settings))
         SampleStore(conn, queue).arm_filter()  # pairs a migration re-opened, or left with no job
+        IndexRecords(conn).clear_refusal()  # the configuration may have changed since Milvus refused
         self.rounds = RoundScheduler(self.settings, self.layout, self.config_file)
         aborted = self.rounds.abort_orphans()
         mark_started(conn, os.getpid(), socket.gethostname())

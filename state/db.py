@@ -216,6 +216,12 @@ MIGRATIONS: list[str] = [
     UPDATE samples SET kept = NULL, rank = NULL, bm25_score = NULL, rerank_score = NULL, reason = NULL
     WHERE split = 'heldout' AND rank IS NOT NULL;
     """,
+    # 11: the index's failures: consecutive transient ones (the retry waits longer each time) and whether
+    # Milvus refused outright (no retry until the daemon restarts with a changed configuration).
+    """
+    ALTER TABLE daemon ADD COLUMN index_failures INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE daemon ADD COLUMN index_refused INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

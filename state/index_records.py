@@ -211,7 +211,28 @@ class IndexRecords:
                 "UPDATE index_collections SET state = 'dropped', dropped = ? WHERE name = ?", (utcnow(), name)
             )
 
-    def set_error(self, text: str | None) -> None:
-        """The index's last failure (None once it works again), shown by `status`."""
+    def set_error(self, text: str | None, *, refused: bool = False) -> int:
+        """The index's last failure (None once it works again), shown by `status`; returns how many
+        failures in a row there have been."""
         with transaction(self.conn):
-            self.conn.execute("UPDATE daemon SET index_error = ? WHERE id = 1", (text,))
+            if text is None:
+                self.conn.execute(
+                    "UPDATE daemon SET index_error = NULL, index_failures = 0, index_refused = 0 WHERE id = 1"
+                )
+                return 0
+            row = self.conn.execute(
+                "UPDATE daemon SET index_error = ?, index_failures = index_failures + 1, index_refused = ? "
+                "WHERE id = 1 RETURNING index_failures",
+                (text, int(refused)),
+            ).fetchone()
+        return int(row[0]) if row else 1
+
+    def refused(self) -> bool:
+        """Milvus refused the last sync: the daemon does not ask again until it restarts."""
+        row = self.conn.execute("SELECT index_refused FROM daemon WHERE id = 1").fetchone()
+        return bool(row and row[0])
+
+    def clear_refusal(self) -> None:
+        """At start-up: the configuration may have changed, so a refused index is tried once more."""
+        with transaction(self.conn):
+            self.conn.execute("UPDATE daemon SET index_refused = 0 WHERE id = 1")

@@ -50,6 +50,7 @@ class HeldoutSample:
     query: str
     chunk_id: int
     kind: str
+    passage: str | None = None  # the pair's positive when it is not the whole chunk (inverse cloze)
 
 
 @dataclass(frozen=True)
@@ -162,9 +163,9 @@ class RoundStore:
             )
         ]
         heldout = [
-            HeldoutSample(r["id"], r["query"], r["chunk_id"], r["kind"])
+            HeldoutSample(r["id"], r["query"], r["chunk_id"], r["kind"], r["passage"])
             for r in self.conn.execute(
-                "SELECT s.id, s.query, s.chunk_id, s.kind FROM samples s JOIN chunks c ON c.id=s.chunk_id "
+                "SELECT s.id, s.query, s.chunk_id, s.kind, s.passage FROM samples s JOIN chunks c ON c.id=s.chunk_id "
                 "WHERE s.kept=1 AND s.split='heldout' AND c.active=1 "
                 "ORDER BY (s.id * 2654435761) % 4294967296 LIMIT ?",
                 (max_heldout,),

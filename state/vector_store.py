@@ -32,6 +32,56 @@ class IndexUnavailable(Exception):
     """The vector store cannot be reached or opened; the message says which and what to check."""
 
 
+class IndexRefused(IndexUnavailable):
+    """Milvus answered and refused (credentials, permissions, a parameter or schema it does not accept):
+    retrying cannot help until the configuration or the server changes."""
+
+
+# Refusals: what the server or pymilvus says about the request itself, not about being reachable.
+_REFUSAL_CLASSES = (
+    "ParamError",
+    "ConnectionConfigException",
+    "ServerVersionIncompatibleException",
+    "DataTypeNotMatchException",
+    "DataTypeNotSupportException",
+    "DataNotMatchException",
+    "FieldsTypeException",
+    "FieldTypeException",
+    "FunctionsTypeException",
+    "PrimaryKeyException",
+    "AutoIDException",
+    "CannotInferSchemaException",
+)
+_REFUSAL_WORDS = (
+    "auth",
+    "permission denied",
+    "privilege",
+    "access denied",
+    "unauthenticated",
+    "invalid token",
+)
+# common.ErrorCode (the codes older servers send): PermissionDenied 3, ForceDeny 48 (writes refused by
+# quota or a read-only cluster until an operator acts); pymilvus' own ErrorCode.FORCE_DENY is 9.
+_REFUSED_COMPATIBLE_CODES = {3, 48}
+_FORCE_DENY = 9
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """True when retrying the same request cannot succeed; connection faults, timeouts, a busy file and
+    a full disk are not refusals (they pass)."""
+    if isinstance(exc, OSError):
+        return False
+    if type(exc).__name__ in _REFUSAL_CLASSES:
+        return True
+    if (
+        getattr(exc, "compatible_code", None) in _REFUSED_COMPATIBLE_CODES
+        or getattr(exc, "code", None) == _FORCE_DENY
+    ):
+        return True
+    message = str(getattr(exc, "message", "") or exc).lower()
+    return any(word in message for word in _REFUSAL_WORDS)
+
+
 @dataclass(frozen=True)
 class IndexTarget:
     uri: str
@@ -302,12 +352,15 @@ def _open_client(target: IndexTarget) -> Iterator[VectorStore]:
     try:
         client = MilvusClient(uri=target.uri, token=target.token, timeout=CONNECT_TIMEOUT_S)
     except (MilvusException, OSError) as exc:
-        raise IndexUnavailable(f"cannot open {where}: {exc} (index.uri)") from exc
+        kind = IndexRefused if is_refusal(exc) else IndexUnavailable
+        raise kind(f"cannot open {where}: {exc} (index.uri, EMBEDTUNE_MILVUS_TOKEN)") from exc
     try:
         yield VectorStore(client, target)
     except (MilvusException, OSError) as exc:
-        # a server gone mid-way, a full disk under Milvus Lite: the caller retries later, the alias stays
-        raise IndexUnavailable(f"{where} failed: {exc}") from exc
+        # a server gone mid-way, a full disk under Milvus Lite: the caller retries later, the alias stays;
+        # a refusal is reported as one, so the daemon stops asking
+        kind = IndexRefused if is_refusal(exc) else IndexUnavailable
+        raise kind(f"{where} failed: {exc}") from exc
     finally:
         try:
             client.close()

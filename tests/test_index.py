@@ -185,8 +185,55 @@ def test_unreachable_milvus_server_is_a_clear_retried_error(make_settings, start
     with pytest.raises(RetryLater) as caught:
         service.handle(JobContext(job, queue))
     assert "Milvus at http://127.0.0.1:9" in str(caught.value) and "index.uri" in str(caught.value)
+    assert caught.value.delay == 60.0
     text = format_status(read_status(layout))
     assert "index" in text and "cannot open Milvus at http://127.0.0.1:9" in text
+    queue.postpone(job, 0.0, str(caught.value))  # what the worker pool does with a RetryLater
+    with pytest.raises(RetryLater) as again:
+        service.handle(JobContext(queue.claim("test", ["index"]), queue))
+    assert again.value.delay == 120.0  # a server that stays down is asked less and less often
+
+
+def test_milvus_errors_that_retrying_cannot_fix_are_refusals():
+    from pymilvus.exceptions import MilvusException, ParamError
+
+    from state.vector_store import is_refusal
+
+    assert is_refusal(ParamError(message="invalid dimension"))
+    assert is_refusal(MilvusException(code=1800, message="auth check failure, please check username"))
+    assert is_refusal(MilvusException(code=1, message="denied", compatible_code=3))  # PermissionDenied
+    assert not is_refusal(MilvusException(code=2, message="Fail connecting to server on 127.0.0.1:9"))
+    assert not is_refusal(OSError(28, "No space left on device"))
+
+
+def test_a_refused_index_is_not_retried_until_the_daemon_restarts(make_settings, start_daemon):
+    """Milvus Lite cannot refuse a request, so the sync is replaced by one that raises what open_store
+    raises for a refusal; the rest (job, status, main-loop check, restart) is the product's."""
+    from daemon.indexing import IndexService
+    from daemon.workers import JobContext, PermanentFailure
+    from state.db import Database
+    from state.index_records import IndexRecords
+    from state.queue import JobQueue
+    from state.status import format_status, read_status
+    from state.vector_store import IndexRefused
+
+    class RefusedService(IndexService):
+        def sync(self, conn):
+            raise IndexRefused("Milvus at http://milvus:19530 failed: auth check failure")
+
+    settings, layout = _ingested(make_settings, start_daemon, uri="http://127.0.0.1:9")
+    conn = Database(layout.database).conn
+    service = RefusedService(settings, layout)
+    assert service.needs_sync(conn) and service.enqueue(conn, "test")
+    queue = JobQueue(conn)
+    with pytest.raises(PermanentFailure, match="Milvus refused"):
+        service.handle(JobContext(queue.claim("test", ["index"]), queue))
+    assert not service.needs_sync(conn)  # the main loop stops starting children for it
+    assert "auth check failure (refused: not retried until the daemon restarts)" in format_status(
+        read_status(layout)
+    )
+    IndexRecords(conn).clear_refusal()  # what a restart does
+    assert service.needs_sync(conn)
 
 
 def test_index_settings_are_validated_with_the_key_named():
