@@ -4,8 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 CONFIG ?= config.toml
 # On a machine with no NVIDIA driver, install the CPU build of torch first so that the plain `torch`
-# requirement is already satisfied and pip does not pull several GB of CUDA packages.
+# requirement is already satisfied and pip does not pull several GB of CUDA packages: PyTorch's CPU index
+# first (PyPI's Linux wheel is the CUDA build), then the configured indexes (a mirror that carries the
+# CPU build, as on a closed network; one quick try of the CPU index costs ~9 s there).
 TORCH_VERSION ?= 2.13.0
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: venv run test test-all reliability bench lint clean browser lock
 
@@ -16,8 +19,8 @@ $(BIN)/embedtune: pyproject.toml constraints.txt
 	  echo "GPU found: installing torch with CUDA"; $(BIN)/pip install -q torch; \
 	else \
 	  echo "no GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
-	  $(BIN)/pip install -q torch==$(TORCH_VERSION) || \
-	  $(BIN)/pip install -q torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
+	  $(BIN)/pip install -q --retries 1 --timeout 15 torch==$(TORCH_VERSION) --index-url $(TORCH_CPU_INDEX) 2>/dev/null || \
+	  $(BIN)/pip install -q torch==$(TORCH_VERSION); \
 	fi
 	$(BIN)/pip install -q -c constraints.txt -e '.[test]'
 	@touch $@
