@@ -75,13 +75,8 @@ def _bars(enabled: bool):
 
 
 def run_once(settings: Settings, args: argparse.Namespace) -> int:
-    from daemon.round_scheduler import RoundScheduler
     from daemon.service import Daemon
     from state.db import connect
-    from state.pipeline_progress import pipeline_progress
-    from state.registry import ModelRegistry
-    from state.round_records import RoundOutcome, RoundStore
-    from state.samples import SampleStore
 
     settings = once_settings(settings, args)
     documents = Path(args.documents)
@@ -90,100 +85,125 @@ def run_once(settings: Settings, args: argparse.Namespace) -> int:
         return 2
     daemon = Daemon(settings)
     daemon.start()
-    bars = _bars(not args.no_progress)
     conn = connect(daemon.layout.database)
     try:
-        quiet_since = None
-        while True:
-            daemon.heartbeat()
-            now = pipeline_progress(conn)
-            for bar, (done, total) in zip(
-                bars.values(),
-                (
-                    (now.documents_done, now.documents_total),
-                    (now.synthesized, now.synthesize_jobs),
-                    (now.filtered, now.samples),
-                ),
-                strict=True,
-            ):
-                bar.total = total
-                bar.n = done
-                bar.refresh()
-            busy = now.busy_jobs or len(daemon.watcher.tracker)
-            if busy:
-                quiet_since = None
-            elif quiet_since is None:
-                quiet_since = time.monotonic()
-            elif time.monotonic() - quiet_since > 1.0:
-                break
-            time.sleep(0.3)
-        for bar in bars.values():
-            bar.close()
+        _wait_until_prepared(daemon, conn, _bars(not args.no_progress))
         daemon.watcher.stop()
-        kept = SampleStore(conn).kept_train_count()
-        iterations = max(1, args.max_iterations)
-        daemon.rounds.settings.training.max_pairs = max(2, math.ceil(kept / iterations))
-        manager = RoundScheduler(daemon.rounds.settings, daemon.layout)
-        base_score = None
-        metric = settings.promotion.metric
-        summary = []
-        for iteration in range(iterations):
-            if iteration:
-                manager.settings.training.init = "current"
-            round_id = manager.start(conn, "once")
-            print(f"round {round_id} ({iteration + 1}/{iterations}) ...", flush=True)
-            manager.wait(conn)
-            row = RoundStore(conn).get(round_id)
-            current = json.loads(row["current_metrics"] or "{}").get("heldout", {})
-            if base_score is None and current:
-                base_score = current.get(metric)
-            best = {}
-            if row["eval_sets"]:
-                best_name = json.loads(row["eval_sets"]).get("best")
-                variants = {
-                    "candidate": json.loads(row["candidate_metrics"] or "{}"),
-                    **json.loads(row["merged_metrics"] or "{}"),
-                }
-                best = variants.get(best_name, {}).get("heldout", {})
-            summary.append(
-                (
-                    round_id,
-                    row["state"],
-                    row["decision"] or "-",
-                    current.get(metric),
-                    best.get(metric),
-                    row["reason"] or row["error"] or "",
-                )
-            )
-            if (
-                row["decision"] == RoundOutcome.PROMOTED
-                and base_score is not None
-                and best.get(metric) is not None
-            ):
-                if best[metric] - base_score >= args.increase_rate > 0:
-                    print(f"gain over the base reached --increase-rate ({args.increase_rate}); stopping")
-                    break
-            if SampleStore(conn).unused_train_count() < 2:
-                break
-        _print_summary(summary, metric)
-        output = Path(args.output).resolve()
-        if ModelRegistry(conn, daemon.layout).current() is not None:
-            target = output / "model"
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(daemon.layout.current.resolve(), target)
-            print(f"model in service copied to {target}")
-        else:
-            print("no round promoted a model; the base model stays the best one")
-        if settings.index.enabled:
-            _sync_index(settings, daemon.layout, conn, show_progress=not args.no_progress)
-        if args.dataset_output:
-            from daemon.exports import export
-
-            export(settings, "flagembedding", Path(args.dataset_output))
+        summary = _run_rounds(daemon, conn, args)
+        _print_summary(summary, settings.promotion.metric)
+        _write_outputs(settings, daemon, conn, args)
     finally:
         daemon.stop_requested.set()
         daemon.shutdown()
     return 0
+
+
+def _wait_until_prepared(daemon, conn, bars) -> None:
+    """Ingest, synthesis and filter, with a bar each, until no job is left and no file is settling."""
+    from state.pipeline_progress import pipeline_progress
+
+    quiet_since = None
+    while True:
+        daemon.heartbeat()
+        now = pipeline_progress(conn)
+        for bar, (done, total) in zip(
+            bars.values(),
+            (
+                (now.documents_done, now.documents_total),
+                (now.synthesized, now.synthesize_jobs),
+                (now.filtered, now.samples),
+            ),
+            strict=True,
+        ):
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+        busy = now.busy_jobs or len(daemon.watcher.tracker)
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > 1.0:
+            break
+        time.sleep(0.3)
+    for bar in bars.values():
+        bar.close()
+
+
+def _run_rounds(daemon, conn, args: argparse.Namespace) -> list[tuple]:
+    """Up to --max-iterations rounds over the kept pairs, each from the model the last one left; stops
+    early at --increase-rate or when no unused pair is left. One summary row per round."""
+    from daemon.round_scheduler import RoundScheduler
+    from state.round_records import RoundOutcome, RoundStore
+    from state.samples import SampleStore
+
+    settings = daemon.settings
+    kept = SampleStore(conn).kept_train_count()
+    iterations = max(1, args.max_iterations)
+    daemon.rounds.settings.training.max_pairs = max(2, math.ceil(kept / iterations))
+    manager = RoundScheduler(daemon.rounds.settings, daemon.layout)
+    base_score = None
+    metric = settings.promotion.metric
+    summary = []
+    for iteration in range(iterations):
+        if iteration:
+            manager.settings.training.init = "current"
+        round_id = manager.start(conn, "once")
+        print(f"round {round_id} ({iteration + 1}/{iterations}) ...", flush=True)
+        manager.wait(conn)
+        row = RoundStore(conn).get(round_id)
+        current = json.loads(row["current_metrics"] or "{}").get("heldout", {})
+        if base_score is None and current:
+            base_score = current.get(metric)
+        best = {}
+        if row["eval_sets"]:
+            best_name = json.loads(row["eval_sets"]).get("best")
+            variants = {
+                "candidate": json.loads(row["candidate_metrics"] or "{}"),
+                **json.loads(row["merged_metrics"] or "{}"),
+            }
+            best = variants.get(best_name, {}).get("heldout", {})
+        summary.append(
+            (
+                round_id,
+                row["state"],
+                row["decision"] or "-",
+                current.get(metric),
+                best.get(metric),
+                row["reason"] or row["error"] or "",
+            )
+        )
+        if (
+            row["decision"] == RoundOutcome.PROMOTED
+            and base_score is not None
+            and best.get(metric) is not None
+        ):
+            if best[metric] - base_score >= args.increase_rate > 0:
+                print(f"gain over the base reached --increase-rate ({args.increase_rate}); stopping")
+                break
+        if SampleStore(conn).unused_train_count() < 2:
+            break
+    return summary
+
+
+def _write_outputs(settings: Settings, daemon, conn, args: argparse.Namespace) -> None:
+    """The promoted model (if any) into --output, the index on the final model, the dataset export."""
+    from state.registry import ModelRegistry
+
+    output = Path(args.output).resolve()
+    if ModelRegistry(conn, daemon.layout).current() is not None:
+        target = output / "model"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(daemon.layout.current.resolve(), target)
+        print(f"model in service copied to {target}")
+    else:
+        print("no round promoted a model; the base model stays the best one")
+    if settings.index.enabled:
+        _sync_index(settings, daemon.layout, conn, show_progress=not args.no_progress)
+    if args.dataset_output:
+        from daemon.exports import export
+
+        export(settings, "flagembedding", Path(args.dataset_output))
 
 
 def _sync_index(settings: Settings, layout, conn, show_progress: bool) -> None:

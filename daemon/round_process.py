@@ -15,7 +15,9 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from daemon.child_process import die_with_parent
 from daemon.logs import configure_logging, get_logger
@@ -104,23 +106,23 @@ def peak_rss_mb() -> int:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
+@dataclass
+class JudgedRound:
+    """What a round's steps produced, for recording and promotion."""
+
+    verdict: Any
+    current: Any  # the registry record the round was judged against (None: the base model)
+    plan: Any
+    sets: list
+    set_names: list[str]
+    variant_dirs: dict[str, Path]
+    used: list[int]  # the training samples the round consumed
+    corpus: int
+    pool: int | None
+
+
 def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOutcome:
-    from stages.encoder import Encoder
-    from stages.models import resolve_model_path
-    from stages.round_steps import (
-        CANDIDATE,
-        CURRENT,
-        RoundRejected,
-        build_evaluators,
-        decide_round,
-        evaluate_variant,
-        evaluation_pool,
-        merge_variants,
-        mine_negatives,
-        snapshot_sets,
-        take_snapshot,
-        train_candidate,
-    )
+    from stages.round_steps import RoundRejected
 
     db = Database(layout.database)
     records = RoundStore(db.conn)
@@ -128,65 +130,8 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
     folder = layout.round_dir(round_id)
     folder.mkdir(parents=True, exist_ok=True)
     progress = RoundProgress(records, round_id, folder)
-    base_path = resolve_model_path(settings.model.base)
-    current = registry.current()
-    serving_path = registry.serving(base_path).path
-    init_path = serving_path if settings.training.init == "current" else base_path
-    encode = encode_params(settings)
-
-    def evaluate_model(path: Path, evaluators) -> dict:
-        encoder = Encoder(path, encode)
-        try:
-            return evaluate_variant(encoder, evaluators)
-        finally:
-            encoder.release()
-
     try:
-        progress.stage("snapshot")
-        snapshot = take_snapshot(
-            records.inputs(settings.training.max_pairs, settings.promotion.heldout_queries), folder
-        )
-        records.update(
-            round_id, n_train=len(snapshot.train), n_heldout=len(snapshot.heldout), base_model=str(base_path)
-        )
-
-        progress.stage("negatives", queries=len(snapshot.train), corpus=len(snapshot.corpus))
-        serving = Encoder(serving_path, encode, layout.cache)
-        with_teacher = settings.model.teacher != "none"
-        mined = mine_negatives(
-            snapshot, serving, negative_params(settings, with_teacher), None if with_teacher else folder
-        )
-        examples = mined.examples
-        if with_teacher:
-            examples = label_round(
-                settings, layout, db, snapshot, serving, mined, base_path, progress, folder
-            )
-
-        progress.stage("train", step=0, total=0)
-        trained = train_candidate(
-            init_path, folder, examples, train_params(settings), progress.training, trainer_for(settings)
-        )
-
-        progress.stage("evaluate")
-        plan = eval_plan(settings, serving_path)
-        sets = snapshot_sets(snapshot, plan)
-        pool = evaluation_pool(sets, plan, serving, mined.corpus_vectors)
-        evaluators = build_evaluators(sets, plan, pool)
-        serving_vectors = mined.corpus_vectors if pool is None else mined.corpus_vectors[pool]
-        results = {CURRENT: evaluate_variant(serving, evaluators, serving_vectors)}
-        serving.release()
-        variant_dirs = {CANDIDATE: folder / CANDIDATE}
-        results[CANDIDATE] = evaluate_model(variant_dirs[CANDIDATE], evaluators)
-
-        for name, path in merge_variants(
-            variant_dirs[CANDIDATE], base_path, merge_params(settings), folder, examples
-        ):
-            progress.stage("merge", variant=name)
-            results[name] = evaluate_model(path, evaluators)
-            variant_dirs[name] = path
-
-        progress.stage("decide")
-        verdict = decide_round(results, gate_params(settings), folder, trained)
+        judged = judge_round(settings, layout, db, registry, round_id, folder, progress)
     except RoundRejected as rejected:
         records.finish(round_id, RoundOutcome.REJECTED, rejected.reason, None, [], cause=rejected.cause.value)
         log.info(
@@ -198,7 +143,130 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
         return RoundOutcome.REJECTED
     finally:
         progress.finish()  # the last step's cost, also when it failed
+    return settle_round(settings, layout, registry, records, round_id, judged)
 
+
+def judge_round(
+    settings: Settings,
+    layout: StateLayout,
+    db: Database,
+    registry: ModelRegistry,
+    round_id: int,
+    folder: Path,
+    progress: RoundProgress,
+) -> JudgedRound:
+    """snapshot -> negatives -> (labels) -> train -> evaluate -> merge -> decide; raises RoundRejected."""
+    from stages.encoder import Encoder
+    from stages.models import resolve_model_path
+    from stages.round_steps import (
+        CURRENT,
+        build_evaluators,
+        decide_round,
+        evaluate_variant,
+        evaluation_pool,
+        mine_negatives,
+        snapshot_sets,
+        take_snapshot,
+        train_candidate,
+    )
+
+    records = progress.records
+    base_path = resolve_model_path(settings.model.base)
+    current = registry.current()
+    serving_path = registry.serving(base_path).path
+    init_path = serving_path if settings.training.init == "current" else base_path
+    encode = encode_params(settings)
+    progress.stage("snapshot")
+    snapshot = take_snapshot(
+        records.inputs(settings.training.max_pairs, settings.promotion.heldout_queries), folder
+    )
+    records.update(
+        round_id, n_train=len(snapshot.train), n_heldout=len(snapshot.heldout), base_model=str(base_path)
+    )
+
+    progress.stage("negatives", queries=len(snapshot.train), corpus=len(snapshot.corpus))
+    serving = Encoder(serving_path, encode, layout.cache)
+    with_teacher = settings.model.teacher != "none"
+    mined = mine_negatives(
+        snapshot, serving, negative_params(settings, with_teacher), None if with_teacher else folder
+    )
+    examples = mined.examples
+    if with_teacher:
+        examples = label_round(settings, layout, db, snapshot, serving, mined, base_path, progress, folder)
+
+    progress.stage("train", step=0, total=0)
+    trained = train_candidate(
+        init_path, folder, examples, train_params(settings), progress.training, trainer_for(settings)
+    )
+
+    progress.stage("evaluate")
+    plan = eval_plan(settings, serving_path)
+    sets = snapshot_sets(snapshot, plan)
+    pool = evaluation_pool(sets, plan, serving, mined.corpus_vectors)
+    evaluators = build_evaluators(sets, plan, pool)
+    serving_vectors = mined.corpus_vectors if pool is None else mined.corpus_vectors[pool]
+    results = {CURRENT: evaluate_variant(serving, evaluators, serving_vectors)}
+    serving.release()
+    variant_dirs = evaluate_variants(settings, folder, base_path, examples, evaluators, progress, results)
+
+    progress.stage("decide")
+    return JudgedRound(
+        verdict=decide_round(results, gate_params(settings), folder, trained),
+        current=current,
+        plan=plan,
+        sets=sets,
+        set_names=[e.name for e in evaluators],
+        variant_dirs=variant_dirs,
+        used=[s.id for s in snapshot.train],
+        corpus=len(snapshot.texts),
+        pool=None if pool is None else len(pool),
+    )
+
+
+def evaluate_variants(
+    settings: Settings,
+    folder: Path,
+    base_path: Path,
+    examples: list,
+    evaluators: list,
+    progress: RoundProgress,
+    results: dict,
+) -> dict[str, Path]:
+    """The candidate, then each LM-Cocktail merge as it is made, into `results`: one model in memory at
+    a time. Returns each variant's folder."""
+    from stages.encoder import Encoder
+    from stages.round_steps import CANDIDATE, evaluate_variant, merge_variants
+
+    def evaluate_model(path: Path) -> dict:
+        encoder = Encoder(path, encode_params(settings))
+        try:
+            return evaluate_variant(encoder, evaluators)
+        finally:
+            encoder.release()
+
+    variant_dirs = {CANDIDATE: folder / CANDIDATE}
+    results[CANDIDATE] = evaluate_model(variant_dirs[CANDIDATE])
+    for name, path in merge_variants(
+        variant_dirs[CANDIDATE], base_path, merge_params(settings), folder, examples
+    ):
+        progress.stage("merge", variant=name)
+        results[name] = evaluate_model(path)
+        variant_dirs[name] = path
+    return variant_dirs
+
+
+def settle_round(
+    settings: Settings,
+    layout: StateLayout,
+    registry: ModelRegistry,
+    records: RoundStore,
+    round_id: int,
+    judged: JudgedRound,
+) -> RoundOutcome:
+    """Record the verdict; promote (with the hook) or reject; drop the merges (the candidate stays)."""
+    from stages.round_steps import CANDIDATE, CURRENT
+
+    verdict = judged.verdict
     table = verdict.table
     records.update(
         round_id,
@@ -206,40 +274,34 @@ def run_round(settings: Settings, layout: StateLayout, round_id: int) -> RoundOu
         current_metrics=table[CURRENT],
         merged_metrics={k: v for k, v in table.items() if k.startswith("merged")},
         eval_sets={
-            "sets": [e.name for e in evaluators],
+            "sets": judged.set_names,
             "gains": verdict.decision.gains,
             "interval": verdict.interval,
             "best": verdict.best,
-            "corpus": len(snapshot.texts),
-            "pool": None if pool is None else len(pool),
+            "corpus": judged.corpus,
+            "pool": judged.pool,
         },
     )
-    used = [s.id for s in snapshot.train]
     if verdict.promote:
-        write_retrieval_choice(settings, plan, sets, table, verdict.decision.variant, variant_dirs)
+        variant = verdict.decision.variant
+        write_retrieval_choice(settings, judged.plan, judged.sets, table, variant, judged.variant_dirs)
         outcome = promote(
-            registry, records, round_id, variant_dirs[verdict.decision.variant], verdict, current, used
+            registry, records, round_id, judged.variant_dirs[variant], verdict, judged.current, judged.used
         )
         promoted = registry.current()  # the version folder: `models/current` moves with the next rollback
         if outcome == RoundOutcome.PROMOTED:
             run_on_promote_hook(
                 settings.promotion.on_promote,
                 promoted.path if promoted else layout.current,
-                table[verdict.decision.variant],
+                table[variant],
                 records,
                 round_id,
             )
     else:
         outcome = RoundOutcome.REJECTED
-        records.finish(
-            round_id,
-            outcome,
-            verdict.reason,
-            None,
-            used,
-            cause=verdict.decision.cause.value if verdict.decision.cause else None,
-        )
-    for name, path in variant_dirs.items():
+        cause = verdict.decision.cause.value if verdict.decision.cause else None
+        records.finish(round_id, outcome, verdict.reason, None, judged.used, cause=cause)
+    for name, path in judged.variant_dirs.items():
         if name != CANDIDATE:
             shutil.rmtree(path, ignore_errors=True)  # keep the candidate for audit; merges are reproducible
     log.info("round_finished", round_id=round_id, decision=outcome.value, reason=verdict.reason)
@@ -354,6 +416,7 @@ def promote(
         records.finish(
             round_id, RoundOutcome.REJECTED, reason, None, [], cause=RejectionCause.SERVING_CHANGED.value
         )
+        registry.discard(record.id)  # the round folder keeps the candidate; no orphan version
         log.warning("round_not_promoted_serving_changed", round_id=round_id, error=str(exc))
         return RoundOutcome.REJECTED
     records.finish(round_id, RoundOutcome.PROMOTED, verdict.reason, record.id, used_sample_ids)

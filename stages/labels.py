@@ -143,6 +143,72 @@ def pairs_to_score(queries: Sequence[LabelQuery], candidates: Sequence[Candidate
     return pairs
 
 
+def _teacher_positive(
+    source: int, judged: dict[int, float], params: LabelParams, counts: dict
+) -> tuple[int, bool] | None:
+    """(positive, relabelled): the source while the teacher ranks it within `keep_rank`, else by the
+    repair mode the teacher's best candidate, or None (the query is dropped)."""
+    source_score = judged[source]
+    source_rank = 1 + sum(1 for c, s in judged.items() if c != source and s > source_score)
+    if source_rank <= params.keep_rank or params.repair == "none":
+        counts["kept_source"] += 1
+        return source, False
+    if params.repair == "relabel":
+        counts["relabelled"] += 1
+        return max(judged, key=lambda c: judged[c]), True
+    counts["dropped"] += 1
+    return None
+
+
+def _teacher_window(
+    window_ids: Sequence[int],
+    positive: int,
+    query: LabelQuery,
+    judged: dict[int, float],
+    student: dict[int, float],
+    params: LabelParams,
+    counts: dict,
+) -> list[int]:
+    """Negative candidates: the teacher adds a veto to the miner's own rule, never loosens it. A candidate
+    the student already scores within `student_margin` of the positive stays out too (on corpora where a
+    topic has dozens of relevant documents, the student's top ranks are full of them)."""
+    floor = student.get(positive, query.source_student) - params.student_margin
+    window = []
+    for c in window_ids:
+        if c in (positive, query.source) or c not in judged:
+            continue
+        if judged[c] >= judged[positive]:
+            counts["negatives_vetoed"] += 1  # the teacher says it is as relevant: not a negative
+            continue
+        if student[c] >= floor:
+            counts["negatives_too_close"] += 1
+            continue
+        window.append(c)
+    return window
+
+
+def _top_up(
+    negatives: list[int],
+    extras: Sequence[int],
+    positive: int,
+    source: int,
+    judged: dict[int, float],
+    with_teacher: bool,
+    params: LabelParams,
+    counts: dict,
+) -> None:
+    """Fill `negatives` from far chunks, as hn_mine does, unless the teacher objects."""
+    for c in extras:
+        if len(negatives) >= params.negatives:
+            break
+        if c in (positive, source) or c in negatives:
+            continue
+        if with_teacher and (c not in judged or judged[c] >= judged[positive]):
+            continue
+        negatives.append(c)
+        counts["topped_up"] += 1
+
+
 def label_examples(
     queries: Sequence[LabelQuery],
     candidates: Sequence[Candidates],
@@ -171,6 +237,7 @@ def label_examples(
         student.update(zip(found.extras, found.extras_student, strict=True))
         student[query.source] = query.source_student
         window_ids = found.indices[low - 1 : high]
+        judged: dict[int, float] = {}
         if teacher_scores is None:
             positive, relabelled = query.source, False
             floor = query.source_student - params.student_margin
@@ -181,43 +248,22 @@ def label_examples(
                 for c in [query.source, *found.indices, *found.extras]
                 if (i, c) in teacher_scores
             }
-            source_score = judged[query.source]
-            source_rank = 1 + sum(1 for c, s in judged.items() if c != query.source and s > source_score)
-            if source_rank <= params.keep_rank or params.repair == "none":
-                positive, relabelled = query.source, False
-                counts["kept_source"] += 1
-            elif params.repair == "relabel":
-                positive = max(judged, key=lambda c: judged[c])
-                relabelled = True
-                counts["relabelled"] += 1
-            else:
-                counts["dropped"] += 1
+            chosen = _teacher_positive(query.source, judged, params, counts)
+            if chosen is None:
                 continue
-            # The teacher adds a veto to the miner's own rule, never loosens it: a candidate the student
-            # already scores within `student_margin` of the positive stays out too (on corpora where a
-            # topic has dozens of relevant documents, the student's top ranks are full of them).
-            floor = student.get(positive, query.source_student) - params.student_margin
-            window = []
-            for c in window_ids:
-                if c in (positive, query.source) or c not in judged:
-                    continue
-                if judged[c] >= judged[positive]:
-                    counts["negatives_vetoed"] += 1  # the teacher says it is as relevant: not a negative
-                    continue
-                if student[c] >= floor:
-                    counts["negatives_too_close"] += 1
-                    continue
-                window.append(c)
+            positive, relabelled = chosen
+            window = _teacher_window(window_ids, positive, query, judged, student, params, counts)
         negatives = rng.sample(window, k=min(params.negatives, len(window)))
-        for c in found.extras:  # top up from far chunks, as hn_mine does, unless the teacher objects
-            if len(negatives) >= params.negatives:
-                break
-            if c in (positive, query.source) or c in negatives:
-                continue
-            if teacher_scores is not None and (c not in judged or judged[c] >= judged[positive]):
-                continue
-            negatives.append(c)
-            counts["topped_up"] += 1
+        _top_up(
+            negatives,
+            found.extras,
+            positive,
+            query.source,
+            judged,
+            teacher_scores is not None,
+            params,
+            counts,
+        )
         if len(negatives) < params.negatives:
             continue  # every row needs the same number of negatives; a tiny corpus may not have them
         labels = None

@@ -140,6 +140,16 @@ class ModelRegistry:
             raise
         return self.get(model_id)
 
+    def discard(self, model_id: int) -> None:
+        """Remove a version that never served (a round whose promotion was refused): its row, then its
+        folder. A version that served once stays, for rollback and audit."""
+        record = self.get(model_id)
+        if record.promoted_at is not None:
+            raise RegistryError(f"model {model_id} has served; versions that served are kept")
+        with transaction(self.conn):
+            self.conn.execute("DELETE FROM models WHERE id=? AND promoted_at IS NULL", (model_id,))
+        shutil.rmtree(record.path, ignore_errors=True)
+
     def get(self, model_id: int) -> ModelRecord:
         row = self.conn.execute("SELECT * FROM models WHERE id=?", (model_id,)).fetchone()
         if row is None:

@@ -301,7 +301,24 @@ def format_status(status: dict[str, Any]) -> str:
         f"model     {model['current'] or 'base model (nothing promoted yet)'}"
         + (f"  {model['path']}" if model["path"] else "")
     )
-    index = status.get("index") or {}
+    lines += _index_lines(status.get("index") or {})
+    lines += _round_lines(status["rounds"])
+    if docs["rejections"]:
+        lines.append("rejected files")
+        for item in docs["rejections"][:20]:
+            lines.append(f"  {item['path']}: {item['reason']}")
+    if j["recent_errors"]:
+        lines.append("job errors")
+        for item in j["recent_errors"][:10]:
+            lines.append(
+                f"  #{item['id']} {item['kind']} {item['state']} x{item['attempts']}: "
+                f"{(item['error'] or '')[:120]}"
+            )
+    return "\n".join(lines)
+
+
+def _index_lines(index: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if index.get("collections") or index.get("error"):
         live = index.get("live")
         parts = [
@@ -319,9 +336,14 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("index     " + "; ".join(parts))
         if index.get("error"):
             lines.append(f"          error: {index['error'][:160]}")
-    if status["rounds"]:
+    return lines
+
+
+def _round_lines(rounds: list[dict[str, Any]]) -> list[str]:
+    lines: list[str] = []
+    if rounds:
         lines.append("rounds")
-        for r in status["rounds"]:
+        for r in rounds:
             progress = r.get("progress") or {}
             step = ""
             if progress.get("total") and "scored" in progress:
@@ -342,15 +364,4 @@ def format_status(status: dict[str, Any]) -> str:
                     f"        on_promote hook failed (exit {hook.get('returncode')}): "
                     f"{(hook.get('stderr') or '').strip()[-120:]}"
                 )
-    if docs["rejections"]:
-        lines.append("rejected files")
-        for item in docs["rejections"][:20]:
-            lines.append(f"  {item['path']}: {item['reason']}")
-    if j["recent_errors"]:
-        lines.append("job errors")
-        for item in j["recent_errors"][:10]:
-            lines.append(
-                f"  #{item['id']} {item['kind']} {item['state']} x{item['attempts']}: "
-                f"{(item['error'] or '')[:120]}"
-            )
-    return "\n".join(lines)
+    return lines

@@ -133,8 +133,12 @@ def test_a_round_judged_against_a_model_that_was_rolled_back_does_not_promote(re
         table={"candidate": {"heldout": {"ndcg@10": 0.9}}},
         reason="promoted candidate: ndcg@10 gain heldout +0.1",
     )
+    versions_before = {folder.name for folder in registry.layout.versions.iterdir()}
     outcome = promote(registry, records, round_id, candidate, verdict, judged_against, [])
     row = records.get(round_id)
     assert outcome == RoundOutcome.REJECTED and row["cause"] == "serving_changed"
     assert "the model in service changed during the round" in row["reason"]
+    kept = {folder.name for folder in registry.layout.versions.iterdir()}
+    rows = {str(r[0]) for r in registry.conn.execute("SELECT id FROM models")}
+    assert kept == rows == versions_before  # the refused version is not left behind, folder or row
     assert not registry.layout.current.exists()
