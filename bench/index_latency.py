@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,13 +32,12 @@ def write_document(inbox: Path, name: str, texts, chunks: int) -> Path:
     return path
 
 
-def wait(predicate, timeout: float, what: str, daemon) -> float:
-    """Seconds until predicate() holds (the daemon's own loop runs in its thread meanwhile)."""
+def wait(predicate, timeout: float, what: str) -> float:
+    """Seconds until predicate() holds (the daemon's main loop runs in its thread meanwhile)."""
     started = time.monotonic()
     while not predicate():
         if time.monotonic() - started > timeout:
             raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
-        daemon.heartbeat()
         time.sleep(0.05)
     return time.monotonic() - started
 
@@ -68,6 +68,8 @@ def main() -> None:
     daemon = Daemon(settings)
     started = time.monotonic()
     daemon.start()
+    loop = threading.Thread(target=daemon.run_forever, name="daemon-loop", daemon=True)
+    loop.start()  # what `embedtune run` does after start-up: heartbeat, the 5 s index check, rounds
     conn = connect(daemon.layout.database, readonly=True)
 
     def indexed() -> bool:
@@ -85,18 +87,19 @@ def main() -> None:
             "seed ingest",
             daemon,
         )
-        wait(indexed, 3600, "seed index", daemon)
+        wait(indexed, 3600, "seed index")
         seed_s = time.monotonic() - started
         rows = []
         for number in range(args.new_documents):
             path = write_document(settings.paths.inbox, f"new{number}", texts, args.doc_chunks)
             written = time.monotonic()
-            wait(lambda path=path: ingested(path), 600, f"{path.name} ingested", daemon)
+            wait(lambda path=path: ingested(path), 600, f"{path.name} ingested")
             ingest_s = time.monotonic() - written
-            wait(indexed, 600, f"{path.name} indexed", daemon)
+            wait(indexed, 600, f"{path.name} indexed")
             rows.append((ingest_s, time.monotonic() - written))
     finally:
         daemon.stop_requested.set()
+        loop.join(timeout=60)
         daemon.shutdown()
     # Baseline, same run: a document stored as the ingest job stores it, then a sync in this process,
     # once to load the model (warm) and once timed.
