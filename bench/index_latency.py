@@ -85,7 +85,6 @@ def main() -> None:
             lambda: all(ingested(p) for p in settings.paths.inbox.glob("seed*.txt")),
             3600,
             "seed ingest",
-            daemon,
         )
         wait(indexed, 3600, "seed index")
         seed_s = time.monotonic() - started
