@@ -264,15 +264,16 @@ def transaction(conn: sqlite3.Connection, *, immediate: bool = True) -> Iterator
         conn.execute("COMMIT")
 
 
-def migrate(conn: sqlite3.Connection) -> int:
-    """Bring the schema up to SCHEMA_VERSION, one migration per transaction. Returns the new version."""
+def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Bring the schema up to `target` (normally SCHEMA_VERSION), one migration per transaction. Returns
+    the new version. A lower target builds an older schema, for upgrade tests."""
     conn.execute("PRAGMA journal_mode = WAL")
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > SCHEMA_VERSION:
         raise RuntimeError(
             f"database schema {version} is newer than this embedtune ({SCHEMA_VERSION}); upgrade embedtune"
         )
-    while version < SCHEMA_VERSION:
+    while version < target:
         script = MIGRATIONS[version]
         conn.execute("BEGIN IMMEDIATE")
         try:

@@ -58,20 +58,31 @@ def test_without_a_reranker_the_model_in_service_does_not_choose_the_held_out_qu
 
 
 def test_held_out_pairs_a_former_filter_ranked_are_filtered_again_after_the_upgrade(tmp_path):
-    from state.db import migrate
+    from state.db import connect, migrate
     from state.samples import SampleStore
 
-    db, _queue = _samples_db(tmp_path)
-    db.conn.execute("UPDATE samples SET kept=0, rank=9, reason='positive ranked 9 of 10 (top 2 kept)'")
-    db.conn.execute("PRAGMA user_version = 9")  # as an install before this change left it
-    migrate(db.conn)
-    rows = db.conn.execute("SELECT split, kept, rank FROM samples").fetchall()
+    conn = connect(tmp_path / "old.db")
+    migrate(conn, target=9)  # the schema an install before this change has
+    conn.execute(
+        "INSERT INTO documents (id, path, status, split, first_seen, updated) "
+        "VALUES (1, '/inbox/a.txt', 'ingested', 'heldout', 'now', 'now')"
+    )
+    conn.execute(
+        "INSERT INTO chunks (id, document_id, version, ordinal, text, heading, sha256, language, split, created) "
+        "VALUES (1, 1, 1, 0, 'rivers flow through the old city', '', 's', 'en', 'heldout', 'now')"
+    )
+    conn.executemany(
+        "INSERT INTO samples (chunk_id, query, kind, split, kept, rank, reason, created) "
+        "VALUES (1, ?, 'question', ?, 0, 9, 'positive ranked 9 of 10 (top 2 kept)', 'now')",
+        [("an old city river", "heldout"), ("where do rivers flow", "train")],
+    )
+    migrate(conn)
+    rows = conn.execute("SELECT split, kept, rank FROM samples").fetchall()
     assert all(row["kept"] is None and row["rank"] is None for row in rows if row["split"] == "heldout")
     assert all(row["kept"] == 0 for row in rows if row["split"] == "train")
-    SampleStore(db.conn).arm_filter()  # what the daemon does at start
+    SampleStore(conn).arm_filter()  # what the daemon does at start
     assert (
-        db.conn.execute("SELECT COUNT(*) FROM jobs WHERE kind='filter' AND state='pending'").fetchone()[0]
-        == 1
+        conn.execute("SELECT COUNT(*) FROM jobs WHERE kind='filter' AND state='pending'").fetchone()[0] == 1
     )
 
 
