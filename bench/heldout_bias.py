@@ -77,6 +77,22 @@ def verdict(low: float, gain: float, min_gain: float, synthetic_only_min_gain: f
     return f"{eligible}, {convincing}"
 
 
+def real_row_from_quality(quality: dict, variant: str, queries: int) -> dict:
+    """The real-query row as bench.quality measured it in the same run (same models, same evaluator)."""
+    base, mine = quality["real"]["base"]["ndcg@10"], quality["real"][variant]["ndcg@10"]
+    low, high = quality["real_ci_vs_base"][variant]
+    return {
+        "variant": variant,
+        "set": "real queries",
+        "n": queries,
+        "base": round(base, 4),
+        "variant_ndcg": round(mine, 4),
+        "gain": round(mine - base, 4),
+        "ci": [round(low, 4), round(high, 4)],
+        "verdict": "",
+    }
+
+
 def main() -> int:
     from daemon.logs import configure_logging
     from daemon.settings import load_settings
@@ -94,6 +110,11 @@ def main() -> int:
     parser.add_argument("kept", type=Path, help="the folder `bench.quality --keep` wrote")
     parser.add_argument("dataset", type=Path, help="the BEIR folder (its real queries)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--quality-json",
+        type=Path,
+        help="bench.quality's --json of the same run: its real-query scores are reused",
+    )
     args = parser.parse_args()
     configure_logging("warning", "console")
     settings = load_settings(None)
@@ -111,6 +132,7 @@ def main() -> int:
     kept = former_filter(settings, inputs, base_path)
     designs = held_out_designs(inputs, kept)
     real = load_beir(args.dataset, name="real")
+    quality = json.loads(args.quality_json.read_text()) if args.quality_json else None
     print(
         f"{len(inputs.heldout)} held-out queries, {len(kept)} kept by the former filter; corpus "
         f"{len(inputs.corpus)} chunks; {len(real)} real queries"
@@ -120,7 +142,8 @@ def main() -> int:
         encoder = Encoder(path, encode_params(settings), layout.cache)  # the round's vectors, when cached
         vectors = encoder.passages([chunk.text for chunk in inputs.corpus])
         scores[name] = {design: RetrievalEvaluator(s)(encoder, vectors) for design, s in designs.items()}
-        scores[name]["real queries"] = RetrievalEvaluator(real)(encoder)
+        if quality is None:
+            scores[name]["real queries"] = RetrievalEvaluator(real)(encoder)
     rows = []
     min_gain = settings.promotion.min_gain
     convincing = settings.promotion.synthetic_only_min_gain
@@ -128,6 +151,9 @@ def main() -> int:
         if name == "base":
             continue
         for design in [*designs, "real queries"]:
+            if design == "real queries" and quality is not None:
+                rows.append(real_row_from_quality(quality, name, len(real)))
+                continue
             mine, base = scores[name][design], scores["base"][design]
             gain = mine.primary - base.primary
             low, high = paired_bootstrap(mine.primary_per_query, base.primary_per_query)
