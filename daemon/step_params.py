@@ -47,22 +47,32 @@ def label_params(settings: Settings):
 def train_params(settings: Settings):
     from stages.train import TrainParams
 
-    training = settings.training
-    return TrainParams(
-        epochs=training.epochs,
-        batch_size=training.batch_size,
-        learning_rate=training.learning_rate,
-        warmup_ratio=training.warmup_ratio,
-        temperature=training.temperature,
-        cached_batch=training.cached_batch,
-        precision=training.precision,
-        gradient_checkpointing=training.gradient_checkpointing,
-        max_minutes=training.max_minutes,
-        query_instruction=settings.model.query_instruction,
-        seed=training.seed,
-        device=settings.model.device,
-        loss=training.loss,
+    model = settings.model
+    return params_from(
+        TrainParams, settings.training, query_instruction=model.query_instruction, device=model.device
     )
+
+
+def llm_config(settings: Settings):
+    """The LLM client's configuration: the [llm] keys of the same names, the key from its variable."""
+    from stages.llm import LlmConfig, StructuredMode
+
+    return params_from(
+        LlmConfig,
+        settings.llm,
+        api_key=settings.llm_api_key(),
+        structured=StructuredMode(settings.llm.structured),
+    )
+
+
+def params_from(cls, section, **explicit):
+    """A step's parameter dataclass from the settings section whose keys share its field names (the
+    settings document them once); `explicit` values come from elsewhere or need converting."""
+    import dataclasses
+
+    names = {field.name for field in dataclasses.fields(cls)}
+    values = {name: getattr(section, name) for name in names if hasattr(section, name)}
+    return cls(**{**values, **explicit})
 
 
 def eval_plan(settings: Settings, serving_path: Path | None = None):

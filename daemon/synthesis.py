@@ -9,10 +9,8 @@ from stages.llm import (
     CircuitBreaker,
     InvalidReply,
     LlmClient,
-    LlmConfig,
     LlmRejected,
     LlmUnavailable,
-    StructuredMode,
 )
 from stages.pseudo import pseudo_queries
 from stages.synthesize import ReplyBudget, synthesize_chunk
@@ -24,20 +22,9 @@ log = get_logger("embedtune.synthesis")
 def make_llm_client(settings, breaker: CircuitBreaker) -> LlmClient | None:
     if not settings.llm.enabled:
         return None
-    llm = settings.llm
-    config = LlmConfig(
-        url=llm.url,
-        model=llm.model,
-        api_key=settings.llm_api_key(),
-        timeout_s=llm.timeout_s,
-        connect_timeout_s=llm.connect_timeout_s,
-        max_retries=llm.max_retries,
-        max_retry_after_s=llm.max_retry_after_s,
-        reask_invalid=llm.reask_invalid,
-        concurrency=llm.concurrency,
-        temperature=llm.temperature,
-        structured=StructuredMode(llm.structured),
-    )
+    from daemon.step_params import llm_config
+
+    config = llm_config(settings)
     return LlmClient(config, breaker)
 
 
