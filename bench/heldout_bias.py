@@ -77,6 +77,18 @@ def verdict(low: float, gain: float, min_gain: float, synthetic_only_min_gain: f
     return f"{eligible}, {convincing}"
 
 
+def latest_candidate(layout) -> Path:
+    """The newest round folder holding a trained candidate (the round need not have finished: the
+    candidate is written before evaluation starts)."""
+    rounds = sorted(
+        (folder for folder in layout.rounds.iterdir() if (folder / "candidate" / "modules.json").exists()),
+        key=lambda folder: int(folder.name),
+    )
+    if not rounds:
+        raise SystemExit(f"no round with a trained candidate under {layout.rounds}")
+    return rounds[-1]
+
+
 def real_row_from_quality(quality: dict, variant: str, queries: int) -> dict:
     """The real-query row as bench.quality measured it in the same run (same models, same evaluator)."""
     base, mine = quality["real"]["base"]["ndcg@10"], quality["real"][variant]["ndcg@10"]
@@ -122,8 +134,7 @@ def main() -> int:
     layout = StateLayout(settings.paths.state_dir)
     conn = Database(layout.database).conn
     inputs = RoundStore(conn).inputs(0, settings.promotion.heldout_queries)
-    round_id = conn.execute("SELECT MAX(id) FROM rounds WHERE state='finished'").fetchone()[0]
-    round_dir = layout.round_dir(round_id)
+    round_dir = latest_candidate(layout)
     base_path = resolve_model_path(settings.model.base)
     variants = {"base": base_path, "candidate": round_dir / "candidate"}
     variants.update(
