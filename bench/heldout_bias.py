@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 
-def former_filter(settings, inputs, base_path: Path) -> set[int]:
+def former_filter(settings, inputs, base_path: Path, cache: Path | None = None) -> set[int]:
     """The held-out sample ids the former filter kept: ranked by the base model (the model in service
     before any promotion) among BM25 candidates, exactly as training pairs are."""
     from daemon.step_params import encode_params
@@ -30,7 +30,7 @@ def former_filter(settings, inputs, base_path: Path) -> set[int]:
 
     texts = [chunk.text for chunk in inputs.corpus]
     position = {chunk.id: index for index, chunk in enumerate(inputs.corpus)}
-    encoder = Encoder(base_path, encode_params(settings))
+    encoder = Encoder(base_path, encode_params(settings), cache)  # the daemon's filter cached the corpus
     items = [
         FilterInput(h.id, h.query, position[h.chunk_id], h.passage or texts[position[h.chunk_id]])
         for h in inputs.heldout
@@ -140,7 +140,7 @@ def main() -> int:
     variants.update(
         {path.name.removeprefix("bench-"): path for path in sorted(round_dir.glob("bench-merged-*"))}
     )
-    kept = former_filter(settings, inputs, base_path)
+    kept = former_filter(settings, inputs, base_path, layout.cache)
     designs = held_out_designs(inputs, kept)
     real = load_beir(args.dataset, name="real")
     quality = json.loads(args.quality_json.read_text()) if args.quality_json else None
