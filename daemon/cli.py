@@ -101,11 +101,13 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def cmd_status(settings: Settings, as_json: bool) -> int:
+    from stages.base_choice import describe_base
     from state.layout import StateLayout
     from state.status import format_status, read_status, set_served_mode
 
     status = read_status(StateLayout(settings.paths.state_dir), settings.llm.url)
     set_served_mode(status, settings.index.mode if settings.index.enabled else "")
+    describe_base(status, settings.model.base)
     if as_json:
         print(json.dumps(status, indent=2, ensure_ascii=False))
     else:

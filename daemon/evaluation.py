@@ -24,28 +24,28 @@ class ModelChoice:
 
 def resolve_model_choice(settings: Settings, choice: str) -> ModelChoice:
     """'base', 'current' (the model in service; the base model before any promotion) or 'vN'."""
-    from stages.models import resolve_model_path
+    from daemon.serving import base_model_path
     from state.db import Database
     from state.layout import StateLayout
     from state.registry import ModelRegistry, RegistryError
 
     choice = choice.strip().lower()
     if choice == "base":
-        return ModelChoice("base", resolve_model_path(settings.model.base))
+        return ModelChoice("base", base_model_path(settings))
     if choice != "current" and not (choice.startswith("v") and choice[1:].isdigit()):
         raise ModelChoiceError(f"--model {choice!r}: use base, current or a version such as v3")
     layout = StateLayout(settings.paths.state_dir)
     if not layout.database.exists():
         if choice == "current":
-            return ModelChoice("base", resolve_model_path(settings.model.base), "nothing promoted yet")
+            return ModelChoice("base", base_model_path(settings), "nothing promoted yet")
         raise ModelChoiceError(f"unknown model version {choice}: no state in {settings.paths.state_dir}")
     db = Database(layout.database)
     try:
         registry = ModelRegistry(db.conn, layout)
         if choice == "current":
             if registry.current() is None:
-                return ModelChoice("base", resolve_model_path(settings.model.base), "nothing promoted yet")
-            serving = registry.serving(resolve_model_path(settings.model.base))
+                return ModelChoice("base", base_model_path(settings), "nothing promoted yet")
+            serving = registry.serving(base_model_path(settings))
             return ModelChoice(serving.version, serving.path)
         try:
             record = registry.get(int(choice[1:]))

@@ -156,8 +156,8 @@ def judge_round(
     progress: RoundProgress,
 ) -> JudgedRound:
     """snapshot -> negatives -> (labels) -> train -> evaluate -> merge -> decide; raises RoundRejected."""
+    from daemon.serving import base_model_path
     from stages.encoder import Encoder
-    from stages.models import resolve_model_path
     from stages.round_steps import (
         CURRENT,
         build_evaluators,
@@ -171,7 +171,7 @@ def judge_round(
     )
 
     records = progress.records
-    base_path = resolve_model_path(settings.model.base)
+    base_path = base_model_path(settings, registry.conn)
     current = registry.current()
     serving_path = registry.serving(base_path).path
     init_path = serving_path if settings.training.init == "current" else base_path

@@ -68,9 +68,18 @@ class RoundScheduler:
             return None
         return self.start(conn, "schedule")
 
+    def _base_reference(self, conn) -> str:
+        from daemon.serving import base_reference
+        from stages.models import ModelNotFound
+
+        try:
+            return base_reference(self.settings, conn)
+        except ModelNotFound:  # auto before any document: the round fails on it and says so
+            return self.settings.model.base
+
     # --- child process --------------------------------------------------------------------------
     def start(self, conn, trigger: str) -> int:
-        round_id = RoundStore(conn).create(trigger, self.settings.model.base)
+        round_id = RoundStore(conn).create(trigger, self._base_reference(conn))
         folder = self.layout.round_dir(round_id)
         folder.mkdir(parents=True, exist_ok=True)
         settings_file = folder / "settings.json"

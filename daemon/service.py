@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.logs import configure_logging, get_logger
 from daemon.notify import Notifier
-from daemon.serving import base_model_path_or_none
+from daemon.serving import base_model_path_or_none, converted_models_root
 from daemon.settings import ConfigError, Settings, apply_live, load_settings, missing_files, restart_keys
 from daemon.watcher import InboxCallbacks, InboxWatcher
 from daemon.workers import WorkerPool
@@ -86,7 +86,7 @@ class Daemon:
 
     # --- start-up -------------------------------------------------------------------------------
     def start(self) -> None:
-        from daemon.ingest import Chunker, make_ingest_handler
+        from daemon.ingest import chunker_for, make_ingest_handler
         from daemon.job_process import ChildJobs
         from daemon.round_scheduler import RoundScheduler
         from daemon.synthesis import SynthesisService
@@ -97,7 +97,7 @@ class Daemon:
         conn = self.db.conn
         queue = JobQueue(conn)
         released = queue.release_owner("")  # we hold the lock: every running job is an orphan
-        note = ModelRegistry(conn, self.layout).reconcile(base_model_path_or_none(self.settings))
+        note = ModelRegistry(conn, self.layout).reconcile(base_model_path_or_none(self.settings, conn))
         SampleStore(conn, queue).arm_filter()  # pairs a migration re-opened, or left with no job
         IndexRecords(conn).clear_refusal()  # the configuration may have changed since Milvus refused
         self.rounds = RoundScheduler(self.settings, self.layout, self.config_file)
@@ -119,12 +119,7 @@ class Daemon:
         self.synthesis = SynthesisService(self.settings, self.breaker)
         # The filter pass and the index sync load models: each runs in a child process (daemon/job_process.py)
         self.model_jobs = ChildJobs(self.settings, self.layout)
-        chunker = Chunker(
-            self.settings.model.base,
-            self.settings.ingest.chunk_tokens,
-            self.settings.ingest.chunk_overlap,
-            self.settings.ingest.min_chunk_chars,
-        )
+        chunker = chunker_for(self.settings, converted_models_root(self.settings))
         self.ingest_pool = WorkerPool(
             "ingest",
             self.layout.database,

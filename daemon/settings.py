@@ -90,7 +90,9 @@ class SynthesisSettings(_Section):
 
 
 class ModelSettings(_Section):
-    base: str = f"{PACKAGED_PREFIX}all-MiniLM-L6-v2"
+    # "auto": the first document's language picks a packaged base (stages/base_choice.py), once per state
+    # folder; a packaged name or a local folder is used as given.
+    base: str = "auto"
     reranker: str = ""
     teacher: str = "none"
     teacher_bm25_weight: float | None = Field(None, ge=0, le=1)
@@ -513,12 +515,16 @@ def _resolve_relative_paths(data: dict, base_dir: Path) -> None:
 
 
 TEACHER_NAMES = ("none", "hybrid", "llm")
+AUTO_BASE = "auto"
 
 
 def _is_relative_folder(value: str) -> bool:
     value = value.strip()
     return (
-        bool(value) and not value.startswith(("~", "/", "$", PACKAGED_PREFIX)) and value not in TEACHER_NAMES
+        bool(value)
+        and not value.startswith(("~", "/", "$", PACKAGED_PREFIX))
+        and value not in TEACHER_NAMES
+        and value != AUTO_BASE
     )
 
 
@@ -544,7 +550,7 @@ def model_folder_problems(settings: Settings) -> list[str]:
         name, star, _weight = part.strip().rpartition("*")
         references.append(("model.teacher", name.strip() if star else part.strip()))
     for key, value in references:
-        if not value or value in TEACHER_NAMES:
+        if not value or value in TEACHER_NAMES or (key == "model.base" and value == AUTO_BASE):
             continue
         if value.startswith(PACKAGED_PREFIX):
             module = PACKAGED.get(value[len(PACKAGED_PREFIX) :].strip().lower())

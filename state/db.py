@@ -222,6 +222,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE daemon ADD COLUMN index_failures INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE daemon ADD COLUMN index_refused INTEGER NOT NULL DEFAULT 0;
     """,
+    # 12: the base model `model.base = "auto"` chose from the corpus language, once per state folder.
+    """
+    ALTER TABLE daemon ADD COLUMN base_model TEXT;
+    ALTER TABLE daemon ADD COLUMN base_reason TEXT;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -13,6 +13,7 @@ from typing import Any
 
 from state.counts import chunks_by_activity, documents_by_status, jobs_by_kind_and_state, samples_by_outcome
 from state.db import connect
+from state.index_records import active_languages
 from state.layout import StateLayout
 from state.registry import current_model_row
 from state.samples import count_unused_train
@@ -57,7 +58,7 @@ def empty_status(llm_url: str = "") -> dict[str, Any]:
             "structured": None,
         },
         "rounds": [],
-        "model": {"current": None, "path": None, "metrics": {}},
+        "model": {"current": None, "path": None, "metrics": {}, "base": None},
         "index": {"live": None, "collections": [], "error": None},
     }
 
@@ -93,6 +94,12 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
         _round_entry(r) for r in conn.execute("SELECT * FROM rounds ORDER BY id DESC LIMIT ?", (MAX_ROUNDS,))
     ]
     _fill_index(conn, status, row)
+    if row is not None and "base_model" in row.keys() and row["base_model"]:
+        status["model"]["base"] = {
+            "reference": row["base_model"],
+            "reason": row["base_reason"],
+            "languages": active_languages(conn),  # whether the corpus still fits the base auto chose
+        }
     model = current_model_row(conn)
     if model is not None:
         status["model"] = {
@@ -101,6 +108,7 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
             "version_path": model["path"],
             "metrics": _loads(model["metrics"]) or {},
             "promoted_at": model["promoted_at"],
+            "base": status["model"]["base"],
         }
 
 
@@ -301,6 +309,11 @@ def format_status(status: dict[str, Any]) -> str:
         f"model     {model['current'] or 'base model (nothing promoted yet)'}"
         + (f"  {model['path']}" if model["path"] else "")
     )
+    base = model.get("base") or {}
+    if base.get("reference"):
+        lines.append(f"base      {base['reference']}  ({base.get('reason') or 'configured'})")
+    if base.get("drift"):
+        lines.append(f"          warning: {base['drift']}")
     lines += _index_lines(status.get("index") or {})
     lines += _round_lines(status["rounds"])
     if docs["rejections"]:

@@ -16,7 +16,7 @@ def test_shipped_config_is_valid_and_matches_embedded_defaults():
     from_file = load_settings(ROOT / "config.toml", env=False)
     embedded = Settings()
     assert from_file.model_dump() == embedded.model_dump()
-    assert from_file.model.base == "packaged:all-MiniLM-L6-v2"
+    assert from_file.model.base == "auto"
     assert from_file.llm.enabled is False
 
 
