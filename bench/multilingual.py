@@ -85,6 +85,14 @@ def fidelity(folder: Path, datasets: list[Path], work: Path) -> dict:
     return out
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM): ru_maxrss would carry the parent's peak across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _cost_child(reference: str, dataset: str, root: str) -> None:
     """In a fresh process: load, encode passages and queries, report rates and the peak RSS."""
     from stages.encoder import EncodeParams, Encoder
@@ -104,7 +112,7 @@ def _cost_child(reference: str, dataset: str, root: str) -> None:
     started = time.perf_counter()
     encoder.queries(queries)
     query_s = time.perf_counter() - started
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     result = {
         "load_s": load_s,
         "passages_per_s": len(passages) / passage_s,
@@ -185,7 +193,9 @@ def main() -> int:
     parser.add_argument("datasets", type=Path, nargs="+")
     parser.add_argument("--split", default="test")
     parser.add_argument("--work", type=Path, help="folder for the converted model (default: a temporary one)")
-    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument(
+        "--parts", default="fidelity,cost,quality", help="comma-separated: fidelity, cost, quality"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from stages.models import resolve_model_path
@@ -196,9 +206,12 @@ def main() -> int:
     folder = resolve_model_path(E5, root)
     results: dict = {"convert_s": time.perf_counter() - started, "folder": str(folder)}
     print(json.dumps(results), flush=True)
-    results["fidelity"] = fidelity(folder, args.datasets, work)
-    results["cost"] = cost(args.datasets[0], root)
-    if not args.skip_quality:
+    parts = set(args.parts.split(","))
+    if "fidelity" in parts:
+        results["fidelity"] = fidelity(folder, args.datasets, work)
+    if "cost" in parts:
+        results["cost"] = cost(args.datasets[0], root)
+    if "quality" in parts:
         results["quality"] = {d.name: quality(d, root, args.split) for d in args.datasets}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

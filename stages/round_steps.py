@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -408,12 +408,38 @@ def retrieval_choice(table: dict[str, dict], variant: str, default: float) -> di
 Results = dict[str, dict[str, EvalResult]]  # variant -> evaluator name -> result
 
 
+class EncodedOnce:
+    """One variant's encoder as all of its evaluators see it: the dense and the served (hybrid)
+    evaluation of a set ask for the same corpus, queries and stand-ins, and each is encoded once (a
+    variant has no embedding cache; encoding the corpus twice doubled a round's evaluation time)."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.encoder = encoder
+        self._done: dict[tuple[str, tuple[str, ...]], np.ndarray] = {}
+
+    def _once(self, kind: str, texts: Sequence[str], encode: Callable[[], np.ndarray]) -> np.ndarray:
+        key = (kind, tuple(texts))
+        if key not in self._done:
+            self._done[key] = encode()
+        return self._done[key]
+
+    def passages(self, texts: Sequence[str], keys: Sequence[str] | None = None) -> np.ndarray:
+        return self._once("passages", texts, lambda: self.encoder.passages(texts, keys))
+
+    def queries(self, texts: Sequence[str]) -> np.ndarray:
+        return self._once("queries", texts, lambda: self.encoder.queries(texts))
+
+    def __getattr__(self, name: str):
+        return getattr(self.encoder, name)
+
+
 def evaluate_variant(
     encoder: Encoder, evaluators: list[RetrievalEvaluator], heldout_vectors: np.ndarray | None = None
 ) -> dict[str, EvalResult]:
     """One model on every set; `heldout_vectors` are the model's own corpus vectors when known."""
     own = (HELDOUT, served_name(HELDOUT))
-    return {e.name: e(encoder, heldout_vectors if e.name in own else None) for e in evaluators}
+    shared = EncodedOnce(encoder)
+    return {e.name: e(shared, heldout_vectors if e.name in own else None) for e in evaluators}
 
 
 # --- merge -------------------------------------------------------------------------------------------

@@ -261,3 +261,45 @@ def test_eval_scores_what_search_serves(make_settings, start_daemon, tmp_path, c
     assert results["base lexical"]["ndcg@10"] == pytest.approx(1.0)  # every question names its document
     assert {g["row"] for g in report["gains"]} == {"base hybrid", "base lexical"}
     assert all(g["over"] == "base dense" for g in report["gains"])
+
+
+def test_a_variant_encodes_each_set_once_for_its_dense_and_served_evaluation(tiny_embedder):
+    """The dense and the served (hybrid) evaluators of the held-out set share one encoding of its
+    corpus, queries and stand-ins; the results are those of evaluating each on its own."""
+    from stages.encoder import EncodeParams, Encoder
+    from stages.evalsets import EvalSet
+    from stages.round_steps import HELDOUT, EvalPlan, build_evaluators, evaluate_variant
+
+    corpus = [
+        "river water flows to the sea",
+        "solar energy power system",
+        "城市 历史 音乐",
+        "database server file",
+    ]
+    eval_set = EvalSet(
+        HELDOUT,
+        ["how do rivers form", "solar power", "城市历史"],
+        corpus,
+        [{0: 1.0}, {1: 1.0}, {2: 1.0}],
+        stand_ins=[{}, {1: "energy system"}, {}],
+    )
+    evaluators = build_evaluators([eval_set], EvalPlan(served_mode="hybrid", bm25_weight=0.3))
+    assert len(evaluators) == 2
+
+    class Counting(Encoder):
+        calls: list[tuple[str, int]] = []
+
+        def passages(self, texts, keys=None):
+            self.calls.append(("passages", len(texts)))
+            return super().passages(texts, keys)
+
+        def queries(self, texts):
+            self.calls.append(("queries", len(texts)))
+            return super().queries(texts)
+
+    encoder = Counting(tiny_embedder, EncodeParams(device="cpu"))
+    shared = evaluate_variant(encoder, evaluators)
+    assert sorted(Counting.calls) == [("passages", 1), ("passages", 4), ("queries", 3)]
+    alone = {e.name: e(Encoder(tiny_embedder, EncodeParams(device="cpu"))) for e in evaluators}
+    for name, result in alone.items():
+        assert shared[name].metrics == pytest.approx(result.metrics)
