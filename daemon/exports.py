@@ -114,6 +114,20 @@ def export_embeddings(settings: Settings, layout: StateLayout, conn, output: Pat
     return len(rows)
 
 
+def _query_prompt(settings: Settings, layout: StateLayout, conn) -> str:
+    """The query prefix the model in service is used with: the configured instruction, else the model's
+    own (E5's `query: `), so FlagEmbedding trains on the queries as embedtune encodes them."""
+    from daemon.serving import model_in_service
+    from stages.models import ModelNotFound, model_prompts
+
+    if settings.model.query_instruction:
+        return settings.model.query_instruction
+    try:
+        return model_prompts(model_in_service(conn, layout, settings).path)[0]
+    except ModelNotFound:
+        return ""
+
+
 def export(settings: Settings, fmt: str, output: Path) -> int:
     layout = StateLayout(settings.paths.state_dir)
     if not layout.database.exists():
@@ -141,6 +155,7 @@ def export(settings: Settings, fmt: str, output: Path) -> int:
         count = len(inputs.heldout)
     else:
         examples = mined_examples(settings, layout, conn)
+        query_prompt = _query_prompt(settings, layout, conn)
         with open(output, "w", encoding="utf-8") as handle:
             for example in examples:
                 if fmt == "flagembedding":
@@ -150,7 +165,7 @@ def export(settings: Settings, fmt: str, output: Path) -> int:
                         "neg": example["neg"],
                         "pos_scores": [example["pos_score"]],
                         "neg_scores": example["neg_scores"],
-                        "prompt": settings.model.query_instruction,
+                        "prompt": query_prompt,
                     }
                 else:
                     line = {"anchor": example["query"], "positive": example["pos"]}

@@ -316,3 +316,33 @@ def test_auto_base_is_chosen_by_language_once_per_state_folder(tmp_path, make_se
     assert "50% Chinese" in status["model"]["base"]["drift"]
     describe_base(status, "/models/bge")
     assert status["model"]["base"] == {"reference": "/models/bge", "reason": "model.base"}
+
+
+def test_the_converted_model_trains_and_merges_like_any_base(tiny, tmp_path):
+    """Training (prompts on both sides) and LM-Cocktail merging keep the converted model's shape: mean
+    pooling, normalisation and its query:/passage: prompts survive into the merged folder."""
+    from stages.encoder import EncodeParams, Encoder
+    from stages.merge import merge_with_base
+    from stages.train import TrainParams, train_model
+
+    base = convert(tiny[0], tmp_path / "tiny-e5")
+    examples = [
+        {"query": "hello", "pos": "hello world 中国", "neg": ["人 world"]},
+        {"query": "中国", "pos": "中国人", "neg": ["hello world"]},
+        {"query": "world", "pos": "world hello", "neg": ["中国 人"]},
+        {"query": "人", "pos": "人 中国", "neg": ["world"]},
+    ] * 4
+    params = TrainParams(epochs=1, batch_size=4, learning_rate=1e-3, device="cpu", cached_batch=0)
+    outcome = train_model(base, tmp_path / "candidate", examples, params)
+    assert outcome.steps > 0
+    merged = merge_with_base(tmp_path / "candidate", base, 0.5, tmp_path / "merged")
+    for folder in (tmp_path / "candidate", merged):
+        prompts = json.loads((folder / "config_sentence_transformers.json").read_text())["prompts"]
+        assert prompts["query"] == "query: " and prompts["passage"] == "passage: "
+        pooling = json.loads((folder / "1_Pooling" / "config.json").read_text())
+        assert pooling.get("pooling_mode") == "mean" or pooling.get("pooling_mode_mean_tokens")
+    texts = ["hello world", "中国人"]
+    before = Encoder(base, EncodeParams(device="cpu")).passages(texts)
+    after = Encoder(merged, EncodeParams(device="cpu")).passages(texts)
+    assert np.isfinite(after).all() and np.allclose(np.linalg.norm(after, axis=1), 1.0, atol=1e-4)
+    assert not np.allclose(before, after)
