@@ -107,13 +107,13 @@ def real_row_from_quality(quality: dict, variant: str, queries: int) -> dict:
 
 def main() -> int:
     from daemon.logs import configure_logging
+    from daemon.serving import base_model_path
     from daemon.settings import load_settings
     from daemon.step_params import encode_params
     from stages.encoder import Encoder
     from stages.evalsets import load_beir
     from stages.evaluate import RetrievalEvaluator
     from stages.gate import paired_bootstrap
-    from stages.models import resolve_model_path
     from state.db import Database
     from state.layout import StateLayout
     from state.round_records import RoundStore
@@ -135,7 +135,7 @@ def main() -> int:
     conn = Database(layout.database).conn
     inputs = RoundStore(conn).inputs(0, settings.promotion.heldout_queries)
     round_dir = latest_candidate(layout)
-    base_path = resolve_model_path(settings.model.base)
+    base_path = base_model_path(settings)
     variants = {"base": base_path, "candidate": round_dir / "candidate"}
     variants.update(
         {path.name.removeprefix("bench-"): path for path in sorted(round_dir.glob("bench-merged-*"))}

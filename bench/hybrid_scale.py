@@ -25,14 +25,14 @@ from bench.scale import bench_model
 def _dense_only_fill(settings, layout, conn, name: str) -> float:
     """Seconds of upserts of every active chunk's cached vector into a collection without the BM25 field."""
     from daemon.indexing import index_target
+    from daemon.serving import base_model_path
     from daemon.step_params import encode_params
     from stages.encoder import Encoder
-    from stages.models import resolve_model_path
     from state.index_records import active_chunks
     from state.vector_store import open_store
 
     chunks = active_chunks(conn)
-    encoder = Encoder(resolve_model_path(settings.model.base), encode_params(settings), layout.cache)
+    encoder = Encoder(base_model_path(settings, conn), encode_params(settings), layout.cache)
     vectors = encoder.passages([c.text for c in chunks])  # all from the cache the hybrid fill wrote
     batch = settings.index.batch_size
     with open_store(index_target(settings)) as store:

@@ -54,10 +54,10 @@ def main() -> int:
     from daemon.logs import configure_logging
     from daemon.round_scheduler import RoundScheduler
     from daemon.service import Daemon
+    from daemon.serving import base_model_path
     from daemon.settings import load_settings
     from stages.evalsets import load_beir
     from stages.merge import merge_with_base
-    from stages.models import resolve_model_path
     from state.db import connect
     from state.pipeline_progress import pipeline_progress
     from state.round_records import RoundStore
@@ -133,7 +133,7 @@ def main() -> int:
         return 1
     round_dir = daemon.layout.round_dir(round_id)
     metrics = json.loads((round_dir / "metrics.json").read_text())
-    base_path = resolve_model_path(settings.model.base)
+    base_path = base_model_path(settings)
     real = load_beir(args.dataset, name="real")
     variants = {"base": base_path, "candidate": round_dir / "candidate"}
     for weight in settings.promotion.merge_weights:
