@@ -16,9 +16,18 @@ from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.logs import configure_logging, get_logger
 from daemon.notify import Notifier
 from daemon.serving import base_model_path_or_none, converted_models_root
-from daemon.settings import ConfigError, Settings, apply_live, load_settings, missing_files, restart_keys
+from daemon.settings import (
+    AUTO_BASE,
+    ConfigError,
+    Settings,
+    apply_live,
+    load_settings,
+    missing_files,
+    restart_keys,
+)
 from daemon.watcher import InboxCallbacks, InboxWatcher
 from daemon.workers import WorkerPool
+from state.base_model import set_base
 from state.db import Database
 from state.documents import DocumentStore
 from state.heartbeat import mark_started, mark_stopped, write_heartbeat
@@ -100,6 +109,8 @@ class Daemon:
         note = ModelRegistry(conn, self.layout).reconcile(base_model_path_or_none(self.settings, conn))
         SampleStore(conn, queue).arm_filter()  # pairs a migration re-opened, or left with no job
         IndexRecords(conn).clear_refusal()  # the configuration may have changed since Milvus refused
+        if self.settings.model.base != AUTO_BASE:  # a later "auto" keeps the base this folder is built on
+            set_base(conn, self.settings.model.base, "model.base")
         self.rounds = RoundScheduler(self.settings, self.layout, self.config_file)
         aborted = self.rounds.abort_orphans()
         mark_started(conn, os.getpid(), socket.gethostname())

@@ -550,7 +550,12 @@ def model_folder_problems(settings: Settings) -> list[str]:
         name, star, _weight = part.strip().rpartition("*")
         references.append(("model.teacher", name.strip() if star else part.strip()))
     for key, value in references:
-        if not value or value in TEACHER_NAMES or (key == "model.base" and value == AUTO_BASE):
+        if key == "model.base" and value == AUTO_BASE:  # auto may choose either packaged base
+            missing = [name for name, module in PACKAGED.items() if importlib.util.find_spec(module) is None]
+            if missing:
+                problems.append(f"model.base: auto needs the packaged models installed ({', '.join(missing)})")
+            continue
+        if not value or value in TEACHER_NAMES:
             continue
         if value.startswith(PACKAGED_PREFIX):
             module = PACKAGED.get(value[len(PACKAGED_PREFIX) :].strip().lower())

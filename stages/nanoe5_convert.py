@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterator
@@ -362,7 +363,7 @@ def convert(source: Path, target: Path) -> Path:
         return target
     model = read_e5_file(source)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.{os.getpid()}.partial"
+    staging = target.parent / f".{target.name}.{os.getpid()}.{threading.get_ident()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:

@@ -1,5 +1,7 @@
-"""The base model `model.base = "auto"` chose for this state folder: decided once (the first document's
-language), kept in the daemon's row so that every process, and every later start, uses the same one."""
+"""The base model this state folder is built on, kept in the daemon's row: what `model.base = "auto"`
+chose (decided once, from the first document's language) or, when the daemon last ran with an explicit
+base, that one. Every process and every later start with "auto" uses the same one, so a folder built by
+`embedtune once --embedding-model X` keeps X when a later command's config says "auto"."""
 
 from __future__ import annotations
 
@@ -24,3 +26,9 @@ def record_base(conn: sqlite3.Connection, reference: str, reason: str) -> tuple[
     recorded = recorded_base(conn)
     assert recorded is not None
     return recorded
+
+
+def set_base(conn: sqlite3.Connection, reference: str, reason: str) -> None:
+    """Record an explicitly configured base (it wins over any earlier record)."""
+    with transaction(conn):
+        conn.execute("UPDATE daemon SET base_model = ?, base_reason = ? WHERE id = 1", (reference, reason))

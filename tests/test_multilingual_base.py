@@ -304,6 +304,13 @@ def test_auto_base_is_chosen_by_language_once_per_state_folder(tmp_path, make_se
     # A later process reads the same choice
     assert AutoBaseChunker(settings, tmp_path / "packaged").for_text(db.conn, "中文").counter is not None
     assert recorded_base(Database(tmp_path / "state.db").conn)[0] == ENGLISH_BASE
+    # A daemon run with an explicit base records it; a later "auto" command keeps using it
+    from daemon.serving import base_reference
+    from state.base_model import set_base
+
+    set_base(db.conn, "/models/bge-small-zh", "model.base")
+    assert recorded_base(db.conn) == ("/models/bge-small-zh", "model.base")
+    assert base_reference(settings, db.conn) == "/models/bge-small-zh"
 
     assert language_drift(ENGLISH_BASE, {"en": 90, "zh": 10}) is None
     warning = language_drift(ENGLISH_BASE, {"en": 40, "zh": 60})
