@@ -553,7 +553,9 @@ def model_folder_problems(settings: Settings) -> list[str]:
         if key == "model.base" and value == AUTO_BASE:  # auto may choose either packaged base
             missing = [name for name, module in PACKAGED.items() if importlib.util.find_spec(module) is None]
             if missing:
-                problems.append(f"model.base: auto needs the packaged models installed ({', '.join(missing)})")
+                problems.append(
+                    f"model.base: auto needs the packaged models installed ({', '.join(missing)})"
+                )
             continue
         if not value or value in TEACHER_NAMES:
             continue
