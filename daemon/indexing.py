@@ -90,12 +90,30 @@ def served_analyzer(conn: sqlite3.Connection, settings: Settings) -> str:
     return choose_analyzer("auto", active_languages(conn))
 
 
-def served_bm25_weight(settings: Settings, model_path: Path | None = None) -> float | None:
+def served_bm25_weight(
+    settings: Settings, model_path: Path | None = None, conn: sqlite3.Connection | None = None
+) -> float | None:
     """The configured BM25 share, or ("auto") the one a round chose for this model on the user's
-    queries; None: each query gets its language's measured share."""
+    queries, else the one-language share when the base reads every language; None: each query gets its
+    language's measured share."""
     from stages.fusion import choose_bm25_weight
 
-    return choose_bm25_weight(settings.index.bm25_weight, model_path)
+    return choose_bm25_weight(settings.index.bm25_weight, model_path, all_languages_share(settings, conn))
+
+
+def all_languages_share(settings: Settings, conn: sqlite3.Connection | None = None) -> float | None:
+    """`READS_ALL_LANGUAGES_SHARE` when the base (and so every version trained from it) is the packaged
+    multilingual model; None otherwise (a local folder's languages are not known here)."""
+    from daemon.serving import base_reference
+    from stages.base_choice import MULTILINGUAL_BASE
+    from stages.fusion import READS_ALL_LANGUAGES_SHARE
+    from stages.models import ModelNotFound
+
+    try:
+        reference = base_reference(settings, conn)
+    except ModelNotFound:
+        return None
+    return READS_ALL_LANGUAGES_SHARE if reference.strip().lower() == MULTILINGUAL_BASE.lower() else None
 
 
 class IndexService:
@@ -139,7 +157,7 @@ class IndexService:
         analyzer = self._analyzer_for(conn, signature)
         if (live.model_id, live.model_path, live.analyzer) != (serving.model_id, str(serving.path), analyzer):
             return True  # another model, or a collection to rebuild (dense only, or another analyzer)
-        if live.bm25_weight != served_bm25_weight(self.settings, serving.path):
+        if live.bm25_weight != served_bm25_weight(self.settings, serving.path, conn):
             return True
         return live.signature != signature
 
@@ -166,7 +184,7 @@ class IndexService:
         records = IndexRecords(conn)
         serving = model_in_service(conn, self.layout, self.settings)
         analyzer = served_analyzer(conn, self.settings)
-        weight = served_bm25_weight(self.settings, serving.path)
+        weight = served_bm25_weight(self.settings, serving.path, conn)
         with open_store(self.target) as store:
             self._reconcile(records, store)
             existing = set(store.collections())

@@ -182,7 +182,7 @@ def _plan(settings: Settings, layout: StateLayout, choice: ModelChoice, model: s
     try:
         conn = db.conn
         note = choice.note
-        weight = served_bm25_weight(settings, choice.path)
+        weight = served_bm25_weight(settings, choice.path, conn)
         signature = chunk_signature(conn)
         usable = [
             record

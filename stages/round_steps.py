@@ -302,6 +302,7 @@ class EvalPlan:
     analyzer: str = "auto"  # index.analyzer, to pick the served BM25 share as the index does
     bm25_weight: float | str = "auto"
     serving_model: str = ""  # the model in service: its chosen BM25 share, if a round chose one
+    all_languages_share: float | None = None  # the base reads every language: this share, not by language
 
 
 HELDOUT = "heldout"
@@ -386,7 +387,7 @@ def build_evaluators(
 def served_weight(plan: EvalPlan) -> float | None:
     """The BM25 share the index serves the model in service with (None: by each query's language)."""
     serving = Path(plan.serving_model) if plan.serving_model else None
-    return choose_bm25_weight(plan.bm25_weight, serving)
+    return choose_bm25_weight(plan.bm25_weight, serving, plan.all_languages_share)
 
 
 def corpus_default_weight(corpus_texts: list[str]) -> float:

@@ -353,3 +353,32 @@ def test_the_converted_model_trains_and_merges_like_any_base(tiny, tmp_path):
     after = Encoder(merged, EncodeParams(device="cpu")).passages(texts)
     assert np.isfinite(after).all() and np.allclose(np.linalg.norm(after, axis=1), 1.0, atol=1e-4)
     assert not np.allclose(before, after)
+
+
+def test_a_base_that_reads_every_language_is_served_one_bm25_share(make_settings, tmp_path):
+    """The Chinese BM25 share (0.7) assumes near-random Chinese vectors; the multilingual base gets the
+    one-language share for every query, unless a round chose one for the model or the config sets it."""
+    from daemon.indexing import served_bm25_weight
+    from daemon.step_params import eval_plan
+    from stages.base_choice import ENGLISH_BASE, MULTILINGUAL_BASE
+    from stages.fusion import READS_ALL_LANGUAGES_SHARE, RETRIEVAL_FILE
+    from state.base_model import set_base
+    from state.db import Database
+    from state.layout import StateLayout
+
+    settings = make_settings(model={"base": "auto"})
+    db = Database(StateLayout(settings.paths.state_dir).ensure().database)
+    assert served_bm25_weight(settings, None, db.conn) is None  # nothing chosen yet: by language
+    set_base(db.conn, MULTILINGUAL_BASE, "auto")
+    assert served_bm25_weight(settings, None, db.conn) == READS_ALL_LANGUAGES_SHARE == 0.2
+    assert eval_plan(settings).all_languages_share == READS_ALL_LANGUAGES_SHARE
+    version = tmp_path / "v3"
+    version.mkdir()
+    (version / RETRIEVAL_FILE).write_text(json.dumps({"bm25_weight": 0.5}))
+    assert served_bm25_weight(settings, version, db.conn) == 0.5  # a round's choice for the model wins
+    set_base(db.conn, ENGLISH_BASE, "auto")
+    assert served_bm25_weight(settings, None, db.conn) is None
+    assert (
+        served_bm25_weight(make_settings(model={"base": "auto"}, index={"bm25_weight": 0.4}), None, db.conn)
+        == 0.4
+    )
