@@ -108,11 +108,30 @@ def cmd_status(settings: Settings, as_json: bool) -> int:
     status = read_status(StateLayout(settings.paths.state_dir), settings.llm.url)
     set_served_mode(status, settings.index.mode if settings.index.enabled else "")
     describe_base(status, settings.model.base)
+    status["model"]["encoder"] = encoder_line(settings)
     if as_json:
         print(json.dumps(status, indent=2, ensure_ascii=False))
     else:
         print(format_status(status))
     return 0
+
+
+def encoder_line(settings: Settings) -> str:
+    """What encodes for the model in service (torch or a checked ONNX export) and why."""
+    from daemon.backends import describe_encoder
+    from state.db import connect
+    from state.layout import StateLayout
+
+    layout = StateLayout(settings.paths.state_dir)
+    if not layout.database.exists():
+        return describe_encoder(None, settings, layout)
+    conn = connect(layout.database, readonly=True)
+    try:
+        return describe_encoder(conn, settings, layout)
+    except Exception as exc:  # status answers even when this part cannot be worked out
+        return f"unknown ({type(exc).__name__}: {exc})"
+    finally:
+        conn.close()
 
 
 def cmd_config_check(settings: Settings, source: str | None) -> int:

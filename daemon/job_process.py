@@ -134,6 +134,10 @@ def build_handler(kind: str, settings: Settings, layout: StateLayout) -> Handler
         from daemon.indexing import IndexService
 
         return IndexService(settings, layout).handle
+    if kind == "export":
+        from daemon.backends import ExportJobs
+
+        return ExportJobs(settings, layout).handle
     raise ValueError(f"no child handler for job kind {kind!r}")
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.backends import remove_version_export
 from daemon.child_process import die_with_parent
 from daemon.logs import configure_logging, get_logger
 from daemon.settings import Settings
@@ -175,7 +176,7 @@ def judge_round(
     current = registry.current()
     serving_path = registry.serving(base_path).path
     init_path = serving_path if settings.training.init == "current" else base_path
-    encode = encode_params(settings)
+    encode = encode_params(settings, backend="torch")
     progress.stage("snapshot")
     snapshot = take_snapshot(
         records.inputs(settings.training.max_pairs, settings.promotion.heldout_queries), folder
@@ -238,7 +239,7 @@ def evaluate_variants(
     from stages.round_steps import CANDIDATE, evaluate_variant, merge_variants
 
     def evaluate_model(path: Path) -> dict:
-        encoder = Encoder(path, encode_params(settings))
+        encoder = Encoder(path, encode_params(settings, backend="torch"))
         try:
             return evaluate_variant(encoder, evaluators)
         finally:
@@ -340,7 +341,9 @@ def label_round(
 
     progress.stage("label", scored=0, total=0)
     same_base = Path(serving.path) == Path(base_path)
-    base = serving if same_base else Encoder(base_path, encode_params(settings), layout.cache)
+    base = (
+        serving if same_base else Encoder(base_path, encode_params(settings, backend="torch"), layout.cache)
+    )
     teacher = load_teacher(
         settings.model.teacher,
         snapshot.texts,
@@ -417,6 +420,7 @@ def promote(
             round_id, RoundOutcome.REJECTED, reason, None, [], cause=RejectionCause.SERVING_CHANGED.value
         )
         registry.discard(record.id)  # the round folder keeps the candidate; no orphan version
+        remove_version_export(registry.layout, record.path)
         log.warning("round_not_promoted_serving_changed", round_id=round_id, error=str(exc))
         return RoundOutcome.REJECTED
     records.finish(round_id, RoundOutcome.PROMOTED, verdict.reason, record.id, used_sample_ids)

@@ -12,6 +12,8 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
+from daemon.backends import JOB_KIND as EXPORT_KIND
+from daemon.backends import enqueue_export, prune_exports
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.logs import configure_logging, get_logger
 from daemon.notify import Notifier
@@ -107,6 +109,7 @@ class Daemon:
         queue = JobQueue(conn)
         released = queue.release_owner("")  # we hold the lock: every running job is an orphan
         note = ModelRegistry(conn, self.layout).reconcile(base_model_path_or_none(self.settings, conn))
+        swept = prune_exports(conn, self.layout)  # exports of versions that are gone
         SampleStore(conn, queue).arm_filter()  # pairs a migration re-opened, or left with no job
         IndexRecords(conn).clear_refusal()  # the configuration may have changed since Milvus refused
         if self.settings.model.base != AUTO_BASE:  # a later "auto" keeps the base this folder is built on
@@ -124,6 +127,7 @@ class Daemon:
             released_jobs=released,
             registry=note,
             aborted_rounds=aborted,
+            exports_removed=swept,
         )
 
         self.breaker = CircuitBreaker(self.settings.llm.breaker_failures, self.settings.llm.breaker_reset_s)
@@ -146,14 +150,23 @@ class Daemon:
         )
         self.pools = [self.ingest_pool, self.synth_pool, self.filter_pool]
         self.index = None
+        # ONNX exports share a model pool with the index sync (priority first) or, without an index, the filter
+        self.export_pool = self.filter_pool
         if self.settings.index.enabled:
             from daemon.indexing import JOB_KIND, IndexService
 
             self.index = IndexService(self.settings, self.layout)
             self.index_pool = WorkerPool(
-                "index", self.layout.database, {JOB_KIND: self.model_jobs.handle}, 1, lease_seconds=1800
+                "index",
+                self.layout.database,
+                {JOB_KIND: self.model_jobs.handle, EXPORT_KIND: self.model_jobs.handle},
+                1,
+                lease_seconds=1800,
             )
+            self.export_pool = self.index_pool
             self.pools.append(self.index_pool)
+        else:
+            self.filter_pool.handlers[EXPORT_KIND] = self.model_jobs.handle
         for pool in self.pools:
             pool.start()
 
@@ -226,6 +239,14 @@ class Daemon:
         except Exception:
             log.exception("index_check_failed")
 
+    def _check_export(self) -> None:
+        """The model in service has no ONNX export yet (and the settings want one): queue it, once."""
+        try:
+            if enqueue_export(self.db.conn, self.settings, self.layout):
+                self.export_pool.wake.set()
+        except Exception:
+            log.exception("export_check_failed")
+
     def _recover_leases(self) -> None:
         count = JobQueue(self.callbacks.db.conn).recover_expired()
         if count:
@@ -286,9 +307,11 @@ class Daemon:
                 if time.monotonic() - last_metrics >= self.settings.metrics.interval_s:
                     last_metrics = time.monotonic()
                     self._write_metrics()
-                if self.index is not None and time.monotonic() - last_index_check > INDEX_CHECK_S:
+                if time.monotonic() - last_index_check > INDEX_CHECK_S:
                     last_index_check = time.monotonic()
-                    self._check_index()
+                    self._check_export()  # first: with both pending, the export runs before the sync
+                    if self.index is not None:
+                        self._check_index()
                 self.rounds.poll(self.db.conn)
                 if self.rounds.request_pending(self.db.conn) or time.monotonic() - last_round_check > 5.0:
                     last_round_check = time.monotonic()

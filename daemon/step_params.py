@@ -8,11 +8,20 @@ from pathlib import Path
 from daemon.settings import Settings
 
 
-def encode_params(settings: Settings):
+def encode_params(settings: Settings, *, backend: str | None = None):
+    """How every step encodes. `backend="torch"` for a round: it compares versions on paired queries,
+    and a candidate has no export, so all of them encode with torch and the backend cannot tilt the gate."""
     from stages.encoder import EncodeParams
+    from state.layout import StateLayout
 
+    model = settings.model
     return EncodeParams(
-        settings.model.device, settings.model.query_instruction, settings.model.encode_batch_size
+        model.device,
+        model.query_instruction,
+        model.encode_batch_size,
+        backend=backend or model.backend,
+        quantize=model.quantize,
+        exports_root=StateLayout(settings.paths.state_dir).exports,
     )
 
 

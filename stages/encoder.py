@@ -23,6 +23,10 @@ class EncodeParams:
     device: str = "auto"
     query_instruction: str = ""
     batch_size: int = 64
+    # model.backend / model.quantize; ONNX needs the folder exports are made in (stages/onnx_export.py)
+    backend: str = "torch"
+    quantize: str = "auto"
+    exports_root: Path | None = None
 
 
 class Encoder:
@@ -50,10 +54,47 @@ class Encoder:
         self.params = params
         query_prompt, self.passage_prompt = model_prompts(self.path)
         self.query_prefix = params.query_instruction or query_prompt
+        # which runtime encodes and why: "torch", or "onnx int8" / "onnx fp32" when a checked export exists
+        self.runtime, self.runtime_reason = (
+            "torch",
+            "given model" if model is not None else "model.backend = torch",
+        )
+        if model is None:
+            model = self._onnx_model()
         self.model = model if model is not None else load_embedder(self.path, params.device)
-        self.cache = EmbeddingCache(cache_root, model_key(self.path)) if cache_root is not None else None
+        # vectors of another runtime are near, not equal: each runtime has its own cache entries
+        key = model_key(self.path) if self.runtime == "torch" else f"{model_key(self.path)}:{self.runtime}"
+        self.cache = EmbeddingCache(cache_root, key) if cache_root is not None else None
         # progress(0, n) when a call over n texts begins, then progress(k, n) per slice of k texts encoded
         self.progress = progress
+
+    def _onnx_model(self):
+        """The checked ONNX export of this folder when the settings ask for one, else None (torch)."""
+        params = self.params
+        if params.backend == "torch" or params.exports_root is None:
+            return None
+        from stages.models import pick_device
+        from stages.onnx_export import VARIANT_FILES, choose_variant, export_dir, read_record
+
+        if pick_device(params.device) != "cpu":
+            self.runtime_reason = "ONNX Runtime is used on the CPU only; torch runs the GPU"
+            return None
+        variant, self.runtime_reason = choose_variant(
+            read_record(params.exports_root, self.path), params.quantize
+        )
+        if variant is None:
+            return None
+        from stages.onnx_encoder import OnnxEmbedder
+
+        try:
+            model = OnnxEmbedder(
+                export_dir(params.exports_root, self.path) / VARIANT_FILES[variant], self.path
+            )
+        except Exception as exc:  # a damaged export file: torch still encodes, and the reason is kept
+            self.runtime_reason = f"ONNX export could not be loaded: {type(exc).__name__}: {exc}"
+            return None
+        self.runtime = f"onnx {variant}"
+        return model
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         if not texts:

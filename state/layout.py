@@ -27,6 +27,11 @@ class StateLayout:
         return self.models / "versions"
 
     @property
+    def exports(self) -> Path:
+        """ONNX exports of model versions (stages/onnx_export.py), one folder per model folder."""
+        return self.models / "exports"
+
+    @property
     def current(self) -> Path:
         return self.models / "current"
 

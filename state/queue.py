@@ -250,6 +250,11 @@ class JobQueue:
         with transaction(self.conn):
             return self.conn.execute(sql, params).rowcount
 
+    def state_of(self, key: str) -> tuple[str, str | None] | None:
+        """(state, last error) of the job with this key, or None when there is none."""
+        row = self.conn.execute("SELECT state, last_error FROM jobs WHERE key=?", (key,)).fetchone()
+        return (row["state"], row["last_error"]) if row else None
+
     def has_pending(self, kind: str) -> bool:
         return (
             self.conn.execute(

@@ -153,3 +153,32 @@ def count_unused_train(conn: sqlite3.Connection) -> int:
     return conn.execute(
         "SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train' AND round_id IS NULL"
     ).fetchone()[0]
+
+
+def backend_check_texts(
+    conn: sqlite3.Connection, n_passages: int, n_queries: int
+) -> tuple[list[str], list[str], list[int]]:
+    """The texts an ONNX export is checked on (stages/backend_check.py): kept held-out queries whose chunk
+    is active, those chunks, and a spread of other active chunks up to `n_passages`. Returns (passages,
+    queries, index of each query's chunk in passages). Ordered by a multiplicative hash of the id, so
+    the sample spreads over the corpus and is the same on a rerun."""
+    heldout = conn.execute(
+        "SELECT s.query, c.id, c.text FROM samples s JOIN chunks c ON c.id=s.chunk_id "
+        "WHERE s.kept=1 AND s.split='heldout' AND c.active=1 "
+        "ORDER BY (s.id * 2654435761) % 4294967296 LIMIT ?",
+        (n_queries,),
+    ).fetchall()
+    texts = {row["id"]: row["text"] for row in heldout}
+    ids = list(texts)
+    others = conn.execute(
+        "SELECT id, text FROM chunks WHERE active=1 ORDER BY (id * 2654435761) % 4294967296 LIMIT ?",
+        (n_passages,),
+    )
+    for row in others:
+        if len(ids) >= n_passages:
+            break
+        if row["id"] not in texts:
+            texts[row["id"]] = row["text"]
+            ids.append(row["id"])
+    where = {chunk_id: i for i, chunk_id in enumerate(ids)}
+    return [texts[i] for i in ids], [row["query"] for row in heldout], [where[row["id"]] for row in heldout]

@@ -314,6 +314,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"base      {base['reference']}  ({base.get('reason') or 'configured'})")
     if base.get("drift"):
         lines.append(f"          warning: {base['drift']}")
+    if model.get("encoder"):
+        lines.append(f"encoder   {model['encoder']}")
     lines += _index_lines(status.get("index") or {})
     lines += _round_lines(status["rounds"])
     if docs["rejections"]:
