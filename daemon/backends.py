@@ -12,14 +12,22 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from daemon.logs import get_logger
 from daemon.settings import Settings
-from daemon.workers import JobContext
 from state.layout import StateLayout
 from state.queue import JobQueue
 
-log = get_logger("embedtune.backends")
+if TYPE_CHECKING:
+    from daemon.workers import JobContext
+
+
+def _log():
+    """The logger, imported when something is logged: `status` imports this module and must stay light."""
+    from daemon.logs import get_logger
+
+    return get_logger("embedtune.backends")
+
 
 JOB_KIND = "export"
 PRIORITY = 140  # before an index sync (150): the sync after it encodes with the export
@@ -55,7 +63,7 @@ def remove_version_export(layout: StateLayout, model_path: Path) -> None:
     from stages.onnx_export import remove_export
 
     if remove_export(layout.exports, model_path):
-        log.info("export_removed", model=str(model_path))
+        _log().info("export_removed", model=str(model_path))
 
 
 def prune_exports(conn: sqlite3.Connection, layout: StateLayout) -> list[str]:
@@ -104,9 +112,9 @@ class ExportJobs:
 
         path = Path(ctx.job.payload["path"])
         if not path.is_dir():
-            log.info("export_skipped", model=str(path), reason="the model folder is gone")
+            _log().info("export_skipped", model=str(path), reason="the model folder is gone")
         elif pick_device(self.settings.model.device) != "cpu":
-            log.info("export_skipped", model=str(path), reason="torch encodes on the GPU")
+            _log().info("export_skipped", model=str(path), reason="torch encodes on the GPU")
         else:
             passages, queries, relevant = backend_check_texts(ctx.conn, CHECK_PASSAGES, CHECK_QUERIES)
             sample = CheckSample(passages, queries, relevant)
@@ -117,7 +125,7 @@ class ExportJobs:
                 lambda model, files: check_variants(model, files, sample, params),
                 quantize=self.settings.model.quantize != "none",
             )
-            log.info(
+            _log().info(
                 "model_exported",
                 model=str(path),
                 failed=record.failed or None,

@@ -19,6 +19,7 @@ swaps the alias onto it in one Milvus call and drops collections beyond `index.k
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,8 +35,12 @@ from state.index_records import (
     ActiveChunk,
     CollectionRecord,
     IndexRecords,
+    active_chunk_ids,
     active_chunks,
+    active_count,
     active_languages,
+    change_seq,
+    changes_since,
     chunk_signature,
     has_active_chunks,
     max_chunk_id,
@@ -203,15 +208,7 @@ class IndexService:
             elif target.bm25_weight != weight:
                 records.set_bm25_weight(target.name, weight)
             report.collection = target.name
-            for _ in range(MAX_PASSES):
-                signature = chunk_signature(conn)
-                chunks = active_chunks(conn)
-                self._fill(records, target, chunks, encoders.get(serving.path), report)
-                if chunk_signature(conn) == signature:
-                    break
-            records.mark_synced(target.name, len(chunks), signature)
-            report.chunks = len(chunks)
-            self._refresh_stats(target.name, [chunk.id for chunk in chunks])
+            report.chunks = self._catch_up(conn, records, target, encoders.get(serving.path), report)
         finally:
             encoders.release()
         if records.get(target.name).state != LIVE:
@@ -280,10 +277,42 @@ class IndexService:
         """While a new model's collection fills, the live one keeps following the documents."""
         if live.signature == chunk_signature(conn) or not Path(live.model_path).is_dir():
             return
-        chunks = active_chunks(conn)
-        self._fill(records, live, chunks, encoders.get(Path(live.model_path)), SyncReport())
-        records.mark_synced(live.name, len(chunks), chunk_signature(conn))
-        self._refresh_stats(live.name, [chunk.id for chunk in chunks])
+        self._catch_up(conn, records, live, encoders.get(Path(live.model_path)), SyncReport())
+
+    def _catch_up(
+        self,
+        conn: sqlite3.Connection,
+        records: IndexRecords,
+        collection: CollectionRecord,
+        encoder: _LazyEncoder,
+        report: SyncReport,
+    ) -> int:
+        """Bring a collection to the active chunks; returns how many it holds. A collection that knows
+        its position in the change log applies the changes after it (O(changes): a sync with nothing to
+        do reads one row); a new one, or one from before the log, is filled by a full pass, which compares
+        every active chunk with the ids the store holds and records the position it started from."""
+        if collection.synced_seq is not None:
+            signature = chunk_signature(conn)  # before the changes: a chunk arriving between is synced next
+            changes = changes_since(conn, collection.synced_seq)
+            if changes.removed:
+                with open_store(self.target) as store:
+                    store.delete(collection.name, changes.removed)
+                report.removed += len(changes.removed)
+            self._upsert(records, collection, changes.added, encoder, report)
+            count = active_count(conn)
+            records.mark_synced(collection.name, count, signature, changes.seq)
+            self._refresh_stats(collection.name, count, lambda: active_chunk_ids(conn))
+            return count
+        for _ in range(MAX_PASSES):
+            signature = chunk_signature(conn)
+            seq = change_seq(conn)  # changes after this one are applied by the next sync
+            chunks = active_chunks(conn)
+            self._fill(records, collection, chunks, encoder, report)
+            if chunk_signature(conn) == signature:
+                break
+        records.mark_synced(collection.name, len(chunks), signature, seq)
+        self._refresh_stats(collection.name, len(chunks), lambda: [chunk.id for chunk in chunks])
+        return len(chunks)
 
     def _fill(
         self,
@@ -301,7 +330,18 @@ class IndexService:
             with open_store(self.target) as store:
                 store.delete(collection.name, extra)
             report.removed += len(extra)
-        missing = [chunk for chunk in chunks if chunk.id not in present]
+        self._upsert(
+            records, collection, [chunk for chunk in chunks if chunk.id not in present], encoder, report
+        )
+
+    def _upsert(
+        self,
+        records: IndexRecords,
+        collection: CollectionRecord,
+        missing: list[ActiveChunk],
+        encoder: _LazyEncoder,
+        report: SyncReport,
+    ) -> None:
         if not missing:
             return
         batch_size = self.settings.index.batch_size
@@ -322,15 +362,16 @@ class IndexService:
                 records.set_progress(collection.name, f"{start + len(batch)}/{len(missing)}")
         encoder.save_cache()
 
-    def _refresh_stats(self, name: str, chunk_ids: list[int]) -> None:
+    def _refresh_stats(self, name: str, count: int, chunk_ids: Callable[[], list[int]]) -> None:
         """Redraw the collection's vector sample when there is none or the corpus changed by a tenth:
         the covariance moves slowly with the corpus, and a redraw reads up to 2,000 stored vectors."""
         from stages.fusion import STATS_SAMPLE, vector_covariance
 
         folder = self.layout.index_stats
         known = load_stats(folder, name)
-        if not chunk_ids or (known is not None and abs(known.chunks - len(chunk_ids)) <= 0.1 * known.chunks):
+        if not count or (known is not None and abs(known.chunks - count) <= 0.1 * known.chunks):
             return
+        chunk_ids = chunk_ids()
         rng = np.random.default_rng(0)
         sample = rng.choice(np.asarray(chunk_ids), size=min(STATS_SAMPLE, len(chunk_ids)), replace=False)
         with open_store(self.target) as store:

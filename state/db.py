@@ -227,6 +227,30 @@ MIGRATIONS: list[str] = [
     ALTER TABLE daemon ADD COLUMN base_model TEXT;
     ALTER TABLE daemon ADD COLUMN base_reason TEXT;
     """,
+    # 13: the index follows changes, not the corpus. Every chunk that becomes active or stops being active
+    # leaves a row here (triggers, so no writer can forget); a collection records the last row its sync
+    # applied, and the next sync reads only the rows after it. Rows every collection has applied are pruned.
+    # Existing collections have no position yet: their next sync is a full pass that records one.
+    """
+    CREATE TABLE chunk_changes (
+        seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+        chunk_id INTEGER NOT NULL,
+        active   INTEGER NOT NULL
+    );
+    CREATE TRIGGER chunk_changes_insert AFTER INSERT ON chunks WHEN NEW.active = 1
+    BEGIN
+        INSERT INTO chunk_changes (chunk_id, active) VALUES (NEW.id, 1);
+    END;
+    CREATE TRIGGER chunk_changes_update AFTER UPDATE OF active ON chunks WHEN NEW.active IS NOT OLD.active
+    BEGIN
+        INSERT INTO chunk_changes (chunk_id, active) VALUES (NEW.id, NEW.active);
+    END;
+    CREATE TRIGGER chunk_changes_delete AFTER DELETE ON chunks WHEN OLD.active = 1
+    BEGIN
+        INSERT INTO chunk_changes (chunk_id, active) VALUES (OLD.id, 0);
+    END;
+    ALTER TABLE index_collections ADD COLUMN synced_seq INTEGER;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -36,6 +36,7 @@ class CollectionRecord:
     swapped: str | None
     analyzer: str | None = None  # None: dense only (made before hybrid search)
     bm25_weight: float | None = None
+    synced_seq: int | None = None  # the last chunk_changes row applied; None: the next sync is a full pass
 
     @property
     def hybrid(self) -> bool:
@@ -55,7 +56,17 @@ class CollectionRecord:
             swapped=row["swapped"],
             analyzer=row["analyzer"],
             bm25_weight=row["bm25_weight"],
+            synced_seq=row["synced_seq"],
         )
+
+
+@dataclass(frozen=True)
+class ChunkChanges:
+    """What changed in the active set after a position of the change log (the last change per chunk)."""
+
+    seq: int  # the last row read: the position a sync that applied these records
+    added: list[ActiveChunk]
+    removed: list[int]
 
 
 def active_chunks(conn: sqlite3.Connection) -> list[ActiveChunk]:
@@ -65,6 +76,48 @@ def active_chunks(conn: sqlite3.Connection) -> list[ActiveChunk]:
         "WHERE c.active = 1 ORDER BY c.id"
     ).fetchall()
     return [ActiveChunk(row[0], row[1], row[2], row[3]) for row in rows]
+
+
+def active_chunk_ids(conn: sqlite3.Connection) -> list[int]:
+    return [row[0] for row in conn.execute("SELECT id FROM chunks WHERE active = 1 ORDER BY id")]
+
+
+def change_seq(conn: sqlite3.Connection) -> int:
+    """The change log's last position (0: nothing logged yet). AUTOINCREMENT keeps it in sqlite_sequence,
+    so it survives the pruning of every row and is never handed out again."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'chunk_changes'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def changes_since(conn: sqlite3.Connection, seq: int) -> ChunkChanges:
+    """The chunks that became active or inactive after `seq`, read in one snapshot: O(changes), however
+    large the corpus. A chunk added then retired since is only removed (deleting an absent id is a no-op)."""
+    with transaction(conn, immediate=False):
+        last, state = seq, {}
+        for position, chunk_id, active in conn.execute(
+            "SELECT seq, chunk_id, active FROM chunk_changes WHERE seq > ? ORDER BY seq", (seq,)
+        ):
+            last, state[chunk_id] = position, active
+        wanted = [chunk_id for chunk_id, active in state.items() if active]
+        added: list[ActiveChunk] = []
+        for start in range(0, len(wanted), 500):
+            part = wanted[start : start + 500]
+            marks = ",".join("?" * len(part))
+            added += [
+                ActiveChunk(row[0], row[1], row[2], row[3])
+                for row in conn.execute(
+                    "SELECT c.id, c.sha256, c.text, d.path FROM chunks c JOIN documents d ON d.id = c.document_id "
+                    f"WHERE c.active = 1 AND c.id IN ({marks})",
+                    part,
+                )
+            ]
+    present = {chunk.id for chunk in added}
+    removed = sorted(chunk_id for chunk_id in state if chunk_id not in present)
+    return ChunkChanges(last, sorted(added, key=lambda chunk: chunk.id), removed)
+
+
+def active_count(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT COUNT(*) FROM chunks WHERE active = 1").fetchone()[0])
 
 
 def has_active_chunks(conn: sqlite3.Connection) -> bool:
@@ -163,21 +216,32 @@ class IndexRecords:
         with transaction(self.conn):
             self.conn.execute("UPDATE index_collections SET progress = ? WHERE name = ?", (text, name))
 
-    def mark_synced(self, name: str, chunks: int, signature: str) -> None:
-        """A complete pass: the collection holds exactly the active chunks with this signature."""
+    def mark_synced(self, name: str, chunks: int, signature: str, seq: int | None = None) -> None:
+        """A complete pass: the collection holds exactly the active chunks with this signature, and every
+        change up to `seq`. Change-log rows every collection that follows the log has applied are pruned
+        (a collection without a position does a full pass when it is next synced, and needs none)."""
         with transaction(self.conn):
             self.conn.execute(
-                "UPDATE index_collections SET chunks = ?, signature = ?, progress = '', "
+                "UPDATE index_collections SET chunks = ?, signature = ?, progress = '', synced_seq = ?, "
                 "filled = COALESCE(filled, ?), state = CASE state WHEN 'filling' THEN 'ready' ELSE state END "
                 "WHERE name = ?",
-                (chunks, signature, utcnow(), name),
+                (chunks, signature, seq, utcnow(), name),
+            )
+            self.conn.execute(
+                "DELETE FROM chunk_changes WHERE seq <= (SELECT MIN(synced_seq) "
+                "FROM index_collections WHERE state != 'dropped')"
             )
 
     def make_live(self, name: str) -> None:
-        """Record an alias swap: this collection is live, the one before it is kept as ready."""
+        """Record an alias swap: this collection is live, the one before it is kept as ready. A kept one
+        stops following the change log (its position is forgotten, so the log can be pruned past it): if
+        it serves again after a rollback, its first sync is a full pass."""
         now = utcnow()
         with transaction(self.conn):
-            self.conn.execute("UPDATE index_collections SET state = 'ready' WHERE state = 'live'")
+            self.conn.execute(
+                "UPDATE index_collections SET state = 'ready', synced_seq = NULL WHERE state = 'live' AND name != ?",
+                (name,),
+            )
             self.conn.execute(
                 "UPDATE index_collections SET state = 'live', swapped = ? WHERE name = ?", (now, name)
             )
@@ -185,7 +249,9 @@ class IndexRecords:
     def clear_live(self) -> None:
         """No collection is live (the alias was found missing): the last live one is kept as ready."""
         with transaction(self.conn):
-            self.conn.execute("UPDATE index_collections SET state = 'ready' WHERE state = 'live'")
+            self.conn.execute(
+                "UPDATE index_collections SET state = 'ready', synced_seq = NULL WHERE state = 'live'"
+            )
 
     def surplus(self, keep: int, serving_name: str | None) -> list[CollectionRecord]:
         """Collections beyond the live one and the `keep` most recently live: dropped to bound disk use.

@@ -243,3 +243,87 @@ def test_index_settings_are_validated_with_the_key_named():
         Settings.model_validate({"index": {"alias": "bad-name"}})
     with pytest.raises(ValueError, match="index.uri"):
         Settings.model_validate({"index": {"uri": "milvus.internal"}})
+
+
+def _add_document(conn, path: str, texts: list[str]) -> list[int]:
+    """One document stored as the ingest job stores it; returns its chunk ids."""
+    import hashlib
+
+    from state.documents import DocumentStore, NewChunk
+    from state.queue import JobQueue
+
+    queue = JobQueue(conn)
+    store = DocumentStore(conn, queue)
+    body = "\n\n".join(texts).encode()
+    store.file_seen(path, len(body), 1.0)
+    job = queue.claim("test", ["ingest"])
+    chunks = [
+        NewChunk(i, text, "", hashlib.sha256(text.encode()).hexdigest(), "en") for i, text in enumerate(texts)
+    ]
+    store.store_version(
+        job, job.payload["document_id"], hashlib.sha256(body).hexdigest(), len(body), 1.0, "en", chunks, 0.1
+    )
+    return [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM chunks WHERE document_id = ? AND active = 1", (job.payload["document_id"],)
+        )
+    ]
+
+
+def test_a_sync_reads_only_what_changed_since_the_last_one(make_settings, start_daemon, monkeypatch):
+    """Issue 26: the index follows a change log, so a sync with nothing to do reads neither the chunks nor
+    the store's ids, and one with k changes encodes and deletes exactly those k."""
+    from daemon import indexing
+    from daemon.indexing import IndexService
+    from state.db import Database
+    from state.documents import DocumentStore
+    from state.index_records import change_seq
+
+    settings, layout = _ingested(make_settings, start_daemon)
+    conn = Database(layout.database).conn
+    service = IndexService(settings, layout)
+    first = service.sync(conn)  # a new collection: one full pass, which records its place in the log
+    live = _records(conn).live()
+    assert first.swapped and live.synced_seq == change_seq(conn)
+    assert conn.execute("SELECT COUNT(*) FROM chunk_changes").fetchone()[0] == 0, "applied rows are pruned"
+
+    full_reads: list[str] = []  # what a sync read in full: the corpus, or the store's ids
+    for owner, name in ((indexing, "active_chunks"), (indexing.VectorStore, "ids")):
+        original_read = getattr(owner, name)
+        monkeypatch.setattr(
+            owner,
+            name,
+            lambda *a, _f=original_read, _n=name, **k: full_reads.append(_n) or _f(*a, **k),
+        )
+    encoded: list[int] = []
+    original = indexing._LazyEncoder.passages
+    monkeypatch.setattr(
+        indexing._LazyEncoder,
+        "passages",
+        lambda self, chunks: encoded.extend(c.id for c in chunks) or original(self, chunks),
+    )
+
+    noop = service.sync(conn)
+    assert (noop.added, noop.removed, noop.swapped) == (0, 0, False) and not encoded and not full_reads
+
+    new_ids = _add_document(
+        conn, "/inbox/new.md", ["tidal power plants in estuaries", "kelp forests shelter fish"]
+    )
+    report = service.sync(conn)
+    assert report.added == 2 and sorted(encoded) == sorted(new_ids) and not full_reads
+    assert _alias_view(settings) == (live.name, _active_ids(conn))
+
+    # a retired document's chunks are deleted; a chunk added and retired between two syncs is never encoded
+    encoded.clear()
+    gone_ids = _add_document(conn, "/inbox/brief.md", ["a note that lives for a moment"])
+    store = DocumentStore(conn)
+    store.file_deleted("/inbox/brief.md")
+    store.file_deleted("/inbox/new.md")
+    full_reads.clear()
+    report = service.sync(conn)
+    assert not encoded and not full_reads and report.removed == len(new_ids) + len(gone_ids)
+    assert _alias_view(settings) == (live.name, _active_ids(conn))
+    record = _records(conn).live()
+    assert record.chunks == len(_active_ids(conn)) and record.synced_seq == change_seq(conn)
+    assert not service.needs_sync(conn)
