@@ -104,6 +104,31 @@ def time_fill_parts() -> dict[str, float]:
     return timers
 
 
+def export_for_fill(settings, layout, conn) -> dict:
+    """The ONNX export the daemon's export job would make before the fill (checked on 256 chunks)."""
+    from dataclasses import replace
+
+    from daemon.serving import base_model_path
+    from daemon.step_params import encode_params
+    from stages.backend_check import CheckSample, check_variants
+    from stages.onnx_export import export_model
+    from state.samples import backend_check_texts
+
+    passages, queries, relevant = backend_check_texts(conn, 256, 64)
+    sample = CheckSample(passages, queries, relevant)
+    params = replace(encode_params(settings), backend="torch")
+    started = time.perf_counter()
+    record = export_model(
+        base_model_path(settings, conn),
+        layout.exports,
+        lambda path, files: check_variants(path, files, sample, params),
+    )
+    out = {"seconds": round(time.perf_counter() - started, 1), "failed": record.failed}
+    out.update({name: {"passed": c.passed, "cosine_p1": c.cosine_p1} for name, c in record.variants.items()})
+    print(f"export: {json.dumps(out)}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--chunks", type=int, default=10_000)
@@ -111,6 +136,13 @@ def main() -> None:
     parser.add_argument("--model", default="packaged:all-MiniLM-L6-v2")
     parser.add_argument("--incremental", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument(
+        "--backend",
+        default="torch",
+        choices=["torch", "onnx"],
+        help="onnx: export the model first (as the daemon does, checked on 256 of the chunks) and fill with it",
+    )
+    parser.add_argument("--quantize", default="auto", choices=["auto", "none", "int8"])
     args = parser.parse_args()
 
     from daemon.indexing import IndexService, index_target
@@ -127,7 +159,12 @@ def main() -> None:
         settings = Settings.model_validate(
             {
                 "paths": {"state_dir": f"{tmp}/state", "inbox": f"{tmp}/inbox"},
-                "model": {"base": args.model, "device": "cpu"},
+                "model": {
+                    "base": args.model,
+                    "device": "cpu",
+                    "backend": args.backend,
+                    "quantize": args.quantize,
+                },
                 "index": {"batch_size": args.batch_size},
             }
         )
@@ -138,6 +175,7 @@ def main() -> None:
         documents = args.chunks // args.doc_chunks
         add_documents(conn, texts, documents, args.doc_chunks, 0)
         build_s = time.perf_counter() - started
+        export = export_for_fill(settings, layout, conn) if args.backend != "torch" else None
         service = IndexService(settings, layout)
 
         started = time.perf_counter()
@@ -191,6 +229,8 @@ def main() -> None:
         "chunks": args.chunks,
         "model": args.model,
         "build_state_s": round(build_s, 1),
+        "backend": args.backend,
+        "export": export,
         "full_fill": full,
         "noop_sync_s": round(statistics.median(noop), 2),
         "incremental_doc_chunks": args.doc_chunks,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -85,14 +84,6 @@ def fidelity(folder: Path, datasets: list[Path], work: Path) -> dict:
     return out
 
 
-def _peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM): ru_maxrss would carry the parent's peak across exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _cost_child(reference: str, dataset: str, root: str) -> None:
     """In a fresh process: load, encode passages and queries, report rates and the peak RSS."""
     from stages.encoder import EncodeParams, Encoder
@@ -112,7 +103,9 @@ def _cost_child(reference: str, dataset: str, root: str) -> None:
     started = time.perf_counter()
     encoder.queries(queries)
     query_s = time.perf_counter() - started
-    peak_mb = _peak_rss_mb()
+    from daemon.round_process import peak_rss_mb
+
+    peak_mb = peak_rss_mb()
     result = {
         "load_s": load_s,
         "passages_per_s": len(passages) / passage_s,

@@ -422,6 +422,12 @@ class _LazyEncoder:
             from stages.encoder import Encoder
 
             self._encoder = Encoder(self.path, encode_params(self.settings), self.layout.cache)
+            log.info(
+                "index_encoder",
+                model=str(self.path),
+                runtime=self._encoder.runtime,
+                reason=self._encoder.runtime_reason,
+            )
         return self._encoder
 
     def dimension(self) -> int:

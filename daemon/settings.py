@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stages.base_choice import AUTO
+
 CONFIG_ENV = "EMBEDTUNE_CONFIG"
 PACKAGED_PREFIX = "packaged:"
 
@@ -520,7 +522,7 @@ def _resolve_relative_paths(data: dict, base_dir: Path) -> None:
 
 
 TEACHER_NAMES = ("none", "hybrid", "llm")
-AUTO_BASE = "auto"
+AUTO_BASE = AUTO  # one value for "auto" (stages/base_choice.py decides what it means)
 
 
 def _is_relative_folder(value: str) -> bool:
