@@ -40,7 +40,7 @@ def exports_wanted(settings: Settings) -> bool:
 
 
 def export_key(model_path: Path) -> str:
-    from stages.embed_cache import model_key
+    from stages.models import model_key
 
     return f"{JOB_KIND}:{model_key(model_path)}"
 

@@ -99,14 +99,3 @@ class EmbeddingCache:
 def text_key(text: str) -> str:
     """Cache key of a passage: the hash of exactly the text that is encoded."""
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def model_key(path: Path | str) -> str:
-    """Identity of a model's weights: its folder plus the weight file's size and mtime."""
-    folder = Path(path).resolve()
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        weights = folder / name
-        if weights.exists():
-            info = weights.stat()
-            return f"{folder}:{info.st_size}:{int(info.st_mtime)}"
-    return str(folder)

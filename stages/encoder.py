@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.embed_cache import EmbeddingCache, model_key, text_key
+from stages.embed_cache import EmbeddingCache, text_key
+from stages.models import model_key
 
 
 @dataclass(frozen=True)

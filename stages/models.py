@@ -144,3 +144,14 @@ def max_seq_length(path: Path | str, default: int = 512) -> int:
         if value and int(value) < 100_000:
             return int(value)
     return default
+
+
+def model_key(path: Path | str) -> str:
+    """Identity of a model's weights: its folder plus the weight file's size and mtime."""
+    folder = Path(path).resolve()
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        weights = folder / name
+        if weights.exists():
+            info = weights.stat()
+            return f"{folder}:{info.st_size}:{int(info.st_mtime)}"
+    return str(folder)

@@ -24,12 +24,13 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where a file is read: `status` resolves the base through here
+    import numpy as np
 
 MAGIC = b"E5S1"
 QK = 32  # weights per Q4_0 block
-Q4_BLOCK = np.dtype([("scale", "<f2"), ("nibbles", "u1", (QK // 2,))])
 DTYPE_F32, DTYPE_Q4 = 0, 1
 METASPACE = "\u2581"
 QUERY_PROMPT, PASSAGE_PROMPT = "query: ", "passage: "
@@ -63,6 +64,8 @@ class E5File:
 
     def tensor(self, name: str, shape: tuple[int, int] | tuple[int]) -> np.ndarray:
         """One tensor as float32 of `shape`, dequantised when it is stored in 4 bits."""
+        import numpy as np
+
         if name not in self.tensors:
             raise E5FormatError(f"tensor {name!r} missing")
         dtype, count, raw = self.tensors[name]
@@ -78,7 +81,10 @@ class E5File:
 def dequantize_q4(raw: memoryview | bytes, count: int) -> np.ndarray:
     """Q4_0 blocks -> float32: byte j of a block holds weight j (low nibble) and j+16 (high nibble),
     each stored as q+8; the weight is (q-8) * scale."""
-    blocks = np.frombuffer(raw, Q4_BLOCK, count // QK)
+    import numpy as np
+
+    block = np.dtype([("scale", "<f2"), ("nibbles", "u1", (QK // 2,))])  # ggml's Q4_0 block
+    blocks = np.frombuffer(raw, block, count // QK)
     low = (blocks["nibbles"] & 0x0F).astype(np.int8) - 8
     high = (blocks["nibbles"] >> 4).astype(np.int8) - 8
     values = np.concatenate([low, high], axis=1).astype(np.float32)
@@ -102,6 +108,8 @@ class _Cursor:
 
 def read_e5_file(path: Path) -> E5File:
     """Parse an E5S1 file (the layout `e5.c`'s loader reads), keeping tensors as views of the file."""
+    import numpy as np
+
     data = memoryview(Path(path).read_bytes())
     if bytes(data[:4]) != MAGIC:
         raise E5FormatError(f"{path}: not an E5S1 model file (magic {bytes(data[:4])!r})")
@@ -222,6 +230,8 @@ def build_tokenizer(model: E5File):
 
 def bert_weights(model: E5File) -> Iterator[tuple[str, np.ndarray]]:
     """(Hugging Face BertModel name, float32 array) for every tensor of the encoder."""
+    import numpy as np
+
     h, ff = model.hidden, model.intermediate
     yield "embeddings.word_embeddings.weight", model.tensor("emb.word", (model.vocab_rows, h))
     yield "embeddings.position_embeddings.weight", model.tensor("emb.pos", (model.max_positions, h))

@@ -50,7 +50,7 @@ class VariantCheck:
 
 @dataclass
 class ExportRecord:
-    source: str  # stages.embed_cache.model_key of the folder the export was made from
+    source: str  # stages.models.model_key of the folder the export was made from
     model: str = ""  # that folder: an export whose folder is gone is swept away
     variants: dict[str, VariantCheck] = field(default_factory=dict)
     failed: str = ""  # why no export could be made (nothing to use; torch encodes)
@@ -82,7 +82,7 @@ def export_dir(root: Path, model_path: Path | str) -> Path:
 
 def read_record(root: Path, model_path: Path | str) -> ExportRecord | None:
     """The export record of this model folder, or None when there is none for its current weights."""
-    from stages.embed_cache import model_key
+    from stages.models import model_key
 
     file = export_dir(root, model_path) / RECORD
     if not file.exists():
@@ -145,7 +145,7 @@ def export_model(
     on the result, and install the folder with its record. Exceptions become a failed record."""
     import time
 
-    from stages.embed_cache import model_key
+    from stages.models import model_key
 
     started = time.monotonic()
     final = export_dir(root, model_path)

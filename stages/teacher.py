@@ -24,9 +24,10 @@ from typing import Protocol
 
 import numpy as np
 
-from stages.embed_cache import model_key, text_key
+from stages.embed_cache import text_key
 from stages.encoder import EncodeParams, Encoder
 from stages.filter import Bm25Index
+from stages.models import model_key
 
 # BM25's share of the mix by corpus language (English: the dense model carries more; Chinese with an
 # English base model: BM25 carries almost everything).
