@@ -327,3 +327,35 @@ def test_a_sync_reads_only_what_changed_since_the_last_one(make_settings, start_
     record = _records(conn).live()
     assert record.chunks == len(_active_ids(conn)) and record.synced_seq == change_seq(conn)
     assert not service.needs_sync(conn)
+
+
+def test_the_change_log_keeps_what_a_following_collection_still_needs(tmp_path):
+    """State only: rows are pruned once every collection that follows the log has applied them; a collection
+    that stops being live forgets its position (its next sync is a full pass) and holds nothing back."""
+    from state.db import Database
+    from state.documents import DocumentStore
+    from state.index_records import change_seq, changes_since
+
+    conn = Database(tmp_path / "t.db").conn
+    records = _records(conn)
+    first = _add_document(conn, "/inbox/a.md", ["alpha text", "beta text"])
+    assert changes_since(conn, 0).added and [c.id for c in changes_since(conn, 0).added] == first
+    records.create("old", None, "/m", 8, "standard")
+    records.create("new", 1, "/m1", 8, "standard")
+    records.mark_synced("new", 0, "sig", 0)  # a collection whose position is before every row
+    records.mark_synced("old", 2, "sig", change_seq(conn))
+    records.make_live("old")
+    second = _add_document(conn, "/inbox/b.md", ["gamma text"])
+    assert conn.execute("SELECT COUNT(*) FROM chunk_changes").fetchone()[0] == 3, (
+        "'new' still needs every row"
+    )
+
+    DocumentStore(conn).file_deleted("/inbox/a.md")
+    changes = changes_since(conn, records.get("old").synced_seq)
+    assert [c.id for c in changes.added] == second and changes.removed == first
+    records.mark_synced("new", 1, "sig", change_seq(conn))
+    records.make_live("new")
+    assert records.get("old").synced_seq is None and records.get("old").state == "ready"
+    records.mark_synced("new", 1, "sig", change_seq(conn))
+    assert conn.execute("SELECT COUNT(*) FROM chunk_changes").fetchone()[0] == 0
+    assert changes_since(conn, change_seq(conn)) == type(changes)(change_seq(conn), [], [])
