@@ -221,6 +221,8 @@ def _window(encoder) -> int:
 
 
 def _tokens(encoder, text: str) -> int:
+    if hasattr(encoder.model, "token_count"):  # an ONNX export (stages/onnx_encoder.py)
+        return int(encoder.model.token_count(text))
     tokenizer = getattr(encoder.model, "tokenizer", None)
     if tokenizer is None:
         return 0

@@ -30,11 +30,17 @@ class OnnxEmbedder:
         self.session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
         self.inputs = [node.name for node in self.session.get_inputs()]
         self.dimension = int(self.session.get_outputs()[0].shape[-1])
-        self.tokenizer = load_tokenizer(model_path)
-        self.tokenizer.enable_truncation(max_seq_length(model_path))
-        pad_token = _pad_token(model_path, self.tokenizer)
-        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id(pad_token), pad_token=pad_token)
+        self.max_seq_length = max_seq_length(model_path)
+        self._counter = load_tokenizer(model_path)  # untruncated, unpadded: for token_count
+        self._tokenizer = load_tokenizer(model_path)
+        self._tokenizer.enable_truncation(self.max_seq_length)
+        pad_token = _pad_token(model_path, self._tokenizer)
+        self._tokenizer.enable_padding(pad_id=self._tokenizer.token_to_id(pad_token), pad_token=pad_token)
         self.file = Path(onnx_file)
+
+    def token_count(self, text: str) -> int:
+        """Tokens of `text` with the model's special tokens, before truncation (search warns past the window)."""
+        return len(self._counter.encode(text).ids)
 
     def get_sentence_embedding_dimension(self) -> int:
         return self.dimension
@@ -59,7 +65,7 @@ class OnnxEmbedder:
         return out
 
     def _run(self, texts: list[str]) -> np.ndarray:
-        encodings = self.tokenizer.encode_batch(texts)
+        encodings = self._tokenizer.encode_batch(texts)
         columns = {
             "input_ids": [e.ids for e in encodings],
             "attention_mask": [e.attention_mask for e in encodings],

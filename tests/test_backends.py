@@ -91,6 +91,11 @@ def test_export_is_made_once_per_version_checked_and_used(tmp_path, tiny_embedde
     assert torch_encoder.runtime == "torch"
     cosine = (encoder.passages(TEXTS) * torch_encoder.passages(TEXTS)).sum(axis=1)
     assert cosine.min() > 0.98
+    # what `search` asks of a model (its window and a query's token count) agrees with torch's
+    long_text = " ".join(TEXTS * 20)
+    assert encoder.model.max_seq_length == torch_encoder.model.max_seq_length
+    hf_tokenizer = torch_encoder.model.tokenizer
+    assert encoder.model.token_count(long_text) == len(hf_tokenizer(long_text, truncation=False)["input_ids"])
     assert describe_encoder(db.conn, settings, layout).startswith("onnx")
 
     # the version is exported once: no second job, the export is not made again
