@@ -53,9 +53,10 @@ def enqueue_export(conn: sqlite3.Connection, settings: Settings, layout: StateLa
     if not exports_wanted(settings) or not has_active_chunks(conn):
         return False
     path = model_in_service(conn, layout, settings).path
-    return JobQueue(conn).enqueue(
-        JOB_KIND, export_key(path), {"path": str(path)}, priority=PRIORITY, max_attempts=2
-    )
+    key, queue = export_key(path), JobQueue(conn)
+    if queue.state_of(key) is not None:  # asked for before (made, failed or under way): a read, not a write
+        return False
+    return queue.enqueue(JOB_KIND, key, {"path": str(path)}, priority=PRIORITY, max_attempts=2)
 
 
 def remove_version_export(layout: StateLayout, model_path: Path) -> None:
@@ -159,6 +160,8 @@ def describe_encoder(conn: sqlite3.Connection | None, settings: Settings, layout
             return "torch (no ONNX export yet: it is made once the first chunks are in)"
         if job[0] == "dead":
             return f"torch (the ONNX export job failed: {job[1]})"
+        if job[0] == "done":  # it made no export: the job found a GPU (see ExportJobs.handle)
+            return "torch (a GPU encodes here; ONNX Runtime is used on the CPU only)"
         return f"torch (ONNX export {'running' if job[0] == 'running' else 'queued'})"
     variant, reason = choose_variant(record, settings.model.quantize)
     return reason if variant is not None else f"torch ({reason})"
