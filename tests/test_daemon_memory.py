@@ -14,9 +14,13 @@ def _mapped(pid: int) -> str:
 
 
 def test_filter_and_index_jobs_never_load_torch_into_the_daemon(tmp_path, tiny_embedder):
-    config = write_config(
-        tmp_path / "c.toml", tmp_path, tiny_embedder, extra={"training": {"min_new_samples": 10_000}}
-    )
+    # the defaults: chunking in worker processes and an ONNX export job beside the filter and the index
+    extra = {
+        "training": {"min_new_samples": 10_000},
+        "ingest": {"chunk_processes": 2},
+        "model": {"backend": "auto"},
+    }
+    config = write_config(tmp_path / "c.toml", tmp_path, tiny_embedder, extra=extra)
     _corpus(tmp_path / "inbox", documents=4)
     state = tmp_path / "state"
     daemon = DaemonProcess(config, tmp_path / "daemon.log").start()
@@ -29,6 +33,11 @@ def test_filter_and_index_jobs_never_load_torch_into_the_daemon(tmp_path, tiny_e
             ),
             timeout=180,
             message="a filter pass and a live index",
+        )
+        wait(
+            lambda: scalar(state, "SELECT COUNT(*) FROM jobs WHERE kind = 'export' AND state = 'done'"),
+            timeout=180,
+            message="the ONNX export",
         )
         assert scalar(state, "SELECT COUNT(*) FROM samples WHERE kept IS NOT NULL") > 0
         maps = _mapped(daemon.pid)

@@ -24,7 +24,14 @@ def campaign_scale() -> str:
 def write_config(path: Path, tmp: Path, model: Path, llm_url: str = "", extra: dict | None = None) -> Path:
     sections = {
         "paths": {"inbox": str(tmp / "inbox"), "state_dir": str(tmp / "state")},
-        "ingest": {"settle_seconds": 0.2, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
+        # as tests/conftest.py: chunking in-process, torch encoding (their own tests run the defaults)
+        "ingest": {
+            "settle_seconds": 0.2,
+            "chunk_tokens": 64,
+            "chunk_overlap": 8,
+            "rescan_minutes": 0,
+            "chunk_processes": 0,
+        },
         "llm": {
             "url": llm_url,
             "max_retries": 2,
@@ -34,7 +41,7 @@ def write_config(path: Path, tmp: Path, model: Path, llm_url: str = "", extra: d
             "concurrency": 4,
         },
         "synthesis": {"featured_percentage": 1.0, "heldout_fraction": 0.2},
-        "model": {"base": str(model), "device": "cpu"},
+        "model": {"base": str(model), "device": "cpu", "backend": "torch"},
         "training": {
             "min_new_samples": 30,
             "check_minutes": 0.02,
