@@ -190,6 +190,9 @@ class IndexService:
         serving = model_in_service(conn, self.layout, self.settings)
         analyzer = served_analyzer(conn, self.settings)
         weight = served_bm25_weight(self.settings, serving.path, conn)
+        live = records.live()
+        if self._up_to_date(conn, records, live, serving, analyzer, weight):
+            return SyncReport(collection=live.name, version=serving.version, chunks=live.chunks)
         with open_store(self.target) as store:
             self._reconcile(records, store)
             existing = set(store.collections())
@@ -215,6 +218,23 @@ class IndexService:
             report.swapped = self._swap(conn, records, target)
         report.dropped = self._drop_surplus(records, serving, analyzer)
         return report
+
+    @staticmethod
+    def _up_to_date(
+        conn: sqlite3.Connection,
+        records: IndexRecords,
+        live: CollectionRecord | None,
+        serving: ServingModel,
+        analyzer: str,
+        weight: float | None,
+    ) -> bool:
+        """Nothing to do, known from SQLite alone: the live collection is the serving model's, with the
+        served analyzer and share, and has applied the whole change log. Milvus is not opened (its alias is
+        reconciled by the next sync that has work)."""
+        if live is None or live.synced_seq is None or live.synced_seq != change_seq(conn):
+            return False
+        target = records.for_model(serving.model_id, str(serving.path), analyzer)
+        return target is not None and target.name == live.name and live.bm25_weight == weight
 
     def follow_serving(self, conn: sqlite3.Connection) -> CollectionRecord | None:
         """After a rollback: point the alias at the serving model's kept collection at once, if there is

@@ -230,7 +230,8 @@ MIGRATIONS: list[str] = [
     # 13: the index follows changes, not the corpus. Every chunk that becomes active or stops being active
     # leaves a row here (triggers, so no writer can forget); a collection records the last row its sync
     # applied, and the next sync reads only the rows after it. Rows every collection has applied are pruned.
-    # Existing collections have no position yet: their next sync is a full pass that records one.
+    # Existing collections have no position yet: their next sync is a full pass that records one. The
+    # (active, language) index answers the analyzer's language count from the index alone.
     """
     CREATE TABLE chunk_changes (
         seq      INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -250,6 +251,7 @@ MIGRATIONS: list[str] = [
         INSERT INTO chunk_changes (chunk_id, active) VALUES (OLD.id, 0);
     END;
     ALTER TABLE index_collections ADD COLUMN synced_seq INTEGER;
+    CREATE INDEX chunks_active_language ON chunks(active, language);
     """,
 ]
 
