@@ -304,8 +304,12 @@ def test_a_sync_reads_only_what_changed_since_the_last_one(make_settings, start_
         lambda self, chunks: encoded.extend(c.id for c in chunks) or original(self, chunks),
     )
 
+    opened: list[int] = []
+    original_open = indexing.open_store
+    monkeypatch.setattr(indexing, "open_store", lambda target: opened.append(1) or original_open(target))
     noop = service.sync(conn)
     assert (noop.added, noop.removed, noop.swapped) == (0, 0, False) and not encoded and not full_reads
+    assert not opened, "a sync with nothing to do is answered from SQLite, without opening Milvus"
 
     new_ids = _add_document(
         conn, "/inbox/new.md", ["tidal power plants in estuaries", "kelp forests shelter fish"]
