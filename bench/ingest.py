@@ -44,6 +44,12 @@ def main() -> None:
         default=2,
         help="ingest.chunk_processes (0: chunk in the daemon process, the baseline before issue 26)",
     )
+    parser.add_argument(
+        "--model",
+        default="packaged:all-MiniLM-L6-v2",
+        help='model.base, whose tokenizer chunks (the rows before issue 26 used this one; "auto" picks by the '
+        "first document's language)",
+    )
     args = parser.parse_args()
     configure_logging("error", "console")
     if args.exact_counts:
@@ -68,6 +74,7 @@ def main() -> None:
                     "rescan_minutes": 0,
                     "chunk_processes": args.chunk_processes,
                 },
+                "model": {"base": args.model},
                 "logging": {"level": "error"},
             }
         )
@@ -98,7 +105,7 @@ def main() -> None:
     p95 = latencies[int(0.95 * (len(latencies) - 1))]
     print(
         f"files {len(files)} ({total_bytes / 1e6:.1f} MB; {'/'.join(kinds)}, 1/3 Chinese), chunks {chunks}, "
-        f"rejected {rejected}, workers {args.workers}, chunk processes {args.chunk_processes}, "
+        f"rejected {rejected}, workers {args.workers}, chunk processes {args.chunk_processes}, model {args.model}, "
         f"settle {args.settle}s"
     )
     print(
