@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import resource
 import statistics
 import tempfile
@@ -47,8 +48,10 @@ def passages(limit_chars: int = 800):
         copy += 1
 
 
-def add_documents(conn, texts, documents: int, per_doc: int, start: int) -> int:
-    """Documents of `per_doc` chunks, stored as the ingest job stores them. Returns chunks added."""
+def add_documents(conn, texts, documents: int, per_doc: int, start: int, folder: Path | None = None) -> int:
+    """Documents of `per_doc` chunks, stored as the ingest job stores them. Returns chunks added. With
+    `folder` (an inbox), each document is also a real file there whose size and mtime match its row, so a
+    daemon started on the state finds its inbox unchanged."""
     from state.documents import DocumentStore, NewChunk
     from state.queue import JobQueue
 
@@ -56,12 +59,15 @@ def add_documents(conn, texts, documents: int, per_doc: int, start: int) -> int:
     store = DocumentStore(conn, queue)
     added = 0
     for number in range(start, start + documents):
-        path = f"/bench/doc{number}.txt"
+        path = f"{folder}/doc{number}.txt" if folder is not None else f"/bench/doc{number}.txt"
         chunks = []
         for i in range(per_doc):
             text = next(texts)
             chunks.append(NewChunk(i, text, "", hashlib.sha256(f"\x00{text}".encode()).hexdigest(), "en"))
         body = "\n\n".join(c.text for c in chunks).encode()
+        if folder is not None:
+            Path(path).write_bytes(body)
+            os.utime(path, (float(number), float(number)))
         store.file_seen(path, len(body), float(number))
         job = queue.claim("bench", ["ingest"])
         store.store_version(

@@ -3,7 +3,8 @@ with the daemon stopped, in one run on this machine.
 
     python -m bench.status_busy [--documents 100000] [--backlog 3000] [--repeats 9]
 
-The state holds `--documents` documents of one chunk (stored as the ingest job stores them, bench.index);
+The state holds `--documents` documents of one chunk (stored as the ingest job stores them, bench.index,
+each also a file in the inbox whose size and mtime match, so the daemon's start finds nothing to redo);
 the inbox gets `--backlog` new text files (real passages, a few KB each) so the daemon chunks, stores and
 queues while `status` runs. The daemon runs twice on fresh backlogs: at the caller's niceness, and at
 nice 10 as systemd/embedtune.service starts it. Each row is the median wall time of the whole command (a
@@ -101,7 +102,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         state, inbox = Path(tmp) / "state", Path(tmp) / "inbox"
-        inbox.mkdir()
+        (inbox / "known").mkdir(parents=True)
         config = Path(tmp) / "c.toml"
         config.write_text(
             f'[paths]\nstate_dir = "{state}"\ninbox = "{inbox}"\n'
@@ -112,7 +113,7 @@ def main() -> int:
         texts = passages()
         db = Database(layout.database)
         started = time.perf_counter()
-        add_documents(db.conn, texts, args.documents, 1, 0)
+        add_documents(db.conn, texts, args.documents, 1, 0, inbox / "known")
         db.close()
         print(
             json.dumps({"documents": args.documents, "build_s": round(time.perf_counter() - started, 1)}),
