@@ -5,7 +5,7 @@ prints documents/s, MB/s and the p50/p95 latency from a file landing to its chun
 (including the settle period, printed beside it).
 
     python -m bench.ingest [--files 1000] [--settle 0.5] [--workers 2] [--kinds txt,md,docx,html] [--sentences 10,60]
-                           [--exact-counts] [--chunk-processes 2]
+                           [--exact-counts] [--model packaged:all-MiniLM-L6-v2]
 """
 
 from __future__ import annotations
@@ -39,12 +39,6 @@ def main() -> None:
         help="baseline: encode every sentence whole (turns off the chunker's per-word counting)",
     )
     parser.add_argument(
-        "--chunk-processes",
-        type=int,
-        default=2,
-        help="ingest.chunk_processes (0: chunk in the daemon process, the baseline before issue 26)",
-    )
-    parser.add_argument(
         "--model",
         default="packaged:all-MiniLM-L6-v2",
         help='model.base, whose tokenizer chunks (the rows before issue 26 used this one; "auto" picks by the '
@@ -53,7 +47,6 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging("error", "console")
     if args.exact_counts:
-        args.chunk_processes = 0  # the patch below reaches this process's chunker only
         import stages.chunk
 
         stages.chunk._bert_word_rule = lambda _tokenizer: None
@@ -68,12 +61,7 @@ def main() -> None:
         settings = Settings.model_validate(
             {
                 "paths": {"inbox": str(root / "inbox"), "state_dir": str(root / "state")},
-                "ingest": {
-                    "settle_seconds": args.settle,
-                    "workers": args.workers,
-                    "rescan_minutes": 0,
-                    "chunk_processes": args.chunk_processes,
-                },
+                "ingest": {"settle_seconds": args.settle, "workers": args.workers, "rescan_minutes": 0},
                 "model": {"base": args.model},
                 "logging": {"level": "error"},
             }
@@ -105,7 +93,7 @@ def main() -> None:
     p95 = latencies[int(0.95 * (len(latencies) - 1))]
     print(
         f"files {len(files)} ({total_bytes / 1e6:.1f} MB; {'/'.join(kinds)}, 1/3 Chinese), chunks {chunks}, "
-        f"rejected {rejected}, workers {args.workers}, chunk processes {args.chunk_processes}, model {args.model}, "
+        f"rejected {rejected}, workers {args.workers}, model {args.model}, "
         f"settle {args.settle}s"
     )
     print(

@@ -21,9 +21,7 @@ log = get_logger("embedtune.ingest")
 
 
 class Chunker:
-    """Chunking with the configured embedding model's tokenizer, loaded once. With `processes`, documents
-    are chunked in that many worker processes (daemon/chunk_pool.py), so ingest threads do not take turns;
-    without, in this process under a lock."""
+    """Chunking with the configured embedding model's tokenizer, loaded once and shared by threads."""
 
     def __init__(
         self,
@@ -32,7 +30,6 @@ class Chunker:
         overlap: int,
         min_chars: int,
         converted_root: Path | None = None,
-        processes: int = 0,
     ) -> None:
         path = resolve_model_path(model_reference, converted_root)
         self.counter = TokenCounter(load_tokenizer(path))
@@ -41,22 +38,8 @@ class Chunker:
         self.overlap = min(overlap, self.max_tokens // 2)
         self.min_chars = min_chars
         self._lock = threading.Lock()
-        self.pool = None
-        if processes:
-            from daemon.chunk_pool import ChunkPool
-
-            self.pool = ChunkPool(path, chunk_tokens, overlap, min_chars, processes)
 
     def __call__(self, sections) -> list[NewChunk]:
-        if self.pool is not None:
-            return self.pool.chunk(list(sections))
-        return self.chunk(sections)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-
-    def chunk(self, sections) -> list[NewChunk]:
         with self._lock:  # HF fast tokenizers are not re-entrant across threads
             chunks = chunk_sections(
                 sections,
@@ -98,14 +81,8 @@ class AutoBaseChunker:
                     ingest.chunk_overlap,
                     ingest.min_chunk_chars,
                     self.converted_root,
-                    ingest.chunk_processes,
                 )
             return self._chunker
-
-    def close(self) -> None:
-        with self._lock:
-            if self._chunker is not None:
-                self._chunker.close()
 
 
 def chunker_for(settings, converted_root: Path) -> Chunker | AutoBaseChunker:
@@ -113,12 +90,7 @@ def chunker_for(settings, converted_root: Path) -> Chunker | AutoBaseChunker:
         return AutoBaseChunker(settings, converted_root)
     ingest = settings.ingest
     return Chunker(
-        settings.model.base,
-        ingest.chunk_tokens,
-        ingest.chunk_overlap,
-        ingest.min_chunk_chars,
-        converted_root,
-        ingest.chunk_processes,
+        settings.model.base, ingest.chunk_tokens, ingest.chunk_overlap, ingest.min_chunk_chars, converted_root
     )
 
 

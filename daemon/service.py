@@ -134,7 +134,7 @@ class Daemon:
         self.synthesis = SynthesisService(self.settings, self.breaker)
         # The filter pass and the index sync load models: each runs in a child process (daemon/job_process.py)
         self.model_jobs = ChildJobs(self.settings, self.layout)
-        self.chunker = chunker = chunker_for(self.settings, converted_models_root(self.settings))
+        chunker = chunker_for(self.settings, converted_models_root(self.settings))
         self.ingest_pool = WorkerPool(
             "ingest",
             self.layout.database,
@@ -381,8 +381,6 @@ class Daemon:
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         for pool in self.pools:
             pool.stop(max(0.0, deadline - time.monotonic()))
-        if hasattr(self, "chunker"):
-            self.chunker.close()  # after the ingest threads: none is waiting on a chunk any more
         if self.db is not None:
             released = JobQueue(self.db.conn).release_owner("")
             mark_stopped(self.db.conn)

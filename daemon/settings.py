@@ -46,8 +46,6 @@ class IngestSettings(_Section):
     chunk_tokens: int = Field(200, ge=16, le=8192)
     chunk_overlap: int = Field(32, ge=0)
     min_chunk_chars: int = Field(20, ge=1)
-    # Worker processes that chunk (daemon/chunk_pool.py); 0: chunk in the daemon process, one at a time
-    chunk_processes: int = Field(2, ge=0, le=64)
 
     @model_validator(mode="after")
     def _overlap_smaller(self) -> IngestSettings:

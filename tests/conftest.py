@@ -31,14 +31,7 @@ def settings_for(root: Path, base_model: Path, **sections):
 
     data = {
         "paths": {"inbox": str(root / "inbox"), "state_dir": str(root / "state")},
-        # chunk_processes 0: chunking in worker processes has its own tests (tests/test_ingestion.py)
-        "ingest": {
-            "settle_seconds": 0.3,
-            "chunk_tokens": 64,
-            "chunk_overlap": 8,
-            "rescan_minutes": 0,
-            "chunk_processes": 0,
-        },
+        "ingest": {"settle_seconds": 0.3, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
         # torch: a test of something else does not pay for an ONNX export (tests/test_backends.py does)
         "model": {"base": str(base_model), "device": "cpu", "encode_batch_size": 16, "backend": "torch"},
         "training": {

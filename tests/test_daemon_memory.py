@@ -14,12 +14,8 @@ def _mapped(pid: int) -> str:
 
 
 def test_filter_and_index_jobs_never_load_torch_into_the_daemon(tmp_path, tiny_embedder):
-    # the defaults: chunking in worker processes and an ONNX export job beside the filter and the index
-    extra = {
-        "training": {"min_new_samples": 10_000},
-        "ingest": {"chunk_processes": 2},
-        "model": {"backend": "auto"},
-    }
+    # the default backend: an ONNX export job beside the filter and the index, also in a child process
+    extra = {"training": {"min_new_samples": 10_000}, "model": {"backend": "auto"}}
     config = write_config(tmp_path / "c.toml", tmp_path, tiny_embedder, extra=extra)
     _corpus(tmp_path / "inbox", documents=4)
     state = tmp_path / "state"

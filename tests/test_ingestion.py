@@ -31,7 +31,7 @@ def _active_chunks(running, path):
 
 
 def test_files_of_every_kind_are_ingested_once(make_settings, start_daemon, tmp_path):
-    settings = make_settings(ingest={"chunk_processes": 2})  # the default: chunking in worker processes
+    settings = make_settings()
     inbox = settings.paths.inbox
     (inbox / "deep" / "er").mkdir(parents=True)
     (inbox / "en.txt").write_text(ENGLISH)
@@ -354,31 +354,3 @@ def test_a_settled_file_counts_as_tracked_until_its_job_exists(tmp_path):
     assert len(tracker) == 1 and tracker.poll() == []  # handed over, not yet a job: still counted, once
     tracker.handed_off(str(path))
     assert len(tracker) == 0
-
-
-def test_worker_processes_chunk_as_the_daemon_process_does_and_survive_a_killed_worker(
-    tiny_embedder, tmp_path
-):
-    """daemon/chunk_pool.py: the same chunks as in-process chunking; a worker killed mid-life (an OOM kill)
-    costs a new pool, not the document; the pool stops when closed."""
-    import signal
-
-    from daemon.ingest import Chunker
-    from stages.extract import extract
-    from tests.docs_factory import generate_corpus
-
-    files = generate_corpus(tmp_path / "docs", 6, kinds=("txt", "md"), sentences=(20, 40))
-    documents = [extract(path, path.read_bytes()).sections for path in files]
-    local = Chunker(str(tiny_embedder), 64, 8, 10)
-    pooled = Chunker(str(tiny_embedder), 64, 8, 10, processes=2)
-    try:
-        expected = [local(sections) for sections in documents]
-        assert [pooled(sections) for sections in documents] == expected
-        workers = list(pooled.pool._executor._processes.values())
-        assert workers and all(worker.is_alive() for worker in workers)  # started as work arrives
-        os.kill(workers[0].pid, signal.SIGKILL)
-        workers[0].join(timeout=30)
-        assert [pooled(sections) for sections in documents] == expected
-    finally:
-        pooled.close()
-    assert pooled.pool._executor is None and not any(worker.is_alive() for worker in workers)

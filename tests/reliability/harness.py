@@ -24,14 +24,7 @@ def campaign_scale() -> str:
 def write_config(path: Path, tmp: Path, model: Path, llm_url: str = "", extra: dict | None = None) -> Path:
     sections = {
         "paths": {"inbox": str(tmp / "inbox"), "state_dir": str(tmp / "state")},
-        # as tests/conftest.py: chunking in-process, torch encoding (their own tests run the defaults)
-        "ingest": {
-            "settle_seconds": 0.2,
-            "chunk_tokens": 64,
-            "chunk_overlap": 8,
-            "rescan_minutes": 0,
-            "chunk_processes": 0,
-        },
+        "ingest": {"settle_seconds": 0.2, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
         "llm": {
             "url": llm_url,
             "max_retries": 2,
@@ -41,6 +34,7 @@ def write_config(path: Path, tmp: Path, model: Path, llm_url: str = "", extra: d
             "concurrency": 4,
         },
         "synthesis": {"featured_percentage": 1.0, "heldout_fraction": 0.2},
+        # torch, as tests/conftest.py: ONNX exports have their own tests (tests/test_backends.py)
         "model": {"base": str(model), "device": "cpu", "backend": "torch"},
         "training": {
             "min_new_samples": 30,
