@@ -52,6 +52,17 @@ def encoders(model_path: Path, exports: Path):
         yield f"onnx {variant}", Encoder(model_path, params, model=model)
 
 
+def encode_rates(encoder, passages: list[str], queries: list[str], warmup: int = 16) -> tuple[float, float]:
+    """(passages/s, queries/s) of an encoder, after a warm-up (first-call allocations are not throughput)."""
+    encoder.passages(passages[:warmup])
+    started = time.perf_counter()
+    encoder.passages(passages)
+    passage_s = time.perf_counter() - started
+    started = time.perf_counter()
+    encoder.queries(queries)
+    return len(passages) / passage_s, len(queries) / (time.perf_counter() - started)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -91,17 +102,8 @@ def main() -> int:
     queries = data.queries[: args.throughput_passages]
     throughput, scores = {}, {}
     for name, encoder in encoders(model_path, work):
-        encoder.passages(passages[:16])  # warm-up: first-call allocations are not throughput
-        started = time.perf_counter()
-        encoder.passages(passages)
-        passage_s = time.perf_counter() - started
-        started = time.perf_counter()
-        encoder.queries(queries)
-        query_s = time.perf_counter() - started
-        throughput[name] = {
-            "passages_per_s": len(passages) / passage_s,
-            "queries_per_s": len(queries) / query_s,
-        }
+        passages_per_s, queries_per_s = encode_rates(encoder, passages, queries)
+        throughput[name] = {"passages_per_s": passages_per_s, "queries_per_s": queries_per_s}
         print(json.dumps({"throughput": name, **throughput[name]}), flush=True)
         if not args.no_quality:
             started = time.perf_counter()

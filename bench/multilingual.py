@@ -96,21 +96,15 @@ def _cost_child(reference: str, dataset: str, root: str) -> None:
     load_s = time.perf_counter() - started
     passages = data.corpus_texts[:THROUGHPUT_TEXTS]
     queries = data.queries[:THROUGHPUT_TEXTS]
-    encoder.passages(passages[:8])  # warm-up
-    started = time.perf_counter()
-    encoder.passages(passages)
-    passage_s = time.perf_counter() - started
-    started = time.perf_counter()
-    encoder.queries(queries)
-    query_s = time.perf_counter() - started
+    from bench.backends import encode_rates
     from daemon.round_process import peak_rss_mb
 
-    peak_mb = peak_rss_mb()
+    passages_per_s, queries_per_s = encode_rates(encoder, passages, queries, warmup=8)
     result = {
         "load_s": load_s,
-        "passages_per_s": len(passages) / passage_s,
-        "queries_per_s": len(queries) / query_s,
-        "peak_rss_mb": peak_mb,
+        "passages_per_s": passages_per_s,
+        "queries_per_s": queries_per_s,
+        "peak_rss_mb": peak_rss_mb(),
     }
     print("RESULT " + json.dumps(result), flush=True)
 

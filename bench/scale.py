@@ -47,6 +47,11 @@ def bench_model(spec: str, folder: Path) -> str:
 
 
 def status_seconds(config: Path, repeats: int) -> float:
+    return statistics.median(status_times(config, repeats))
+
+
+def status_times(config: Path, repeats: int) -> list[float]:
+    """Wall time of the whole `embedtune status` command (a fresh process), `repeats` times."""
     times = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -57,7 +62,7 @@ def status_seconds(config: Path, repeats: int) -> float:
             cwd=ROOT,
         )
         times.append(time.perf_counter() - started)
-    return statistics.median(times)
+    return times
 
 
 def main() -> None:

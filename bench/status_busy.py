@@ -24,21 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def status_times(config: Path, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-m", "daemon.cli", "--config", str(config), "status"],
-            check=True,
-            capture_output=True,
-            cwd=ROOT,
-        )
-        times.append(time.perf_counter() - started)
-    return times
+from bench.scale import ROOT, status_times
 
 
 def ingested(database: Path) -> int:
