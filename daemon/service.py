@@ -143,7 +143,11 @@ class Daemon:
         )
         synth_threads = self.settings.llm.concurrency if self.settings.llm.enabled else 1
         self.synth_pool = WorkerPool(
-            "synthesize", self.layout.database, {"synthesize": self.synthesis.handle}, synth_threads
+            "synthesize",
+            self.layout.database,
+            {"synthesize": self.synthesis.handle},
+            synth_threads,
+            batches={"synthesize": self.synthesis},
         )
         self.filter_pool = WorkerPool(
             "filter", self.layout.database, {"filter": self.model_jobs.handle}, 1, lease_seconds=1800
@@ -247,6 +251,13 @@ class Daemon:
         except Exception:
             log.exception("export_check_failed")
 
+    def _forget_index_changes(self) -> None:
+        """With the index off, the chunk change log (written by triggers) is pruned here, not by syncs."""
+        try:
+            IndexRecords(self.db.conn).forget_changes()
+        except Exception:
+            log.exception("index_changes_prune_failed")
+
     def _recover_leases(self) -> None:
         count = JobQueue(self.callbacks.db.conn).recover_expired()
         if count:
@@ -312,6 +323,8 @@ class Daemon:
                     self._check_export()  # first: with both pending, the export runs before the sync
                     if self.index is not None:
                         self._check_index()
+                    else:
+                        self._forget_index_changes()
                 self.rounds.poll(self.db.conn)
                 if self.rounds.request_pending(self.db.conn) or time.monotonic() - last_round_check > 5.0:
                     last_round_check = time.monotonic()

@@ -14,9 +14,14 @@ from stages.llm import (
 )
 from stages.pseudo import pseudo_queries
 from stages.synthesize import ReplyBudget, synthesize_chunk
+from state.queue import Job, JobQueue
 from state.samples import SampleIn, SampleStore
 
 log = get_logger("embedtune.synthesis")
+
+# Built-in (no LLM) synthesis takes a fraction of a millisecond per chunk, less than the transactions
+# around it: jobs are taken and finished this many at a time (docs/benchmarks.md, "Ingestion").
+BUILTIN_BATCH = 64
 
 
 def make_llm_client(settings, breaker: CircuitBreaker) -> LlmClient | None:
@@ -72,16 +77,7 @@ class SynthesisService:
         settings = self.settings.synthesis
         client = self.client
         if client is None:
-            made = pseudo_queries(
-                chunk["text"],
-                chunk["heading"],
-                chunk["language"],
-                chunk["sha256"],
-                settings.pseudo_method,
-                settings.pseudo_per_chunk,
-                settings.seed,
-            )
-            candidates = [SampleIn(c.query, "pseudo", c.passage, None, None) for c in made]
+            candidates = self._pseudo(chunk)
         else:
             try:
                 made = synthesize_chunk(
@@ -107,3 +103,34 @@ class SynthesisService:
             ]
         added = store.store_candidates(ctx.job, chunk, candidates, settings.judge_threshold)
         log.debug("chunk_synthesized", chunk_id=chunk["id"], added=added)
+
+    def batch_size(self) -> int:
+        """Built-in synthesis goes in batches; LLM requests one job at a time (threads give concurrency)."""
+        return BUILTIN_BATCH if self.client is None else 1
+
+    def handle_batch(self, queue: JobQueue, jobs: list[Job]) -> None:
+        """Built-in pseudo-queries for many chunks, stored and completed in one transaction."""
+        store = SampleStore(queue.conn, queue)
+        chunks = store.chunks([job.payload["chunk_id"] for job in jobs])
+        made = []
+        for job in jobs:
+            chunk = chunks.get(job.payload["chunk_id"])
+            if chunk is None or not chunk["active"]:
+                made.append((job, None, []))  # retired before its turn: nothing to make
+            else:
+                made.append((job, chunk, self._pseudo(chunk)))
+        added = store.store_many(made, self.settings.synthesis.judge_threshold)
+        log.debug("chunks_synthesized", jobs=len(jobs), added=added)
+
+    def _pseudo(self, chunk) -> list[SampleIn]:
+        settings = self.settings.synthesis
+        made = pseudo_queries(
+            chunk["text"],
+            chunk["heading"],
+            chunk["language"],
+            chunk["sha256"],
+            settings.pseudo_method,
+            settings.pseudo_per_chunk,
+            settings.seed,
+        )
+        return [SampleIn(c.query, "pseudo", c.passage, None, None) for c in made]

@@ -11,8 +11,9 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from daemon.logs import get_logger
 from state.db import connect
@@ -117,6 +118,18 @@ class JobContext:
 Handler = Callable[[JobContext], None]
 
 
+class BatchHandler(Protocol):
+    """A handler that can also finish several jobs of its kind in one go (one transaction for all)."""
+
+    def batch_size(self) -> int:
+        """How many jobs to take at once now; 1 means one at a time through the plain handler."""
+        ...
+
+    def handle_batch(self, queue: JobQueue, jobs: list[Job]) -> None:
+        """Do and complete every job, or raise having committed nothing (each is then run on its own)."""
+        ...
+
+
 class WorkerPool:
     def __init__(
         self,
@@ -126,10 +139,12 @@ class WorkerPool:
         threads: int,
         lease_seconds: float = 300.0,
         idle_poll: float = 0.5,
+        batches: Mapping[str, BatchHandler] | None = None,
     ) -> None:
         self.name = name
         self.db_path = db_path
         self.handlers = handlers
+        self.batches = dict(batches or {})
         self.threads = threads
         self.lease_seconds = lease_seconds
         self.idle_poll = idle_poll
@@ -186,9 +201,50 @@ class WorkerPool:
                     self.wake.wait(self.idle_poll)
                     self.wake.clear()
                     continue
-                self._execute(queue, job)
+                batch = self.batches.get(job.kind)
+                size = batch.batch_size() if batch is not None else 1
+                if size > 1:
+                    self._execute_batch(queue, batch, [job, *self._claim_more(queue, owner, job, size - 1)])
+                else:
+                    self._execute(queue, job)
         finally:
             conn.close()
+
+    def _claim_more(self, queue: JobQueue, owner: str, job: Job, limit: int) -> list[Job]:
+        try:
+            return queue.claim_more(owner, job.kind, limit, self.lease_seconds)
+        except Exception:
+            log.exception("claim_failed", pool=self.name)
+            return []
+
+    def _execute_batch(self, queue: JobQueue, batch: BatchHandler, jobs: list[Job]) -> None:
+        """Run jobs together; if the batch fails (it committed nothing), run each on its own, so one bad
+        job fails alone, with its own attempts and error, as it would have without batching."""
+        started = time.monotonic()
+        with self._busy_lock:
+            self.busy += 1
+        for job in jobs:
+            self.leases.add(job)
+        try:
+            batch.handle_batch(queue, jobs)
+            log.info(
+                "jobs_done",
+                kind=jobs[0].kind,
+                jobs=len(jobs),
+                duration_s=round(time.monotonic() - started, 3),
+            )
+            return
+        except Exception as exc:
+            log.warning(
+                "batch_failed", kind=jobs[0].kind, jobs=len(jobs), error=f"{type(exc).__name__}: {exc}"
+            )
+        finally:
+            for job in jobs:
+                self.leases.remove(job)
+            with self._busy_lock:
+                self.busy -= 1
+        for job in jobs:
+            self._execute(queue, job)
 
     def _execute(self, queue: JobQueue, job: Job) -> None:
         started = time.monotonic()

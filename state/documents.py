@@ -184,30 +184,25 @@ class DocumentStore:
                 "language=?, split=?, duplicate_of=NULL, updated=? WHERE id=?",
                 (sha256, first, size, mtime, language, split, now, doc_id),
             )
-            for chunk in chunks:
-                row = self.conn.execute(
-                    "INSERT INTO chunks (document_id, version, ordinal, text, heading, sha256, language, split, "
-                    "active, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?) "
-                    "ON CONFLICT(document_id, version, ordinal) DO UPDATE SET active=1 RETURNING id",
-                    (
-                        doc_id,
-                        sha256,
-                        chunk.ordinal,
-                        chunk.text,
-                        chunk.heading,
-                        chunk.sha256,
-                        chunk.language,
-                        split,
-                        now,
-                    ),
-                ).fetchone()
-                self.queue.enqueue(
-                    "synthesize",
-                    f"synthesize:{row[0]}",
-                    {"chunk_id": row[0]},
-                    priority=50,
-                    in_transaction=True,
-                )
+            self.conn.executemany(
+                "INSERT INTO chunks (document_id, version, ordinal, text, heading, sha256, language, split, "
+                "active, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 1, ?) "
+                "ON CONFLICT(document_id, version, ordinal) DO UPDATE SET active=1",
+                [
+                    (doc_id, sha256, c.ordinal, c.text, c.heading, c.sha256, c.language, split, now)
+                    for c in chunks
+                ],
+            )
+            ids = self.conn.execute(
+                "SELECT id FROM chunks WHERE document_id=? AND version=? AND +active=1 ORDER BY ordinal",
+                (doc_id, sha256),
+            ).fetchall()
+            self.queue.enqueue_many(
+                "synthesize",
+                [(f"synthesize:{row[0]}", {"chunk_id": row[0]}) for row in ids],
+                priority=50,
+                in_transaction=True,
+            )
             self.queue.complete(job, in_transaction=True)
         return "stored"
 

@@ -93,8 +93,33 @@ class JobQueue:
         """Add a job unless one with this key exists. With requeue_finished, a done/dead job with the
         same key is made pending again (used for recurring work such as the filter pass).
         Returns True when a job was added or re-armed."""
+        return (
+            self.enqueue_many(
+                kind,
+                [(key, payload)],
+                priority=priority,
+                max_attempts=max_attempts,
+                delay=delay,
+                requeue_finished=requeue_finished,
+                in_transaction=in_transaction,
+            )
+            > 0
+        )
+
+    def enqueue_many(
+        self,
+        kind: str,
+        jobs: list[tuple[str, dict[str, Any] | None]],
+        *,
+        priority: int = 100,
+        max_attempts: int = 5,
+        delay: float = 0.0,
+        requeue_finished: bool = False,
+        in_transaction: bool = False,
+    ) -> int:
+        """`enqueue` for many (key, payload) jobs of one kind in one statement; returns how many were added
+        or re-armed."""
         now = utcnow()
-        body = json.dumps(payload or {}, ensure_ascii=False, sort_keys=True)
         update = (
             "ON CONFLICT(key) DO UPDATE SET state='pending', attempts=0, not_before=excluded.not_before, "
             "payload=excluded.payload, last_error=NULL, updated=excluded.updated "
@@ -106,13 +131,18 @@ class JobQueue:
             "INSERT INTO jobs (kind, key, payload, priority, max_attempts, not_before, created, updated) "
             f"VALUES (?, ?, ?, ?, ?, ?, ?, ?) {update}"
         )
-        params = (kind, key, body, priority, max_attempts, self.clock() + delay, now, now)
+        not_before = self.clock() + delay
+        params = [
+            (kind, key, json.dumps(payload or {}, ensure_ascii=False, sort_keys=True), priority, max_attempts)
+            + (not_before, now, now)
+            for key, payload in jobs
+        ]
         if in_transaction:
-            cursor = self.conn.execute(sql, params)
+            cursor = self.conn.executemany(sql, params)
         else:
             with transaction(self.conn):
-                cursor = self.conn.execute(sql, params)
-        return cursor.rowcount > 0
+                cursor = self.conn.executemany(sql, params)
+        return cursor.rowcount
 
     def claim(self, owner: str, kinds: list[str] | None = None, lease_seconds: float = 300.0) -> Job | None:
         """Take the next ready job with a lease, inside one write transaction: the first ready row of each
@@ -141,6 +171,23 @@ class JobQueue:
             ).fetchone()
         return Job.from_row(row)
 
+    def claim_more(self, owner: str, kind: str, limit: int, lease_seconds: float = 300.0) -> list[Job]:
+        """Up to `limit` further ready jobs of one kind, leased in one transaction, in claim order: a
+        handler that finishes many small jobs at once (the built-in synthesizer) pays one transaction for
+        them instead of one per job."""
+        if limit <= 0:
+            return []
+        now = self.clock()
+        with transaction(self.conn):
+            rows = self.conn.execute(
+                "UPDATE jobs SET state='running', lease_owner=?, lease_until=?, attempts=attempts+1, updated=? "
+                "WHERE id IN (SELECT id FROM jobs INDEXED BY jobs_ready "
+                "WHERE kind=? AND state IN ('pending','failed') AND not_before <= ? "
+                "ORDER BY priority, not_before, id LIMIT ?) RETURNING *",
+                (owner, now + lease_seconds, utcnow(), kind, now, limit),
+            ).fetchall()
+        return sorted((Job.from_row(row) for row in rows), key=lambda job: job.id)
+
     def get(self, job_id: int) -> Job | None:
         """A running job by id (a child process picks up the job its parent claimed)."""
         row = self.conn.execute("SELECT * FROM jobs WHERE id=? AND state='running'", (job_id,)).fetchone()
@@ -158,18 +205,29 @@ class JobQueue:
 
     def complete(self, job: Job, *, in_transaction: bool = False) -> None:
         """Mark done. Inside the handler's own transaction, this commits atomically with its results."""
+        self.complete_many([job], in_transaction=in_transaction)
+
+    def complete_many(self, jobs: list[Job], *, in_transaction: bool = False) -> None:
+        """Mark jobs done; LeaseLost (rolling back the caller's transaction) if any is no longer ours."""
         sql = (
             "UPDATE jobs SET state='done', lease_owner=NULL, lease_until=NULL, last_error=NULL, updated=? "
             "WHERE id=? AND state='running' AND lease_owner=?"
         )
-        params = (utcnow(), job.id, job.lease_owner)
+        now = utcnow()
+        params = [(now, job.id, job.lease_owner) for job in jobs]
+
+        def mark_done() -> None:
+            done = self.conn.executemany(sql, params).rowcount
+            if done != len(jobs):  # raised inside the transaction: it rolls back
+                if len(jobs) == 1:
+                    raise LeaseLost(f"job {jobs[0].id} is no longer leased to {jobs[0].lease_owner}")
+                raise LeaseLost(f"{len(jobs) - done} of {len(jobs)} jobs are no longer leased to their owner")
+
         if in_transaction:
-            cursor = self.conn.execute(sql, params)
+            mark_done()
         else:
             with transaction(self.conn):
-                cursor = self.conn.execute(sql, params)
-        if cursor.rowcount == 0:
-            raise LeaseLost(f"job {job.id} is no longer leased to {job.lease_owner}")
+                mark_done()
 
     def fail(
         self,

@@ -30,42 +30,32 @@ class SampleStore:
     def chunk(self, chunk_id: int) -> sqlite3.Row | None:
         return self.conn.execute("SELECT * FROM chunks WHERE id=?", (chunk_id,)).fetchone()
 
+    def chunks(self, chunk_ids: Sequence[int]) -> dict[int, sqlite3.Row]:
+        """Chunk rows by id, in one query (a batch of synthesis jobs)."""
+        marks = ",".join("?" * len(chunk_ids))
+        rows = self.conn.execute(f"SELECT * FROM chunks WHERE id IN ({marks})", list(chunk_ids)).fetchall()
+        return {row["id"]: row for row in rows}
+
     def store_candidates(
         self, job: Job, chunk: sqlite3.Row, candidates: Sequence[SampleIn], judge_threshold: float
     ) -> int:
         """Insert the chunk's pairs and finish its job in one transaction; a re-run inserts nothing new."""
+        return self.store_many([(job, chunk, candidates)], judge_threshold)
+
+    def store_many(
+        self,
+        made: Sequence[tuple[Job, sqlite3.Row | None, Sequence[SampleIn]]],
+        judge_threshold: float,
+    ) -> int:
+        """Several jobs' pairs (job, its chunk or None when gone, candidates) and their completion in one
+        transaction, with one filter job armed for all of them. Returns the pairs added."""
         now = utcnow()
         added = 0
         with transaction(self.conn):
-            parents: dict[str, int] = {}
-            for candidate in sorted(candidates, key=lambda c: c.kind != "question"):
-                kept, reason = None, candidate.reason
-                if reason is not None:
-                    kept = 0
-                elif candidate.judge_score is not None and candidate.judge_score < judge_threshold:
-                    kept, reason = 0, f"judge score {candidate.judge_score:.2f} < {judge_threshold}"
-                row = self.conn.execute(
-                    "INSERT INTO samples (chunk_id, query, kind, parent_id, passage, split, judge_score, kept, "
-                    "reason, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT(chunk_id, kind, query) DO NOTHING RETURNING id",
-                    (
-                        chunk["id"],
-                        candidate.query,
-                        candidate.kind,
-                        parents.get(candidate.parent or ""),
-                        candidate.passage,
-                        chunk["split"],
-                        candidate.judge_score,
-                        kept,
-                        reason,
-                        now,
-                    ),
-                ).fetchone()
-                if row is not None:
-                    added += 1
-                    if candidate.kind == "question":
-                        parents[candidate.query] = row[0]
-            self.queue.complete(job, in_transaction=True)
+            for _job, chunk, candidates in made:
+                if chunk is not None:
+                    added += self._insert_candidates(chunk, candidates, judge_threshold, now)
+            self.queue.complete_many([job for job, _chunk, _candidates in made], in_transaction=True)
             if added:
                 self.queue.enqueue(
                     "filter",
@@ -76,6 +66,40 @@ class SampleStore:
                     requeue_finished=True,
                     in_transaction=True,
                 )
+        return added
+
+    def _insert_candidates(
+        self, chunk: sqlite3.Row, candidates: Sequence[SampleIn], judge_threshold: float, now: str
+    ) -> int:
+        added = 0
+        parents: dict[str, int] = {}
+        for candidate in sorted(candidates, key=lambda c: c.kind != "question"):
+            kept, reason = None, candidate.reason
+            if reason is not None:
+                kept = 0
+            elif candidate.judge_score is not None and candidate.judge_score < judge_threshold:
+                kept, reason = 0, f"judge score {candidate.judge_score:.2f} < {judge_threshold}"
+            row = self.conn.execute(
+                "INSERT INTO samples (chunk_id, query, kind, parent_id, passage, split, judge_score, kept, "
+                "reason, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT(chunk_id, kind, query) DO NOTHING RETURNING id",
+                (
+                    chunk["id"],
+                    candidate.query,
+                    candidate.kind,
+                    parents.get(candidate.parent or ""),
+                    candidate.passage,
+                    chunk["split"],
+                    candidate.judge_score,
+                    kept,
+                    reason,
+                    now,
+                ),
+            ).fetchone()
+            if row is not None:
+                added += 1
+                if candidate.kind == "question":
+                    parents[candidate.query] = row[0]
         return added
 
     def unfiltered(self, limit: int) -> list[sqlite3.Row]:

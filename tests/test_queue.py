@@ -238,3 +238,78 @@ def test_running_jobs_keep_their_lease_while_they_work(tmp_path):
         pool.stop(10)
     assert len(calls) == 1
     assert database.conn.execute("SELECT state, attempts FROM jobs").fetchone()[:] == ("done", 1)
+
+
+def test_claim_more_and_complete_many_take_and_finish_a_batch_in_claim_order(db):
+    clock = Clock()
+    queue = JobQueue(db.conn, clock=clock)
+    assert queue.enqueue_many("synthesize", [(f"s{n}", {"n": n}) for n in range(5)], priority=50) == 5
+    assert queue.enqueue_many("synthesize", [("s0", {}), ("s5", {"n": 5})]) == 1  # s0 exists already
+    queue.enqueue("synthesize", "later", delay=60)  # not ready yet
+    queue.enqueue("synthesize", "first", priority=10)
+    queue.enqueue("ingest", "other kind")
+    head = queue.claim("w", ["synthesize"])
+    assert head.key == "first"
+    batch = queue.claim_more("w", "synthesize", 4, lease_seconds=30)
+    assert [job.key for job in batch] == ["s0", "s1", "s2", "s3"]
+    assert all(job.attempts == 1 and job.lease_owner == "w" for job in batch)
+    assert queue.claim_more("w", "synthesize", 0) == []
+    # one of them is no longer ours: nothing of the batch is marked done
+    db.conn.execute("UPDATE jobs SET lease_owner='someone else' WHERE key='s2'")
+    with pytest.raises(LeaseLost):
+        queue.complete_many(batch)
+    assert db.conn.execute("SELECT COUNT(*) FROM jobs WHERE state='done'").fetchone()[0] == 0
+    db.conn.execute("UPDATE jobs SET lease_owner='w' WHERE key='s2'")
+    queue.complete_many([head, *batch])
+    assert queue.counts()["done"] == 5
+    rest = queue.claim_more("w", "synthesize", 10)
+    assert [job.key for job in rest] == ["s4", "s5"]  # `later` waits for its time, `ingest` is another kind
+
+
+def test_pool_batch_that_fails_runs_each_job_alone(tmp_path):
+    """A batch that raises committed nothing; its jobs then run one by one, so the bad one fails alone
+    (with its own error and attempts) and the others are done."""
+    import time
+
+    from daemon.workers import WorkerPool
+
+    database = Database(tmp_path / "batch.db")
+    queue = JobQueue(database.conn)
+    queue.enqueue_many("work", [(f"w{n}", {"n": n}) for n in range(10)])
+    batches: list[int] = []
+
+    def single(ctx) -> None:
+        if ctx.job.payload["n"] == 3:
+            raise ValueError("job 3 is bad")
+        ctx.queue.complete(ctx.job)
+
+    class Batch:
+        def batch_size(self) -> int:
+            return 4
+
+        def handle_batch(self, queue: JobQueue, jobs) -> None:
+            batches.append(len(jobs))
+            if any(job.payload["n"] == 3 for job in jobs):
+                raise ValueError("a job of the batch is bad")
+            queue.complete_many(jobs)
+
+    pool = WorkerPool(
+        "work", database.path, {"work": single}, threads=1, idle_poll=0.05, batches={"work": Batch()}
+    )
+    pool.start()
+    deadline = time.monotonic() + 30
+    try:
+        while (
+            time.monotonic() < deadline
+            and database.conn.execute(
+                "SELECT COUNT(*) FROM jobs WHERE state IN ('pending','running')"
+            ).fetchone()[0]
+        ):
+            time.sleep(0.05)
+    finally:
+        pool.stop(10)
+    states = dict(database.conn.execute("SELECT key, state FROM jobs").fetchall())
+    assert states.pop("w3") == "failed" and set(states.values()) == {"done"}
+    error = database.conn.execute("SELECT last_error FROM jobs WHERE key='w3'").fetchone()[0]
+    assert "job 3 is bad" in error
+    assert batches[:3] == [4, 4, 2]  # w0-w3 failed as a batch and ran alone; then w4-w7, w8-w9

@@ -257,3 +257,49 @@ def test_one_slot_rambling_server_finishes_with_nothing_dead(make_settings, star
         llm = running.status()["llm"]
         assert llm["breaker"] == "closed" and llm["max_concurrency"] == 6
         assert llm["structured"] == "json_schema" and llm["concurrency_reason"]
+
+
+def test_builtin_synthesis_in_batches_stores_what_single_jobs_store(make_settings, tmp_path):
+    """Without an LLM the pool takes synthesize jobs in batches (one transaction for many): the pairs are
+    the ones job-by-job synthesis makes, a chunk retired before its turn gets none, every job is done and
+    one filter job is armed."""
+    from daemon.synthesis import SynthesisService
+    from daemon.workers import JobContext
+    from stages.llm import CircuitBreaker
+    from state.db import Database
+    from state.documents import DocumentStore, NewChunk
+    from state.queue import JobQueue
+
+    settings = make_settings()
+    texts = [f"{ENGLISH} Sentence number {n} closes chunk {n}. It has one more line {n}." for n in range(6)]
+    results = []
+    for mode in ("single", "batch"):
+        db = Database(tmp_path / f"{mode}.db")
+        queue = JobQueue(db.conn)
+        store = DocumentStore(db.conn, queue)
+        store.file_seen("/x/a.txt", 1, 1.0)
+        chunks = [NewChunk(n, text, "", f"c{n}", "en") for n, text in enumerate(texts)]
+        store.store_version(queue.claim("w", ["ingest"]), 1, "sha", 1, 1.0, "en", chunks, 0.1)
+        db.conn.execute("UPDATE chunks SET active=0 WHERE ordinal=4")  # retired before synthesis
+        service = SynthesisService(settings, CircuitBreaker())
+        assert service.batch_size() > len(texts)
+        if mode == "single":
+            while (job := queue.claim("w", ["synthesize"])) is not None:
+                service.handle(JobContext(job, queue))
+        else:
+            first = queue.claim("w", ["synthesize"])
+            service.handle_batch(
+                queue, [first, *queue.claim_more("w", "synthesize", service.batch_size() - 1)]
+            )
+        results.append(
+            db.conn.execute("SELECT chunk_id, query, passage, kind FROM samples ORDER BY id").fetchall()
+        )
+        assert (
+            db.conn.execute("SELECT COUNT(*) FROM jobs WHERE kind='synthesize' AND state!='done'").fetchone()[
+                0
+            ]
+            == 0
+        )
+        assert db.conn.execute("SELECT COUNT(*) FROM jobs WHERE kind='filter'").fetchone()[0] == 1
+        assert 5 not in {row[0] for row in results[-1]}  # chunk ids start at 1: ordinal 4 is id 5
+    assert [tuple(r) for r in results[0]] == [tuple(r) for r in results[1]] and results[0]
