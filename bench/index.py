@@ -112,17 +112,16 @@ def time_fill_parts() -> dict[str, float]:
 
 def export_for_fill(settings, layout, conn) -> dict:
     """The ONNX export the daemon's export job would make before the fill (checked on 256 chunks)."""
-    from dataclasses import replace
 
     from daemon.serving import base_model_path
-    from daemon.step_params import encode_params
+    from daemon.step_params import torch_encode_params
     from stages.backend_check import CheckSample, check_variants
     from stages.onnx_export import export_model
     from state.samples import backend_check_texts
 
     passages, queries, relevant = backend_check_texts(conn, 256, 64)
     sample = CheckSample(passages, queries, relevant)
-    params = replace(encode_params(settings), backend="torch")
+    params = torch_encode_params(settings)
     started = time.perf_counter()
     record = export_model(
         base_model_path(settings, conn),

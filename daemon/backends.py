@@ -103,9 +103,8 @@ class ExportJobs:
         self.layout = layout
 
     def handle(self, ctx: JobContext) -> None:
-        from dataclasses import replace
 
-        from daemon.step_params import encode_params
+        from daemon.step_params import torch_encode_params
         from stages.backend_check import CheckSample, check_variants
         from stages.models import pick_device
         from stages.onnx_export import export_model
@@ -119,7 +118,7 @@ class ExportJobs:
         else:
             passages, queries, relevant = backend_check_texts(ctx.conn, CHECK_PASSAGES, CHECK_QUERIES)
             sample = CheckSample(passages, queries, relevant)
-            params = replace(encode_params(self.settings), backend="torch")
+            params = torch_encode_params(self.settings)
             record = export_model(
                 path,
                 self.layout.exports,
@@ -138,11 +137,14 @@ class ExportJobs:
 
 
 def describe_encoder(conn: sqlite3.Connection | None, settings: Settings, layout: StateLayout) -> str:
-    """One status line: what encodes for the model in service and why (no torch, no model loaded)."""
+    """One status line: what encodes for the model in service and why (no torch, no model loaded); the
+    decision is the encoder's own (stages.onnx_export.runtime_choice), the export job's state explains
+    a missing export."""
     from daemon.serving import model_in_service
     from stages.models import ModelNotFound
-    from stages.onnx_export import choose_variant, read_record
+    from stages.onnx_export import NO_EXPORT, runtime_choice
 
+    model = settings.model
     if not exports_wanted(settings):
         return "torch (model.backend = torch)"
     if conn is None:
@@ -151,10 +153,10 @@ def describe_encoder(conn: sqlite3.Connection | None, settings: Settings, layout
         path = model_in_service(conn, layout, settings).path
     except ModelNotFound:
         return "torch (no model in service yet)"
-    if settings.model.device.startswith(("cuda", "mps")):
-        return f"torch (device {settings.model.device}; ONNX Runtime is used on the CPU only)"
-    record = read_record(layout.exports, path)
-    if record is None:
+    variant, reason = runtime_choice(layout.exports, path, model.backend, model.quantize, model.device)
+    if variant is not None:
+        return reason
+    if reason == NO_EXPORT:
         job = JobQueue(conn).state_of(export_key(path))
         if job is None:
             return "torch (no ONNX export yet: it is made once the first chunks are in)"
@@ -163,5 +165,4 @@ def describe_encoder(conn: sqlite3.Connection | None, settings: Settings, layout
         if job[0] == "done":  # it made no export: the job found a GPU (see ExportJobs.handle)
             return "torch (a GPU encodes here; ONNX Runtime is used on the CPU only)"
         return f"torch (ONNX export {'running' if job[0] == 'running' else 'queued'})"
-    variant, reason = choose_variant(record, settings.model.quantize)
-    return reason if variant is not None else f"torch ({reason})"
+    return f"torch ({reason})"

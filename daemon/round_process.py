@@ -24,12 +24,12 @@ from daemon.child_process import die_with_parent
 from daemon.logs import configure_logging, get_logger
 from daemon.settings import Settings
 from daemon.step_params import (
-    encode_params,
     eval_plan,
     gate_params,
     label_params,
     merge_params,
     negative_params,
+    torch_encode_params,
     train_params,
 )
 from state.db import Database
@@ -176,7 +176,7 @@ def judge_round(
     current = registry.current()
     serving_path = registry.serving(base_path).path
     init_path = serving_path if settings.training.init == "current" else base_path
-    encode = encode_params(settings, backend="torch")
+    encode = torch_encode_params(settings)
     progress.stage("snapshot")
     snapshot = take_snapshot(
         records.inputs(settings.training.max_pairs, settings.promotion.heldout_queries), folder
@@ -239,7 +239,7 @@ def evaluate_variants(
     from stages.round_steps import CANDIDATE, evaluate_variant, merge_variants
 
     def evaluate_model(path: Path) -> dict:
-        encoder = Encoder(path, encode_params(settings, backend="torch"))
+        encoder = Encoder(path, torch_encode_params(settings))
         try:
             return evaluate_variant(encoder, evaluators)
         finally:
@@ -341,9 +341,7 @@ def label_round(
 
     progress.stage("label", scored=0, total=0)
     same_base = Path(serving.path) == Path(base_path)
-    base = (
-        serving if same_base else Encoder(base_path, encode_params(settings, backend="torch"), layout.cache)
-    )
+    base = serving if same_base else Encoder(base_path, torch_encode_params(settings), layout.cache)
     teacher = load_teacher(
         settings.model.teacher,
         snapshot.texts,

@@ -101,8 +101,9 @@ class ModelSettings(_Section):
     query_instruction: str = ""
     device: str = "auto"
     encode_batch_size: int = Field(64, ge=1)
-    # What encodes on the CPU (training is always torch): "auto" and "onnx" use a version's ONNX export
-    # once it is made and matches torch (stages/backend_check.py); until then, or when it does not, torch.
+    # What encodes on the CPU (training is always torch): "auto" uses a version's ONNX export once it is
+    # made and matches torch (stages/backend_check.py), torch until then or when it does not; "onnx" uses
+    # the export whatever the check found (status says what it found); "torch" never exports.
     backend: Literal["auto", "torch", "onnx"] = "auto"
     # "auto": int8 weights when they pass the same check, else fp32; "none": fp32 only; "int8": int8 only
     quantize: Literal["auto", "none", "int8"] = "auto"

@@ -8,9 +8,9 @@ from pathlib import Path
 from daemon.settings import Settings
 
 
-def encode_params(settings: Settings, *, backend: str | None = None):
-    """How every step encodes. `backend="torch"` for a round: it compares versions on paired queries,
-    and a candidate has no export, so all of them encode with torch and the backend cannot tilt the gate."""
+def encode_params(settings: Settings):
+    """How every step that only encodes does it (index, search, filter, `eval`, exports): the configured
+    backend, so a checked ONNX export of the version is used where there is one."""
     from stages.encoder import EncodeParams
     from state.layout import StateLayout
 
@@ -19,10 +19,19 @@ def encode_params(settings: Settings, *, backend: str | None = None):
         model.device,
         model.query_instruction,
         model.encode_batch_size,
-        backend=backend or model.backend,
+        backend=model.backend,
         quantize=model.quantize,
         exports_root=StateLayout(settings.paths.state_dir).exports,
     )
+
+
+def torch_encode_params(settings: Settings):
+    """The same options, in torch whatever the backend. A round compares versions on paired queries and a
+    candidate has no export, so every model of a round encodes this way and the backend cannot tilt the
+    gate; the export check uses it as its reference."""
+    from dataclasses import replace
+
+    return replace(encode_params(settings), backend="torch")
 
 
 def negative_params(settings: Settings, corpus_only: bool = False):

@@ -71,17 +71,12 @@ class Encoder:
 
     def _onnx_model(self):
         """The checked ONNX export of this folder when the settings ask for one, else None (torch)."""
-        params = self.params
-        if params.backend == "torch" or params.exports_root is None:
-            return None
         from stages.models import pick_device
-        from stages.onnx_export import VARIANT_FILES, choose_variant, export_dir, read_record
+        from stages.onnx_export import VARIANT_FILES, export_dir, runtime_choice
 
-        if pick_device(params.device) != "cpu":
-            self.runtime_reason = "ONNX Runtime is used on the CPU only; torch runs the GPU"
-            return None
-        variant, self.runtime_reason = choose_variant(
-            read_record(params.exports_root, self.path), params.quantize
+        params = self.params
+        variant, self.runtime_reason = runtime_choice(
+            params.exports_root, self.path, params.backend, params.quantize, pick_device(params.device)
         )
         if variant is None:
             return None

@@ -81,10 +81,10 @@ def model_prompts(path: Path | str) -> tuple[str, str]:
 
 
 def pick_device(preference: str = "auto") -> str:
+    if preference != "auto":
+        return preference  # torch is imported only to answer "auto"
     import torch
 
-    if preference != "auto":
-        return preference
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import struct
-import threading
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from stages.folders import install_folder, staging_path
 
 if TYPE_CHECKING:  # numpy is imported where a file is read: `status` resolves the base through here
     import numpy as np
@@ -373,18 +373,16 @@ def convert(source: Path, target: Path) -> Path:
         return target
     model = read_e5_file(source)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f".{target.name}.{os.getpid()}.{threading.get_ident()}.partial"
+    staging = staging_path(target, "partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         _write_folder(model, staging)
         _write_json(staging / SOURCE_RECORD, {**_source_record(source), "sha256": file_digest(source)})
-        if target.exists() and not _converted_from(target, source):
-            retired = target.parent / f".{target.name}.{os.getpid()}.old"
-            os.replace(target, retired)
-            shutil.rmtree(retired, ignore_errors=True)
+        if _converted_from(target, source):
+            return target  # another process finished first: its copy stands
         try:
-            os.replace(staging, target)
+            install_folder(staging, target)
         except OSError:
             if not _converted_from(target, source):  # not another process's finished copy: a real failure
                 raise

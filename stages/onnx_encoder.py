@@ -9,6 +9,7 @@ Texts are encoded longest first, as sentence-transformers does, so a batch pads 
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,12 +32,19 @@ class OnnxEmbedder:
         self.inputs = [node.name for node in self.session.get_inputs()]
         self.dimension = int(self.session.get_outputs()[0].shape[-1])
         self.max_seq_length = max_seq_length(model_path)
-        self._counter = load_tokenizer(model_path)  # untruncated, unpadded: for token_count
+        self.model_path = Path(model_path)
         self._tokenizer = load_tokenizer(model_path)
         self._tokenizer.enable_truncation(self.max_seq_length)
         pad_token = _pad_token(model_path, self._tokenizer)
         self._tokenizer.enable_padding(pad_id=self._tokenizer.token_to_id(pad_token), pad_token=pad_token)
         self.file = Path(onnx_file)
+
+    @functools.cached_property
+    def _counter(self):
+        """The tokenizer untruncated and unpadded, loaded when first needed (only `search` counts)."""
+        from stages.models import load_tokenizer
+
+        return load_tokenizer(self.model_path)
 
     def token_count(self, text: str) -> int:
         """Tokens of `text` with the model's special tokens, before truncation (search warns past the window)."""

@@ -20,10 +20,11 @@ import hashlib
 import json
 import os
 import shutil
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from stages.folders import install_folder, staging_path
 
 RECORD = "export.json"
 FORMAT = 1
@@ -62,16 +63,13 @@ class ExportRecord:
 
     @classmethod
     def from_json(cls, text: str) -> ExportRecord:
+        """Raises ValueError / TypeError for a record that is not one (callers treat it as missing)."""
         data = json.loads(text)
-        variants = {name: VariantCheck(**check) for name, check in (data.get("variants") or {}).items()}
-        return cls(
-            data.get("source", ""),
-            data.get("model", ""),
-            variants,
-            data.get("failed", ""),
-            data.get("seconds", 0.0),
-            data.get("format", 0),
-        )
+        data["variants"] = {
+            name: VariantCheck(**check) for name, check in (data.get("variants") or {}).items()
+        }
+        data.setdefault("format", 0)  # a record without a format is from before formats: not this one
+        return cls(**data)
 
 
 def export_dir(root: Path, model_path: Path | str) -> Path:
@@ -105,11 +103,32 @@ def remove_export(root: Path, model_path: Path | str) -> bool:
     return True
 
 
-def choose_variant(record: ExportRecord | None, quantize: str) -> tuple[str | None, str]:
+NO_EXPORT = "no ONNX export yet (it is made in the background)"
+
+
+def runtime_choice(
+    root: Path | None, model_path: Path | str, backend: str, quantize: str, device: str
+) -> tuple[str | None, str]:
+    """The ONNX variant to encode `model_path` with (None: torch) and why: the one decision the encoder
+    acts on and `status` reports. `device` is what torch would run on (an encoder passes pick_device's
+    answer; `status`, which must not import torch, passes the setting: on a GPU host with "auto" the
+    export job makes no export, and `status` reads that from the job)."""
+    if backend == "torch" or root is None:
+        return None, "model.backend = torch"
+    if device.startswith(("cuda", "mps")):
+        return None, f"device {device}: ONNX Runtime is used on the CPU only; torch runs the GPU"
+    return choose_variant(read_record(root, model_path), quantize, insist=backend == "onnx")
+
+
+def choose_variant(
+    record: ExportRecord | None, quantize: str, insist: bool = False
+) -> tuple[str | None, str]:
     """(variant to encode with or None for torch, why). `quantize`: auto (int8 when its check passed,
-    else fp32), none (fp32 only), int8 (int8 only)."""
+    else fp32), none (fp32 only), int8 (int8 only). `insist` (model.backend = "onnx"): when no variant
+    passed its check, the user's choice stands: fp32 (or int8 when that is all that was asked for) is
+    used anyway and the reason says what the check found."""
     if record is None:
-        return None, "no ONNX export yet (it is made in the background)"
+        return None, NO_EXPORT
     if record.failed:
         return None, f"ONNX export failed: {record.failed}"
     wanted = {"auto": [INT8, FP32], "none": [FP32], "int8": [INT8]}[quantize]
@@ -125,6 +144,13 @@ def choose_variant(record: ExportRecord | None, quantize: str) -> tuple[str | No
             )
         else:
             reasons.append(f"{name} {check.reason}")
+    if insist:
+        for name in sorted(wanted, key=lambda variant: variant != FP32):  # fp32 is the nearer to torch
+            if name in record.variants:
+                return (
+                    name,
+                    f"onnx {name} (model.backend = onnx, although it does not match torch: {'; '.join(reasons)})",
+                )
     return None, "ONNX export does not match torch: " + "; ".join(reasons)
 
 
@@ -149,7 +175,7 @@ def export_model(
 
     started = time.monotonic()
     final = export_dir(root, model_path)
-    staging = final.with_name(f"{final.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    staging = staging_path(final)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     record = ExportRecord(model_key(model_path), str(Path(model_path).resolve()))
@@ -163,17 +189,8 @@ def export_model(
         record.failed = f"{type(exc).__name__}: {exc}"[:500]
     record.seconds = round(time.monotonic() - started, 1)
     (staging / RECORD).write_text(record.to_json())
-    _install(staging, final)
+    install_folder(staging, final)
     return record
-
-
-def _install(staging: Path, final: Path) -> None:
-    """Replace `final` by `staging` in one rename (an older export is moved aside first)."""
-    old = final.with_name(f"{final.name}.old-{os.getpid()}-{threading.get_ident()}")
-    if final.exists():
-        os.rename(final, old)
-    os.rename(staging, final)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _export_variants(model_path: Path, folder: Path, quantize: bool) -> dict[str, Path]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stages.folders import fsync_dir, install_folder
 from state.db import transaction, utcnow
 from state.layout import StateLayout
 
@@ -57,26 +58,6 @@ class ModelRecord:
             metrics=json.loads(row["metrics"] or "{}"),
             promoted_at=row["promoted_at"],
         )
-
-
-def fsync_tree(folder: Path) -> None:
-    """Flush every file and folder under `folder` to disk, so a rename after it publishes whole files."""
-    for dirpath, _dirnames, filenames in os.walk(folder):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -130,9 +111,7 @@ class ModelRegistry:
             if staging.exists():
                 shutil.rmtree(staging)
             shutil.copytree(source, staging, symlinks=False)
-            fsync_tree(staging)
-            os.rename(staging, final)
-            fsync_dir(self.layout.versions)
+            install_folder(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             with transaction(self.conn):

@@ -64,7 +64,7 @@ def _run_export_job(settings, layout, db) -> None:
 
 def test_export_is_made_once_per_version_checked_and_used(tmp_path, tiny_embedder):
     from daemon.backends import describe_encoder, enqueue_export
-    from daemon.step_params import encode_params
+    from daemon.step_params import encode_params, torch_encode_params
     from stages.encoder import Encoder
     from stages.onnx_export import RECORD, export_dir, read_record
 
@@ -87,7 +87,7 @@ def test_export_is_made_once_per_version_checked_and_used(tmp_path, tiny_embedde
     # every encoder built from the settings now uses it, and its vectors are torch's
     encoder = Encoder(tiny_embedder, encode_params(settings))
     assert encoder.runtime.startswith("onnx"), encoder.runtime_reason
-    torch_encoder = Encoder(tiny_embedder, encode_params(settings, backend="torch"))
+    torch_encoder = Encoder(tiny_embedder, torch_encode_params(settings))
     assert torch_encoder.runtime == "torch"
     cosine = (encoder.passages(TEXTS) * torch_encoder.passages(TEXTS)).sum(axis=1)
     assert cosine.min() > 0.98
@@ -108,13 +108,13 @@ def test_export_is_made_once_per_version_checked_and_used(tmp_path, tiny_embedde
 
 def test_a_mismatching_or_failed_export_falls_back_to_torch_with_the_reason(tmp_path, tiny_embedder):
     from daemon.backends import describe_encoder
-    from daemon.step_params import encode_params
+    from daemon.step_params import encode_params, torch_encode_params
     from stages.backend_check import CheckSample, check_variants
     from stages.encoder import Encoder
     from stages.onnx_export import FP32, VARIANT_FILES, export_dir, export_model
 
     settings, layout, db = _state(tmp_path, tiny_embedder)
-    params = replace(encode_params(settings), backend="torch")
+    params = torch_encode_params(settings)
     sample = CheckSample(TEXTS, ["where does the river flow"], [0])
     other = build_tiny_embedder(tmp_path / "other", seed=7)  # same shapes, other weights
 
@@ -134,6 +134,12 @@ def test_a_mismatching_or_failed_export_falls_back_to_torch_with_the_reason(tmp_
     assert "does not match torch" in encoder.runtime_reason and "cosine" in encoder.runtime_reason
     line = describe_encoder(db.conn, settings, layout)
     assert line.startswith("torch (ONNX export does not match torch") and "cosine" in line
+    # model.backend = "onnx" is the user's choice: the export is used all the same (fp32, the nearer to
+    # torch), and both the encoder and `status` say what the check found
+    insisted = settings.model_copy(update={"model": settings.model.model_copy(update={"backend": "onnx"})})
+    encoder = Encoder(tiny_embedder, encode_params(insisted))
+    assert encoder.runtime == "onnx fp32" and "although it does not match torch" in encoder.runtime_reason
+    assert describe_encoder(db.conn, insisted, layout) == encoder.runtime_reason
 
     # an export that cannot be checked (nothing to check it on) is a failed export, said so
     record = export_model(
@@ -159,13 +165,13 @@ def test_a_mismatching_or_failed_export_falls_back_to_torch_with_the_reason(tmp_
 
 def test_a_removed_version_takes_its_export_with_it(tmp_path, tiny_embedder):
     from daemon.backends import prune_exports, remove_version_export
-    from daemon.step_params import encode_params
+    from daemon.step_params import torch_encode_params
     from stages.backend_check import CheckSample, check_variants
     from stages.onnx_export import export_dir, export_model
     from state.registry import ModelRegistry
 
     settings, layout, db = _state(tmp_path, tiny_embedder)
-    params = replace(encode_params(settings), backend="torch")
+    params = torch_encode_params(settings)
     sample = CheckSample(TEXTS, [], [])
     registry = ModelRegistry(db.conn, layout)
     kept, dropped, gone = (registry.register(tiny_embedder) for _ in range(3))
@@ -180,7 +186,7 @@ def test_a_removed_version_takes_its_export_with_it(tmp_path, tiny_embedder):
     assert not export_dir(layout.exports, dropped.path).exists()
 
     shutil.rmtree(gone.path)  # a version folder removed behind the daemon's back: the start-up sweep
-    (layout.exports / "0123456789abcdef.tmp-1-2").mkdir()  # and an export a crash left half-built
+    (layout.exports / ".0123456789abcdef.tmp-1-2").mkdir()  # and an export a crash left half-built
     removed = prune_exports(db.conn, layout)
     assert len(removed) == 2
     assert not export_dir(layout.exports, gone.path).exists()
