@@ -232,6 +232,16 @@ class IndexRecords:
                 "FROM index_collections WHERE state != 'dropped')"
             )
 
+    def forget_changes(self) -> int:
+        """The index is off: nothing follows the change log, so its rows go, and every collection's
+        position with them (if the index is turned on again, each collection's next sync is a full pass).
+        Returns the rows dropped; a read when there are none."""
+        if self.conn.execute("SELECT 1 FROM chunk_changes LIMIT 1").fetchone() is None:
+            return 0
+        with transaction(self.conn):
+            self.conn.execute("UPDATE index_collections SET synced_seq = NULL WHERE synced_seq IS NOT NULL")
+            return self.conn.execute("DELETE FROM chunk_changes").rowcount
+
     def make_live(self, name: str) -> None:
         """Record an alias swap: this collection is live, the one before it is kept as ready. A kept one
         stops following the change log (its position is forgotten, so the log can be pruned past it): if

@@ -98,6 +98,8 @@ def _ingested(make_settings, start_daemon, **index):
     running = start_daemon(settings)
     wait_for(lambda: running.scalar("SELECT COUNT(*) FROM chunks WHERE active = 1") >= 6)
     wait_for(running.idle, timeout=60)
+    # with the index off nothing follows the chunk change log: the main loop prunes it
+    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM chunk_changes") == 0, message="change log pruned")
     running.stop()
     data = settings.model_dump(mode="json")
     data["index"] = {"enabled": True, **index}
@@ -363,3 +365,8 @@ def test_the_change_log_keeps_what_a_following_collection_still_needs(tmp_path):
     records.mark_synced("new", 1, "sig", change_seq(conn))
     assert conn.execute("SELECT COUNT(*) FROM chunk_changes").fetchone()[0] == 0
     assert changes_since(conn, change_seq(conn)) == type(changes)(change_seq(conn), [], [])
+
+    # the index turned off: the log goes, and so does every position (a full pass if it is turned on again)
+    _add_document(conn, "/inbox/c.md", ["delta text"])
+    assert records.forget_changes() == 1 and records.forget_changes() == 0
+    assert all(record.synced_seq is None for record in (records.get("old"), records.get("new")))
