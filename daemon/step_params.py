@@ -19,6 +19,7 @@ def encode_params(settings: Settings):
         model.device,
         model.query_instruction,
         model.encode_batch_size,
+        batch_tokens=model.encode_batch_tokens,
         backend=model.backend,
         quantize=model.quantize,
         exports_root=StateLayout(settings.paths.state_dir).exports,

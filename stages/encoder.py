@@ -9,6 +9,7 @@ again. The round, the filter, exports and the benchmarks all use this class.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,18 @@ import numpy as np
 from stages.embed_cache import EmbeddingCache, text_key
 from stages.models import model_key
 
+# On a CPU a batch is cut at about this many tokens (texts x the longest one's tokens): measured on 2 cores,
+# 8 passages of ~250 tokens encode 1.5-1.7x faster per passage than 64, in torch and ONNX Runtime alike
+# (activations that stay in cache; docs/benchmarks.md, "Encoding backends"); short queries still go 64 at once.
+CPU_BATCH_TOKENS = 2048
+
 
 @dataclass(frozen=True)
 class EncodeParams:
     device: str = "auto"
     query_instruction: str = ""
     batch_size: int = 64
+    batch_tokens: int = 0  # a batch's padded tokens at most; 0: CPU_BATCH_TOKENS on a CPU, none on a GPU
     # model.backend / model.quantize; ONNX needs the folder exports are made in (stages/onnx_export.py)
     backend: str = "torch"
     quantize: str = "auto"
@@ -107,9 +114,48 @@ class Encoder:
         return np.concatenate(parts)
 
     def _encode_slice(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        budget = self._batch_tokens()
+        lengths = self._token_lengths(texts) if budget else None
+        if lengths is None:  # one call: the model sorts by length and cuts batches of batch_size itself
+            return self._run(texts, self.params.batch_size)
+        out: np.ndarray | None = None
+        for batch in token_budget_batches(lengths, budget, self.params.batch_size):
+            vectors = self._run([texts[i] for i in batch], len(batch))
+            if out is None:
+                out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
+            out[batch] = vectors
+        return out
+
+    def _run(self, texts: list[str], batch_size: int) -> np.ndarray:
         return self.model.encode(
-            list(texts), batch_size=self.params.batch_size, normalize_embeddings=True, convert_to_numpy=True
+            texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True
         ).astype(np.float32, copy=False)
+
+    def _batch_tokens(self) -> int:
+        if self.params.batch_tokens:
+            return self.params.batch_tokens
+        device = str(getattr(self.model, "device", "cpu"))  # an ONNX model runs on the CPU
+        return CPU_BATCH_TOKENS if device.startswith("cpu") else 0
+
+    def _token_lengths(self, texts: list[str]) -> list[int] | None:
+        """Each text's tokens as the model will see them (truncated), or None without a tokenizer file."""
+        tokenizer = self._length_tokenizer
+        if tokenizer is None:
+            return None
+        return [len(encoding.ids) for encoding in tokenizer.encode_batch(texts)]
+
+    @functools.cached_property
+    def _length_tokenizer(self):
+        from stages.models import load_tokenizer, max_seq_length
+
+        try:
+            tokenizer = load_tokenizer(self.path)
+        except Exception:  # a model given without a readable folder: batches as the model cuts them
+            return None
+        tokenizer.enable_truncation(max_seq_length(self.path))
+        tokenizer.no_padding()
+        return tokenizer
 
     def queries(self, texts: Sequence[str]) -> np.ndarray:
         return self._encode([self.query_prefix + text for text in texts])
@@ -134,3 +180,18 @@ class Encoder:
     def release(self) -> None:
         """Drop the model (the round evaluates several in turn; only one needs to be in memory)."""
         self.model = None
+
+
+def token_budget_batches(lengths: Sequence[int], budget: int, max_batch: int) -> list[list[int]]:
+    """Indexes of texts in batches, longest first, each padded to its first (longest) text and holding at
+    most `budget` tokens that way (at least one text) and `max_batch` texts: long passages go a few at a
+    time, short queries many, and texts of one length share a batch (little padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    start = 0
+    while start < len(order):
+        longest = max(1, lengths[order[start]])
+        size = max(1, min(max_batch, budget // longest))
+        batches.append(order[start : start + size])
+        start += size
+    return batches

@@ -41,3 +41,28 @@ def test_the_earlier_two_file_form_is_read_once_and_replaced(tmp_path):
     legacy.save()
     assert not (cache.folder / "keys.txt").exists() and (cache.folder / CACHE_FILE).exists()
     assert set(EmbeddingCache(tmp_path, "model")._vectors) == {"x", "y", "z"}
+
+
+def test_token_budget_batches_go_longest_first_within_the_budget():
+    from stages.encoder import token_budget_batches
+
+    lengths = [10, 250, 12, 240, 9, 256, 11, 30]
+    batches = token_budget_batches(lengths, budget=512, max_batch=3)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    assert batches == [[5, 1], [3, 7], [2, 6, 0], [4]]  # 2 x 256 tokens fill 512; short texts go 3 at a time
+    for batch in batches:
+        assert len(batch) <= 3 and (len(batch) == 1 or len(batch) * lengths[batch[0]] <= 512)
+        assert all(lengths[batch[0]] >= lengths[i] for i in batch)
+    assert token_budget_batches([600], budget=512, max_batch=8) == [[0]]  # longer than the budget: alone
+
+
+def test_budget_batching_gives_the_vectors_of_one_call(tiny_embedder):
+    """Batches cut by tokens (the CPU default) change only the order of work, not the vectors."""
+    from stages.encoder import EncodeParams, Encoder
+
+    texts = [("river " * n).strip() for n in (1, 40, 3, 25, 7, 60, 2)]
+    budget = Encoder(tiny_embedder, EncodeParams(device="cpu", batch_tokens=64))
+    assert budget._batch_tokens() == 64 and budget._token_lengths(texts) is not None
+    whole = Encoder(tiny_embedder, EncodeParams(device="cpu", batch_tokens=10**9, batch_size=64))
+    assert Encoder(tiny_embedder, EncodeParams(device="cpu"))._batch_tokens() == 2048
+    assert np.allclose(budget.passages(texts), whole.passages(texts), atol=1e-5)
