@@ -28,8 +28,10 @@ from stages.folders import install_folder, staging_path
 
 RECORD = "export.json"
 FORMAT = 1
-FP32, INT8 = "fp32", "int8"
-VARIANT_FILES = {FP32: "model.onnx", INT8: "model-int8.onnx"}
+# int8: every weight int8 (attention projections too); int8-dense: the dense layers only, made when int8
+# fails the check (it keeps closer to torch); a failed quantized variant's file is not kept.
+FP32, INT8, INT8_DENSE = "fp32", "int8", "int8-dense"
+VARIANT_FILES = {FP32: "model.onnx", INT8: "model-int8.onnx", INT8_DENSE: "model-int8-dense.onnx"}
 # Architectures ONNX Runtime's BERT optimizer fuses (attention, layer norm, GELU); others keep the plain graph.
 BERT_LIKE = {"bert", "roberta", "xlm-roberta", "distilbert", "camembert"}
 
@@ -47,6 +49,7 @@ class VariantCheck:
     queries: int = 0
     passages: int = 0
     reason: str = ""
+    kept: bool = True  # False: the file was removed (a quantized variant that failed)
 
 
 @dataclass
@@ -131,12 +134,13 @@ def choose_variant(
         return None, NO_EXPORT
     if record.failed:
         return None, f"ONNX export failed: {record.failed}"
-    wanted = {"auto": [INT8, FP32], "none": [FP32], "int8": [INT8]}[quantize]
+    wanted = {"auto": [INT8, INT8_DENSE, FP32], "none": [FP32], "int8": [INT8, INT8_DENSE]}[quantize]
     reasons = []
     for name in wanted:
         check = record.variants.get(name)
         if check is None:
-            reasons.append(f"{name} not exported")
+            if name != INT8_DENSE:  # made only when int8 fails, and only for BERT-like models
+                reasons.append(f"{name} not exported")
         elif check.passed:
             return (
                 name,
@@ -146,7 +150,7 @@ def choose_variant(
             reasons.append(f"{name} {check.reason}")
     if insist:
         for name in sorted(wanted, key=lambda variant: variant != FP32):  # fp32 is the nearer to torch
-            if name in record.variants:
+            if name in record.variants and record.variants[name].kept:
                 return (
                     name,
                     f"onnx {name} (model.backend = onnx, although it does not match torch: {'; '.join(reasons)})",
@@ -180,8 +184,16 @@ def export_model(
     staging.mkdir(parents=True)
     record = ExportRecord(model_key(model_path), str(Path(model_path).resolve()))
     try:
-        files = _export_variants(Path(model_path), staging, quantize)
+        files, fused = _export_variants(Path(model_path), staging, quantize)
         record.variants = check(Path(model_path), files)
+        if INT8 in files and not record.variants[INT8].passed and fused is not None:
+            # all-int8 lost too much here: the dense layers alone, attention projections left fp32
+            dense = quantize_int8(fused, staging / VARIANT_FILES[INT8_DENSE])
+            record.variants.update(check(Path(model_path), {INT8_DENSE: dense}))
+        for name in (INT8, INT8_DENSE):
+            if name in record.variants and not record.variants[name].passed:
+                (staging / VARIANT_FILES[name]).unlink(missing_ok=True)
+                record.variants[name].kept = False
     except Exception as exc:  # a model the exporter cannot trace must not stop the daemon: torch encodes
         for file in staging.glob("*.onnx*"):
             file.unlink()
@@ -193,7 +205,9 @@ def export_model(
     return record
 
 
-def _export_variants(model_path: Path, folder: Path, quantize: bool) -> dict[str, Path]:
+def _export_variants(model_path: Path, folder: Path, quantize: bool) -> tuple[dict[str, Path], Path | None]:
+    """({variant: file}, the fp32 graph with fused attention, from which a dense-only int8 can be made;
+    None for a model the BERT optimizer does not fuse)."""
     fp32 = folder / VARIANT_FILES[FP32]
     raw = folder / "raw.onnx"
     model_type, heads, hidden = export_fp32(model_path, raw)
@@ -202,7 +216,7 @@ def _export_variants(model_path: Path, folder: Path, quantize: bool) -> dict[str
         os.rename(raw, fp32)
         if quantize:
             files[INT8] = quantize_int8(fp32, folder / VARIANT_FILES[INT8])
-        return files
+        return files, None
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -222,7 +236,7 @@ def _export_variants(model_path: Path, folder: Path, quantize: bool) -> dict[str
         files[INT8] = quantize_int8(unfused, folder / VARIANT_FILES[INT8])
         unfused.unlink()
     raw.unlink()
-    return files
+    return files, fp32
 
 
 def export_fp32(model_path: Path, out: Path) -> tuple[str, int, int]:
