@@ -95,8 +95,10 @@ def main() -> None:
     ingest_seconds = sum(clock.seconds.values())
     service = SynthesisService(settings, CircuitBreaker())
     with clock.step("synthesis without an LLM (as the pool runs it)"):
+        # batches where the pool takes them (getattr: the same bench runs on a checkout from before them)
+        batch = getattr(service, "batch_size", lambda: 1)()
         while (job := queue.claim("bench", ["synthesize"])) is not None:
-            jobs = [job, *queue.claim_more("bench", "synthesize", service.batch_size() - 1)]
+            jobs = [job, *queue.claim_more("bench", "synthesize", batch - 1)] if batch > 1 else [job]
             if len(jobs) > 1:
                 service.handle_batch(queue, jobs)
             else:
