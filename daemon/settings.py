@@ -107,8 +107,7 @@ class ModelSettings(_Section):
     # made and matches torch (stages/backend_check.py), torch until then or when it does not; "onnx" uses
     # the export whatever the check found (status says what it found); "torch" never exports.
     backend: Literal["auto", "torch", "onnx"] = "auto"
-    # "auto": int8 weights when they pass the same check (all of them, else the dense layers), else fp32;
-    # "none": fp32 only; "int8": int8 only
+    # "auto": int8 weights when they pass the same check, else fp32; "none": fp32 only; "int8": int8 only
     quantize: Literal["auto", "none", "int8"] = "auto"
 
     @field_validator("device")

@@ -163,40 +163,6 @@ def test_a_mismatching_or_failed_export_falls_back_to_torch_with_the_reason(tmp_
     db.close()
 
 
-def test_int8_that_fails_the_check_gives_way_to_dense_only_int8(tmp_path, tiny_embedder):
-    """All-int8 (attention projections too) is tried first; when the check refuses it, the dense layers
-    alone are quantized and checked, the refused file is not kept, and the encoder uses the dense one."""
-    from dataclasses import replace
-
-    from daemon.step_params import encode_params, torch_encode_params
-    from stages.backend_check import CheckSample, check_variants
-    from stages.encoder import Encoder
-    from stages.onnx_export import INT8, INT8_DENSE, VARIANT_FILES, export_dir, export_model
-
-    settings, layout, db = _state(tmp_path, tiny_embedder)
-    params = torch_encode_params(settings)
-    sample = CheckSample(TEXTS, ["where does the river flow"], [0])
-    checked: list[list[str]] = []
-
-    def check_refusing_all_int8(model_path, files):
-        checked.append(sorted(files))
-        result = check_variants(model_path, files, sample, params)
-        if INT8 in result:  # as if its rounding had cost too much on this corpus
-            result[INT8] = replace(result[INT8], passed=False, reason="1% of texts below 0.99 (forced)")
-        return result
-
-    record = export_model(tiny_embedder, layout.exports, check_refusing_all_int8)
-    assert checked == [["fp32", "int8"], ["int8-dense"]]
-    assert not record.variants[INT8].passed and not record.variants[INT8].kept
-    assert record.variants[INT8_DENSE].passed and record.variants[INT8_DENSE].kept
-    folder = export_dir(layout.exports, tiny_embedder)
-    assert not (folder / VARIANT_FILES[INT8]).exists() and (folder / VARIANT_FILES[INT8_DENSE]).exists()
-    encoder = Encoder(tiny_embedder, encode_params(settings))
-    assert encoder.runtime == "onnx int8-dense", encoder.runtime_reason
-    assert np.allclose(encoder.passages(TEXTS), Encoder(tiny_embedder, params).passages(TEXTS), atol=0.05)
-    db.close()
-
-
 def test_a_removed_version_takes_its_export_with_it(tmp_path, tiny_embedder):
     from daemon.backends import prune_exports, remove_version_export
     from daemon.step_params import torch_encode_params
