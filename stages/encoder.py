@@ -20,7 +20,7 @@ from stages.embed_cache import EmbeddingCache, text_key
 from stages.models import model_key
 
 # On a CPU a batch is cut at about this many tokens (texts x the longest one's tokens): measured on 2 cores,
-# 8 passages of ~250 tokens encode 1.5-1.7x faster per passage than 64, in torch and ONNX Runtime alike
+# 8 passages of ~250 tokens encode ~1.3x faster per passage than 64, in torch and ONNX Runtime alike
 # (activations that stay in cache; docs/benchmarks.md, "Encoding backends"); short queries still go 64 at once.
 CPU_BATCH_TOKENS = 2048
 
