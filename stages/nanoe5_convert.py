@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from stages.folders import install_folder, staging_path
+from state.folders import install_folder, staging_path
 
 if TYPE_CHECKING:  # numpy is imported where a file is read: `status` resolves the base through here
     import numpy as np

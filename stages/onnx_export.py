@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from stages.folders import install_folder, staging_path
+from state.folders import install_folder, staging_path
 
 RECORD = "export.json"
 FORMAT = 1

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages.folders import fsync_dir, install_folder
 from state.db import transaction, utcnow
+from state.folders import fsync_dir, install_folder
 from state.layout import StateLayout
 
 
