@@ -155,12 +155,14 @@ class RoundScheduler:
         self.process, self.round_id = None, None
 
     def abort_orphans(self) -> int:
-        """At start-up: rounds left 'running' by a previous daemon are aborted (their child is killed)."""
+        """At start-up: rounds left 'running' by a previous daemon are aborted (their child is killed). The
+        recorded pid is killed only while it is still a round child: after a hard stop or a reboot the
+        number may belong to any other program by now (pids are reused)."""
         db = Database(self.layout.database)
         store = RoundStore(db.conn)
         count = 0
         for row in store.running_rounds():
-            if row["pid"]:
+            if round_process_alive(row["pid"]):
                 try:
                     os.kill(row["pid"], signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):

@@ -502,3 +502,32 @@ def test_train_now_with_a_stale_or_a_live_running_round(make_settings, capsys):
     assert train_now(settings, foreground=True) == 0
     assert store.get(running)["state"] == "aborted" and "gone" in store.get(running)["error"]
     assert store.get(running + 1)["state"] == "finished"
+
+
+def test_start_up_kills_a_recorded_round_pid_only_while_it_is_a_round_child(make_settings):
+    """A round row left 'running' names a pid that, after a hard stop or a reboot, may be any other
+    program's by now: start-up aborts the row and kills the pid only if it is still a round child."""
+    import subprocess
+    import sys
+
+    from daemon.round_scheduler import RoundScheduler
+    from state.db import Database
+    from state.layout import StateLayout
+    from state.round_records import RoundStore
+
+    settings = make_settings()
+    layout = StateLayout(settings.paths.state_dir).ensure()
+    store = RoundStore(Database(layout.database).conn)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "daemon.round_process"])
+    try:
+        store.set_pid(store.create("schedule", "base"), bystander.pid)
+        assert RoundScheduler(settings, layout).abort_orphans() == 1 and store.running_rounds() == []
+        assert bystander.poll() is None, "a process that only reuses the recorded pid is left alone"
+        store.set_pid(store.create("schedule", "base"), child.pid)
+        assert RoundScheduler(settings, layout).abort_orphans() == 1 and store.running_rounds() == []
+        assert child.wait(timeout=30) != 0  # the round child is killed
+    finally:
+        for process in (bystander, child):
+            process.kill()
+            process.wait()
