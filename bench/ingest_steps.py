@@ -23,7 +23,7 @@ from daemon.ingest import Chunker
 from daemon.logs import configure_logging
 from daemon.settings import Settings
 from daemon.synthesis import SynthesisService
-from daemon.workers import JobContext
+from daemon.workers import WorkerPool
 from stages.extract import extract, read_checked
 from stages.llm import CircuitBreaker
 from stages.text import detect_language
@@ -94,15 +94,12 @@ def main() -> None:
         chunks += len(made)
     ingest_seconds = sum(clock.seconds.values())
     service = SynthesisService(settings, CircuitBreaker())
+    pool = WorkerPool(
+        "bench", root / "state.db", {"synthesize": service.handle}, 1, batches={"synthesize": service}
+    )
     with clock.step("synthesis without an LLM (as the pool runs it)"):
-        # batches where the pool takes them (getattr: the same bench runs on a checkout from before them)
-        batch = getattr(service, "batch_size", lambda: 1)()
-        while (job := queue.claim("bench", ["synthesize"])) is not None:
-            jobs = [job, *queue.claim_more("bench", "synthesize", batch - 1)] if batch > 1 else [job]
-            if len(jobs) > 1:
-                service.handle_batch(queue, jobs)
-            else:
-                service.handle(JobContext(job, queue))
+        while pool.work_once(queue, "bench"):
+            pass
     total = sum(clock.seconds.values())
     print(f"files {len(files)} ({megabytes:.1f} MB; {'/'.join(kinds)}), chunks {chunks}, model {args.model}")
     print(f"{'step':40s} {'seconds':>8s} {'share':>6s} {'MB/s alone':>11s}")

@@ -188,27 +188,33 @@ class WorkerPool:
         conn = connect(self.db_path)
         queue = JobQueue(conn)
         owner = f"{self.owner}-{index}-{uuid.uuid4().hex[:6]}"
-        kinds = list(self.handlers)
         try:
             while not self.stop_event.is_set():
                 try:
-                    job = queue.claim(owner, kinds, self.lease_seconds)
+                    worked = self.work_once(queue, owner)
                 except Exception:
                     log.exception("claim_failed", pool=self.name)
                     self.stop_event.wait(1.0)
                     continue
-                if job is None:
+                if not worked:
                     self.wake.wait(self.idle_poll)
                     self.wake.clear()
-                    continue
-                batch = self.batches.get(job.kind)
-                size = batch.batch_size() if batch is not None else 1
-                if size > 1:
-                    self._execute_batch(queue, batch, [job, *self._claim_more(queue, owner, job, size - 1)])
-                else:
-                    self._execute(queue, job)
         finally:
             conn.close()
+
+    def work_once(self, queue: JobQueue, owner: str) -> bool:
+        """Claim the next job (with more of its kind where it runs in batches) and run it; False when
+        there was nothing to claim. One step of a worker thread (benchmarks drive the pool with it)."""
+        job = queue.claim(owner, list(self.handlers), self.lease_seconds)
+        if job is None:
+            return False
+        batch = self.batches.get(job.kind)
+        size = batch.batch_size() if batch is not None else 1
+        if size > 1:
+            self._execute_batch(queue, batch, [job, *self._claim_more(queue, owner, job, size - 1)])
+        else:
+            self._execute(queue, job)
+        return True
 
     def _claim_more(self, queue: JobQueue, owner: str, job: Job, limit: int) -> list[Job]:
         try:

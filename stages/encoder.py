@@ -116,6 +116,8 @@ class Encoder:
     def _encode_slice(self, texts: Sequence[str]) -> np.ndarray:
         texts = list(texts)
         budget = self._batch_tokens()
+        if budget and hasattr(self.model, "embed_encodings"):
+            return self._encode_tokenized(texts, budget)
         lengths = self._token_lengths(texts) if budget else None
         if lengths is None:  # one call: the model sorts by length and cuts batches of batch_size itself
             return self._run(texts, self.params.batch_size)
@@ -125,6 +127,15 @@ class Encoder:
             if out is None:
                 out = np.empty((len(texts), vectors.shape[1]), dtype=np.float32)
             out[batch] = vectors
+        return out
+
+    def _encode_tokenized(self, texts: list[str], budget: int) -> np.ndarray:
+        """The ONNX path: tokenize once, cut batches from those tokens, and embed the same encodings."""
+        encodings = self.model.encodings(texts)
+        out = np.empty((len(texts), self.model.get_sentence_embedding_dimension()), dtype=np.float32)
+        lengths = [len(encoding.ids) for encoding in encodings]
+        for batch in token_budget_batches(lengths, budget, self.params.batch_size):
+            out[batch] = self.model.embed_encodings([encodings[i] for i in batch])
         return out
 
     def _run(self, texts: list[str], batch_size: int) -> np.ndarray:

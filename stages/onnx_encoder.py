@@ -4,7 +4,8 @@
 Tokenization reads the model folder's tokenizer.json with `tokenizers` (truncated at the model's
 max_seq_length, padded to the longest text of a batch), which is what sentence-transformers does through
 transformers; the export's check against torch (stages/backend_check.py) would catch any difference.
-Texts are encoded longest first, as sentence-transformers does, so a batch pads little.
+Texts are encoded longest first (in tokens), so a batch pads little. The `Encoder` tokenizes once: it
+cuts its token-budget batches from `encodings` and hands them back to `embed_encodings`.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ class OnnxEmbedder:
         self.model_path = Path(model_path)
         self._tokenizer = load_tokenizer(model_path)
         self._tokenizer.enable_truncation(self.max_seq_length)
-        pad_token = _pad_token(model_path, self._tokenizer)
-        self._tokenizer.enable_padding(pad_id=self._tokenizer.token_to_id(pad_token), pad_token=pad_token)
+        self._tokenizer.no_padding()  # batches are padded here, to their own longest text
+        self.pad_id = self._tokenizer.token_to_id(_pad_token(model_path, self._tokenizer))
         self.file = Path(onnx_file)
 
     @functools.cached_property
@@ -61,26 +62,41 @@ class OnnxEmbedder:
         convert_to_numpy: bool = True,
         **_: object,
     ) -> np.ndarray:
-        texts = list(texts)
-        out = np.zeros((len(texts), self.dimension), dtype=np.float32)
-        order = np.argsort([-len(text) for text in texts], kind="stable")
-        for start in range(0, len(texts), batch_size):
+        encodings = self.encodings(texts)
+        out = np.zeros((len(encodings), self.dimension), dtype=np.float32)
+        order = np.argsort([-len(e.ids) for e in encodings], kind="stable")
+        for start in range(0, len(encodings), batch_size):
             chosen = order[start : start + batch_size]
-            out[chosen] = self._run([texts[i] for i in chosen])
+            out[chosen] = self.embed_encodings([encodings[i] for i in chosen], normalize=False)
         if normalize_embeddings:
-            norms = np.linalg.norm(out, axis=1, keepdims=True)
-            out /= np.maximum(norms, 1e-12)
+            _normalize(out)
         return out
 
-    def _run(self, texts: list[str]) -> np.ndarray:
-        encodings = self._tokenizer.encode_batch(texts)
-        columns = {
-            "input_ids": [e.ids for e in encodings],
-            "attention_mask": [e.attention_mask for e in encodings],
-            "token_type_ids": [e.type_ids for e in encodings],
-        }
-        feeds = {name: np.asarray(columns[name], dtype=np.int64) for name in self.inputs}
-        return self.session.run(None, feeds)[0]
+    def encodings(self, texts: Sequence[str]) -> list:
+        """Each text's `tokenizers.Encoding`, truncated to the model's window and not padded."""
+        return self._tokenizer.encode_batch(list(texts))
+
+    def embed_encodings(self, encodings: Sequence, normalize: bool = True) -> np.ndarray:
+        """Vectors of one batch of `encodings`, padded to the batch's longest."""
+        width = max((len(e.ids) for e in encodings), default=0)
+        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, encoding in enumerate(encodings):
+            size = len(encoding.ids)
+            ids[row, :size] = encoding.ids
+            mask[row, :size] = encoding.attention_mask
+            types[row, :size] = encoding.type_ids
+        columns = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        vectors = self.session.run(None, {name: columns[name] for name in self.inputs})[0]
+        vectors = np.asarray(vectors, dtype=np.float32)
+        return _normalize(vectors) if normalize else vectors
+
+
+def _normalize(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors /= np.maximum(norms, 1e-12)
+    return vectors
 
 
 def _pad_token(model_path: Path, tokenizer) -> str:

@@ -225,3 +225,26 @@ def test_the_daemon_exports_the_model_in_service_and_status_says_what_encodes(tm
         check=True,
     ).stdout
     assert "encoder   onnx" in out, out
+
+
+def test_onnx_token_batches_embed_the_encodings_they_were_cut_from(tmp_path, tiny_embedder):
+    """The ONNX path tokenizes once: the encoder cuts its token-budget batches from the embedder's own
+    encodings and hands them back; the vectors equal one plain `encode` call, and torch's."""
+    from stages.encoder import EncodeParams, Encoder
+    from stages.onnx_encoder import OnnxEmbedder
+    from stages.onnx_export import export_fp32
+
+    onnx_file = tmp_path / "model.onnx"
+    export_fp32(tiny_embedder, onnx_file)
+    embedder = OnnxEmbedder(onnx_file, tiny_embedder)
+    texts = [("river " * n).strip() for n in (1, 40, 3, 25, 7, 60, 2, 500)]  # the last one truncated
+    calls: list[int] = []
+    embed = embedder.embed_encodings
+    embedder.embed_encodings = lambda encodings, **kw: calls.append(len(encodings)) or embed(encodings, **kw)
+
+    budget = Encoder(tiny_embedder, EncodeParams(device="cpu", batch_tokens=64), model=embedder)
+    vectors = budget.passages(texts)
+    assert len(calls) > 1 and sum(calls) == len(texts), calls  # cut into several batches, each text once
+    assert np.allclose(vectors, embedder.encode(texts, batch_size=64), atol=1e-5)
+    torch_vectors = Encoder(tiny_embedder, EncodeParams(device="cpu", backend="torch")).passages(texts)
+    assert (vectors * torch_vectors).sum(axis=1).min() > 0.999
