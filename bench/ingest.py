@@ -4,13 +4,16 @@ Starts the real daemon on a temp inbox with the packaged model's tokenizer, drop
 prints documents/s, MB/s and the p50/p95 latency from a file landing to its chunks being committed
 (including the settle period, printed beside it).
 
-    python -m bench.ingest [--files 1000] [--settle 0.5] [--workers 2] [--kinds txt,md,docx,html] [--sentences 10,60]
+    python -m bench.ingest [--files 1000] [--settle 0.5] [--workers 2] [--processes auto|N] [--kinds txt,md,docx,html]
+                           [--sentences 10,60]
                            [--exact-counts] [--model packaged:all-MiniLM-L6-v2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import sqlite3
 import statistics
 import tempfile
@@ -29,6 +32,11 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=1000)
     parser.add_argument("--settle", type=float, default=0.5)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--processes",
+        default="auto",
+        help='ingest.processes: "auto" (the default), or 0 for the threads before',
+    )
     parser.add_argument(
         "--kinds", default="txt,md,docx,html", help="file kinds, comma-separated (txt alone: plain text)"
     )
@@ -61,13 +69,19 @@ def main() -> None:
         settings = Settings.model_validate(
             {
                 "paths": {"inbox": str(root / "inbox"), "state_dir": str(root / "state")},
-                "ingest": {"settle_seconds": args.settle, "workers": args.workers, "rescan_minutes": 0},
+                "ingest": {
+                    "settle_seconds": args.settle,
+                    "workers": args.workers,
+                    "processes": args.processes if args.processes == "auto" else int(args.processes),
+                    "rescan_minutes": 0,
+                },
                 "model": {"base": args.model},
                 "logging": {"level": "error"},
             }
         )
         daemon = Daemon(settings)
         daemon.start()
+        cpu_before = _cpu_seconds()
         landed: dict[str, float] = {}
         started = time.time()
         for path in files:  # a move is how a finished copy lands atomically
@@ -88,12 +102,13 @@ def main() -> None:
         )
         chunks = conn.execute("SELECT COUNT(*) FROM chunks").fetchone()[0]
         rejected = sum(1 for _p, _u, status in rows if status == "rejected")
+        cpu_during = _cpu_seconds(), cpu_before
         daemon.stop_requested.set()
         daemon.shutdown()
     p95 = latencies[int(0.95 * (len(latencies) - 1))]
     print(
         f"files {len(files)} ({total_bytes / 1e6:.1f} MB; {'/'.join(kinds)}, 1/3 Chinese), chunks {chunks}, "
-        f"rejected {rejected}, workers {args.workers}, model {args.model}, "
+        f"rejected {rejected}, workers {args.workers}, processes {args.processes}, model {args.model}, "
         f"settle {args.settle}s"
     )
     print(
@@ -104,6 +119,32 @@ def main() -> None:
         f"latency landing -> chunks committed: p50 {statistics.median(latencies):.2f}s  p95 {p95:.2f}s "
         f"(includes the {args.settle}s settle period)"
     )
+    (own, children, machine), (own_before, children_before, machine_before) = cpu_during
+    own, children, machine = own - own_before, children - children_before, machine - machine_before
+    print(
+        f"CPU while ingesting: daemon process {own:.1f} core-s ({own / elapsed:.0%} of a core), finished children "
+        f"(model jobs, ingest processes) {children:.1f} core-s, the whole machine {machine:.1f} core-s "
+        f"({machine / elapsed:.0%} of a core); daemon {own / (total_bytes / 1e6):.3f} core-s per MB"
+    )
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system CPU of this process (the daemon) and of its finished children (filter, index, export)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime, _machine_busy_seconds()
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine spent working (/proc/stat), so a child still running at
+    the end (RUSAGE_CHILDREN counts only finished ones) and anything beside the bench show too."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+    except OSError:
+        return float("nan")
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 if __name__ == "__main__":

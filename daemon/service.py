@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from daemon.backends import JOB_KIND as EXPORT_KIND
 from daemon.backends import enqueue_export, prune_exports
+from daemon.ingest_process import STOP_GRACE_S, IngestProcesses, ingest_process_count
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.logs import configure_logging, get_logger
 from daemon.notify import Notifier
@@ -92,6 +93,7 @@ class Daemon:
         self.lock = InstanceLock(self.layout.lock_file)
         self.db: Database | None = None
         self.pools: list[WorkerPool] = []
+        self.ingest_processes: IngestProcesses | None = None
         self.activity = "starting"
         self.restart_needed: list[str] = []  # keys changed in the file that only a restart applies
 
@@ -134,13 +136,20 @@ class Daemon:
         self.synthesis = SynthesisService(self.settings, self.breaker)
         # The filter pass and the index sync load models: each runs in a child process (daemon/job_process.py)
         self.model_jobs = ChildJobs(self.settings, self.layout)
-        chunker = chunker_for(self.settings, converted_models_root(self.settings))
-        self.ingest_pool = WorkerPool(
-            "ingest",
-            self.layout.database,
-            {"ingest": make_ingest_handler(self.settings, chunker)},
-            self.settings.ingest.workers,
-        )
+        processes = ingest_process_count(self.settings)
+        if processes:  # chunking on every core (daemon/ingest_process.py); the daemon only supervises
+            self.ingest_processes = IngestProcesses(self.settings, processes)
+            wake_ingest = self.ingest_processes.wake
+        else:
+            chunker = chunker_for(self.settings, converted_models_root(self.settings))
+            ingest_pool = WorkerPool(
+                "ingest",
+                self.layout.database,
+                {"ingest": make_ingest_handler(self.settings, chunker)},
+                self.settings.ingest.workers,
+            )
+            self.pools.append(ingest_pool)
+            wake_ingest = ingest_pool.wake.set
         synth_threads = self.settings.llm.concurrency if self.settings.llm.enabled else 1
         self.synth_pool = WorkerPool(
             "synthesize",
@@ -152,7 +161,7 @@ class Daemon:
         self.filter_pool = WorkerPool(
             "filter", self.layout.database, {"filter": self.model_jobs.handle}, 1, lease_seconds=1800
         )
-        self.pools = [self.ingest_pool, self.synth_pool, self.filter_pool]
+        self.pools += [self.synth_pool, self.filter_pool]
         self.index = None
         # ONNX exports share a model pool with the index sync (priority first) or, without an index, the filter
         self.export_pool = self.filter_pool
@@ -174,7 +183,7 @@ class Daemon:
         for pool in self.pools:
             pool.start()
 
-        self.callbacks = DbCallbacks(Database(self.layout.database), self.settings, self.ingest_pool.wake.set)
+        self.callbacks = DbCallbacks(Database(self.layout.database), self.settings, wake_ingest)
         self.watcher = InboxWatcher(
             self.settings.paths.inbox, self.callbacks, self.settings.ingest.settle_seconds
         )
@@ -290,6 +299,8 @@ class Daemon:
     # --- main loop ------------------------------------------------------------------------------
     def describe(self) -> str:
         busy = {pool.name: pool.busy for pool in self.pools if pool.busy}
+        if self.ingest_processes is not None and self.ingest_processes.alive:
+            busy = {"ingest": self.ingest_processes.alive, **busy}
         parts = [self.activity]
         if busy:
             parts.append(" ".join(f"{name}:{n}" for name, n in busy.items()))
@@ -315,6 +326,8 @@ class Daemon:
         while not self.stop_requested.is_set():
             try:
                 self.heartbeat()
+                if self.ingest_processes is not None:
+                    self.ingest_processes.check(self.db.conn)
                 if time.monotonic() - last_metrics >= self.settings.metrics.interval_s:
                     last_metrics = time.monotonic()
                     self._write_metrics()
@@ -392,6 +405,8 @@ class Daemon:
         if hasattr(self, "model_jobs"):
             self.model_jobs.stop()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        if self.ingest_processes is not None:
+            self.ingest_processes.stop(min(STOP_GRACE_S, SHUTDOWN_GRACE_S))
         for pool in self.pools:
             pool.stop(max(0.0, deadline - time.monotonic()))
         if self.db is not None:

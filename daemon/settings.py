@@ -41,6 +41,7 @@ class IngestSettings(_Section):
     settle_seconds: float = Field(2.0, ge=0)
     max_file_mb: float = Field(50.0, gt=0)
     workers: int = Field(2, ge=1, le=64)
+    processes: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = "auto"  # daemon/ingest_process.py
     rescan_minutes: float = Field(10.0, ge=0)
     retire_samples: Literal["keep", "drop"] = "keep"
     chunk_tokens: int = Field(200, ge=16, le=8192)

@@ -151,6 +151,9 @@ class WorkerPool:
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.busy = 0
+        self.last_active = (
+            time.monotonic()
+        )  # when a job was last claimed (an idle process ends after a while)
         self._busy_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.owner = owner_prefix() + name
@@ -208,6 +211,7 @@ class WorkerPool:
         job = queue.claim(owner, list(self.handlers), self.lease_seconds)
         if job is None:
             return False
+        self.last_active = time.monotonic()
         batch = self.batches.get(job.kind)
         size = batch.batch_size() if batch is not None else 1
         if size > 1:

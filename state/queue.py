@@ -288,6 +288,29 @@ class JobQueue:
             )
         return cursor.rowcount
 
+    def has_ready(self, kind: str) -> bool:
+        """Whether a job of `kind` could be claimed now (one row of the jobs_ready index)."""
+        return (
+            self.conn.execute(
+                "SELECT 1 FROM jobs INDEXED BY jobs_ready "
+                "WHERE kind=? AND state IN ('pending','failed') AND not_before <= ? LIMIT 1",
+                (kind, self.clock()),
+            ).fetchone()
+            is not None
+        )
+
+    def recover_owner(self, owner_prefix: str, error: str) -> int:
+        """The jobs of a worker process that died: claimable again at once with `error` and the attempt
+        counted (the job may be what killed it), or dead once its attempts are spent."""
+        with transaction(self.conn):
+            cursor = self.conn.execute(
+                "UPDATE jobs SET state=CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'pending' END, "
+                "lease_owner=NULL, lease_until=NULL, last_error=?, updated=? "
+                "WHERE state='running' AND lease_owner LIKE ?",
+                (error, utcnow(), owner_prefix + "%"),
+            )
+        return cursor.rowcount
+
     def release_owner(self, owner_prefix: str) -> int:
         """On shutdown: hand back every lease this process holds, without counting the attempt."""
         with transaction(self.conn):

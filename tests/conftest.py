@@ -31,7 +31,14 @@ def settings_for(root: Path, base_model: Path, **sections):
 
     data = {
         "paths": {"inbox": str(root / "inbox"), "state_dir": str(root / "state")},
-        "ingest": {"settle_seconds": 0.3, "chunk_tokens": 64, "chunk_overlap": 8, "rescan_minutes": 0},
+        # ingest in the daemon's threads (a process per test daemon costs CI time; tests/test_ingest_processes.py)
+        "ingest": {
+            "settle_seconds": 0.3,
+            "chunk_tokens": 64,
+            "chunk_overlap": 8,
+            "rescan_minutes": 0,
+            "processes": 0,
+        },
         # torch: a test of something else does not pay for an ONNX export (tests/test_backends.py does)
         "model": {"base": str(base_model), "device": "cpu", "encode_batch_size": 16, "backend": "torch"},
         "training": {
