@@ -121,9 +121,12 @@ class IngestProcesses:
                 cwd=os.getcwd(),
             )
             orders = {"settings": self.settings.model_dump(mode="json"), "idle_exit_s": self.idle_exit_s}
-            child.stdin.write(json.dumps(orders).encode())
-            child.stdin.close()
-            self._children[child.pid] = child
+            self._children[child.pid] = child  # listed first: if it dies at once, check() answers for it
+            try:
+                child.stdin.write(json.dumps(orders).encode())
+                child.stdin.close()
+            except OSError as exc:  # it died before reading its orders (check() logs its exit)
+                log.warning("ingest_process_orders_lost", pid=child.pid, error=str(exc))
             log.info("ingest_process_started", pid=child.pid)
 
     def stop(self, grace: float = STOP_GRACE_S) -> None:
