@@ -7,6 +7,11 @@ Prints, all measured in this run on this machine: the export (seconds, the check
 the daemon would record it, on 256 passages and 64 of the set's queries), throughput (passages and short
 queries per second, ratio to torch, and to torch as it encoded before token-budget batches) and, unless --no-quality, nDCG@10 on the set's real queries per
 backend with the paired-bootstrap 95% interval of the difference to torch.
+
+    python -m bench.backends ../shared/data/nfcorpus --device cuda
+
+On a GPU (no ONNX there: exports are for CPUs) the rows are torch fp32 (the reference, and "before": how
+a GPU encoded before `model.encode_precision`), fp16 (what "auto" now picks there) and bf16.
 """
 
 from __future__ import annotations
@@ -55,6 +60,16 @@ def encoders(model_path: Path, exports: Path, record):
         yield f"onnx {variant}", Encoder(model_path, params, model=model)
 
 
+def gpu_encoders(model_path: Path, device: str):
+    """torch on a GPU in each precision; fp32 is both the reference and how it encoded before."""
+    from stages.encoder import EncodeParams, Encoder
+
+    yield BEFORE, Encoder(model_path, EncodeParams(device=device, precision="fp32"))
+    yield "torch", Encoder(model_path, EncodeParams(device=device, precision="fp32"))
+    for precision in ("fp16", "bf16"):
+        yield f"torch {precision}", Encoder(model_path, EncodeParams(device=device, precision=precision))
+
+
 def encode_rates(encoder, passages: list[str], queries: list[str], warmup: int = 16) -> tuple[float, float]:
     """(passages/s, queries/s) of an encoder, after a warm-up (first-call allocations are not throughput)."""
     encoder.passages(passages[:warmup])
@@ -76,6 +91,7 @@ def main() -> int:
     parser.add_argument("--throughput-passages", type=int, default=512)
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--device", default="cpu", help="cpu (torch and ONNX), or cuda (torch per precision)")
     args = parser.parse_args()
 
     from stages.backend_check import check_variants
@@ -89,14 +105,21 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="embedtune-backends-"))
     model_path = resolve_model_path(args.model)
     data = load_beir(args.dataset, split=args.split, name=args.dataset.name)
-    sample = check_sample(data)
-    record = export_model(
-        model_path, work, lambda path, files: check_variants(path, files, sample, EncodeParams(device="cpu"))
-    )
-    out: dict = {"model": args.model, "dataset": args.dataset.name, "export": json.loads(record.to_json())}
-    print(json.dumps({"export": out["export"]}), flush=True)
-    if record.failed:
-        return 1
+    out: dict = {"model": args.model, "dataset": args.dataset.name, "device": args.device}
+    if args.device == "cpu":
+        sample = check_sample(data)
+        record = export_model(
+            model_path,
+            work,
+            lambda path, files: check_variants(path, files, sample, EncodeParams(device="cpu")),
+        )
+        out["export"] = json.loads(record.to_json())
+        print(json.dumps({"export": out["export"]}), flush=True)
+        if record.failed:
+            return 1
+        runs = encoders(model_path, work, record)
+    else:
+        runs = gpu_encoders(model_path, args.device)
 
     rng = np.random.default_rng(1)
     passages = [
@@ -104,7 +127,7 @@ def main() -> int:
     ]
     queries = data.queries[: args.throughput_passages]
     throughput, scores = {}, {}
-    for name, encoder in encoders(model_path, work, record):
+    for name, encoder in runs:
         passages_per_s, queries_per_s = encode_rates(encoder, passages, queries)
         throughput[name] = {"passages_per_s": passages_per_s, "queries_per_s": queries_per_s}
         print(json.dumps({"throughput": name, **throughput[name]}), flush=True)

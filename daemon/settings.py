@@ -104,6 +104,8 @@ class ModelSettings(_Section):
     encode_batch_size: int = Field(64, ge=1)
     # A batch's padded tokens at most (texts x the longest); 0: 2048 on a CPU (faster there), none on a GPU
     encode_batch_tokens: int = Field(0, ge=0)
+    # Weights and activations when torch encodes: "auto" is fp16 on a GPU and fp32 on a CPU
+    encode_precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     # What encodes on the CPU (training is always torch): "auto" uses a version's ONNX export once it is
     # made and matches torch (stages/backend_check.py), torch until then or when it does not; "onnx" uses
     # the export whatever the check found (status says what it found); "torch" never exports.

@@ -20,6 +20,7 @@ def encode_params(settings: Settings):
         model.query_instruction,
         model.encode_batch_size,
         batch_tokens=model.encode_batch_tokens,
+        precision=model.encode_precision,
         backend=model.backend,
         quantize=model.quantize,
         exports_root=StateLayout(settings.paths.state_dir).exports,

@@ -31,6 +31,7 @@ class EncodeParams:
     query_instruction: str = ""
     batch_size: int = 64
     batch_tokens: int = 0  # a batch's padded tokens at most; 0: CPU_BATCH_TOKENS on a CPU, none on a GPU
+    precision: str = "auto"  # torch weights: "auto" (fp16 on a GPU, fp32 on a CPU), "fp32", "fp16", "bf16"
     # model.backend / model.quantize; ONNX needs the folder exports are made in (stages/onnx_export.py)
     backend: str = "torch"
     quantize: str = "auto"
@@ -56,7 +57,7 @@ class Encoder:
         model=None,
         progress: Callable[[int, int], None] | None = None,
     ) -> None:
-        from stages.models import load_embedder, model_prompts
+        from stages.models import model_prompts
 
         self.path = Path(path)
         self.params = params
@@ -69,12 +70,26 @@ class Encoder:
         )
         if model is None:
             model = self._onnx_model()
-        self.model = model if model is not None else load_embedder(self.path, params.device)
+        self.model = model if model is not None else self._torch_model()
         # vectors of another runtime are near, not equal: each runtime has its own cache entries
         key = model_key(self.path) if self.runtime == "torch" else f"{model_key(self.path)}:{self.runtime}"
         self.cache = EmbeddingCache(cache_root, key) if cache_root is not None else None
         # progress(0, n) when a call over n texts begins, then progress(k, n) per slice of k texts encoded
         self.progress = progress
+
+    def _torch_model(self):
+        """The sentence-transformers model, in half precision where `precision` says so (then the runtime
+        is "torch fp16" / "torch bf16": its vectors are near fp32's, not equal, and are cached apart)."""
+        from stages.models import load_embedder
+
+        model = load_embedder(self.path, self.params.device)
+        precision = encode_precision(self.params.precision, str(model.device))
+        if precision != "fp32":
+            import torch
+
+            model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[precision])
+            self.runtime = f"torch {precision}"
+        return model
 
     def _onnx_model(self):
         """The checked ONNX export of this folder when the settings ask for one, else None (torch)."""
@@ -191,6 +206,14 @@ class Encoder:
     def release(self) -> None:
         """Drop the model (the round evaluates several in turn; only one needs to be in memory)."""
         self.model = None
+
+
+def encode_precision(wanted: str, device: str) -> str:
+    """What "auto" means where the model runs: fp16 on a GPU (tensor cores; BERT encoders keep their
+    ranking in it), fp32 on a CPU (half precision there is emulated and slower)."""
+    if wanted != "auto":
+        return wanted
+    return "fp16" if device.startswith("cuda") else "fp32"
 
 
 def token_budget_batches(lengths: Sequence[int], budget: int, max_batch: int) -> list[list[int]]:

@@ -66,3 +66,24 @@ def test_budget_batching_gives_the_vectors_of_one_call(tiny_embedder):
     whole = Encoder(tiny_embedder, EncodeParams(device="cpu", batch_tokens=10**9, batch_size=64))
     assert Encoder(tiny_embedder, EncodeParams(device="cpu"))._batch_tokens() == 2048
     assert np.allclose(budget.passages(texts), whole.passages(texts), atol=1e-5)
+
+
+def test_half_precision_encodes_near_fp32_and_is_cached_apart(tiny_embedder, tmp_path):
+    """model.encode_precision: "auto" stays fp32 on a CPU and means fp16 on a GPU; a half-precision torch
+    model (bf16 here, which a CPU runs) gives vectors near fp32's, as float32, under its own cache key."""
+    from stages.encoder import EncodeParams, Encoder, encode_precision
+
+    assert encode_precision("auto", "cpu") == "fp32" and encode_precision("auto", "cuda:0") == "fp16"
+    assert encode_precision("bf16", "cpu") == "bf16"
+    texts = [("river " * n).strip() for n in (1, 40, 3, 25)]
+    full = Encoder(tiny_embedder, EncodeParams(device="cpu"), cache_root=tmp_path)
+    half = Encoder(tiny_embedder, EncodeParams(device="cpu", precision="bf16"), cache_root=tmp_path)
+    assert full.runtime == "torch" and half.runtime == "torch bf16"
+    import torch
+
+    assert (
+        next(half.model.parameters()).dtype == torch.bfloat16 and half.cache.model_key != full.cache.model_key
+    )
+    vectors = half.passages(texts)
+    assert vectors.dtype == np.float32
+    assert (vectors * full.passages(texts)).sum(axis=1).min() > 0.98
