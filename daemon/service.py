@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from daemon.backends import JOB_KIND as EXPORT_KIND
 from daemon.backends import enqueue_export, prune_exports
-from daemon.ingest_process import STOP_GRACE_S, IngestProcesses, ingest_process_count
+from daemon.ingest_process import IngestProcesses, ingest_process_count
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.logs import configure_logging, get_logger
 from daemon.notify import Notifier
@@ -406,7 +406,7 @@ class Daemon:
             self.model_jobs.stop()
         deadline = time.monotonic() + SHUTDOWN_GRACE_S
         if self.ingest_processes is not None:
-            self.ingest_processes.stop(min(STOP_GRACE_S, SHUTDOWN_GRACE_S))
+            self.ingest_processes.stop()
         for pool in self.pools:
             pool.stop(max(0.0, deadline - time.monotonic()))
         if self.db is not None:

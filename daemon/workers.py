@@ -151,9 +151,8 @@ class WorkerPool:
         self.stop_event = threading.Event()
         self.wake = threading.Event()
         self.busy = 0
-        self.last_active = (
-            time.monotonic()
-        )  # when a job was last claimed (an idle process ends after a while)
+        # when a job was last claimed: an ingest process with nothing to claim for a while ends
+        self.last_active = time.monotonic()
         self._busy_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self.owner = owner_prefix() + name
