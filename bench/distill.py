@@ -37,7 +37,7 @@ def main() -> int:
     )
     from stages.models import resolve_model_path
     from stages.pseudo import pseudo_queries
-    from stages.teacher import HybridTeacher, default_bm25_weight
+    from stages.teacher import HybridTeacher, teacher_bm25_share
     from stages.text import detect_language
     from stages.train import TrainParams, train_model
 
@@ -75,7 +75,7 @@ def main() -> int:
     else:
         corpus_vectors = encoder.passages(real.corpus_texts)
         np.save(cached, corpus_vectors)
-    weight = args.weight if args.weight is not None else default_bm25_weight(language)
+    weight = args.weight if args.weight is not None else teacher_bm25_share(language)
     teacher = HybridTeacher(real.corpus_texts, encoder, weight, corpus_vectors)
 
     rng = random.Random(args.seed)

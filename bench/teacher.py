@@ -19,7 +19,7 @@ def main() -> int:
     from stages.evaluate import evaluate_scores
     from stages.gate import paired_bootstrap
     from stages.models import resolve_model_path
-    from stages.teacher import HybridTeacher, default_bm25_weight
+    from stages.teacher import HybridTeacher, teacher_bm25_share
     from stages.text import detect_language
 
     parser = argparse.ArgumentParser(
@@ -36,7 +36,7 @@ def main() -> int:
     real = load_beir(args.dataset, name="real")
     language = detect_language(" ".join(real.corpus_texts[:200]))
     encoder = Encoder(resolve_model_path(args.model), EncodeParams("auto", args.query_instruction, 64))
-    teacher = HybridTeacher(real.corpus_texts, encoder, default_bm25_weight(language))
+    teacher = HybridTeacher(real.corpus_texts, encoder, teacher_bm25_share(language))
     encoded = time.monotonic() - started
     parts = teacher.components(real.queries)
     rows = {"base (dense)": parts.dense, "BM25": parts.bm25}
@@ -46,7 +46,7 @@ def main() -> int:
     base = results["base (dense)"].per_query["ndcg@10"]
     print(
         f"\n{args.dataset.name}: {len(real.corpus_texts)} documents, {len(real)} queries, language {language} "
-        f"(default BM25 weight {default_bm25_weight(language)}); encoding {encoded:.0f}s"
+        f"(default BM25 weight {teacher_bm25_share(language)}); encoding {encoded:.0f}s"
     )
     print(f"{'retriever':<16} {'nDCG@10':>8} {'95% CI vs base':>18} {'R@10':>7} {'R@100':>7}")
     table = {}

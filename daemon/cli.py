@@ -9,9 +9,17 @@ from pathlib import Path
 
 from daemon.settings import ConfigError, Settings, load_settings
 
+# What a user reads first (`embedtune --help`): what the product does for them, not how the module is built.
+DESCRIPTION = (
+    "embedtune keeps a retrieval embedding model tuned to your own documents: drop files into its\n"
+    "inbox, and it indexes them, trains on them and serves the model that finds them best."
+)
+
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="embedtune", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="embedtune", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--config", help="config file (default: $EMBEDTUNE_CONFIG, else embedded defaults)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -103,12 +111,14 @@ def _load(args: argparse.Namespace) -> Settings:
 def cmd_status(settings: Settings, as_json: bool) -> int:
     from stages.base_choice import describe_base
     from state.layout import StateLayout
-    from state.status import format_status, read_status, set_served_mode
+    from state.status import format_status, read_status, set_served
 
-    status = read_status(StateLayout(settings.paths.state_dir), settings.llm.url)
-    set_served_mode(status, settings.index.mode if settings.index.enabled else "")
+    layout = StateLayout(settings.paths.state_dir)
+    status = read_status(layout, settings.llm.url)
     describe_base(status, settings.model.base)
-    status["model"]["encoder"] = encoder_line(settings)
+    served, encoder = served_for_status(settings, layout)
+    set_served(status, served, settings.index.mode if settings.index.enabled else "")
+    status["model"]["encoder"] = encoder
     if as_json:
         print(json.dumps(status, indent=2, ensure_ascii=False))
     else:
@@ -116,22 +126,35 @@ def cmd_status(settings: Settings, as_json: bool) -> int:
     return 0
 
 
-def encoder_line(settings: Settings) -> str:
-    """What encodes for the model in service (torch or a checked ONNX export) and why."""
+def served_for_status(settings: Settings, layout) -> tuple[dict | None, str]:
+    """What is served (the same resolution `search` and the index job read) and what encodes for it, on
+    one read-only connection; no torch, no model loaded, nothing converted."""
     from daemon.backends import describe_encoder
+    from daemon.serving import resolve_served
     from state.db import connect
-    from state.layout import StateLayout
 
-    layout = StateLayout(settings.paths.state_dir)
-    if not layout.database.exists():
-        return describe_encoder(None, settings, layout)
-    conn = connect(layout.database, readonly=True)
+    conn = connect(layout.database, readonly=True) if layout.database.exists() else None
     try:
-        return describe_encoder(conn, settings, layout)
-    except Exception as exc:  # status answers even when this part cannot be worked out
-        return f"unknown ({type(exc).__name__}: {exc})"
+        served = resolve_served(conn, settings, layout)
+        summary = {
+            "version": served.version,
+            "path": str(served.path) if served.path else None,
+            "problem": served.problem or None,
+            "collection": served.live.name if served.live_is_ours() else None,
+            "behind": served.behind,
+            "bm25_weight": served.bm25_weight,
+            "analyzer": served.analyzer,
+        }
+        try:
+            encoder = describe_encoder(conn, settings, layout)
+        except Exception as exc:  # status answers even when this part cannot be worked out
+            encoder = f"unknown ({type(exc).__name__}: {exc})"
+        return summary, encoder
+    except Exception as exc:
+        return None, f"unknown ({type(exc).__name__}: {exc})"
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 
 
 def cmd_config_check(settings: Settings, source: str | None) -> int:

@@ -5,67 +5,19 @@ and its paired-bootstrap interval. The answer to "is the model in service really
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
-from pathlib import Path
 
+from daemon.serving import ModelChoiceError, resolve_model_choice
 from daemon.settings import Settings
-
-
-class ModelChoiceError(Exception):
-    """A --model / --against value that names no model this install has."""
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    label: str  # base | vN
-    path: Path
-    note: str = ""
-
-
-def resolve_model_choice(settings: Settings, choice: str) -> ModelChoice:
-    """'base', 'current' (the model in service; the base model before any promotion) or 'vN'."""
-    from daemon.serving import base_model_path
-    from state.db import Database
-    from state.layout import StateLayout
-    from state.registry import ModelRegistry, RegistryError
-
-    choice = choice.strip().lower()
-    if choice == "base":
-        return ModelChoice("base", base_model_path(settings))
-    if choice != "current" and not (choice.startswith("v") and choice[1:].isdigit()):
-        raise ModelChoiceError(f"--model {choice!r}: use base, current or a version such as v3")
-    layout = StateLayout(settings.paths.state_dir)
-    if not layout.database.exists():
-        if choice == "current":
-            return ModelChoice("base", base_model_path(settings), "nothing promoted yet")
-        raise ModelChoiceError(f"unknown model version {choice}: no state in {settings.paths.state_dir}")
-    db = Database(layout.database)
-    try:
-        registry = ModelRegistry(db.conn, layout)
-        if choice == "current":
-            if registry.current() is None:
-                return ModelChoice("base", base_model_path(settings), "nothing promoted yet")
-            serving = registry.serving(base_model_path(settings))
-            return ModelChoice(serving.version, serving.path)
-        try:
-            record = registry.get(int(choice[1:]))
-        except RegistryError:
-            raise ModelChoiceError(f"unknown model version {choice}") from None
-        if not Path(record.path).exists():
-            raise ModelChoiceError(f"model {choice} is recorded but its folder {record.path} is gone")
-        return ModelChoice(choice, record.path)
-    finally:
-        db.close()
 
 
 def cmd_eval(settings: Settings, data: str, model: str, against: str, metric: str, as_json: bool) -> int:
     import json
 
+    from daemon.eval_report import paired_gain, print_report
     from daemon.step_params import encode_params
     from stages.encoder import Encoder
     from stages.evalsets import EvalFileError, load_eval_file
     from stages.evaluate import RetrievalEvaluator
-    from stages.gate import paired_bootstrap
 
     try:
         chosen = resolve_model_choice(settings, model)
@@ -102,33 +54,17 @@ def cmd_eval(settings: Settings, data: str, model: str, against: str, metric: st
     if chosen.note:
         report["note"] = f"{model}: {chosen.note}; the base model answers"
     if baseline:
-        low, high = paired_bootstrap(
-            results[chosen.label].primary_per_query,
-            results[baseline.label].primary_per_query,
+        report["gain"] = paired_gain(
+            results,
+            chosen.label,
+            baseline.label,
             settings.promotion.bootstrap_samples,
             settings.training.seed,
         )
-        gain = results[chosen.label].primary - results[baseline.label].primary
-        report["gain"] = {
-            "over": baseline.label,
-            "value": round(gain, 5),
-            "ci95": [round(low, 5), round(high, 5)],
-        }
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{data}: {report['queries']} queries, {report['passages']} passages")
-    if "note" in report:
-        print(report["note"])
-    for label, result in results.items():
-        shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in result.metrics.items() if k in (metric, "recall@10", "mrr@10")
-        )
-        print(f"  {label:<6} {shown}")
-    if baseline:
-        g = report["gain"]
-        verdict = "above zero" if g["ci95"][0] > 0 else "below zero" if g["ci95"][1] < 0 else "includes zero"
-        print(
-            f"  {metric} gain over {g['over']}: {g['value']:+.4f}, 95% CI [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}] ({verdict})"
-        )
+    header = f"{data}: {report['queries']} queries, {report['passages']} passages"
+    notes = [report["note"]] if "note" in report else []
+    print_report(header, notes, results, metric, [report["gain"]] if baseline else [])
     return 0

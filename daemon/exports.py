@@ -19,7 +19,7 @@ log = get_logger("embedtune.export")
 
 def mined_examples(settings: Settings, layout: StateLayout, conn) -> list[dict]:
     """Kept training pairs with negatives mined now by the model in service, by the round's own miner."""
-    from daemon.serving import model_in_service
+    from daemon.serving import converted_models_root, model_in_service
     from daemon.step_params import encode_params, negative_params
     from stages.encoder import Encoder
     from stages.round_steps import Snapshot, mine_negatives
@@ -49,7 +49,8 @@ def mined_examples(settings: Settings, layout: StateLayout, conn) -> list[dict]:
 
         from stages.models import resolve_model_path
 
-        reranker = FlagReranker(str(resolve_model_path(settings.model.reranker)), use_fp16=False)
+        reranker_path = resolve_model_path(settings.model.reranker, converted_models_root(settings))
+        reranker = FlagReranker(str(reranker_path), use_fp16=False)
         for example in examples:
             pairs = [[example["query"], example["pos"]]] + [[example["query"], n] for n in example["neg"]]
             scores = reranker.compute_score(pairs)

@@ -28,6 +28,7 @@ class FilterService:
         self._encoder = None  # keeps the embedding cache of the model in service
 
     def _scoring(self, conn):
+        from daemon.serving import converted_models_root
         from daemon.step_params import encode_params
         from stages.encoder import Encoder
         from stages.models import resolve_model_path
@@ -37,7 +38,7 @@ class FilterService:
             if key != self._loaded_key:
                 from FlagEmbedding import FlagReranker
 
-                path = resolve_model_path(self.settings.model.reranker)
+                path = resolve_model_path(self.settings.model.reranker, converted_models_root(self.settings))
                 reranker = FlagReranker(
                     str(path), use_fp16=False, devices="cpu" if self.settings.model.device == "cpu" else None
                 )

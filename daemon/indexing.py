@@ -27,9 +27,10 @@ import numpy as np
 
 from daemon.logs import get_logger
 from daemon.progress import Progress
-from daemon.serving import model_in_service
+from daemon.serving import Served, ServedResolver
 from daemon.settings import Settings
 from daemon.workers import JobContext, PermanentFailure, RetryLater
+from state.db import transaction
 from state.index_records import (
     LIVE,
     ActiveChunk,
@@ -37,8 +38,6 @@ from state.index_records import (
     IndexRecords,
     active_chunk_ids,
     active_chunks,
-    active_count,
-    active_languages,
     change_seq,
     changes_since,
     chunk_signature,
@@ -48,7 +47,6 @@ from state.index_records import (
 from state.index_stats import VectorStats, drop_stats, load_stats, save_stats
 from state.layout import StateLayout
 from state.queue import JobQueue
-from state.registry import ServingModel
 from state.vector_store import IndexRefused, IndexTarget, IndexUnavailable, VectorStore, open_store
 
 log = get_logger("embedtune.index")
@@ -86,41 +84,6 @@ def index_target(settings: Settings) -> IndexTarget:
     )
 
 
-def served_analyzer(conn: sqlite3.Connection, settings: Settings) -> str:
-    """The BM25 analyzer collections are built with: the configured one, or by the corpus language."""
-    from stages.fusion import choose_analyzer
-
-    if settings.index.analyzer != "auto":
-        return settings.index.analyzer
-    return choose_analyzer("auto", active_languages(conn))
-
-
-def served_bm25_weight(
-    settings: Settings, model_path: Path | None = None, conn: sqlite3.Connection | None = None
-) -> float | None:
-    """The configured BM25 share, or ("auto") the one a round chose for this model on the user's
-    queries, else the one-language share when the base reads every language; None: each query gets its
-    language's measured share."""
-    from stages.fusion import choose_bm25_weight
-
-    return choose_bm25_weight(settings.index.bm25_weight, model_path, all_languages_share(settings, conn))
-
-
-def all_languages_share(settings: Settings, conn: sqlite3.Connection | None = None) -> float | None:
-    """`READS_ALL_LANGUAGES_SHARE` when the base (and so every version trained from it) is the packaged
-    multilingual model; None otherwise (a local folder's languages are not known here)."""
-    from daemon.serving import base_reference
-    from stages.base_choice import MULTILINGUAL_BASE
-    from stages.fusion import READS_ALL_LANGUAGES_SHARE
-    from stages.models import ModelNotFound
-
-    try:
-        reference = base_reference(settings, conn)
-    except ModelNotFound:
-        return None
-    return READS_ALL_LANGUAGES_SHARE if reference.strip().lower() == MULTILINGUAL_BASE.lower() else None
-
-
 class IndexService:
     """Keeps the vector store in line with the model in service and the active chunks."""
 
@@ -131,7 +94,9 @@ class IndexService:
         self.layout = layout
         self.target = index_target(settings)
         self.show_progress = show_progress
-        self._analyzer_cache: tuple[str, str] | None = None  # (chunk signature, analyzer)
+        # The main loop's lookups never convert a packaged base; the sync (a job) may.
+        self.lookup = ServedResolver(settings, layout)
+        self.resolve = ServedResolver(settings, layout, convert=True)
 
     # --- the job ----------------------------------------------------------------------------------
     def handle(self, ctx: JobContext) -> None:
@@ -154,44 +119,43 @@ class IndexService:
         records = IndexRecords(conn)
         if records.refused():
             return False  # status says why; a restart tries again
-        live = records.live()
-        if live is None:
+        served = self.lookup(conn)
+        if served.live is None:
             return has_active_chunks(conn)
-        signature = chunk_signature(conn)
-        serving = model_in_service(conn, self.layout, self.settings)
-        analyzer = self._analyzer_for(conn, signature)
-        if (live.model_id, live.model_path, live.analyzer) != (serving.model_id, str(serving.path), analyzer):
-            return True  # another model, or a collection to rebuild (dense only, or another analyzer)
-        if live.bm25_weight != served_bm25_weight(self.settings, serving.path, conn):
-            return True
-        return live.signature != signature
+        if served.path is None:
+            return False  # nothing can serve yet (status says why)
+        if not served.live_is_ours() or served.live.bm25_weight != served.bm25_weight:
+            return True  # another model, or a collection to rebuild (dense only, another analyzer or share)
+        return served.behind > 0 or served.live.signature != served.signature
 
-    def _analyzer_for(self, conn: sqlite3.Connection, signature: str) -> str:
-        """`served_analyzer`, recomputed only when the active chunks change: the main loop asks every few
-        seconds and the language count is a scan of every active chunk."""
-        if self._analyzer_cache is None or self._analyzer_cache[0] != signature:
-            self._analyzer_cache = (signature, served_analyzer(conn, self.settings))
-        return self._analyzer_cache[1]
-
-    def enqueue(self, conn: sqlite3.Connection, reason: str) -> bool:
+    def enqueue(self, conn: sqlite3.Connection, reason: str, *, retry: bool = False) -> bool:
         """One pending sync at a time is enough: it reads the state when it runs. Each job's key names
-        what it was asked for, so a dead job (a bug) is not re-armed until something changes."""
+        what it was asked for, so a dead job (a bug) is not re-armed until something changes; `retry`
+        re-arms it (a restart after a refusal: the docs promise that a restart tries again)."""
         queue = JobQueue(conn)
         if queue.has_pending(JOB_KIND):
             return False
-        serving = model_in_service(conn, self.layout, self.settings)
-        analyzer = served_analyzer(conn, self.settings)
-        key = f"index:{serving.version}:{analyzer}:{chunk_signature(conn)}:{reason}"
-        return queue.enqueue(JOB_KIND, key, {"reason": reason}, priority=150, max_attempts=5)
+        served = self.lookup(conn)
+        key = f"index:{served.version}:{served.analyzer}:{served.signature}:{reason}"
+        return queue.enqueue(
+            JOB_KIND, key, {"reason": reason}, priority=150, max_attempts=5, requeue_finished=retry
+        )
+
+    def retry_refused(self, conn: sqlite3.Connection) -> bool:
+        """Start-up: a refusal recorded by the last run is cleared (the configuration may have changed)
+        and a sync is asked for at once, even when the refused job's key is the one a sync would get now."""
+        records = IndexRecords(conn)
+        if not records.refused():
+            return False
+        records.clear_refusal()
+        return self.enqueue(conn, "restart after refusal", retry=True)
 
     # --- the one operation ------------------------------------------------------------------------
     def sync(self, conn: sqlite3.Connection) -> SyncReport:
         records = IndexRecords(conn)
-        serving = model_in_service(conn, self.layout, self.settings)
-        analyzer = served_analyzer(conn, self.settings)
-        weight = served_bm25_weight(self.settings, serving.path, conn)
-        live = records.live()
-        if self._up_to_date(conn, records, live, serving, analyzer, weight):
+        served = self.resolve(conn)
+        serving, analyzer, weight, live = served.model, served.analyzer, served.bm25_weight, served.live
+        if self._up_to_date(conn, records, served):
             return SyncReport(collection=live.name, version=serving.version, chunks=live.chunks)
         with open_store(self.target) as store:
             self._reconcile(records, store)
@@ -220,28 +184,27 @@ class IndexService:
         return report
 
     @staticmethod
-    def _up_to_date(
-        conn: sqlite3.Connection,
-        records: IndexRecords,
-        live: CollectionRecord | None,
-        serving: ServingModel,
-        analyzer: str,
-        weight: float | None,
-    ) -> bool:
+    def _up_to_date(conn: sqlite3.Connection, records: IndexRecords, served: Served) -> bool:
         """Nothing to do, known from SQLite alone: the live collection is the serving model's, with the
         served analyzer and share, and has applied the whole change log. Milvus is not opened (its alias is
         reconciled by the next sync that has work)."""
+        live = served.live
         if live is None or live.synced_seq is None or live.synced_seq != change_seq(conn):
             return False
-        target = records.for_model(serving.model_id, str(serving.path), analyzer)
-        return target is not None and target.name == live.name and live.bm25_weight == weight
+        target = records.for_model(served.model_id, str(served.path), served.analyzer)
+        return (
+            target is not None
+            and target.name == live.name
+            and live.bm25_weight == served.bm25_weight
+            and live.signature == served.signature
+        )
 
     def follow_serving(self, conn: sqlite3.Connection) -> CollectionRecord | None:
         """After a rollback: point the alias at the serving model's kept collection at once, if there is
         one (a sync then adds what arrived since). None when it must be filled first."""
-        serving = model_in_service(conn, self.layout, self.settings)
+        served = self.resolve(conn)
         records = IndexRecords(conn)
-        target = records.for_model(serving.model_id, str(serving.path), served_analyzer(conn, self.settings))
+        target = records.for_model(served.model_id, str(served.folder()), served.analyzer)
         if target is None or target.state not in ("ready", LIVE):
             return None
         with open_store(self.target) as store:
@@ -268,7 +231,7 @@ class IndexService:
     def _create(
         self,
         records: IndexRecords,
-        serving: ServingModel,
+        serving,
         encoders: _Encoders,
         analyzer: str,
         weight: float,
@@ -312,21 +275,20 @@ class IndexService:
         do reads one row); a new one, or one from before the log, is filled by a full pass, which compares
         every active chunk with the ids the store holds and records the position it started from."""
         if collection.synced_seq is not None:
-            signature = chunk_signature(conn)  # before the changes: a chunk arriving between is synced next
+            # the changes, the signature and the count come from one snapshot: a chunk arriving meanwhile
+            # is in none of them and the next sync applies it
             changes = changes_since(conn, collection.synced_seq)
             if changes.removed:
                 with open_store(self.target) as store:
                     store.delete(collection.name, changes.removed)
                 report.removed += len(changes.removed)
             self._upsert(records, collection, changes.added, encoder, report)
-            count = active_count(conn)
-            records.mark_synced(collection.name, count, signature, changes.seq)
-            self._refresh_stats(collection.name, count, lambda: active_chunk_ids(conn))
-            return count
+            records.mark_synced(collection.name, changes.count, changes.signature, changes.seq)
+            self._refresh_stats(collection.name, changes.count, lambda: active_chunk_ids(conn))
+            return changes.count
         for _ in range(MAX_PASSES):
-            signature = chunk_signature(conn)
-            seq = change_seq(conn)  # changes after this one are applied by the next sync
-            chunks = active_chunks(conn)
+            with transaction(conn, immediate=False):  # one snapshot: changes after `seq` are the next sync's
+                signature, seq, chunks = chunk_signature(conn), change_seq(conn), active_chunks(conn)
             self._fill(records, collection, chunks, encoder, report)
             if chunk_signature(conn) == signature:
                 break
@@ -385,15 +347,14 @@ class IndexService:
     def _refresh_stats(self, name: str, count: int, chunk_ids: Callable[[], list[int]]) -> None:
         """Redraw the collection's vector sample when there is none or the corpus changed by a tenth:
         the covariance moves slowly with the corpus, and a redraw reads up to 2,000 stored vectors."""
-        from stages.fusion import STATS_SAMPLE, vector_covariance
+        from stages.fusion import stats_sample, vector_covariance
 
         folder = self.layout.index_stats
         known = load_stats(folder, name)
         if not count or (known is not None and abs(known.chunks - count) <= 0.1 * known.chunks):
             return
         chunk_ids = chunk_ids()
-        rng = np.random.default_rng(0)
-        sample = rng.choice(np.asarray(chunk_ids), size=min(STATS_SAMPLE, len(chunk_ids)), replace=False)
+        sample = np.asarray(chunk_ids)[stats_sample(len(chunk_ids))]
         with open_store(self.target) as store:
             vectors = store.vectors_of(name, [int(i) for i in sample])
         if vectors:
@@ -403,7 +364,7 @@ class IndexService:
     def _swap(self, conn: sqlite3.Connection, records: IndexRecords, target: CollectionRecord) -> bool:
         """Swap the alias, unless the model changed meanwhile (a rollback during the fill)."""
         with open_store(self.target) as store:
-            serving = model_in_service(conn, self.layout, self.settings)
+            serving = self.resolve(conn)
             if (serving.model_id, str(serving.path)) != (target.model_id, target.model_path):
                 log.info("index_swap_skipped", collection=target.name, serving=serving.version)
                 return False
@@ -412,7 +373,7 @@ class IndexService:
         log.info("index_alias_swapped", alias=self.settings.index.alias, collection=target.name)
         return True
 
-    def _drop_surplus(self, records: IndexRecords, serving: ServingModel, analyzer: str) -> list[str]:
+    def _drop_surplus(self, records: IndexRecords, serving, analyzer: str) -> list[str]:
         current = records.for_model(serving.model_id, str(serving.path), analyzer)
         surplus = records.surplus(self.settings.index.keep_collections, current.name if current else None)
         if not surplus:

@@ -74,14 +74,16 @@ class IngestProcesses:
             return sum(1 for child in self._children.values() if child.poll() is None)
 
     def wake(self) -> None:
-        """A file was recorded (watcher thread): make sure processes are there to take it."""
+        """A file was recorded (watcher thread): make sure one process is there to take it. More start
+        from `check()` while more jobs wait: one file is one process, not `count`."""
         with self._lock:
             if not self._stopping:
-                self._fill()
+                self._fill(1)
 
     def check(self, conn) -> None:
         """Main loop: answer for processes that died, and start processes while ingest jobs wait (a
-        start-up backlog, a rescan, a job a dead process gave back)."""
+        start-up backlog, a rescan, a job a dead process gave back): one per job ready or running, up to
+        `count` (a process still starting counts, so its job does not start a second)."""
         queue = JobQueue(conn)
         with self._lock:
             for pid, child in list(self._children.items()):
@@ -106,14 +108,15 @@ class IngestProcesses:
                     next_start_in_s=backoff,
                 )
             if not self._stopping and len(self._children) < self.count and queue.has_ready(JOB_KIND):
-                self._fill()
+                self._fill(queue.demand(JOB_KIND, self.count))
 
-    def _fill(self) -> None:
-        """Start processes up to `count` alive (one that ended stays listed until check() answers for it)."""
+    def _fill(self, wanted: int) -> None:
+        """Start processes up to `wanted` alive, at most `count` (one that ended stays listed until check()
+        answers for it)."""
         if time.monotonic() < self._not_before:
             return  # crashing: the back-off spaces the next start (a broken install must not spin)
         alive = sum(1 for child in self._children.values() if child.poll() is None)
-        for _ in range(self.count - alive):
+        for _ in range(min(wanted, self.count) - alive):
             child = subprocess.Popen(
                 [sys.executable, "-m", "daemon.ingest_process"],
                 stdin=subprocess.PIPE,

@@ -157,7 +157,7 @@ def judge_round(
     progress: RoundProgress,
 ) -> JudgedRound:
     """snapshot -> negatives -> (labels) -> train -> evaluate -> merge -> decide; raises RoundRejected."""
-    from daemon.serving import base_model_path
+    from daemon.serving import base_model_path, resolve_served
     from stages.encoder import Encoder
     from stages.round_steps import (
         CURRENT,
@@ -174,7 +174,7 @@ def judge_round(
     records = progress.records
     base_path = base_model_path(settings, registry.conn)
     current = registry.current()
-    serving_path = registry.serving(base_path).path
+    serving_path = resolve_served(registry.conn, settings, layout, convert=True).folder()
     init_path = serving_path if settings.training.init == "current" else base_path
     encode = torch_encode_params(settings)
     progress.stage("snapshot")
@@ -333,6 +333,7 @@ def label_round(
 ):
     """The label step: load the teacher `model.teacher` names, judge (reusing stored judgements), repair
     labels. The teacher is released before training starts: a cross-encoder must not share memory with it."""
+    from daemon.serving import converted_models_root
     from stages.encoder import Encoder
     from stages.round_steps import ScoreStorage, label_with_teacher
     from stages.teacher import load_teacher
@@ -350,6 +351,7 @@ def label_round(
         mined.corpus_vectors if same_base else None,
         settings.model.teacher_bm25_weight,
         settings.model.device,
+        converted_models_root(settings),
     )
     store = TeacherScoreStore(db.conn)
     try:
@@ -397,8 +399,9 @@ def promote(
     current,
     used_sample_ids: list[int],
 ) -> RoundOutcome:
-    """Serve the variant (atomic swap in the registry) and record the round as promoted, before any hook
-    runs: a SIGTERM after this point cannot leave a new model in service with an 'aborted' round."""
+    """Serve the variant and record the round as promoted, with its used pairs, in the registry's serving
+    transaction (before the link swap and any hook): no kill can leave a new model in service with an
+    'aborted' round whose pairs count as new."""
     from stages.gate import RejectionCause
     from state.registry import ServingChanged
 
@@ -409,7 +412,14 @@ def promote(
         metrics={"variant": verdict.decision.variant, **verdict.table[verdict.decision.variant]["heldout"]},
     )
     try:
-        registry.promote(record.id, note=f"round {round_id}", replacing=current.id if current else None)
+        registry.promote(
+            record.id,
+            note=f"round {round_id}",
+            replacing=current.id if current else None,
+            with_serving=lambda: records.write_finish(
+                round_id, RoundOutcome.PROMOTED, verdict.reason, record.id, used_sample_ids
+            ),
+        )
     except ServingChanged as exc:
         # A rollback (or another promotion) ran while this round trained: its verdict compared against
         # a model that no longer serves, so it must not undo what the user just did.
@@ -421,7 +431,6 @@ def promote(
         remove_version_export(registry.layout, record.path)
         log.warning("round_not_promoted_serving_changed", round_id=round_id, error=str(exc))
         return RoundOutcome.REJECTED
-    records.finish(round_id, RoundOutcome.PROMOTED, verdict.reason, record.id, used_sample_ids)
     return RoundOutcome.PROMOTED
 
 

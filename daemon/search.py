@@ -21,23 +21,25 @@ from pathlib import Path
 
 import numpy as np
 
-from daemon.evaluation import ModelChoice, ModelChoiceError, resolve_model_choice
+from daemon.serving import ModelChoice, ModelChoiceError, choose_model, resolve_served, served_bm25_weight
 from daemon.settings import Settings
+from daemon.step_params import encode_params
+from stages.encoder import Encoder
 from stages.fusion import (
     MODES,
-    STATS_SAMPLE,
     Scored,
+    candidate_depth,
     dense_spread,
     lexical_only,
     lexical_spread,
     query_bm25_weight,
-    vector_covariance,
+    sample_covariance,
     zmix,
 )
-from state.db import Database
-from state.index_records import ActiveChunk, CollectionRecord, IndexRecords, active_chunks, chunk_signature
+from state.db import connect
+from state.index_records import ActiveChunk, CollectionRecord, IndexRecords, active_chunks
 from state.layout import StateLayout
-from state.vector_store import Hit, IndexUnavailable
+from state.vector_store import Hit, IndexRefused, IndexUnavailable
 
 _WORD = re.compile(r"\w", re.UNICODE)
 
@@ -82,10 +84,6 @@ def query_problem(query: str) -> str:
     return ""
 
 
-def _model_id(choice: ModelChoice) -> int | None:
-    return int(choice.label[1:]) if choice.label.startswith("v") else None
-
-
 def search(
     settings: Settings, query: str, model: str = "current", k: int = 10, mode: str | None = None
 ) -> SearchAnswer:
@@ -104,54 +102,59 @@ def search_many(
     mode: str | None = None,
     ids: list[str] | None = None,
 ) -> list[SearchAnswer]:
-    """Answers in the order of `queries`; a query that cannot be searched gets its `error`."""
+    """Answers in the order of `queries`; a query that cannot be searched gets its `error`. Whatever the
+    index's state (behind the chunks, Milvus down, its lock held too long) the questions are answered,
+    with a note saying from where."""
     mode = mode or settings.index.mode
     if mode not in MODES:
         raise SearchError(f"--mode {mode!r}: use {', '.join(MODES)}")
     if k < 1:
         raise SearchError("-k must be at least 1")
-    try:
-        choice = resolve_model_choice(settings, model)
-    except ModelChoiceError as exc:
-        raise SearchError(str(exc)) from None
     layout = StateLayout(settings.paths.state_dir)
     if not layout.database.exists():
-        raise SearchError(f"no documents yet: no state in {settings.paths.state_dir}")
+        raise SearchError(
+            f"no documents yet: drop documents into {settings.paths.inbox} first (no state in "
+            f"{settings.paths.state_dir})"
+        )
+    plan = _plan(settings, layout, model, mode)
     ids = ids or [str(i) for i in range(1, len(queries) + 1)]
-    plan = _plan(settings, layout, choice, model, mode)
     answers = [
-        SearchAnswer(choice.label, mode, plan.source, plan.note, query=q, id=i, error=query_problem(q))
+        SearchAnswer(plan.choice.label, mode, plan.source, plan.note, query=q, id=i, error=query_problem(q))
         for q, i in zip(queries, ids, strict=True)
     ]
     todo = [a for a in answers if not a.error]
     if not todo:
         return answers
-    depth = max(k, settings.index.candidates) if mode == "hybrid" else k
+    depth = candidate_depth(k, settings.index.candidates) if mode == "hybrid" else k
     texts = [a.query for a in todo]
-    encoder = _encoder(settings, layout, choice) if mode != "lexical" else None
+    encoder = Encoder(plan.choice.path, encode_params(settings), layout.cache) if mode != "lexical" else None
     vectors = None
     if encoder is not None:
         vectors = encoder.queries(texts)
         window = _window(encoder)
         for answer in todo:
-            if window and _tokens(encoder, answer.query) > window:
-                answer.note = "; ".join(
-                    filter(None, [answer.note, f"query cut to the model's {window} tokens"])
-                )
+            if window and _tokens(encoder, encoder.query_prefix + answer.query) > window:
+                answer.note = _join(answer.note, f"query cut to the model's {window} tokens")
+    found = None
     if plan.collection is not None:
-        found = _from_collection(settings, plan.collection, mode, vectors, texts, depth)
-        if mode == "hybrid":
-            from state.index_stats import load_stats
-
-            stats = load_stats(layout.index_stats, plan.collection.name)
-            found.covariance = stats.covariance if stats is not None else None
-            found.corpus_size = plan.collection.chunks
-    else:
-        found = _exact(settings, layout, choice, plan.chunks, encoder, mode, vectors, texts, depth)
+        try:
+            found = _from_collection(settings, layout, plan.collection, mode, vectors, texts, depth)
+        except (IndexUnavailable, IndexRefused) as exc:  # Milvus down, its lock held: exact search answers
+            plan.chunks = _read_chunks(layout)
+            plan.source = f"exact search over {len(plan.chunks)} chunks"
+            for answer in answers:
+                answer.source = plan.source
+                answer.note = _join(answer.note, f"the index could not be read ({exc}): exact search")
+    if found is None:
+        found = _exact(plan.choice, plan.chunks, encoder, mode, vectors, texts, depth)
     for row, answer in enumerate(todo):
         vector = vectors[row] if vectors is not None else None
         answer.hits = _combine(mode, found, row, plan, vector, answer.query, k)
     return answers
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(note for note in notes if note)
 
 
 @dataclass
@@ -167,6 +170,7 @@ class _Found:
 
 @dataclass
 class _Plan:
+    choice: ModelChoice
     source: str
     note: str
     weight: float | None  # None: each query's language decides (stages/fusion.query_bm25_weight)
@@ -174,46 +178,58 @@ class _Plan:
     chunks: list[ActiveChunk] = field(default_factory=list)
 
 
-def _plan(settings: Settings, layout: StateLayout, choice: ModelChoice, model: str, mode: str) -> _Plan:
-    """Where the answers come from: a collection in line with the active chunks, else exact search."""
-    from daemon.indexing import served_bm25_weight
-
-    db = Database(layout.database)
+def _plan(settings: Settings, layout: StateLayout, model: str, mode: str) -> _Plan:
+    """Which model answers and from where, on one read-only connection: the model in service from the
+    live collection (however far behind the chunks; the note says how far), another model from a kept
+    collection holding exactly the active chunks, else exact search over the active chunks."""
+    conn = connect(layout.database, readonly=True)
     try:
-        conn = db.conn
+        served = resolve_served(conn, settings, layout)
+        try:
+            choice = choose_model(conn, settings, layout, model, served)
+        except ModelChoiceError as exc:
+            raise SearchError(str(exc)) from None
+        in_service = choice.path == served.path and choice.model_id == served.model_id
+        weight = served.bm25_weight if in_service else served_bm25_weight(settings, choice.path, conn)
         note = choice.note
-        weight = served_bm25_weight(settings, choice.path, conn)
-        signature = chunk_signature(conn)
-        usable = [
-            record
-            for record in IndexRecords(conn).collections_for_model(_model_id(choice), str(choice.path))
-            if record.state in ("live", "ready") and record.signature == signature
-        ]
-        fit = [record for record in usable if record.hybrid or mode == "dense"]
-        if settings.index.enabled and fit:
-            record = fit[0]
-            weight = record.bm25_weight  # what the collection serves (None: by each query's language)
-            return _Plan(f"collection {record.name}", note, weight, collection=record)
-        if model == "current" and settings.index.enabled:
-            why = (
-                "the collection was built before hybrid search (a rebuild runs in the background)"
-                if usable
-                else "the index is not yet in line with this model"
-            )
-            note = "; ".join(filter(None, [note, f"{why}: exact search"]))
+        if settings.index.enabled:
+            record = None
+            if in_service and served.live_is_ours() and (served.live.hybrid or mode == "dense"):
+                record, note = served.live, _join(note, served.index_note())
+            elif not in_service:
+                record = next(
+                    (
+                        r
+                        for r in IndexRecords(conn).collections_for_model(choice.model_id, str(choice.path))
+                        if r.state in ("live", "ready")
+                        and r.signature == served.signature
+                        and (r.hybrid or mode == "dense")
+                    ),
+                    None,
+                )
+            if record is not None:  # what the collection serves (None: by each query's language)
+                return _Plan(choice, f"collection {record.name}", note, record.bm25_weight, collection=record)
+            if in_service:
+                why = (
+                    "the collection was built before hybrid search (a rebuild runs in the background)"
+                    if served.live_is_ours()
+                    else "the index is not yet in line with this model"
+                )
+                note = _join(note, f"{why}: exact search")
         chunks = active_chunks(conn)
     finally:
-        db.close()
+        conn.close()
     if not chunks:
         raise SearchError("no active chunks yet: drop documents into the inbox first")
-    return _Plan(f"exact search over {len(chunks)} chunks", note, weight, chunks=chunks)
+    return _Plan(choice, f"exact search over {len(chunks)} chunks", note, weight, chunks=chunks)
 
 
-def _encoder(settings: Settings, layout: StateLayout, choice: ModelChoice):
-    from daemon.step_params import encode_params
-    from stages.encoder import Encoder
-
-    return Encoder(choice.path, encode_params(settings), layout.cache)
+def _read_chunks(layout: StateLayout) -> list[ActiveChunk]:
+    conn = connect(layout.database, readonly=True)
+    try:
+        return active_chunks(conn)
+    finally:
+        conn.close()
 
 
 def _window(encoder) -> int:
@@ -230,9 +246,10 @@ def _tokens(encoder, text: str) -> int:
 
 
 def _from_collection(
-    settings, record: CollectionRecord, mode: str, vectors, texts: list[str], depth: int
+    settings, layout: StateLayout, record: CollectionRecord, mode: str, vectors, texts: list[str], depth: int
 ) -> _Found:
     from daemon.indexing import index_target
+    from state.index_stats import load_stats
     from state.vector_store import open_store
 
     with open_store(index_target(settings)) as store:
@@ -246,6 +263,10 @@ def _from_collection(
                 {i: float(stored[i] @ vectors[row]) for i in ids if i in stored}
                 for row, ids in enumerate(wanted)
             ]
+    if mode == "hybrid":
+        stats = load_stats(layout.index_stats, record.name)
+        found.covariance = stats.covariance if stats is not None else None
+        found.corpus_size = record.chunks
     return found
 
 
@@ -253,9 +274,7 @@ def _scored(hits: list[Hit]) -> list[Scored]:
     return [Scored(hit.chunk_id, hit.score) for hit in hits]
 
 
-def _exact(
-    settings, layout, choice, chunks, encoder, mode: str, vectors, texts: list[str], depth: int
-) -> _Found:
+def _exact(choice: ModelChoice, chunks, encoder, mode: str, vectors, texts: list[str], depth: int) -> _Found:
     """Both halves over the active chunks in memory: the same fusion as a collection's."""
     dense = lexical = scores = None
     if mode != "lexical":
@@ -271,9 +290,7 @@ def _exact(
         matrix = np.concatenate(parts)
         scores = vectors @ matrix.T
         dense = [_top(row, chunks, depth) for row in scores]
-        rng = np.random.default_rng(0)
-        sample = rng.choice(len(matrix), size=min(STATS_SAMPLE, len(matrix)), replace=False)
-        covariance = vector_covariance(matrix[sample])
+        covariance = sample_covariance(matrix)
     if mode != "dense":
         from stages.filter import Bm25Index
 

@@ -79,8 +79,8 @@ def score_served(
 def cmd_eval_served(
     settings: Settings, data: str, model: str, against: str, metric: str, mode: str, as_json: bool
 ) -> int:
+    from daemon.eval_report import paired_gain, print_report
     from stages.evalsets import EvalFileError, load_eval_file
-    from stages.gate import paired_bootstrap
 
     modes = list(MODES) if mode == "all" else [mode]
     try:
@@ -108,25 +108,16 @@ def cmd_eval_served(
     except (SearchError, IndexUnavailable, EvalFileError, ValueError, OSError) as exc:
         print(f"embedtune: {exc}", file=sys.stderr)
         return 2
-    gains = []
-    for label in labels.values():
-        if baseline is None or label == baseline:
-            continue
-        low, high = paired_bootstrap(
-            results[label].primary_per_query,
-            results[baseline].primary_per_query,
-            settings.promotion.bootstrap_samples,
-            settings.training.seed,
-        )
-        value = results[label].primary - results[baseline].primary
-        gains.append(
-            {
-                "row": label,
-                "over": baseline,
-                "value": round(value, 5),
-                "ci95": [round(low, 5), round(high, 5)],
-            }
-        )
+    samples, seed = settings.promotion.bootstrap_samples, settings.training.seed
+    gains = (
+        []
+        if baseline is None
+        else [
+            paired_gain(results, label, baseline, samples, seed)
+            for label in labels.values()
+            if label != baseline
+        ]
+    )
     report = {
         "data": str(data),
         "queries": len(eval_set.queries),
@@ -139,18 +130,6 @@ def cmd_eval_served(
     if as_json:
         print(json.dumps(report, indent=2, ensure_ascii=False))
         return 0
-    print(f"{data}: {report['queries']} queries, scored on what `embedtune search` returns")
-    for note in report["notes"]:
-        print(f"  note: {note}")
-    for label, result in results.items():
-        shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in result.metrics.items() if k in (metric, "recall@10", "recall@100")
-        )
-        print(f"  {label:<16} {shown}")
-    for g in gains:
-        verdict = "above zero" if g["ci95"][0] > 0 else "below zero" if g["ci95"][1] < 0 else "includes zero"
-        print(
-            f"  {g['row']} over {g['over']}: {metric} {g['value']:+.4f}, "
-            f"95% CI [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}] ({verdict})"
-        )
+    header = f"{data}: {report['queries']} queries, scored on what `embedtune search` returns"
+    print_report(header, report["notes"], results, metric, gains)
     return 0

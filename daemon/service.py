@@ -113,7 +113,6 @@ class Daemon:
         note = ModelRegistry(conn, self.layout).reconcile(base_model_path_or_none(self.settings, conn))
         swept = prune_exports(conn, self.layout)  # exports of versions that are gone
         SampleStore(conn, queue).arm_filter()  # pairs a migration re-opened, or left with no job
-        IndexRecords(conn).clear_refusal()  # the configuration may have changed since Milvus refused
         if self.settings.model.base != AUTO_BASE:  # a later "auto" keeps the base this folder is built on
             set_base(conn, self.settings.model.base, "model.base")
         self.rounds = RoundScheduler(self.settings, self.layout, self.config_file)
@@ -169,6 +168,8 @@ class Daemon:
             from daemon.indexing import JOB_KIND, IndexService
 
             self.index = IndexService(self.settings, self.layout)
+            # a refusal is retried once per start (the configuration may have changed since Milvus refused)
+            self.index.retry_refused(conn)
             self.index_pool = WorkerPool(
                 "index",
                 self.layout.database,
@@ -179,6 +180,7 @@ class Daemon:
             self.export_pool = self.index_pool
             self.pools.append(self.index_pool)
         else:
+            IndexRecords(conn).clear_refusal()
             self.filter_pool.handlers[EXPORT_KIND] = self.model_jobs.handle
         for pool in self.pools:
             pool.start()

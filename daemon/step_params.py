@@ -96,7 +96,7 @@ def params_from(cls, section, **explicit):
 
 
 def eval_plan(settings: Settings, serving_path: Path | None = None):
-    from daemon.indexing import all_languages_share
+    from daemon.serving import all_languages_share
     from stages.round_steps import EvalPlan
 
     promotion = settings.promotion
@@ -115,6 +115,7 @@ def eval_plan(settings: Settings, serving_path: Path | None = None):
         bm25_weight=settings.index.bm25_weight,
         serving_model=str(serving_path or ""),
         all_languages_share=all_languages_share(settings),
+        candidates=settings.index.candidates,
     )
 
 

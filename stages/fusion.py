@@ -72,6 +72,23 @@ def vector_covariance(vectors: np.ndarray) -> np.ndarray:
     return np.cov(data.T, bias=True)
 
 
+def stats_sample(count: int, seed: int = 0) -> np.ndarray:
+    """Positions (of `count` rows) the covariance is estimated from: every row up to `STATS_SAMPLE`, else a
+    draw fixed by `seed`, so the index job, exact search and the gate estimate the spread alike."""
+    return np.random.default_rng(seed).choice(count, size=min(STATS_SAMPLE, count), replace=False)
+
+
+def sample_covariance(matrix: np.ndarray, seed: int = 0) -> np.ndarray:
+    """`vector_covariance` of the `stats_sample` rows of an in-memory matrix of chunk vectors."""
+    return vector_covariance(matrix[stats_sample(len(matrix), seed)])
+
+
+def candidate_depth(k: int, candidates: int) -> int:
+    """How many hits each half returns before fusing into a top k: `index.candidates`, never fewer than
+    k. `search` and the gate's served evaluator (stages/hybrid_eval.py) both go through here."""
+    return max(k, candidates)
+
+
 def zmix(
     dense: Sequence[Scored],
     lexical: Sequence[Scored],
@@ -141,21 +158,24 @@ def query_bm25_weight(query: str) -> float:
     the model knowing the query's language, and a team's corpus may hold both."""
     from stages.text import detect_language
 
-    return DEFAULT_BM25_WEIGHT["jieba" if detect_language(query) == "zh" else "standard"]
+    return served_default_share("jieba" if detect_language(query) == "zh" else "standard")
 
 
-# BM25's share of the hybrid score by analyzer (so by corpus language), measured on the dev sets over
-# Milvus top-N lists (docs/benchmarks.md, "Hybrid retrieval").
-DEFAULT_BM25_WEIGHT = {"standard": 0.2, "jieba": 0.7}
+# BM25's share of the *served* hybrid score (`zmix` over the two top-N lists) by analyzer, so by language,
+# measured on the dev sets over Milvus top-N lists (docs/benchmarks.md, "How to fuse": `corpus-spread`
+# peaks at 0.1-0.2 in English). Not the hybrid teacher's share (stages/teacher.py::TEACHER_BM25_SHARE):
+# that one mixes whole-corpus z-scores to label training pairs and is part of the teacher's id.
+SERVED_BM25_SHARE = {"standard": 0.2, "jieba": 0.7}
 # The Chinese share (0.7) was measured with the English base, whose Chinese vectors are near random; a
 # base that reads Chinese as well as English (the packaged multilingual-e5-small) gets the share measured
 # where the dense half knows the language, for every query (docs/benchmarks.md, "The packaged
 # multilingual base": on the Chinese subset 0.7 served below dense, 0.2 above it).
-READS_ALL_LANGUAGES_SHARE = DEFAULT_BM25_WEIGHT["standard"]
+READS_ALL_LANGUAGES_SHARE = SERVED_BM25_SHARE["standard"]
 
 
-def default_bm25_weight(analyzer: str) -> float:
-    return DEFAULT_BM25_WEIGHT.get(analyzer, DEFAULT_BM25_WEIGHT["standard"])
+def served_default_share(analyzer: str) -> float:
+    """The served BM25 share for an analyzer's language when nothing chose one (`index.bm25_weight`)."""
+    return SERVED_BM25_SHARE.get(analyzer, SERVED_BM25_SHARE["standard"])
 
 
 # BM25 shares a round tries on the user's judged queries; the best is served with the model it promotes.

@@ -14,12 +14,12 @@ from stages.evalsets import EvalSet
 from stages.evaluate import METRICS, SEARCH_DEPTH, EvalResult, evaluate_rankings, stand_in_vectors
 from stages.filter import Bm25Index
 from stages.fusion import (
-    STATS_SAMPLE,
     Scored,
+    candidate_depth,
     dense_spread,
     lexical_spread,
     query_bm25_weight,
-    vector_covariance,
+    sample_covariance,
     zmix,
 )
 from stages.gate import SERVED_SUFFIX
@@ -40,7 +40,7 @@ class HybridEvaluator:
         eval_set: EvalSet,
         bm25_weight: float | None,
         primary_metric: str = "ndcg@10",
-        depth: int = 100,
+        candidates: int = 100,
         sweep: tuple[float, ...] = (),
     ) -> None:
         if primary_metric not in METRICS:
@@ -49,7 +49,8 @@ class HybridEvaluator:
         self.name = served_name(eval_set.name)
         self.primary_metric = primary_metric
         self.bm25_weight = bm25_weight
-        self.depth = depth
+        # Each half's list as `embedtune search -k <the metric's cutoff>` gets it (`index.candidates`).
+        self.depth = candidate_depth(int(primary_metric.rsplit("@", 1)[1]), candidates)
         self.sweep = sweep  # also score these shares (the round picks the served one on the user's set)
         self._lexical: list[list[Scored]] | None = None
 
@@ -75,9 +76,7 @@ class HybridEvaluator:
             else encoder.passages(self.eval_set.corpus_texts, self.eval_set.corpus_keys)
         )
         queries = encoder.queries(self.eval_set.queries)
-        rng = np.random.default_rng(0)
-        sample = rng.choice(len(passages), size=min(STATS_SAMPLE, len(passages)), replace=False)
-        covariance = vector_covariance(passages[sample])
+        covariance = sample_covariance(passages)
         cosines = queries @ passages.T
         for row, own in enumerate(stand_in_vectors(encoder, self.eval_set)):
             for position, vector in own.items():

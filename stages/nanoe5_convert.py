@@ -13,8 +13,10 @@ The folder is written next to its final place and renamed into it, so a crash ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
 import struct
 import unicodedata
@@ -351,17 +353,54 @@ def _source_record(source: Path) -> dict:
     return {"source": str(source), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "format": "E5S1"}
 
 
-def _converted_from(target: Path, source: Path) -> bool:
-    """Whether `target` is a finished conversion of `source` as it is now (size and time first, so
-    resolving the model does not hash 70 MB each time; the digest when they differ)."""
-    record_file = target / SOURCE_RECORD
-    if not record_file.exists():
+def _read_record(target: Path) -> dict | None:
+    """The folder's source record; None when there is none or it cannot be read (converted again)."""
+    try:
+        record = json.loads((target / SOURCE_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _same_stat(record: dict, stat: os.stat_result) -> bool:
+    return record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
+
+
+def is_converted(source: Path, target: Path) -> bool:
+    """Whether `target` is a finished conversion of `source` as it is now, writing nothing (for lookups:
+    `status`, `search`). Size and time first; the digest only when they differ."""
+    record = _read_record(Path(target))
+    if record is None:
         return False
-    record = json.loads(record_file.read_text())
-    stat = source.stat()
-    if record.get("size") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns:
+    return _same_stat(record, Path(source).stat()) or record.get("sha256") == file_digest(Path(source))
+
+
+def _converted_from(target: Path, source: Path) -> bool:
+    """`is_converted`, and when only the source's size/time changed (a reinstall, a touch) while its
+    digest still matches, the record takes the new stat key: the next lookup is a stat, not a 70 MB hash."""
+    record = _read_record(target)
+    if record is None:
+        return False
+    before = source.stat()
+    if _same_stat(record, before):
         return True
-    return record.get("sha256") == file_digest(source)
+    if record.get("sha256") != file_digest(source):
+        return False
+    now = _source_record(source)
+    if _same_stat(now, before):  # unchanged while it was hashed
+        _rewrite_record(target, {**record, **now})
+    return True
+
+
+def _rewrite_record(target: Path, record: dict) -> None:
+    """Replace the record atomically; a folder that cannot be written keeps the old key (hashed again)."""
+    staging = target / f".{SOURCE_RECORD}.partial"
+    try:
+        _write_json(staging, record)
+        os.replace(staging, target / SOURCE_RECORD)
+    except OSError:
+        with contextlib.suppress(OSError):
+            staging.unlink(missing_ok=True)
 
 
 def convert(source: Path, target: Path) -> Path:

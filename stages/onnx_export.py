@@ -10,16 +10,23 @@ An export lives in `<exports_root>/<key of the model folder>/`: `model.onnx` (fp
 `model-int8.onnx` (dynamic int8 weights, per channel) and `export.json`, the record of what was made and
 how each variant compared with torch on the corpus (`stages/backend_check.py`). The folder is built
 beside its final name and renamed, like a promotion, so a reader sees a whole export or none.
-A failed export leaves a record saying why, so the daemon does not retry it on every tick and `status`
-can tell the user; a changed model folder (other weights) gets a new export.
+A refused export (the graph cannot be exported, or it does not encode like torch) leaves a record
+saying why, so the daemon does not retry it and `status` can tell the user; a changed model folder (other
+weights) gets a new export. A passing fault (out of memory, a full disk, the process killed) is no
+verdict on the model: it raises `ExportInterrupted`, and the job records when it tries again
+(`mark_interrupted`). The record also keeps each file's size and a digest of its ends, so a damaged
+file is seen by a stat and two short reads (`status` must not load the graph) and torch encodes instead.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,6 +64,12 @@ class ExportRecord:
     failed: str = ""  # why no export could be made (nothing to use; torch encodes)
     seconds: float = 0.0
     format: int = FORMAT
+    files: dict[str, str] = field(default_factory=dict)  # variant -> file_mark() of its file
+    # A try that met a passing fault (no export, no verdict): why, how many tries so far, and when the
+    # next one is due (seconds since the epoch). Such a record holds no variants.
+    interrupted: str = ""
+    tries: int = 0
+    retry_after: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -104,6 +117,144 @@ def remove_export(root: Path, model_path: Path | str) -> bool:
 
 
 NO_EXPORT = "no ONNX export yet (it is made in the background)"
+NOT_LOADABLE = "ONNX export could not be loaded"
+INTERRUPTED = "ONNX export interrupted"
+
+
+class ExportInterrupted(Exception):
+    """A passing fault stopped the export (out of memory, a full disk): no verdict on the model, try later."""
+
+
+# errno values that say "the machine, now", not "this model": memory, space, quota, descriptors, I/O
+TRANSIENT_ERRNOS = frozenset(
+    {errno.ENOMEM, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EAGAIN, errno.EMFILE, errno.ENFILE}
+    | {errno.EIO, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT}
+)
+# The same faults as native libraries word them (torch's allocator and ONNX Runtime raise RuntimeError)
+TRANSIENT_WORDS = re.compile(
+    r"out of memory|can(no|')t allocate memory|bad.alloc|bad allocation|no space left|disk quota",
+    re.IGNORECASE,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` (or what caused it) is a passing fault of the machine rather than a refusal of
+    the model: an export that ran out of memory or disk must be tried again, not recorded as failed."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, MemoryError):
+            return True
+        if isinstance(current, OSError) and current.errno in TRANSIENT_ERRNOS:
+            return True
+        if TRANSIENT_WORDS.search(str(current)):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def file_mark(file: Path) -> str:
+    """Size and a digest of the first and last MiB: a truncated, emptied or overwritten export shows
+    without reading (or loading) a graph of hundreds of MB."""
+    size = file.stat().st_size
+    digest = hashlib.sha1(str(size).encode())
+    with open(file, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        if size > 1 << 20:
+            handle.seek(max(1 << 20, size - (1 << 20)))
+            digest.update(handle.read())
+    return f"{size}:{digest.hexdigest()[:16]}"
+
+
+def damaged(root: Path, model_path: Path | str, record: ExportRecord, variant: str) -> str:
+    """Why the installed file of `variant` is not the one the check passed ("" when it is)."""
+    file = export_dir(root, model_path) / VARIANT_FILES[variant]
+    try:
+        mark = file_mark(file)
+    except OSError as exc:
+        return f"{file.name}: {exc.strerror or exc}"
+    expected = record.files.get(variant)
+    if not expected or mark == expected:  # records made before marks were kept: the encoder's load decides
+        return ""
+    size, exported = mark.split(":")[0], expected.split(":")[0]
+    if size != exported:
+        return f"{file.name} is damaged ({size} bytes, {exported} were exported and checked)"
+    return f"{file.name} is damaged (its contents changed since it was exported and checked)"
+
+
+def mark_interrupted(
+    root: Path, model_path: Path | str, reason: str, tries: int, retry_after: float
+) -> ExportRecord:
+    """Install a record of an interrupted try (no export): `status` says why and when the next try is;
+    the daemon re-asks once `retry_after` has passed. Also written as a try starts, so a try whose
+    process is killed (out of memory) leaves this record behind."""
+    from stages.models import model_key
+
+    record = ExportRecord(
+        model_key(model_path),
+        str(Path(model_path).resolve()),
+        interrupted=reason[:500],
+        tries=tries,
+        retry_after=round(retry_after, 1),
+    )
+    final = export_dir(root, model_path)
+    staging = staging_path(final)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    (staging / RECORD).write_text(record.to_json())
+    install_folder(staging, final)
+    return record
+
+
+def interrupted_note(record: ExportRecord) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(record.retry_after))
+    return f"{INTERRUPTED}: {record.interrupted}; tried again after {when} (try {record.tries + 1})"
+
+
+GPU_DEVICES = Path("/dev")  # where the GPU's device files are (/dev/nvidia0, ROCm's /dev/kfd)
+TORCH_VERSION: Path | None = None  # torch's version.py; None: found without importing torch
+
+
+def guess_device(preference: str) -> str:
+    """`stages.models.pick_device`'s answer without importing torch (for `status`): "auto" is "cuda"
+    when torch was built for CUDA (or ROCm) and a GPU of that kind is visible to this process."""
+    if preference != "auto":
+        return preference
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return "cpu"
+    cuda, hip = _torch_gpu_builds()
+    if cuda and any(GPU_DEVICES.glob("nvidia[0-9]*")):
+        return "cuda"
+    if hip and (GPU_DEVICES / "kfd").exists():
+        return "cuda"  # ROCm builds answer torch.cuda too
+    return "cpu"
+
+
+def _torch_gpu_builds() -> tuple[bool, bool]:
+    """(built for CUDA, built for ROCm), read from torch/version.py without importing torch."""
+    from importlib.util import find_spec
+
+    file = TORCH_VERSION
+    if file is None:
+        try:
+            spec = find_spec("torch")
+        except (ImportError, ValueError):
+            return False, False
+        if spec is None or not spec.origin:
+            return False, False
+        file = Path(spec.origin).parent / "version.py"
+    try:
+        text = file.read_text()
+    except OSError:
+        return False, False
+
+    def built(name: str) -> bool:
+        match = re.search(rf"^{name}\b[^=\n]*=\s*(.+)$", text, re.MULTILINE)
+        return match is not None and match.group(1).strip() not in ("None", "''", '""')
+
+    return built("cuda"), built("hip")
 
 
 def runtime_choice(
@@ -111,13 +262,19 @@ def runtime_choice(
 ) -> tuple[str | None, str]:
     """The ONNX variant to encode `model_path` with (None: torch) and why: the one decision the encoder
     acts on and `status` reports. `device` is what torch would run on (an encoder passes pick_device's
-    answer; `status`, which must not import torch, passes the setting: on a GPU host with "auto" the
-    export job makes no export, and `status` reads that from the job)."""
+    answer; `status`, which must not import torch, passes guess_device's). A chosen variant whose file
+    is not the one that was checked (truncated, overwritten) is not used: torch encodes, and says so."""
     if backend == "torch" or root is None:
         return None, "model.backend = torch"
     if device.startswith(("cuda", "mps")):
         return None, f"device {device}: ONNX Runtime is used on the CPU only; torch runs the GPU"
-    return choose_variant(read_record(root, model_path), quantize, insist=backend == "onnx")
+    record = read_record(root, model_path)
+    variant, reason = choose_variant(record, quantize, insist=backend == "onnx")
+    if variant is not None and record is not None:
+        problem = damaged(root, model_path, record, variant)
+        if problem:
+            return None, f"{NOT_LOADABLE}: {problem}"
+    return variant, reason
 
 
 def choose_variant(
@@ -129,6 +286,8 @@ def choose_variant(
     used anyway and the reason says what the check found."""
     if record is None:
         return None, NO_EXPORT
+    if record.interrupted:
+        return None, interrupted_note(record)
     if record.failed:
         return None, f"ONNX export failed: {record.failed}"
     wanted = {"auto": [INT8, FP32], "none": [FP32], "int8": [INT8]}[quantize]
@@ -168,9 +327,9 @@ def export_model(
     quantize: bool = True,
 ) -> ExportRecord:
     """Export, optimise and quantise the model in `model_path`, run `check(model_path, {variant: file})`
-    on the result, and install the folder with its record. Exceptions become a failed record."""
-    import time
-
+    on the result, and install the folder with its record. Exceptions become a failed record (a
+    refusal: this model cannot be exported, or not like this), except passing faults of the machine
+    (`is_transient`), which raise `ExportInterrupted` and leave the installed folder as it was."""
     from stages.models import model_key
 
     started = time.monotonic()
@@ -182,15 +341,28 @@ def export_model(
     try:
         files = _export_variants(Path(model_path), staging, quantize)
         record.variants = check(Path(model_path), files)
+        record.files = {name: file_mark(file) for name, file in files.items()}
     except Exception as exc:  # a model the exporter cannot trace must not stop the daemon: torch encodes
+        _interrupt_if_transient(exc, staging)
         for file in staging.glob("*.onnx*"):
             file.unlink()
-        record.variants = {}
+        record.variants, record.files = {}, {}
         record.failed = f"{type(exc).__name__}: {exc}"[:500]
     record.seconds = round(time.monotonic() - started, 1)
-    (staging / RECORD).write_text(record.to_json())
-    install_folder(staging, final)
+    try:
+        (staging / RECORD).write_text(record.to_json())
+        install_folder(staging, final)
+    except Exception as exc:  # a full disk while installing: no verdict was lost, try again later
+        _interrupt_if_transient(exc, staging)
+        raise
     return record
+
+
+def _interrupt_if_transient(exc: Exception, staging: Path) -> None:
+    """Raise ExportInterrupted (after removing the half-built folder) when `exc` is a passing fault."""
+    if is_transient(exc):
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportInterrupted(f"{type(exc).__name__}: {exc}"[:500]) from exc
 
 
 def _export_variants(model_path: Path, folder: Path, quantize: bool) -> dict[str, Path]:

@@ -28,7 +28,7 @@ from stages.encoder import Encoder
 from stages.eval_pool import pool_indices, restrict
 from stages.evalsets import EvalSet, load_eval_file, structure_set, without_copied_query
 from stages.evaluate import EvalResult, RetrievalEvaluator
-from stages.fusion import WEIGHT_GRID, choose_bm25_weight, default_bm25_weight, pick_weight
+from stages.fusion import WEIGHT_GRID, choose_bm25_weight, pick_weight, served_default_share
 from stages.gate import SERVED_SUFFIX, Decision, RejectionCause, decide, paired_bootstrap
 from stages.hybrid_eval import HybridEvaluator, served_name
 from stages.labels import (
@@ -303,6 +303,7 @@ class EvalPlan:
     bm25_weight: float | str = "auto"
     serving_model: str = ""  # the model in service: its chosen BM25 share, if a round chose one
     all_languages_share: float | None = None  # the base reads every language: this share, not by language
+    candidates: int = 100  # index.candidates: each half's list before fusion, as `search` asks for it
 
 
 HELDOUT = "heldout"
@@ -376,7 +377,11 @@ def build_evaluators(
         weight = served_weight(plan)
         evaluators += [
             HybridEvaluator(
-                eval_set, weight, plan.metric, sweep=WEIGHT_GRID if eval_set.name == "user" else ()
+                eval_set,
+                weight,
+                plan.metric,
+                candidates=plan.candidates,
+                sweep=WEIGHT_GRID if eval_set.name == "user" else (),
             )
             for eval_set in sets
             if eval_set.name in (HELDOUT, "user")
@@ -394,7 +399,7 @@ def corpus_default_weight(corpus_texts: list[str]) -> float:
     """The measured share of the corpus' main language (tie-breaks a sweep), on a sample of its texts."""
     sample = random.Random(0).sample(corpus_texts, min(500, len(corpus_texts)))
     languages = Counter(detect_language(text) for text in sample)
-    return default_bm25_weight("jieba" if languages.get("zh", 0) > languages.get("en", 0) else "standard")
+    return served_default_share("jieba" if languages.get("zh", 0) > languages.get("en", 0) else "standard")
 
 
 def retrieval_choice(table: dict[str, dict], variant: str, default: float) -> dict | None:

@@ -29,13 +29,19 @@ from stages.encoder import EncodeParams, Encoder
 from stages.filter import Bm25Index
 from stages.models import model_key
 
-# BM25's share of the mix by corpus language (English: the dense model carries more; Chinese with an
-# English base model: BM25 carries almost everything).
-DEFAULT_BM25_WEIGHT = {"en": 0.3, "zh": 0.7}
+# BM25's share of the *teacher's* mix by corpus language (English: the dense model carries more; Chinese
+# with an English base model: BM25 carries almost everything), measured for this whole-corpus z-score mix
+# (../shared/FINDINGS.md, reproduced in docs/benchmarks.md: nfcorpus 0.3469 at 0.3, 0.3501 at 0.2, within
+# one interval). Not the served fusion's share (stages/fusion.py::SERVED_BM25_SHARE, 0.2 in English),
+# which mixes two top-N lists at query time: a different function, tuned on its own. This one is part of
+# `HybridTeacher.teacher_id`, so changing it discards every stored judgement (`model.teacher_bm25_weight`
+# overrides it).
+TEACHER_BM25_SHARE = {"en": 0.3, "zh": 0.7}
 
 
-def default_bm25_weight(language: str) -> float:
-    return DEFAULT_BM25_WEIGHT.get(language, DEFAULT_BM25_WEIGHT["en"])
+def teacher_bm25_share(language: str) -> float:
+    """The hybrid teacher's BM25 share for a corpus language ("en", "zh"; others as English)."""
+    return TEACHER_BM25_SHARE.get(language, TEACHER_BM25_SHARE["en"])
 
 
 def zscore(rows: np.ndarray) -> np.ndarray:
@@ -240,9 +246,12 @@ def load_teacher(
     corpus_vectors: np.ndarray | None = None,
     bm25_weight: float | None = None,
     device: str = "auto",
+    converted_root: Path | None = None,
 ) -> Teacher:
     """The teacher `model.teacher` names. "hybrid" uses the base model and BM25 over the round's corpus;
-    a folder is a cross-encoder when its config says so, else a bi-encoder."""
+    a folder is a cross-encoder when its config says so, else a bi-encoder. A packaged teacher shipped in
+    another form is converted under `converted_root` (the daemon passes its state folder: under the unit,
+    home is read-only)."""
     from stages.models import resolve_model_path
 
     built: list[tuple[Teacher, float]] = []
@@ -251,11 +260,11 @@ def load_teacher(
             teacher: Teacher = HybridTeacher(
                 corpus_texts,
                 base,
-                default_bm25_weight(language) if bm25_weight is None else bm25_weight,
+                teacher_bm25_share(language) if bm25_weight is None else bm25_weight,
                 corpus_vectors,
             )
         else:
-            path = resolve_model_path(name)
+            path = resolve_model_path(name, converted_root)
             if is_cross_encoder(path):
                 teacher = CrossEncoderTeacher(path, device)
             else:

@@ -67,6 +67,9 @@ class ChunkChanges:
     seq: int  # the last row read: the position a sync that applied these records
     added: list[ActiveChunk]
     removed: list[int]
+    # the active chunks in the same snapshot: what a collection that applied these changes holds
+    signature: str = ""
+    count: int = 0
 
 
 def active_chunks(conn: sqlite3.Connection) -> list[ActiveChunk]:
@@ -111,9 +114,17 @@ def changes_since(conn: sqlite3.Connection, seq: int) -> ChunkChanges:
                     part,
                 )
             ]
+        # In the same read transaction as the log: a chunk landing meanwhile is in neither (the next sync
+        # applies it), never in the signature without its change (a collection marked in line that is not).
+        signature, count = chunk_signature(conn), active_count(conn)
     present = {chunk.id for chunk in added}
     removed = sorted(chunk_id for chunk_id in state if chunk_id not in present)
-    return ChunkChanges(last, sorted(added, key=lambda chunk: chunk.id), removed)
+    return ChunkChanges(last, sorted(added, key=lambda chunk: chunk.id), removed, signature, count)
+
+
+def changes_after(conn: sqlite3.Connection, seq: int) -> int:
+    """How many change-log rows lie after `seq`: how far behind the chunks a collection at `seq` is."""
+    return int(conn.execute("SELECT COUNT(*) FROM chunk_changes WHERE seq > ?", (seq,)).fetchone()[0])
 
 
 def active_count(conn: sqlite3.Connection) -> int:
@@ -227,10 +238,14 @@ class IndexRecords:
                 "WHERE name = ?",
                 (chunks, signature, seq, utcnow(), name),
             )
-            self.conn.execute(
-                "DELETE FROM chunk_changes WHERE seq <= (SELECT MIN(synced_seq) "
-                "FROM index_collections WHERE state != 'dropped')"
-            )
+            self._prune()
+
+    def _prune(self) -> None:
+        """Drop the change-log rows every collection that still follows the log has applied."""
+        self.conn.execute(
+            "DELETE FROM chunk_changes WHERE seq <= (SELECT MIN(synced_seq) "
+            "FROM index_collections WHERE state != 'dropped')"
+        )
 
     def forget_changes(self) -> int:
         """The index is off: nothing follows the change log, so its rows go, and every collection's
@@ -265,7 +280,13 @@ class IndexRecords:
 
     def surplus(self, keep: int, serving_name: str | None) -> list[CollectionRecord]:
         """Collections beyond the live one and the `keep` most recently live: dropped to bound disk use.
-        A fill for a model no longer in service (abandoned by a rollback) counts as surplus too."""
+        A fill for a model no longer in service (abandoned by a rollback) counts as surplus too.
+
+        Only the live collection and `serving_name` (the serving model's, filled and about to go live) go
+        on following the change log: every other one forgets its position here, so a collection filled
+        but never swapped live (the model changed during its fill) no longer stops the pruning for good.
+        Kept for a rollback, it is brought up to date by a full pass if it serves again."""
+        self._forget_positions(serving_name)
         kept: list[CollectionRecord] = []
         extra: list[CollectionRecord] = []
         rows = self.conn.execute(
@@ -280,6 +301,26 @@ class IndexRecords:
             else:
                 kept.append(record)
         return extra
+
+    def _forget_positions(self, serving_name: str | None) -> None:
+        """Collections neither live nor `serving_name` stop following the change log; the rows only they
+        still needed go."""
+        if (
+            self.conn.execute(
+                "SELECT 1 FROM index_collections WHERE state IN ('ready','filling') AND name IS NOT ? "
+                "AND synced_seq IS NOT NULL LIMIT 1",
+                (serving_name,),
+            ).fetchone()
+            is None
+        ):
+            return
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE index_collections SET synced_seq = NULL "
+                "WHERE state IN ('ready','filling') AND name IS NOT ? AND synced_seq IS NOT NULL",
+                (serving_name,),
+            )
+            self._prune()
 
     def mark_dropped(self, name: str) -> None:
         with transaction(self.conn):

@@ -299,6 +299,20 @@ class JobQueue:
             is not None
         )
 
+    def demand(self, kind: str, limit: int) -> int:
+        """Jobs of `kind` claimable now or running, counted up to `limit`: how many workers they can use
+        (bounded reads of the jobs_ready and jobs_claim indexes, however long the backlog)."""
+        ready = self.conn.execute(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs INDEXED BY jobs_ready "
+            "WHERE kind=? AND state IN ('pending','failed') AND not_before <= ? LIMIT ?)",
+            (kind, self.clock(), limit),
+        ).fetchone()[0]
+        running = self.conn.execute(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM jobs WHERE state='running' AND kind=? LIMIT ?)",
+            (kind, limit),
+        ).fetchone()[0]
+        return min(limit, ready + running)
+
     def recover_owner(self, owner_prefix: str, error: str) -> int:
         """The jobs of a worker process that died: claimable again at once with `error` and the attempt
         counted (the job may be what killed it), or dead once its attempts are spent."""

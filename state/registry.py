@@ -1,9 +1,12 @@
 """Model registry: versions are immutable folders; `models/current` is a symlink swapped atomically.
 
 Protocol (README, "Where the model in service lives"): copy into `versions/<id>.tmp`, fsync, rename to
-`versions/<id>`, point a fresh symlink at it and `os.replace` it over `current`, then commit the registry
-row. A crash at any step leaves either the old model or the new one in service; `reconcile()` makes the
-database agree with the symlink at start-up.
+`versions/<id>`; then every change of what serves (promotion, rollback) commits the database first, in one
+transaction with whatever must go with it (a round's decision and its used pairs), and only then points a
+fresh symlink at the model and `os.replace`s it over `current`. The database is the truth and the link
+follows it: a crash between the two leaves the change recorded and the link one step behind, and
+`reconcile()` at start-up moves the link to what the database says. (Swapping the link first could not be
+undone safely: reconcile cannot tell a promotion that ran ahead from a rollback that did not finish.)
 
 `models/current` always names the model in service: a promoted version (relative link, so the state
 folder can move) or, before any promotion and after a rollback to it, the base model's folder (absolute
@@ -19,7 +22,7 @@ import json
 import os
 import shutil
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,35 +143,44 @@ class ModelRegistry:
         row = current_model_row(self.conn)
         return ModelRecord.from_row(row) if row else None
 
-    def serving(self, base_path: Path) -> ServingModel:
-        """The model in service and its folder: the promoted version, else the base model."""
-        current = self.current()
-        if current is None:
-            return ServingModel(None, Path(base_path))
-        return ServingModel(current.id, current.path)
-
     def history(self) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM promotions ORDER BY id").fetchall()
 
     # --- serving ----------------------------------------------------------------------------------
-    def promote(self, model_id: int, note: str = "", *, replacing: int | None | str = "any") -> ModelRecord:
+    def promote(
+        self,
+        model_id: int,
+        note: str = "",
+        *,
+        replacing: int | None | str = "any",
+        with_serving: Callable[[], None] | None = None,
+    ) -> ModelRecord:
         """Serve `model_id`. With `replacing` (a model id, or None for the base model), only if that is
         still the model in service: a round judged against one model must not undo a rollback that ran
-        while it trained. The check and the swap hold the serving lock that rollback holds too."""
+        while it trained. `with_serving` writes, on this connection, what must commit with the serving
+        row (a round's decision and its used pairs): a kill cannot leave one without the other. The check,
+        the commit and the link swap hold the serving lock that rollback holds too."""
         record = self.get(model_id)
         if not record.path.is_dir():
             raise RegistryError(f"model {model_id} folder {record.path} is missing")
         with self._serving_lock():
-            if replacing != "any":
-                serving = self.current()
-                serving_id = serving.id if serving else None
-                if serving_id != replacing:
-                    judged = f"v{replacing}" if replacing is not None else "the base model"
-                    now = f"v{serving_id}" if serving_id is not None else "the base model"
-                    raise ServingChanged(f"judged against {judged}, but {now} serves now")
+            with transaction(self.conn):
+                if replacing != "any":
+                    self._check_serving(replacing)
+                self._write_serving(model_id, "promote", note)
+                if with_serving is not None:
+                    with_serving()
             self._swap_symlink(record.path)
-            self._record_serving(model_id, "promote", note)
         return self.get(model_id)
+
+    def _check_serving(self, replacing: int | None) -> None:
+        """Raise ServingChanged unless `replacing` (None: the base model) is the model in service."""
+        serving = self.current()
+        serving_id = serving.id if serving else None
+        if serving_id != replacing:
+            judged = f"v{replacing}" if replacing is not None else "the base model"
+            now = f"v{serving_id}" if serving_id is not None else "the base model"
+            raise ServingChanged(f"judged against {judged}, but {now} serves now")
 
     @contextmanager
     def _serving_lock(self) -> Iterator[None]:
@@ -210,29 +222,28 @@ class ModelRegistry:
         if previous is not None and not self.get(previous).path.is_dir():
             previous = None
         now = utcnow()
+        note = f"back to model {previous}" if previous is not None else "back to the base model"
+        with transaction(self.conn):  # the database first: the link follows it (module docstring)
+            self.conn.execute("UPDATE models SET retired_at=? WHERE id=?", (now, current.id))
+            if previous is not None:
+                self.conn.execute(
+                    "UPDATE models SET promoted_at=?, retired_at=NULL WHERE id=?", (now, previous)
+                )
+            self.conn.execute(
+                "INSERT INTO promotions (model_id, action, at, note) VALUES (?, 'rollback', ?, ?)",
+                (current.id, now, note),
+            )
         if previous is None:
             self._point_at_base(base_path)
-            with transaction(self.conn):
-                self.conn.execute("UPDATE models SET retired_at=? WHERE id=?", (now, current.id))
-                self.conn.execute(
-                    "INSERT INTO promotions (model_id, action, at, note) VALUES (?, 'rollback', ?, ?)",
-                    (current.id, now, "back to the base model"),
-                )
             return None
         record = self.get(previous)
         self._swap_symlink(record.path)
-        with transaction(self.conn):
-            self.conn.execute("UPDATE models SET retired_at=? WHERE id=?", (now, current.id))
-            self.conn.execute("UPDATE models SET promoted_at=?, retired_at=NULL WHERE id=?", (now, previous))
-            self.conn.execute(
-                "INSERT INTO promotions (model_id, action, at, note) VALUES (?, 'rollback', ?, ?)",
-                (current.id, now, f"back to model {previous}"),
-            )
-        return self.get(previous)
+        return record
 
     def reconcile(self, base_path: Path | None = None) -> str:
-        """Start-up check: remove half-copied versions and make the database agree with the symlink; with
-        nothing promoted, point `models/current` at `base_path`."""
+        """Start-up check: remove half-copied versions and make the symlink agree with the database (a
+        change of what serves commits there first); with nothing promoted, point `models/current` at
+        `base_path`."""
         notes = []
         if self.layout.versions.is_dir():
             for entry in self.layout.versions.iterdir():
@@ -244,44 +255,46 @@ class ModelRegistry:
                 with transaction(self.conn):
                     self.conn.execute("DELETE FROM models WHERE id=?", (row["id"],))
                 notes.append(f"dropped unfinished model row {row['id']}")
+        notes.extend(self._link_follows_database(base_path))
+        return "; ".join(notes) or "consistent"
+
+    def _link_follows_database(self, base_path: Path | None) -> list[str]:
+        """Point `models/current` at the model the database says serves; what was done, in words."""
         link_target = self._symlink_model_id()
         current = self.current()
-        current_id = current.id if current else None
-        if link_target == current_id:
-            if current_id is None and base_path is not None and self._point_at_base(base_path):
-                if self.layout.current.is_symlink():
-                    notes.append(f"models/current names the base model {base_path}")
-                else:
-                    notes.append(f"base model {base_path} not found: models/current removed")
-            return "; ".join(notes) or "consistent"
-        if link_target is not None:
-            # The symlink was swapped but the row was not committed: the symlink is the truth.
-            self._record_serving(link_target, "reconcile", "symlink ahead of the database")
-            notes.append(f"registry now serves model {link_target} as the symlink does")
-        elif current is not None and current.path.is_dir():
-            self._swap_symlink(current.path)
-            notes.append(f"symlink restored to model {current.id}")
-        elif current is not None:
+        if current is not None and not current.path.is_dir():
             with transaction(self.conn):
                 self.conn.execute("UPDATE models SET retired_at=? WHERE id=?", (utcnow(), current.id))
             self._point_at_base(base_path)
-            notes.append(f"model {current.id} folder missing; serving the base model")
-        return "; ".join(notes)
+            return [f"model {current.id} folder missing; serving the base model"]
+        if current is not None:
+            if link_target == current.id:
+                return []
+            # A change of what serves committed but was stopped before its link swap.
+            self._swap_symlink(current.path)
+            return [f"symlink restored to model {current.id}"]
+        if link_target is not None:  # the base serves: a rollback to it stopped before moving the link
+            self._point_at_base(base_path)
+            return [f"model {link_target} no longer serves: models/current moved off it"]
+        if base_path is not None and self._point_at_base(base_path):
+            if self.layout.current.is_symlink():
+                return [f"models/current names the base model {base_path}"]
+            return [f"base model {base_path} not found: models/current removed"]
+        return []
 
     # --- helpers ----------------------------------------------------------------------------------
-    def _record_serving(self, model_id: int, action: str, note: str) -> None:
+    def _write_serving(self, model_id: int, action: str, note: str) -> None:
+        """The serving row and its history line; the caller holds the transaction."""
         now = utcnow()
-        with transaction(self.conn):
-            self.conn.execute(
-                "UPDATE models SET retired_at=? WHERE promoted_at IS NOT NULL AND retired_at IS NULL "
-                "AND id != ?",
-                (now, model_id),
-            )
-            self.conn.execute("UPDATE models SET promoted_at=?, retired_at=NULL WHERE id=?", (now, model_id))
-            self.conn.execute(
-                "INSERT INTO promotions (model_id, action, at, note) VALUES (?, ?, ?, ?)",
-                (model_id, action, now, note),
-            )
+        self.conn.execute(
+            "UPDATE models SET retired_at=? WHERE promoted_at IS NOT NULL AND retired_at IS NULL AND id != ?",
+            (now, model_id),
+        )
+        self.conn.execute("UPDATE models SET promoted_at=?, retired_at=NULL WHERE id=?", (now, model_id))
+        self.conn.execute(
+            "INSERT INTO promotions (model_id, action, at, note) VALUES (?, ?, ?, ?)",
+            (model_id, action, now, note),
+        )
 
     def _swap_symlink(self, target: Path, *, absolute: bool = False) -> None:
         link = self.layout.current

@@ -113,15 +113,29 @@ class RoundStore:
         """Record the decision. `cause` is the machine-readable reason of a rejection (an identifier
         such as "below_min_gain"); `reason` is the sentence for people."""
         with transaction(self.conn):
-            self.conn.execute(
-                "UPDATE rounds SET state='finished', stage='done', finished=?, decision=?, reason=?, model_id=?, "
-                "cause=? WHERE id=? AND state='running'",
-                (utcnow(), RoundOutcome(decision).value, reason, model_id, cause, round_id),
-            )
-            self.conn.executemany(
-                "UPDATE samples SET round_id=? WHERE id=? AND round_id IS NULL",
-                [(round_id, sid) for sid in used_sample_ids],
-            )
+            self.write_finish(round_id, decision, reason, model_id, used_sample_ids, cause)
+
+    def write_finish(
+        self,
+        round_id: int,
+        decision: RoundOutcome,
+        reason: str,
+        model_id: int | None,
+        used_sample_ids: list[int],
+        cause: str | None = None,
+    ) -> None:
+        """`finish` inside the caller's open transaction: a promotion commits the round's decision and
+        its used pairs with the registry's serving row, so a kill cannot serve a model whose round
+        reads 'aborted' and whose pairs count as new."""
+        self.conn.execute(
+            "UPDATE rounds SET state='finished', stage='done', finished=?, decision=?, reason=?, model_id=?, "
+            "cause=? WHERE id=? AND state='running'",
+            (utcnow(), RoundOutcome(decision).value, reason, model_id, cause, round_id),
+        )
+        self.conn.executemany(
+            "UPDATE samples SET round_id=? WHERE id=? AND round_id IS NULL",
+            [(round_id, sid) for sid in used_sample_ids],
+        )
 
     def abort(self, round_id: int, error: str) -> bool:
         with transaction(self.conn):

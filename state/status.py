@@ -254,6 +254,19 @@ def set_served_mode(status: dict[str, Any], wanted: str) -> None:
         index["serving"] = wanted
 
 
+def set_served(status: dict[str, Any], served: dict[str, Any] | None, wanted: str) -> None:
+    """What the one resolution of "what is served" (daemon/serving.py, the same `search` reads) says:
+    the version and folder, why nothing serves yet, and how far the live collection lags the chunks."""
+    set_served_mode(status, wanted)
+    status["served"] = served
+    if served is None:
+        return
+    index = status["index"]
+    index["behind"] = served["behind"] if index.get("live") else None
+    if index.get("live") and not served.get("collection") and wanted:
+        index["serving"] = None  # the live collection is another model's: search answers by exact search
+
+
 def _retrieval(entry: dict[str, Any]) -> str:
     if entry.get("retrieval") != "hybrid":
         return "dense only: built before hybrid search, rebuilt in the background"
@@ -314,6 +327,9 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"base      {base['reference']}  ({base.get('reason') or 'configured'})")
     if base.get("drift"):
         lines.append(f"          warning: {base['drift']}")
+    served = status.get("served") or {}
+    if served.get("problem"):
+        lines.append(f"serving   nothing yet: {served['problem']}")
     if model.get("encoder"):
         lines.append(f"encoder   {model['encoder']}")
     lines += _index_lines(status.get("index") or {})
@@ -348,6 +364,10 @@ def _index_lines(index: dict[str, Any]) -> list[str]:
                 parts.append(f"adding {entry['progress']}")
         if index.get("serving"):
             parts.insert(0, f"serves {index['serving']}")
+        if index.get("behind"):
+            parts.append(
+                f"{index['behind']} chunk change(s) not yet in the live collection (a sync adds them)"
+            )
         lines.append("index     " + "; ".join(parts))
         if index.get("error"):
             lines.append(f"          error: {index['error'][:160]}")

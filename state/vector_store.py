@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -52,34 +53,62 @@ _REFUSAL_CLASSES = (
     "AutoIDException",
     "CannotInferSchemaException",
 )
-_REFUSAL_WORDS = (
-    "auth",
-    "permission denied",
-    "privilege",
-    "access denied",
-    "unauthenticated",
-    "invalid token",
+# Phrases a server or proxy uses for a refused request, matched as whole words of its message with every
+# path and address left out first: "auth" inside /srv/authors/milvus.db or auth.internal:19530 is no refusal.
+_REFUSAL_PHRASES = re.compile(
+    r"\b(?:auth(?:entication)? (?:check )?fail(?:ure|ed)|not authenticated|unauthenticated|hasn't authenticated"
+    r"|permission den(?:ied|y)|access denied|privilege not permitted|invalid token)\b"
 )
+_PATH_LIKE = re.compile(r"\S*[/\\]\S*")  # a token with a slash: a path, a URI
 # common.ErrorCode (the codes older servers send): PermissionDenied 3, ForceDeny 48 (writes refused by
 # quota or a read-only cluster until an operator acts); pymilvus' own ErrorCode.FORCE_DENY is 9.
 _REFUSED_COMPATIBLE_CODES = {3, 48}
 _FORCE_DENY = 9
+# the server's own codes (merr): invalid, missing or too large parameter 1100-1102, not authenticated
+# 1400, privilege not permitted 1401, needs authentication 1800
+_REFUSED_CODES = {_FORCE_DENY, 1100, 1101, 1102, 1400, 1401, 1800}
+# gRPC status codes pymilvus passes on unwrapped (or as the cause of a failed connect)
+_REFUSED_GRPC_STATUS = {"UNAUTHENTICATED", "PERMISSION_DENIED"}
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """The exception and what it was raised from (pymilvus wraps a gRPC error or an OSError with `from`)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__
+
+
+def _refused_by_code(exc: BaseException) -> bool:
+    """A Milvus code or a gRPC status that says the request itself is refused."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, int) and code in _REFUSED_CODES:
+        return True
+    if getattr(exc, "compatible_code", None) in _REFUSED_COMPATIBLE_CODES:
+        return True
+    if not callable(code):
+        return False
+    try:  # a grpc.RpcError: code() is its status
+        return getattr(code(), "name", None) in _REFUSED_GRPC_STATUS
+    except Exception:  # a code() that needs arguments or a live call: no gRPC status
+        return False
 
 
 def is_refusal(exc: BaseException) -> bool:
     """True when retrying the same request cannot succeed; connection faults, timeouts, a busy file and
-    a full disk are not refusals (they pass)."""
-    if isinstance(exc, OSError):
+    a full disk are not refusals (they pass), nor is anything raised from an OSError. Codes first, along
+    what the exception was raised from; then whole phrases of the message, never words inside a path."""
+    chain = list(_causes(exc))
+    if any(isinstance(link, OSError) for link in chain):
         return False
     if type(exc).__name__ in _REFUSAL_CLASSES:
         return True
-    if (
-        getattr(exc, "compatible_code", None) in _REFUSED_COMPATIBLE_CODES
-        or getattr(exc, "code", None) == _FORCE_DENY
-    ):
+    if any(_refused_by_code(link) for link in chain):
         return True
     message = str(getattr(exc, "message", "") or exc).lower()
-    return any(word in message for word in _REFUSAL_WORDS)
+    return _REFUSAL_PHRASES.search(_PATH_LIKE.sub(" ", message)) is not None
 
 
 @dataclass(frozen=True)

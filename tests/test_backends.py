@@ -157,6 +157,7 @@ def test_a_mismatching_or_failed_export_falls_back_to_torch_with_the_reason(tmp_
         file.write_bytes(b"not an onnx graph")
     encoder = Encoder(tiny_embedder, encode_params(settings))
     assert encoder.runtime == "torch" and "could not be loaded" in encoder.runtime_reason
+    assert describe_encoder(db.conn, settings, layout) == f"torch ({encoder.runtime_reason})"
     assert np.allclose(
         encoder.passages(TEXTS[:2]), Encoder(tiny_embedder, params).passages(TEXTS[:2]), atol=1e-5
     )
@@ -248,3 +249,211 @@ def test_onnx_token_batches_embed_the_encodings_they_were_cut_from(tmp_path, tin
     assert np.allclose(vectors, embedder.encode(texts, batch_size=64), atol=1e-5)
     torch_vectors = Encoder(tiny_embedder, EncodeParams(device="cpu", backend="torch")).passages(texts)
     assert (vectors * torch_vectors).sum(axis=1).min() > 0.999
+
+
+def _worker(layout, handler):
+    """The index pool's claim-and-run step (RetryLater, back-off and dead letters as in the daemon)."""
+    from daemon.backends import JOB_KIND
+    from daemon.workers import WorkerPool
+
+    return WorkerPool("index", layout.database, {JOB_KIND: handler}, threads=1)
+
+
+def test_passing_faults_are_told_from_refusals(tmp_path, tiny_embedder):
+    """Out of memory or disk is no verdict on the model: export_model raises ExportInterrupted and installs
+    nothing; a model the exporter refuses is a failed record."""
+    import errno
+
+    import pytest
+
+    from stages.onnx_export import ExportInterrupted, export_model, is_transient, read_record
+
+    def out_of_memory(model_path, files):
+        np.ones((1 << 40, 1 << 20), dtype=np.float32)  # a real MemoryError: 4 EiB
+        return {}
+
+    def disk_full(model_path, files):
+        with open("/dev/full", "wb") as handle:  # a real ENOSPC
+            handle.write(b"vectors")
+            handle.flush()
+        return {}
+
+    root = tmp_path / "exports"
+    for fault in (out_of_memory, disk_full):
+        with pytest.raises(ExportInterrupted):
+            export_model(tiny_embedder, root, fault, quantize=False)
+        assert read_record(root, tiny_embedder) is None, "an interrupted try installs no verdict"
+        assert not [p for p in root.iterdir() if ".tmp-" in p.name], "the half-built folder is removed"
+    assert is_transient(OSError(errno.ENOMEM, "Cannot allocate memory"))
+    assert is_transient(
+        RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+    )
+    assert not is_transient(FileNotFoundError(errno.ENOENT, "config.json"))
+
+    def refused(model_path, files):
+        raise RuntimeError("Exporting the operator 'aten::unfold' to ONNX opset version 17 is not supported")
+
+    record = export_model(tiny_embedder, root, refused, quantize=False)
+    assert record.failed.startswith("RuntimeError: Exporting the operator") and not record.interrupted
+    assert read_record(root, tiny_embedder).failed == record.failed
+
+
+def test_an_export_interrupted_by_a_passing_fault_is_tried_again_later(tmp_path, tiny_embedder, monkeypatch):
+    """Issue 35 (5): an out-of-memory export was recorded as failed and never tried again. Now the job
+    gives itself back with a back-off, `status` says why and when, and the later try makes the export."""
+    import time
+
+    import stages.backend_check
+    from daemon.backends import EXPORT_RETRY_S, ExportJobs, describe_encoder, enqueue_export, export_key
+    from daemon.step_params import encode_params
+    from stages.encoder import Encoder
+    from stages.onnx_export import read_record
+    from state.queue import JobQueue
+
+    settings, layout, db = _state(tmp_path, tiny_embedder)
+    real_check, calls = stages.backend_check.check_variants, []
+
+    def check_once_out_of_memory(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            np.ones((1 << 40, 1 << 20), dtype=np.float32)  # the first try runs out of memory (for real)
+        return real_check(*args, **kwargs)
+
+    monkeypatch.setattr(stages.backend_check, "check_variants", check_once_out_of_memory)
+    assert enqueue_export(db.conn, settings, layout)
+    pool = _worker(layout, ExportJobs(settings, layout).handle)
+    started = time.time()
+    assert pool.work_once(JobQueue(db.conn), "w")
+
+    key = export_key(tiny_embedder)
+    state, error = JobQueue(db.conn).state_of(key)
+    assert state == "pending" and error.startswith("transient: MemoryError"), (state, error)
+    record = read_record(layout.exports, tiny_embedder)
+    assert record is not None and record.interrupted.startswith("MemoryError") and not record.failed
+    assert record.tries == 1 and record.retry_after >= started + EXPORT_RETRY_S - 1
+    line = describe_encoder(db.conn, settings, layout)
+    assert line.startswith("torch (ONNX export interrupted: MemoryError") and "tried again after" in line
+    assert Encoder(tiny_embedder, encode_params(settings)).runtime == "torch"
+    assert not enqueue_export(db.conn, settings, layout), "the job waits for its back-off"
+    assert not pool.work_once(JobQueue(db.conn), "w"), "not before the back-off has passed"
+
+    later = JobQueue(db.conn, clock=lambda: time.time() + EXPORT_RETRY_S + 1)
+    assert pool.work_once(later, "w")
+    assert JobQueue(db.conn).state_of(key)[0] == "done"
+    record = read_record(layout.exports, tiny_embedder)
+    assert not record.interrupted and record.variants["fp32"].passed
+    assert describe_encoder(db.conn, settings, layout).startswith("onnx")
+    db.close()
+
+
+def test_an_export_child_killed_mid_export_is_asked_for_again_after_its_back_off(
+    tmp_path, tiny_embedder, monkeypatch
+):
+    """Issue 35 (5): a child killed mid-export (the OOM killer) dead-lettered the job for good. The try's
+    record, written as it began, says what happened; the main loop re-asks once its back-off has passed."""
+    import signal
+    import threading
+    import time
+
+    import daemon.backends
+    from daemon.backends import KILLED, describe_encoder, enqueue_export, export_key
+    from daemon.job_process import ChildJobs
+    from stages.onnx_export import read_record
+    from state.db import connect
+    from state.queue import JobQueue
+
+    settings, layout, db = _state(tmp_path, tiny_embedder)
+    monkeypatch.setattr(daemon.backends, "MAX_ATTEMPTS", 1)  # dead at the first kill, as after the second
+    assert enqueue_export(db.conn, settings, layout)
+    jobs = ChildJobs(settings, layout)
+    pool = _worker(layout, jobs.handle)
+
+    def work() -> None:
+        conn = connect(layout.database)
+        try:
+            pool.work_once(JobQueue(conn), "w")
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    child = wait_for(lambda: next(iter(jobs._children), None), timeout=60, message="the export child")
+
+    def try_recorded():
+        record = read_record(layout.exports, tiny_embedder)
+        return (record is not None and record.interrupted == KILLED) or not thread.is_alive()
+
+    wait_for(try_recorded, timeout=120, message="the try's record")
+    child.send_signal(signal.SIGKILL)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+
+    key = export_key(tiny_embedder)
+    assert JobQueue(db.conn).state_of(key)[0] == "dead"
+    record = read_record(layout.exports, tiny_embedder)
+    assert record is not None and record.interrupted == KILLED and record.tries == 1, record
+    line = describe_encoder(db.conn, settings, layout)
+    assert line.startswith(f"torch (ONNX export interrupted: {KILLED}; tried again after"), line
+    assert not enqueue_export(db.conn, settings, layout, now=time.time()), "not before the back-off"
+    assert enqueue_export(db.conn, settings, layout, now=record.retry_after + 1)
+    assert JobQueue(db.conn).state_of(key)[0] == "pending"
+
+    _run_export_job(settings, layout, db)  # the next try is not killed
+    record = read_record(layout.exports, tiny_embedder)
+    assert not record.interrupted and record.variants["fp32"].passed
+    assert describe_encoder(db.conn, settings, layout).startswith("onnx")
+    assert not enqueue_export(db.conn, settings, layout, now=time.time() + 10**6), "made: never again"
+    db.close()
+
+
+def test_status_reads_the_device_the_encoder_picks_and_a_damaged_export(tmp_path, tiny_embedder, monkeypatch):
+    """Issue 35 (6): with model.device = "auto", `status` passed "auto" on as the device, so on a GPU
+    host it named an ONNX export the encoder does not use (torch runs the GPU); and a damaged export's
+    torch fallback was not shown. Both are now the encoder's own decision, found without torch."""
+    import stages.onnx_export
+    from daemon.backends import describe_encoder
+    from daemon.step_params import encode_params, torch_encode_params
+    from stages.backend_check import CheckSample, check_variants
+    from stages.encoder import Encoder
+    from stages.models import pick_device
+    from stages.onnx_export import INT8, VARIANT_FILES, export_dir, export_model, guess_device
+
+    settings, layout, db = _state(tmp_path, tiny_embedder, device="auto")
+    params = torch_encode_params(settings)
+    sample = CheckSample(TEXTS, ["where does the river flow"], [0])
+    record = export_model(tiny_embedder, layout.exports, lambda p, f: check_variants(p, f, sample, params))
+    assert record.variants[INT8].passed
+    assert guess_device("auto") == pick_device("auto"), "the torch-free answer is torch's on this host"
+    assert describe_encoder(db.conn, settings, layout).startswith("onnx int8")
+
+    # a host with an NVIDIA GPU and a CUDA build of torch: the encoder would run torch on the GPU
+    devices, version = tmp_path / "dev", tmp_path / "torch-version.py"
+    devices.mkdir()
+    (devices / "nvidia0").touch()
+    version.write_text(
+        "__version__ = '2.13.0+cu128'\ncuda: Optional[str] = '12.8'\nhip: Optional[str] = None\n"
+    )
+    monkeypatch.setattr(stages.onnx_export, "GPU_DEVICES", devices)
+    monkeypatch.setattr(stages.onnx_export, "TORCH_VERSION", version)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert guess_device("auto") == "cuda"
+    line = describe_encoder(db.conn, settings, layout)
+    assert line.startswith("torch (device cuda: ONNX Runtime is used on the CPU only"), line
+    assert describe_encoder(db.conn, settings, layout, device="cpu").startswith("onnx int8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the GPU hidden from this process
+    assert describe_encoder(db.conn, settings, layout).startswith("onnx int8")
+    monkeypatch.undo()
+
+    # a truncated export file (a full disk, a half copy): the encoder and `status` both say torch, and why
+    file = export_dir(layout.exports, tiny_embedder) / VARIANT_FILES[INT8]
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    encoder = Encoder(tiny_embedder, encode_params(settings))
+    assert encoder.runtime == "torch" and "could not be loaded" in encoder.runtime_reason
+    assert describe_encoder(db.conn, settings, layout) == f"torch ({encoder.runtime_reason})"
+    assert "model-int8.onnx is damaged" in encoder.runtime_reason
+    # the same size, other bytes (overwritten in place): seen too, without loading the graph
+    file.write_bytes(b"\0" * int(record.files[INT8].split(":")[0]))
+    line = describe_encoder(db.conn, settings, layout)
+    assert line.startswith("torch (ONNX export could not be loaded") and "contents changed" in line
+    assert Encoder(tiny_embedder, encode_params(settings)).runtime_reason == line[len("torch (") : -1]
+    db.close()

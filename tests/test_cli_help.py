@@ -43,3 +43,12 @@ def test_installed_entry_point_help():
     )
     assert done.returncode == 0, done.stderr
     assert "eval" in done.stdout and "Traceback" not in done.stderr
+
+
+def test_top_level_help_describes_the_product_to_its_users():
+    """`embedtune --help` says what embedtune is, in two lines, not a developer's note on imports."""
+    out = _parser().format_help()
+    description = out.split("\n\n")[1]
+    assert description.startswith("embedtune keeps a retrieval embedding model tuned to your own documents")
+    assert len(description.strip().splitlines()) == 2, description
+    assert "inbox" in description and "lazy" not in out.lower() and "import" not in out.lower()

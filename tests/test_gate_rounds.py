@@ -146,7 +146,7 @@ def test_a_promotion_with_user_queries_serves_the_bm25_share_they_rank_best(
 ):
     """With a user file the round sweeps the served BM25 share on it; the promoted model's folder carries
     the best one, the index serves it, and a rollback brings back the previous model's share."""
-    from daemon.indexing import served_bm25_weight
+    from daemon.serving import served_bm25_weight
     from stages.fusion import RETRIEVAL_FILE, WEIGHT_GRID
 
     settings = _case(prepared, tmp_path, tiny_embedder, human_tolerance=1.0)  # the file may not veto here

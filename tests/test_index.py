@@ -208,6 +208,54 @@ def test_milvus_errors_that_retrying_cannot_fix_are_refusals():
     assert not is_refusal(OSError(28, "No space left on device"))
 
 
+def test_refusal_words_inside_a_path_or_address_are_no_refusal():
+    """Issue 35 (11): a refusal switches the index off until a restart, so a transient fault whose message
+    names /srv/authors/… or /home/privileged/… must stay a fault; codes decide before words do."""
+    import grpc
+    from pymilvus.exceptions import MilvusException
+
+    from state.vector_store import is_refusal
+
+    class RpcError(grpc.RpcError):  # what pymilvus raises from, with the status the server sent
+        def __init__(self, status: grpc.StatusCode) -> None:
+            self.status = status
+
+        def code(self) -> grpc.StatusCode:
+            return self.status
+
+    def raised_from(exc: Exception, cause: BaseException) -> Exception:
+        exc.__cause__ = cause
+        return exc
+
+    transient = [
+        MilvusException(message="Unexpected error, message=<database is locked: /srv/authors/milvus.db>"),
+        MilvusException(code=2, message="Fail connecting to server on auth.internal:19530"),
+        MilvusException(message="segment flush failed under /home/privileged/state/milvus.db, retry later"),
+        MilvusException(code=2, message="timed out: https://authz.example.com/milvus, permission denied/x"),
+        raised_from(
+            MilvusException(message="Unexpected error, message=<[Errno 28] No space left on device>"),
+            OSError(28, "No space left on device"),
+        ),
+        raised_from(
+            MilvusException(code=2, message="Fail connecting to server on auth:19530, server unavailable"),
+            RpcError(grpc.StatusCode.UNAVAILABLE),
+        ),
+    ]
+    assert [is_refusal(exc) for exc in transient] == [False] * len(transient)
+    refused = [
+        MilvusException(code=1401, message="PrivilegeInsert: permission deny to alice"),
+        MilvusException(code=1400, message="not authenticated"),
+        MilvusException(code=1100, message="invalid parameter[expected=dim 8][actual=dim 16]"),
+        MilvusException(message="Authentication failed for user root at /srv/authors/milvus.db"),
+        RpcError(grpc.StatusCode.UNAUTHENTICATED),
+        raised_from(  # a wrong token at connect: pymilvus says "cannot connect", gRPC says why
+            MilvusException(code=2, message="Fail connecting to server on 10.0.0.5:19530"),
+            RpcError(grpc.StatusCode.UNAUTHENTICATED),
+        ),
+    ]
+    assert [is_refusal(exc) for exc in refused] == [True] * len(refused)
+
+
 def test_a_refused_index_is_not_retried_until_the_daemon_restarts(make_settings, start_daemon):
     """Milvus Lite cannot refuse a request, so the sync is replaced by one that raises what open_store
     raises for a refusal; the rest (job, status, main-loop check, restart) is the product's."""
@@ -364,7 +412,8 @@ def test_the_change_log_keeps_what_a_following_collection_still_needs(tmp_path):
     assert records.get("old").synced_seq is None and records.get("old").state == "ready"
     records.mark_synced("new", 1, "sig", change_seq(conn))
     assert conn.execute("SELECT COUNT(*) FROM chunk_changes").fetchone()[0] == 0
-    assert changes_since(conn, change_seq(conn)) == type(changes)(change_seq(conn), [], [])
+    nothing = changes_since(conn, change_seq(conn))
+    assert (nothing.seq, nothing.added, nothing.removed) == (change_seq(conn), [], [])
 
     # the index turned off: the log goes, and so does every position (a full pass if it is turned on again)
     _add_document(conn, "/inbox/c.md", ["delta text"])

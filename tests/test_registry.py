@@ -87,14 +87,17 @@ def test_register_rejects_non_model_folders(registry, tmp_path):
     assert registry.conn.execute("SELECT COUNT(*) FROM models").fetchone()[0] == 0
 
 
-def test_reconcile_trusts_a_symlink_that_ran_ahead_of_the_database(registry, tmp_path):
+def test_reconcile_moves_the_symlink_to_what_the_database_says_serves(registry, tmp_path):
+    """The database commits a change of what serves before the link moves: the link is put back in line
+    with it, never the other way (a link naming an unrecorded version is not adopted)."""
     a = registry.register(_model(tmp_path / "a", "A"))
     b = registry.register(_model(tmp_path / "b", "B"))
     registry.promote(a.id)
-    registry._swap_symlink(b.path)  # crash after os.replace, before the row was committed
-    assert registry.current().id == a.id
+    registry._swap_symlink(b.path)  # a link the database does not back (e.g. left by an older release)
     note = registry.reconcile()
-    assert "symlink" in note and registry.current().id == b.id
+    assert "symlink restored to model" in note and registry.current().id == a.id and _served(registry) == "A"
+    assert [row["action"] for row in registry.history()] == ["promote"]
+    assert registry.reconcile() == "consistent"
 
 
 def test_reconcile_restores_a_missing_symlink_and_cleans_staging(registry, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 from stages.encoder import EncodeParams, Encoder
 from stages.evaluate import evaluate_retrieval, evaluate_scores
-from stages.teacher import HybridTeacher, default_bm25_weight, zscore
+from stages.teacher import HybridTeacher, teacher_bm25_share, zscore
 
 CORPUS = [
     "The river flows through the city and its history is long.",
@@ -42,7 +42,7 @@ def test_scores_of_given_passages_and_identity(teacher):
     scores = teacher.score(["river city"], [[0, 2]])
     assert scores[0].shape == (2,) and scores[0][0] > scores[0][1]
     assert teacher.teacher_id.startswith("hybrid:w=0.3:")
-    assert default_bm25_weight("zh") > default_bm25_weight("en")
+    assert teacher_bm25_share("zh") > teacher_bm25_share("en")
     with pytest.raises(ValueError):
         HybridTeacher(CORPUS, teacher.encoder, 1.5, teacher.vectors)
 
