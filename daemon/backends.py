@@ -25,6 +25,7 @@ from state.layout import StateLayout
 from state.queue import JobQueue
 
 if TYPE_CHECKING:
+    from daemon.serving import Served
     from daemon.workers import JobContext
 
 
@@ -207,14 +208,18 @@ class ExportJobs:
 
 
 def describe_encoder(
-    conn: sqlite3.Connection | None, settings: Settings, layout: StateLayout, *, device: str | None = None
+    conn: sqlite3.Connection | None,
+    settings: Settings,
+    layout: StateLayout,
+    *,
+    device: str | None = None,
+    served: Served | None = None,
 ) -> str:
     """One status line: what encodes for the model in service and why (no torch, no model loaded). The
     decision is the encoder's own (stages.onnx_export.runtime_choice, a damaged export file included)
     on the device the encoder picks: `device` when the caller knows it, else guess_device's torch-free
     answer for `model.device`; the export job's state explains a missing or interrupted export."""
-    from daemon.serving import model_in_service
-    from stages.models import ModelNotFound
+    from daemon.serving import resolve_served
     from stages.onnx_export import INTERRUPTED, NO_EXPORT, guess_device, runtime_choice
 
     model = settings.model
@@ -222,9 +227,8 @@ def describe_encoder(
         return "torch (model.backend = torch)"
     if conn is None:
         return "torch (no ONNX export yet: it is made once the first chunks are in)"
-    try:
-        path = model_in_service(conn, layout, settings).path
-    except ModelNotFound:
+    path = (served or resolve_served(conn, settings, layout)).path  # a lookup: status never converts
+    if path is None:
         return "torch (no model in service yet)"
     device = guess_device(model.device) if device is None else device
     variant, reason = runtime_choice(layout.exports, path, model.backend, model.quantize, device)
@@ -242,5 +246,5 @@ def describe_encoder(
             return f"torch (the ONNX export job failed: {job[1]})"
         if job[0] == "done":  # it made no export: the job found a GPU (see ExportJobs.handle)
             return "torch (a GPU encodes here; ONNX Runtime is used on the CPU only)"
-        return f"torch (ONNX export {'running' if job[0] == 'running' else 'queued'})"
+        return "torch (ONNX export queued)"
     return f"torch ({reason})"

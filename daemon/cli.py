@@ -146,7 +146,7 @@ def served_for_status(settings: Settings, layout) -> tuple[dict | None, str]:
             "analyzer": served.analyzer,
         }
         try:
-            encoder = describe_encoder(conn, settings, layout)
+            encoder = describe_encoder(conn, settings, layout, served=served)
         except Exception as exc:  # status answers even when this part cannot be worked out
             encoder = f"unknown ({type(exc).__name__}: {exc})"
         return summary, encoder

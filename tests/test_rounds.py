@@ -19,14 +19,18 @@ from tests.conftest import serves_a_version, wait_for
 TOPICS = ["river", "city", "music", "history", "solar", "energy", "water", "database", "server", "network"]
 
 
+def _write_document(inbox, i: int) -> None:
+    a, b = TOPICS[i % len(TOPICS)], TOPICS[(i + 3) % len(TOPICS)]
+    (inbox / f"doc{i}.md").write_text(
+        f"# The {a} guide {i}\n\nThe {a} and the {b} are linked in part {i}. People study the {a} often. "
+        f"It has a long history with {b}.\n\n## About {b} {i}\n\nThe {b} system runs a {a} server. "
+        f"A database stores {b} files in a folder.\n"
+    )
+
+
 def _corpus(inbox, documents: int = 8) -> None:
     for i in range(documents):
-        a, b = TOPICS[i % len(TOPICS)], TOPICS[(i + 3) % len(TOPICS)]
-        (inbox / f"doc{i}.md").write_text(
-            f"# The {a} guide {i}\n\nThe {a} and the {b} are linked in part {i}. People study the {a} often. "
-            f"It has a long history with {b}.\n\n## About {b} {i}\n\nThe {b} system runs a {a} server. "
-            f"A database stores {b} files in a folder.\n"
-        )
+        _write_document(inbox, i)
 
 
 def _round_settings(make_settings, teacher: str = "none", **training):
@@ -63,6 +67,34 @@ def _finished_round(running, timeout=180):
     return wait_for(done, timeout=timeout, message="a round to finish")
 
 
+def _ingest_in_order(running, inbox, documents: int = 8) -> None:
+    """Write the corpus one document at a time, each once the one before is stored. The split depends
+    on the order (state/documents.py holds out the second document when no hash chose one yet), and so
+    do chunk ids and the round's random negatives: the order ingest threads happened to take made the
+    round differ between runs, down to one labelled example and no training step beside a CPU hog."""
+    for i in range(documents):
+        _write_document(inbox, i)
+        wait_for(
+            lambda n=i + 1: running.scalar("SELECT COUNT(*) FROM documents WHERE status='ingested'") == n,
+            message=f"doc{i} to be ingested",
+        )
+
+
+# Kept training pairs a round here needs: the sequential corpus keeps 10 (3 of 8 documents held out).
+ROUND_PAIRS = 10
+
+
+def _all_pairs_kept(running) -> bool:
+    """Every active chunk has its pairs, none waits for the filter, and the kept training pairs are in."""
+    waiting = running.scalar(
+        "SELECT (SELECT COUNT(*) FROM chunks c WHERE c.active=1 AND NOT EXISTS "
+        "(SELECT 1 FROM samples s WHERE s.chunk_id=c.id)) + "
+        "(SELECT COUNT(*) FROM samples WHERE kept IS NULL)"
+    )
+    kept = running.scalar("SELECT COUNT(*) FROM samples WHERE kept=1 AND split='train'")
+    return waiting == 0 and kept >= ROUND_PAIRS
+
+
 def foreground_round(settings):
     """Ingest and filter the corpus with the daemon, stop it, then run one round in the foreground
     (`embedtune train --now` with no daemon): returns (running daemon handle, round row, round folder)."""
@@ -70,9 +102,9 @@ def foreground_round(settings):
     from state.db import connect
     from tests.conftest import RunningDaemon
 
-    _corpus(settings.paths.inbox)
     running = RunningDaemon(settings)
-    wait_for(lambda: running.scalar("SELECT COUNT(*) FROM samples WHERE kept IS NOT NULL") > 6)
+    _ingest_in_order(running, settings.paths.inbox)
+    wait_for(lambda: _all_pairs_kept(running), message="every chunk's pairs filtered, enough kept")
     wait_for(running.idle)
     running.stop()
     assert train_now(settings, foreground=True) == 0
@@ -184,6 +216,7 @@ def test_round_with_a_cross_encoder_teacher_and_margin_mse(make_settings, tiny_r
         min_new_samples=10_000,
         loss="mnrl+margin_mse",
         hard_negatives=2,
+        negative_margin=0.0,
     )
     _running, row, folder = foreground_round(settings)
     assert row["state"] == "finished", row["error"]
