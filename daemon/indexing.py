@@ -326,9 +326,16 @@ class IndexService:
     ) -> None:
         if not missing:
             return
+        from daemon.child_process import stop_deferred, stop_requested
+
         batch_size = self.settings.index.batch_size
-        with Progress(f"index {collection.name}", len(missing), "chunks", bar=self.show_progress) as progress:
+        with (
+            Progress(f"index {collection.name}", len(missing), "chunks", bar=self.show_progress) as progress,
+            stop_deferred(),  # a SIGTERM ends the job between two whole batches, within the stop budget
+        ):
             for start in range(0, len(missing), batch_size):
+                if stop_requested():  # the store keeps whole batches: the next sync adds only the rest
+                    raise RetryLater("the daemon is stopping; the next sync resumes this fill", 0.0)
                 batch = missing[start : start + batch_size]
                 vectors = encoder.passages(batch)
                 with open_store(self.target) as store:

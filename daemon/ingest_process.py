@@ -35,7 +35,7 @@ log = get_logger("embedtune.ingest")
 JOB_KIND = "ingest"
 IDLE_EXIT_S = 30.0  # a process with nothing to claim this long ends; the next file starts one again
 CLAIM_POLL_S = 0.2  # an idle process looks for work this often (one indexed SELECT)
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 5.0  # a process finishes its file this long, then gives it back (within the stop budget)
 MAX_BACKOFF_S = 60.0  # after crashes in a row, the next start waits 1, 2, 4 ... up to this many seconds
 
 
@@ -132,15 +132,21 @@ class IngestProcesses:
                 log.warning("ingest_process_orders_lost", pid=child.pid, error=str(exc))
             log.info("ingest_process_started", pid=child.pid)
 
-    def stop(self, grace: float = STOP_GRACE_S) -> None:
-        """SIGTERM every process (each finishes or gives back its job), SIGKILL what outlives `grace`.
-        The daemon's shutdown then releases any lease still held, as for its own threads."""
+    def interrupt(self) -> list[subprocess.Popen]:
+        """Start no process from now on; SIGTERM every one (each finishes or gives back its job)."""
         with self._lock:
+            first = not self._stopping
             self._stopping = True
             children = list(self._children.values())
-        for child in children:
+        for child in children if first else ():
             if child.poll() is None:
                 child.terminate()
+        return children
+
+    def stop(self, grace: float = STOP_GRACE_S + 1.0) -> None:
+        """Interrupt, then SIGKILL what outlives `grace`. The daemon's shutdown then releases any lease
+        still held, as for its own threads."""
+        children = self.interrupt()
         deadline = time.monotonic() + grace
         for child in children:
             try:

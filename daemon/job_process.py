@@ -26,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from daemon.child_process import child_env, die_with_parent
+from daemon.child_process import child_env, die_with_parent, stop_between_batches
 from daemon.logs import configure_logging, get_logger
 from daemon.settings import Settings
 from daemon.workers import Handler, JobContext, JobFailed, PermanentFailure, RetryLater
@@ -34,7 +34,7 @@ from state.layout import StateLayout
 from state.queue import JobQueue, LeaseLost
 
 log = get_logger("embedtune.jobs")
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 5.0  # then SIGKILL; the daemon passes what is left of its own stop budget
 
 
 class ChildJobs:
@@ -52,13 +52,15 @@ class ChildJobs:
         with tempfile.TemporaryDirectory(prefix=f"job-{job.id}-") as tmp:
             settings_file, result_file = Path(tmp) / "settings.json", Path(tmp) / "result.json"
             settings_file.write_text(json.dumps(self.settings.model_dump(mode="json")))
-            process = subprocess.Popen(
-                self.command(settings_file, job.id, job.lease_owner, result_file),
-                stdin=subprocess.DEVNULL,
-                env=child_env(),
-                cwd=os.getcwd(),
-            )
-            with self._lock:
+            with self._lock:  # started and listed at once, or not at all once the daemon stops
+                if self._stopping.is_set():
+                    raise RetryLater("the daemon is stopping; the job runs after the restart", 0.0)
+                process = subprocess.Popen(
+                    self.command(settings_file, job.id, job.lease_owner, result_file),
+                    stdin=subprocess.DEVNULL,
+                    env=child_env(),
+                    cwd=os.getcwd(),
+                )
                 self._children.add(process)
             try:
                 code = process.wait()
@@ -89,19 +91,28 @@ class ChildJobs:
             str(result_file),
         ]
 
-    def stop(self) -> None:
-        """Daemon shutdown: ask running children to stop (their jobs go back to the queue, no attempt
-        counted)."""
-        self._stopping.set()
+    def interrupt(self) -> list[subprocess.Popen]:
+        """Daemon shutdown: start no child from now on and SIGTERM the running ones (an index fill ends
+        after its batch; their jobs go back to the queue, no attempt counted)."""
         with self._lock:
+            first = not self._stopping.is_set()
+            self._stopping.set()
             children = list(self._children)
-        for process in children:
-            process.send_signal(signal.SIGTERM)
+        for process in children if first else ():  # once: a second SIGTERM would cut the batch
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        return children
+
+    def stop(self, grace: float = STOP_GRACE_S) -> None:
+        """Interrupt, then SIGKILL what outlives `grace` (a batch too long for the stop budget)."""
+        children = self.interrupt()
+        deadline = time.monotonic() + grace
         for process in children:
             try:
-                process.wait(timeout=STOP_GRACE_S)
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
 
 
 def raise_outcome(result: dict | None, code: int) -> None:
@@ -175,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", required=True)
     args = parser.parse_args(argv)
     die_with_parent()
+    stop_between_batches()  # a daemon stop ends an index fill between two batches, not inside one
     settings = Settings.model_validate(json.loads(Path(args.settings).read_text()))
     configure_logging(settings.logging.level, settings.logging.format)
     started = time.monotonic()

@@ -138,7 +138,7 @@ class RoundScheduler:
             return None
         return self.poll(conn)
 
-    def stop(self, conn, reason: str = "daemon shutting down") -> None:
+    def stop(self, conn, reason: str = "daemon shutting down", grace: float = STOP_GRACE_S) -> None:
         if self.process is None:
             return
         if self.process.poll() is not None:
@@ -146,7 +146,7 @@ class RoundScheduler:
             return
         self.process.send_signal(signal.SIGTERM)
         try:
-            self.process.wait(timeout=STOP_GRACE_S)
+            self.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()

@@ -41,7 +41,9 @@ from state.registry import ModelRegistry
 from state.samples import SampleStore
 
 log = get_logger("embedtune.daemon")
-SHUTDOWN_GRACE_S = 30.0
+# SIGTERM to exit: systemd SIGKILLs the group after TimeoutStopSec (10 s, systemd/embedtune.service). Jobs
+# and children get this long, then are killed; their jobs go back to the queue (tests/test_stop_during_fill.py)
+STOP_BUDGET_S = 7.0
 INDEX_CHECK_S = 5.0
 
 
@@ -402,15 +404,25 @@ class Daemon:
             self.watcher.stop()
         if hasattr(self, "scheduler"):
             self.scheduler.shutdown(wait=False)
-        if hasattr(self, "rounds"):
-            self.rounds.stop(self.db.conn)
-        if hasattr(self, "model_jobs"):
-            self.model_jobs.stop()
-        deadline = time.monotonic() + SHUTDOWN_GRACE_S
+        deadline = time.monotonic() + STOP_BUDGET_S
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        for pool in self.pools:  # first: a job given back by a stopped child must not start another
+            pool.stop_claiming()
+        if hasattr(self, "model_jobs"):  # every child hears SIGTERM now; each then gets what is left
+            self.model_jobs.interrupt()
         if self.ingest_processes is not None:
-            self.ingest_processes.stop()
+            self.ingest_processes.interrupt()
+        if hasattr(self, "rounds"):
+            self.rounds.stop(self.db.conn, grace=left())
+        if hasattr(self, "model_jobs"):
+            self.model_jobs.stop(left())
+        if self.ingest_processes is not None:
+            self.ingest_processes.stop(left())
         for pool in self.pools:
-            pool.stop(max(0.0, deadline - time.monotonic()))
+            pool.stop(left())
         if self.db is not None:
             released = JobQueue(self.db.conn).release_owner("")
             mark_stopped(self.db.conn)

@@ -177,10 +177,14 @@ class WorkerPool:
             self._threads.append(thread)
         self.threads = max(self.threads, threads)
 
-    def stop(self, grace: float = 30.0) -> bool:
-        """Stop claiming; wait for running jobs up to `grace` seconds. True when all threads ended."""
+    def stop_claiming(self) -> None:
+        """Claim no more jobs (a daemon stop: a job given back meanwhile must not be taken again)."""
         self.stop_event.set()
         self.wake.set()
+
+    def stop(self, grace: float = 30.0) -> bool:
+        """Stop claiming; wait for running jobs up to `grace` seconds. True when all threads ended."""
+        self.stop_claiming()
         deadline = time.monotonic() + grace
         for thread in self._threads:
             thread.join(timeout=max(0.0, deadline - time.monotonic()))

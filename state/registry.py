@@ -10,9 +10,9 @@ undone safely: reconcile cannot tell a promotion that ran ahead from a rollback 
 
 `models/current` always names the model in service: a promoted version (relative link, so the state
 folder can move) or, before any promotion and after a rollback to it, the base model's folder (absolute
-link, refreshed at every start so a changed `model.base` is followed). This module is the one owner of
-"which model serves": the database row (`current_model_row`), the folder (`ModelRegistry.serving`) and
-the link agree, and every other module asks here.
+link, refreshed at every start so a changed `model.base` is followed). This module decides which
+version serves (`current_model_row`, `ModelRegistry.current`); daemon/serving.py resolves everything
+else about what is served from that answer and the settings, and every other module asks there.
 """
 
 from __future__ import annotations

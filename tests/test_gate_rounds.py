@@ -146,8 +146,11 @@ def test_a_promotion_with_user_queries_serves_the_bm25_share_they_rank_best(
 ):
     """With a user file the round sweeps the served BM25 share on it; the promoted model's folder carries
     the best one, the index serves it, and a rollback brings back the previous model's share."""
+    from daemon.cli import cmd_rollback
+    from daemon.indexing import IndexService
     from daemon.serving import served_bm25_weight
     from stages.fusion import RETRIEVAL_FILE, WEIGHT_GRID
+    from state.index_records import IndexRecords
 
     settings = _case(prepared, tmp_path, tiny_embedder, human_tolerance=1.0)  # the file may not veto here
     settings.promotion.user_eval = _served_perfectly(settings, tmp_path / "user.jsonl")
@@ -162,6 +165,17 @@ def test_a_promotion_with_user_queries_serves_the_bm25_share_they_rank_best(
     assert served_bm25_weight(settings, layout.current.resolve()) == chosen["bm25_weight"]
     base = Path(settings.model.base)
     assert served_bm25_weight(settings, base) is None  # no choice: each query's language decides
+    # the index serves the chosen share: the promoted model's collection goes live carrying it
+    records = IndexRecords(db.conn)
+    base_collection = records.live()
+    assert base_collection is not None and base_collection.bm25_weight is None
+    report = IndexService(settings, layout).sync(db.conn)
+    assert report.swapped and records.live().name == report.collection != base_collection.name
+    assert records.live().bm25_weight == chosen["bm25_weight"]
+    # a rollback brings back the base model, its kept collection, and its share (by each query's language)
+    assert cmd_rollback(settings) == 0 and not serves_a_version(layout)
+    assert records.live().name == base_collection.name and records.live().bm25_weight is None
+    assert served_bm25_weight(settings, layout.current.resolve()) is None
     settings.index.bm25_weight = 0.45  # an explicit setting wins over the choice
     assert served_bm25_weight(settings, layout.current.resolve()) == 0.45
 

@@ -173,3 +173,22 @@ def test_processes_start_for_the_jobs_that_wait_not_all_at_once(tmp_path, tiny_e
     finally:
         supervisor.stop()
         db.close()
+
+
+def test_demand_counts_jobs_ready_or_running_up_to_the_limit(tmp_path):
+    """What the supervisor sizes itself by: a job waiting on its back-off is not demand yet."""
+    from state.db import Database
+    from state.queue import JobQueue
+
+    db = Database(tmp_path / "q.db")
+    queue = JobQueue(db.conn)
+    assert queue.demand("ingest", 4) == 0
+    for i in range(3):
+        queue.enqueue("ingest", f"doc:{i}", {"document_id": i})
+    queue.enqueue("filter", "filter", {})
+    assert queue.demand("ingest", 4) == 3 and queue.demand("ingest", 2) == 2
+    job = queue.claim("host:1:ingest-0", ["ingest"])
+    assert queue.demand("ingest", 4) == 3, "a running job still needs its process"
+    queue.postpone(job, 3600.0, "later")
+    assert queue.demand("ingest", 4) == 2
+    db.close()

@@ -216,7 +216,6 @@ def test_round_with_a_cross_encoder_teacher_and_margin_mse(make_settings, tiny_r
         min_new_samples=10_000,
         loss="mnrl+margin_mse",
         hard_negatives=2,
-        negative_margin=0.0,
     )
     _running, row, folder = foreground_round(settings)
     assert row["state"] == "finished", row["error"]
@@ -460,7 +459,13 @@ def test_the_served_hybrid_evaluator_ranks_by_the_fusion(tiny_embedder):
     encoder = Encoder(tiny_embedder, EncodeParams(device="cpu"))
     lexical_only = HybridEvaluator(eval_set, 1.0)(encoder)
     assert lexical_only.metrics["recall@1"] == 1.0  # each query's words are in its passage only
-    assert HybridEvaluator(eval_set, 0.0)(encoder).n_queries == 2
+    vectors = encoder.queries(eval_set.queries), encoder.passages(corpus)
+    dense = evaluate_retrieval(*vectors, eval_set.relevant)
+    assert dense.per_query["recall@1"] == [0.0, 1.0]  # the tiny model puts "music report"'s chunk second
+    dense_only = HybridEvaluator(eval_set, 0.0)(encoder)  # no BM25 share: the dense ranking, query by query
+    assert dense_only.n_queries == 2 and dense_only.per_query == dense.per_query
+    # a fifth of BM25 in the fusion puts the query's own chunk first, where the dense half alone did not
+    assert HybridEvaluator(eval_set, 0.2)(encoder).per_query["recall@1"] == [1.0, 1.0]
 
 
 def test_batch_size_shrinks_until_a_batch_without_repeated_texts_exists():
