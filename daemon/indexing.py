@@ -124,7 +124,7 @@ class IndexService:
             return has_active_chunks(conn)
         if served.path is None:
             return False  # nothing can serve yet (status says why)
-        if not served.live_is_ours() or served.live.bm25_weight != served.bm25_weight:
+        if not served.live_is_current() or served.live.bm25_weight != served.bm25_weight:
             return True  # another model, or a collection to rebuild (dense only, another analyzer or share)
         return served.behind > 0 or served.live.signature != served.signature
 

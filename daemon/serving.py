@@ -75,15 +75,19 @@ class Served:
         return ServingModel(self.model_id, self.folder())
 
     def live_is_ours(self) -> bool:
-        """The live collection belongs to this model and analyzer: searches of the model in service use it,
-        however far behind the chunks it is (`behind` says so)."""
+        """The live collection was filled by this model: searches of the model in service use it, however
+        far behind the chunks it is (`behind` says so) and while a rebuild for another analyzer or share,
+        or from a dense-only collection, fills in the background."""
         live = self.live
         return (
             live is not None
             and self.path is not None
-            and (live.model_id, live.model_path, live.analyzer)
-            == (self.model_id, str(self.path), self.analyzer)
+            and (live.model_id, live.model_path) == (self.model_id, str(self.path))
         )
+
+    def live_is_current(self) -> bool:
+        """The live collection is the one the index job keeps: this model, the served analyzer."""
+        return self.live_is_ours() and self.live.analyzer == self.analyzer
 
     def index_note(self) -> str:
         """How far the live collection lags the chunks, for answers served from it."""

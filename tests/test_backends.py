@@ -196,8 +196,10 @@ def test_a_removed_version_takes_its_export_with_it(tmp_path, tiny_embedder):
 
 
 def test_the_daemon_exports_the_model_in_service_and_status_says_what_encodes(tmp_path, start_daemon):
-    """Embedded wiring: the main loop queues the export once chunks exist, a child process makes it, the
-    index sync that follows encodes with it, and `embedtune status` names the runtime."""
+    """Embedded wiring: the main loop queues the export once chunks exist, a child process makes it (one
+    job, its check passed) and `embedtune status`, in a process of its own, names ONNX as what encodes.
+    The index is off here (the export then runs in the filter's pool); encoding with the export is
+    test_export_is_made_once_per_version_checked_and_used's."""
     import subprocess
     import sys
 

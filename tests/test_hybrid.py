@@ -145,9 +145,11 @@ def test_exact_search_fuses_the_same_way_as_the_collection(make_settings, start_
     assert _ids(exact["lexical"])[0] == _ids(served["lexical"])[0]
     fused, collection = exact["hybrid"], served["hybrid"]
     assert len(fused.hits) == 4 and _ids(fused) == _ids(collection)
-    # The fused scores differ only by the BM25 share of the two BM25s' gap: ~0.08% here, where a changed
-    # share (0.2 -> 0.3) or a missing corpus spread moves them by percents.
-    assert [hit.score for hit in fused.hits] == pytest.approx([hit.score for hit in collection.hits], rel=2e-3)
+    # The fused scores differ only by the BM25 share of the two BM25s' gap: <0.1% here, where another
+    # share (0.3) or a BM25 spread over another corpus size moves them by 2-12%.
+    assert [hit.score for hit in fused.hits] == pytest.approx(
+        [hit.score for hit in collection.hits], rel=2e-3
+    )
 
 
 def test_a_chinese_corpus_gets_the_jieba_analyzer_and_chinese_queries_match_words(
