@@ -117,9 +117,9 @@ def export_for_fill(settings, layout, conn) -> dict:
     from daemon.step_params import torch_encode_params
     from stages.backend_check import CheckSample, check_variants
     from stages.onnx_export import export_model
-    from state.samples import backend_check_texts
+    from state.samples import kept_pairs_sample
 
-    passages, queries, relevant = backend_check_texts(conn, 256, 64)
+    passages, queries, relevant = kept_pairs_sample(conn, 256, 64)
     sample = CheckSample(passages, queries, relevant)
     params = torch_encode_params(settings)
     started = time.perf_counter()

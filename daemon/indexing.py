@@ -27,7 +27,7 @@ import numpy as np
 
 from daemon.logs import get_logger
 from daemon.progress import Progress
-from daemon.serving import Served, ServedResolver
+from daemon.serving import NothingServed, Served, ServedResolver
 from daemon.settings import Settings
 from daemon.workers import JobContext, PermanentFailure, RetryLater
 from state.db import transaction
@@ -109,6 +109,8 @@ class IndexService:
         except IndexUnavailable as exc:
             failures = records.set_error(str(exc))
             raise RetryLater(str(exc), retry_delay(failures)) from exc
+        except NothingServed as exc:  # the model's folder went away meanwhile: status says why
+            raise RetryLater(str(exc), UNAVAILABLE_RETRY_S) from exc
         records.set_error(None)
         ctx.queue.complete(ctx.job)
         if report.added or report.removed or report.swapped:
@@ -123,7 +125,8 @@ class IndexService:
         if served.live is None:
             return has_active_chunks(conn)
         if served.path is None:
-            return False  # nothing can serve yet (status says why)
+            # a chosen base that a lookup cannot use yet (a packaged one to convert): the sync converts it
+            return bool(served.base_reference) and served.model_id is None
         if not served.live_is_current() or served.live.bm25_weight != served.bm25_weight:
             return True  # another model, or a collection to rebuild (dense only, another analyzer or share)
         return served.behind > 0 or served.live.signature != served.signature
@@ -136,7 +139,9 @@ class IndexService:
         if queue.has_pending(JOB_KIND):
             return False
         served = self.lookup(conn)
-        key = f"index:{served.version}:{served.analyzer}:{served.signature}:{reason}"
+        # the change log's position only grows: a chunk set that returns to an earlier signature (a file
+        # reverted, or put back) still gets a new key; the share is in it so a changed share is applied
+        key = f"index:{served.version}:{served.analyzer}:{served.bm25_weight}:{change_seq(conn)}:{reason}"
         return queue.enqueue(
             JOB_KIND, key, {"reason": reason}, priority=150, max_attempts=5, requeue_finished=retry
         )

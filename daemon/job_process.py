@@ -146,7 +146,7 @@ def build_handler(kind: str, settings: Settings, layout: StateLayout) -> Handler
 
         return IndexService(settings, layout).handle
     if kind == "export":
-        from daemon.backends import ExportJobs
+        from daemon.onnx_jobs import ExportJobs
 
         return ExportJobs(settings, layout).handle
     raise ValueError(f"no child handler for job kind {kind!r}")

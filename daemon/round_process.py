@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.backends import remove_version_export
 from daemon.child_process import die_with_parent
 from daemon.logs import configure_logging, get_logger
+from daemon.onnx_jobs import remove_version_export
 from daemon.settings import Settings
 from daemon.step_params import (
     eval_plan,

@@ -70,12 +70,9 @@ class RoundScheduler:
 
     def _base_reference(self, conn) -> str:
         from daemon.serving import base_reference
-        from stages.models import ModelNotFound
 
-        try:
-            return base_reference(self.settings, conn)
-        except ModelNotFound:  # auto before any document: the round fails on it and says so
-            return self.settings.model.base
+        # "" for auto before any document: the round records "auto", fails on it and says so
+        return base_reference(self.settings, conn) or self.settings.model.base
 
     # --- child process --------------------------------------------------------------------------
     def start(self, conn, trigger: str) -> int:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.settings import Settings
+from stages.models import ModelNotFound
 from state.index_records import (
     CollectionRecord,
     IndexRecords,
@@ -34,8 +35,9 @@ NOT_CHOSEN = (
 )
 
 
-class NothingServed(Exception):
-    """No model can serve yet; the message is one sentence saying why."""
+class NothingServed(ModelNotFound):
+    """No model can serve yet; the message is one sentence saying why (a ModelNotFound: the callers that
+    handled a missing model before handle this too)."""
 
 
 class ModelChoiceError(Exception):
@@ -287,6 +289,34 @@ def resolve_served(
     return ServedResolver(settings, layout or StateLayout(settings.paths.state_dir), convert=convert)(conn)
 
 
+def served_model_path(conn: sqlite3.Connection, settings: Settings, layout: StateLayout) -> Path | None:
+    """Only the folder of the model in service, looked up (never converted): what the main loop's export
+    check needs every few seconds, without the rest of the resolution. None: nothing can serve yet."""
+    current = ModelRegistry(conn, layout).current()
+    if current is not None:
+        return current.path if current.path.is_dir() else None
+    try:
+        return base_model_path(settings, conn, convert=False)
+    except ModelNotFound:
+        return None
+
+
+def open_state(layout: StateLayout) -> sqlite3.Connection:
+    """A read-only connection for a lookup, refusing (NothingServed) a database an older embedtune wrote:
+    lookups never migrate; the daemon does when it starts."""
+    from state.db import SCHEMA_VERSION, connect
+
+    conn = connect(layout.database, readonly=True)
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version < SCHEMA_VERSION:
+        conn.close()
+        raise NothingServed(
+            f"the state in {layout.root} is from an older embedtune (schema {version}, this one reads "
+            f"{SCHEMA_VERSION}): start the daemon once to migrate it"
+        )
+    return conn
+
+
 def model_in_service(conn: sqlite3.Connection, layout: StateLayout, settings: Settings) -> ServingModel:
     """The model in service (a job's view: a packaged base is converted when it must be)."""
     return resolve_served(conn, settings, layout, convert=True).model
@@ -337,9 +367,10 @@ def resolve_model_choice(settings: Settings, choice: str) -> ModelChoice:
     layout = StateLayout(settings.paths.state_dir)
     if not layout.database.exists():
         return choose_model(None, settings, layout, choice)
-    from state.db import connect
-
-    conn = connect(layout.database, readonly=True)
+    try:
+        conn = open_state(layout)
+    except NothingServed as exc:
+        raise ModelChoiceError(str(exc)) from None
     try:
         return choose_model(conn, settings, layout, choice)
     finally:

@@ -117,6 +117,32 @@ def zmix(
     return fused[:k]
 
 
+def fusion_spreads(
+    query_vector: np.ndarray,
+    covariance: np.ndarray | None,
+    dense: Sequence[Scored],
+    lexical: Sequence[Scored],
+    corpus_size: int,
+) -> tuple[float, float]:
+    """(dense, lexical) spreads of one query's lists: what `fuse_hybrid` scales each half by."""
+    return dense_spread(query_vector, covariance, dense), lexical_spread(lexical, corpus_size)
+
+
+def fuse_hybrid(
+    query: str,
+    dense: Sequence[Scored],
+    lexical: Sequence[Scored],
+    bm25_weight: float | None,
+    k: int,
+    dense_of: Mapping[int, float] | None,
+    spreads: tuple[float, float],
+) -> list[Scored]:
+    """The served hybrid ranking of one query: `search` and the gate's evaluator both call this, so what
+    the gate scores is what search serves. A share of None: the query's language decides."""
+    share = bm25_weight if bm25_weight is not None else query_bm25_weight(query)
+    return zmix(dense, lexical, share, k, dense_of, spreads)
+
+
 def rrf(dense: Sequence[Scored], lexical: Sequence[Scored], k: int, constant: int = RRF_K) -> list[Scored]:
     """Reciprocal rank fusion (Cormack et al., 2009): sum of 1 / (constant + rank) over both lists."""
     totals: dict[int, float] = {}

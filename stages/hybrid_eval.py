@@ -16,11 +16,9 @@ from stages.filter import Bm25Index
 from stages.fusion import (
     Scored,
     candidate_depth,
-    dense_spread,
-    lexical_spread,
-    query_bm25_weight,
+    fuse_hybrid,
+    fusion_spreads,
     sample_covariance,
-    zmix,
 )
 from stages.gate import SERVED_SUFFIX
 
@@ -89,10 +87,11 @@ class HybridEvaluator:
             top = np.argsort(-scores, kind="stable")[: self.depth]
             dense = [Scored(int(i), float(scores[i])) for i in top]
             dense_of = {hit.chunk_id: float(scores[hit.chunk_id]) for hit in lexical}
-            spreads = (dense_spread(queries[row], covariance, dense), lexical_spread(lexical, corpus_size))
+            spreads = fusion_spreads(queries[row], covariance, dense, lexical, corpus_size)
             for weight in weights:
-                share = weight if weight is not None else query_bm25_weight(self.eval_set.queries[row])
-                fused = zmix(dense, lexical, share, SEARCH_DEPTH, dense_of, spreads)
+                fused = fuse_hybrid(
+                    self.eval_set.queries[row], dense, lexical, weight, SEARCH_DEPTH, dense_of, spreads
+                )
                 ranked[weight].append([hit.chunk_id for hit in fused])
         result = evaluate_rankings(ranked[self.bm25_weight], self.eval_set.relevant, self.primary_metric)
         if self.sweep:

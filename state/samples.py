@@ -179,7 +179,7 @@ def count_unused_train(conn: sqlite3.Connection) -> int:
     ).fetchone()[0]
 
 
-def backend_check_texts(
+def kept_pairs_sample(
     conn: sqlite3.Connection, n_passages: int, n_queries: int
 ) -> tuple[list[str], list[str], list[int]]:
     """The texts an ONNX export is checked on (stages/backend_check.py): kept held-out queries whose chunk

@@ -230,13 +230,20 @@ def test_status_resolves_without_converting_or_loading_a_model(make_settings, tm
 
 
 def _imports(path: Path) -> set[str]:
-    """Every daemon module a module imports, at the top or inside a function."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    """Every daemon module a module imports, at the top or inside a function (not for type checking)."""
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING":
+            return
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("daemon."):
             found.add(node.module)
         elif isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("daemon.")}
+            found.update(alias.name for alias in node.names if alias.name.startswith("daemon."))
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
     return found
 
 
@@ -252,3 +259,33 @@ def test_the_served_resolution_imports_no_module_that_imports_it_back():
             seen.add(name)
             todo += graph[name]
         assert module not in seen, f"{module} imports itself back through {sorted(seen)}"
+
+
+def test_a_chunk_set_that_returns_to_an_earlier_state_still_gets_a_sync(make_settings):
+    """A file reverted (or put back) makes the active chunks' signature one a done sync already had: the
+    sync's key must still be new (before, the done job's key matched and no sync ran until another change,
+    while search served the stale live collection)."""
+    from daemon.indexing import JOB_KIND, IndexService
+
+    settings = make_settings(index={"enabled": True})
+    layout, db = _state(settings)
+    service = IndexService(settings, layout)
+    conn = db.conn
+    chunk = conn.execute("SELECT MAX(id) FROM chunks").fetchone()[0]
+    for active in (0, 1):  # retire a chunk, then bring it back: the signature returns to the first one
+        assert service.enqueue(conn, "changed")
+        conn.execute("UPDATE jobs SET state = 'done' WHERE kind = ?", (JOB_KIND,))
+        conn.execute("UPDATE chunks SET active = ? WHERE id = ?", (active, chunk))
+    assert service.enqueue(conn, "changed"), "the reverted chunk set got no sync"
+
+
+def test_lookups_refuse_a_database_an_older_embedtune_wrote(make_settings):
+    """search opens the state read-only and never migrates: an older schema gets one sentence, not a
+    traceback from a missing column."""
+    from daemon.search import SearchError, search
+
+    settings = make_settings(index={"enabled": False})
+    _layout, db = _state(settings)
+    db.conn.execute("PRAGMA user_version = 3")
+    with pytest.raises(SearchError, match="older embedtune"):
+        search(settings, "rivers")

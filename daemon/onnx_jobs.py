@@ -33,7 +33,7 @@ def _log():
     """The logger, imported when something is logged: `status` imports this module and must stay light."""
     from daemon.logs import get_logger
 
-    return get_logger("embedtune.backends")
+    return get_logger("embedtune.onnx")
 
 
 JOB_KIND = "export"
@@ -68,12 +68,12 @@ def enqueue_export(
 ) -> bool:
     """Ask for the serving model's export once there is a corpus to check it on, and again when its job
     died on an interrupted try whose back-off has passed; True when a job was added or re-armed."""
-    from daemon.serving import resolve_served
+    from daemon.serving import served_model_path
     from state.index_records import has_active_chunks
 
     if not exports_wanted(settings) or not has_active_chunks(conn):
         return False
-    path = resolve_served(conn, settings, layout).path  # a lookup: the main loop never converts a model
+    path = served_model_path(conn, settings, layout)  # a lookup: the main loop never converts a model
     if path is None:
         return False
     key, queue = export_key(path), JobQueue(conn)
@@ -186,9 +186,9 @@ class ExportJobs:
         from daemon.step_params import torch_encode_params
         from stages.backend_check import CheckSample, check_variants
         from stages.onnx_export import export_model
-        from state.samples import backend_check_texts
+        from state.samples import kept_pairs_sample
 
-        passages, queries, relevant = backend_check_texts(ctx.conn, CHECK_PASSAGES, CHECK_QUERIES)
+        passages, queries, relevant = kept_pairs_sample(ctx.conn, CHECK_PASSAGES, CHECK_QUERIES)
         sample = CheckSample(passages, queries, relevant)
         params = torch_encode_params(self.settings)
         record = export_model(

@@ -52,7 +52,7 @@ def _state(tmp_path, model: Path, **model_settings):
 
 def _run_export_job(settings, layout, db) -> None:
     """What the index pool's child does with an export job, in this process."""
-    from daemon.backends import JOB_KIND, ExportJobs
+    from daemon.onnx_jobs import JOB_KIND, ExportJobs
     from daemon.workers import JobContext
     from state.queue import JobQueue
 
@@ -63,7 +63,7 @@ def _run_export_job(settings, layout, db) -> None:
 
 
 def test_export_is_made_once_per_version_checked_and_used(tmp_path, tiny_embedder):
-    from daemon.backends import describe_encoder, enqueue_export
+    from daemon.onnx_jobs import describe_encoder, enqueue_export
     from daemon.step_params import encode_params, torch_encode_params
     from stages.encoder import Encoder
     from stages.onnx_export import RECORD, export_dir, read_record
@@ -107,7 +107,7 @@ def test_export_is_made_once_per_version_checked_and_used(tmp_path, tiny_embedde
 
 
 def test_a_mismatching_or_failed_export_falls_back_to_torch_with_the_reason(tmp_path, tiny_embedder):
-    from daemon.backends import describe_encoder
+    from daemon.onnx_jobs import describe_encoder
     from daemon.step_params import encode_params, torch_encode_params
     from stages.backend_check import CheckSample, check_variants
     from stages.encoder import Encoder
@@ -165,7 +165,7 @@ def test_a_mismatching_or_failed_export_falls_back_to_torch_with_the_reason(tmp_
 
 
 def test_a_removed_version_takes_its_export_with_it(tmp_path, tiny_embedder):
-    from daemon.backends import prune_exports, remove_version_export
+    from daemon.onnx_jobs import prune_exports, remove_version_export
     from daemon.step_params import torch_encode_params
     from stages.backend_check import CheckSample, check_variants
     from stages.onnx_export import export_dir, export_model
@@ -255,7 +255,7 @@ def test_onnx_token_batches_embed_the_encodings_they_were_cut_from(tmp_path, tin
 
 def _worker(layout, handler):
     """The index pool's claim-and-run step (RetryLater, back-off and dead letters as in the daemon)."""
-    from daemon.backends import JOB_KIND
+    from daemon.onnx_jobs import JOB_KIND
     from daemon.workers import WorkerPool
 
     return WorkerPool("index", layout.database, {JOB_KIND: handler}, threads=1)
@@ -306,7 +306,7 @@ def test_an_export_interrupted_by_a_passing_fault_is_tried_again_later(tmp_path,
     import time
 
     import stages.backend_check
-    from daemon.backends import EXPORT_RETRY_S, ExportJobs, describe_encoder, enqueue_export, export_key
+    from daemon.onnx_jobs import EXPORT_RETRY_S, ExportJobs, describe_encoder, enqueue_export, export_key
     from daemon.step_params import encode_params
     from stages.encoder import Encoder
     from stages.onnx_export import read_record
@@ -357,15 +357,15 @@ def test_an_export_child_killed_mid_export_is_asked_for_again_after_its_back_off
     import threading
     import time
 
-    import daemon.backends
-    from daemon.backends import KILLED, describe_encoder, enqueue_export, export_key
+    import daemon.onnx_jobs
     from daemon.job_process import ChildJobs
+    from daemon.onnx_jobs import KILLED, describe_encoder, enqueue_export, export_key
     from stages.onnx_export import read_record
     from state.db import connect
     from state.queue import JobQueue
 
     settings, layout, db = _state(tmp_path, tiny_embedder)
-    monkeypatch.setattr(daemon.backends, "MAX_ATTEMPTS", 1)  # dead at the first kill, as after the second
+    monkeypatch.setattr(daemon.onnx_jobs, "MAX_ATTEMPTS", 1)  # dead at the first kill, as after the second
     assert enqueue_export(db.conn, settings, layout)
     jobs = ChildJobs(settings, layout)
     pool = _worker(layout, jobs.handle)
@@ -413,7 +413,7 @@ def test_status_reads_the_device_the_encoder_picks_and_a_damaged_export(tmp_path
     host it named an ONNX export the encoder does not use (torch runs the GPU); and a damaged export's
     torch fallback was not shown. Both are now the encoder's own decision, found without torch."""
     import stages.onnx_export
-    from daemon.backends import describe_encoder
+    from daemon.onnx_jobs import describe_encoder
     from daemon.step_params import encode_params, torch_encode_params
     from stages.backend_check import CheckSample, check_variants
     from stages.encoder import Encoder
