@@ -1,5 +1,5 @@
-"""`embedtune export`: the kept pairs (with hard negatives), the held-out set, and the chunk embeddings of
-the model in service, for other tools."""
+"""`embedtune export`: the kept pairs (with hard negatives), the held-out set, the chunk embeddings of
+the model in service, and the query log, for other tools."""
 
 from __future__ import annotations
 
@@ -115,6 +115,21 @@ def export_embeddings(settings: Settings, layout: StateLayout, conn, output: Pat
     return len(rows)
 
 
+def export_queries(conn, output: Path) -> int:
+    """The query log (state/query_log.py) as JSON lines, one per query with its events, in the order
+    they were logged; written beside the output and renamed, so a reader never sees half a file."""
+    from state.query_log import QueryLog
+
+    tmp = output.with_name(output.name + ".tmp")
+    count = 0
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for entry in QueryLog(conn).export():
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            count += 1
+    tmp.replace(output)
+    return count
+
+
 def _query_prompt(settings: Settings, layout: StateLayout, conn) -> str:
     """The query prefix the model in service is used with: the configured instruction, else the model's
     own (E5's `query: `), so FlagEmbedding trains on the queries as embedtune encodes them."""
@@ -145,6 +160,8 @@ def export(settings: Settings, fmt: str, output: Path) -> int:
         except IndexUnavailable as exc:
             print(f"embedtune: {exc}", file=sys.stderr)
             return 2
+    elif fmt == "queries":
+        count = export_queries(conn, output)
     elif fmt == "rag-eval":
         inputs = RoundStore(conn).inputs(max_pairs=0)
         data = {

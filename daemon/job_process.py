@@ -145,7 +145,7 @@ def build_handler(kind: str, settings: Settings, layout: StateLayout) -> Handler
         from daemon.indexing import IndexService
 
         return IndexService(settings, layout).handle
-    if kind == "export":
+    if kind == "onnx_export":
         from daemon.onnx_jobs import ExportJobs
 
         return ExportJobs(settings, layout).handle

@@ -36,7 +36,7 @@ def _log():
     return get_logger("embedtune.onnx")
 
 
-JOB_KIND = "export"
+JOB_KIND = "onnx_export"
 PRIORITY = 140  # before an index sync (150): the sync after it encodes with the export
 CHECK_PASSAGES = 256
 CHECK_QUERIES = 64

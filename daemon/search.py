@@ -16,12 +16,21 @@ from __future__ import annotations
 import json
 import re
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from daemon.serving import ModelChoice, ModelChoiceError, choose_model, resolve_served, served_bm25_weight
+from daemon.serving import (
+    ModelChoice,
+    ModelChoiceError,
+    NothingServed,
+    choose_model,
+    open_state,
+    resolve_served,
+    served_bm25_weight,
+)
 from daemon.settings import Settings
 from daemon.step_params import encode_params
 from stages.encoder import Encoder
@@ -29,12 +38,10 @@ from stages.fusion import (
     MODES,
     Scored,
     candidate_depth,
-    dense_spread,
+    fuse_hybrid,
+    fusion_spreads,
     lexical_only,
-    lexical_spread,
-    query_bm25_weight,
     sample_covariance,
-    zmix,
 )
 from state.db import connect
 from state.index_records import ActiveChunk, CollectionRecord, IndexRecords, active_chunks
@@ -58,10 +65,12 @@ class SearchAnswer:
     query: str = ""
     id: str = ""
     error: str = ""  # this query was not searched, and why (the others of a batch still are)
+    query_id: str = ""  # names this answer in the query log and in the events about it (state/query_log.py)
 
     def to_json(self) -> dict:
         return {
             "id": self.id,
+            "query_id": self.query_id,
             "query": self.query,
             "model": self.model,
             "mode": self.mode,
@@ -101,10 +110,13 @@ def search_many(
     k: int = 10,
     mode: str | None = None,
     ids: list[str] | None = None,
+    *,
+    encoder: Encoder | None = None,
 ) -> list[SearchAnswer]:
     """Answers in the order of `queries`; a query that cannot be searched gets its `error`. Whatever the
     index's state (behind the chunks, Milvus down, its lock held too long) the questions are answered,
-    with a note saying from where."""
+    with a note saying from where. `encoder`: one already loaded (`embedtune serve` keeps the served
+    model's), used when it is the chosen model's, so a request does not load the model again."""
     mode = mode or settings.index.mode
     if mode not in MODES:
         raise SearchError(f"--mode {mode!r}: use {', '.join(MODES)}")
@@ -119,7 +131,16 @@ def search_many(
     plan = _plan(settings, layout, model, mode)
     ids = ids or [str(i) for i in range(1, len(queries) + 1)]
     answers = [
-        SearchAnswer(plan.choice.label, mode, plan.source, plan.note, query=q, id=i, error=query_problem(q))
+        SearchAnswer(
+            plan.choice.label,
+            mode,
+            plan.source,
+            plan.note,
+            query=q,
+            id=i,
+            error=query_problem(q),
+            query_id=uuid.uuid4().hex,
+        )
         for q, i in zip(queries, ids, strict=True)
     ]
     todo = [a for a in answers if not a.error]
@@ -127,7 +148,10 @@ def search_many(
         return answers
     depth = candidate_depth(k, settings.index.candidates) if mode == "hybrid" else k
     texts = [a.query for a in todo]
-    encoder = Encoder(plan.choice.path, encode_params(settings), layout.cache) if mode != "lexical" else None
+    if mode == "lexical":
+        encoder = None
+    elif encoder is None or Path(encoder.path) != Path(plan.choice.path):
+        encoder = Encoder(plan.choice.path, encode_params(settings), layout.cache)
     vectors = None
     if encoder is not None:
         vectors = encoder.queries(texts)
@@ -141,10 +165,12 @@ def search_many(
             found = _from_collection(settings, layout, plan.collection, mode, vectors, texts, depth)
         except (IndexUnavailable, IndexRefused) as exc:  # Milvus down, its lock held: exact search answers
             plan.chunks = _read_chunks(layout)
+            if not plan.chunks:
+                raise SearchError("no active chunks yet: drop documents into the inbox first") from None
             plan.source = f"exact search over {len(plan.chunks)} chunks"
             for answer in answers:
                 answer.source = plan.source
-                answer.note = _join(answer.note, f"the index could not be read ({exc}): exact search")
+                answer.note = _join(plan.choice.note, f"the index could not be read ({exc}): exact search")
     if found is None:
         found = _exact(plan.choice, plan.chunks, encoder, mode, vectors, texts, depth)
     for row, answer in enumerate(todo):
@@ -182,7 +208,10 @@ def _plan(settings: Settings, layout: StateLayout, model: str, mode: str) -> _Pl
     """Which model answers and from where, on one read-only connection: the model in service from the
     live collection (however far behind the chunks; the note says how far), another model from a kept
     collection holding exactly the active chunks, else exact search over the active chunks."""
-    conn = connect(layout.database, readonly=True)
+    try:
+        conn = open_state(layout)
+    except NothingServed as exc:
+        raise SearchError(str(exc)) from None
     try:
         served = resolve_served(conn, settings, layout)
         try:
@@ -327,12 +356,8 @@ def _combine(mode: str, found: _Found, row: int, plan: _Plan, vector, query: str
     by_id = {hit.chunk_id: hit for hit in lexical} | {hit.chunk_id: hit for hit in dense}
     extra = found.dense_of[row] if found.dense_of else None
     dense_scored, lexical_scored = _scored(dense), _scored(lexical)
-    spreads = (
-        dense_spread(vector, found.covariance, dense_scored),
-        lexical_spread(lexical_scored, found.corpus_size),
-    )
-    weight = plan.weight if plan.weight is not None else query_bm25_weight(query)
-    fused = zmix(dense_scored, lexical_scored, weight, k, extra, spreads)
+    spreads = fusion_spreads(vector, found.covariance, dense_scored, lexical_scored, found.corpus_size)
+    fused = fuse_hybrid(query, dense_scored, lexical_scored, plan.weight, k, extra, spreads)
     return [Hit(s.chunk_id, s.score, by_id[s.chunk_id].path, by_id[s.chunk_id].text) for s in fused]
 
 
@@ -393,6 +418,9 @@ def cmd_search(
     except (SearchError, IndexUnavailable) as exc:
         print(f"embedtune: {exc}", file=sys.stderr)
         return 2
+    from daemon.query_logging import log_answers
+
+    log_answers(settings, answers, "cli")
     if as_json:
         for answer in answers:  # one object per query (a JSON lines stream for a batch)
             print(json.dumps(answer.to_json(), ensure_ascii=False, indent=None if queries_file else 1))

@@ -12,12 +12,12 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 
-from daemon.backends import JOB_KIND as EXPORT_KIND
-from daemon.backends import enqueue_export, prune_exports
 from daemon.ingest_process import IngestProcesses, ingest_process_count
 from daemon.lock import AlreadyRunning, InstanceLock
 from daemon.logs import configure_logging, get_logger
 from daemon.notify import Notifier
+from daemon.onnx_jobs import JOB_KIND as EXPORT_KIND
+from daemon.onnx_jobs import enqueue_export, prune_exports
 from daemon.serving import base_model_path_or_none, converted_models_root
 from daemon.settings import (
     AUTO_BASE,
@@ -234,6 +234,16 @@ class Daemon:
                 coalesce=True,
             )
         self.scheduler.add_job(self._recover_leases, "interval", seconds=30, id="recover", max_instances=1)
+        # the query log's retention: once at start, then daily
+        self.scheduler.add_job(
+            self._prune_query_log,
+            "interval",
+            hours=24,
+            id="query-log-prune",
+            max_instances=1,
+            coalesce=True,
+            next_run_time=datetime.now(UTC),
+        )
         self._schedule_window()
         self.scheduler.start()
 
@@ -270,6 +280,18 @@ class Daemon:
             IndexRecords(self.db.conn).forget_changes()
         except Exception:
             log.exception("index_changes_prune_failed")
+
+    def _prune_query_log(self) -> None:
+        """Queries older than query_log.retention_days go, with their events (0 keeps them for ever)."""
+        from state.query_log import QueryLog
+
+        try:
+            days = self.settings.query_log.retention_days
+            removed = QueryLog(self.db.conn).prune(days)
+            if removed:
+                log.info("query_log_pruned", queries=removed, retention_days=days)
+        except Exception:
+            log.exception("query_log_prune_failed")
 
     def _recover_leases(self) -> None:
         count = JobQueue(self.callbacks.db.conn).recover_expired()

@@ -253,6 +253,41 @@ MIGRATIONS: list[str] = [
     ALTER TABLE index_collections ADD COLUMN synced_seq INTEGER;
     CREATE INDEX chunks_active_language ON chunks(active, language);
     """,
+    # 14: the query log, shaped like User Behavior Insights (state/query_log.py): each answered search
+    # with the hits it showed in rank order, and what the application did with them (click, cited, ...).
+    # An event names a logged query; the gate on real questions reads both.
+    """
+    CREATE TABLE queries (
+        query_id      TEXT PRIMARY KEY,
+        user_query    TEXT NOT NULL,
+        client_id     TEXT NOT NULL DEFAULT '',
+        source        TEXT NOT NULL CHECK (source IN ('cli','http')),
+        mode          TEXT NOT NULL,
+        model_version TEXT NOT NULL,
+        collection    TEXT NOT NULL,
+        hit_ids       TEXT NOT NULL,
+        at            TEXT NOT NULL
+    );
+    CREATE INDEX queries_at ON queries(at);
+
+    CREATE TABLE query_events (
+        id            INTEGER PRIMARY KEY,
+        query_id      TEXT NOT NULL REFERENCES queries(query_id),
+        action_name   TEXT NOT NULL,
+        object_id     TEXT,
+        position      INTEGER,
+        client_id     TEXT NOT NULL DEFAULT '',
+        attributes    TEXT NOT NULL DEFAULT '{}',
+        at            TEXT NOT NULL
+    );
+    CREATE INDEX query_events_query ON query_events(query_id);
+    """,
+    # 15: the ONNX export job's kind is "onnx_export" (it was "export", a name `embedtune export`'s training
+    # data exports had too); its keys carry the kind.
+    """
+    UPDATE jobs SET kind = 'onnx_export', key = 'onnx_export:' || substr(key, 8)
+    WHERE kind = 'export' AND key LIKE 'export:%';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

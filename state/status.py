@@ -15,6 +15,7 @@ from state.counts import chunks_by_activity, documents_by_status, jobs_by_kind_a
 from state.db import connect
 from state.index_records import active_languages
 from state.layout import StateLayout
+from state.query_log import QueryLog
 from state.registry import current_model_row
 from state.samples import count_unused_train
 
@@ -60,6 +61,7 @@ def empty_status(llm_url: str = "") -> dict[str, Any]:
         "rounds": [],
         "model": {"current": None, "path": None, "metrics": {}, "base": None},
         "index": {"live": None, "collections": [], "error": None},
+        "query_log": {"queries": 0, "events": 0, "queries_with_events": 0},
     }
 
 
@@ -110,6 +112,16 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
             "promoted_at": model["promoted_at"],
             "base": status["model"]["base"],
         }
+    _fill_query_log(conn, status)
+
+
+def _fill_query_log(conn: sqlite3.Connection, status: dict[str, Any]) -> None:
+    """What the query log holds (a database from before the log reads as empty)."""
+    try:
+        status["query_log"].update(QueryLog(conn).counts())
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
 
 
 def _fill_daemon(status: dict[str, Any], row: sqlite3.Row, now: float) -> None:
@@ -333,6 +345,7 @@ def format_status(status: dict[str, Any]) -> str:
     if model.get("encoder"):
         lines.append(f"encoder   {model['encoder']}")
     lines += _index_lines(status.get("index") or {})
+    lines += _query_log_lines(status.get("query_log") or {})
     lines += _round_lines(status["rounds"])
     if docs["rejections"]:
         lines.append("rejected files")
@@ -372,6 +385,19 @@ def _index_lines(index: dict[str, Any]) -> list[str]:
         if index.get("error"):
             lines.append(f"          error: {index['error'][:160]}")
     return lines
+
+
+def _query_log_lines(query_log: dict[str, Any]) -> list[str]:
+    """'queries   logged=120 events=31 (on 25 queries)', and whether logging is off."""
+    if not query_log:
+        return []
+    line = (
+        f"queries   logged={query_log.get('queries', 0)} events={query_log.get('events', 0)} "
+        f"(on {query_log.get('queries_with_events', 0)} queries)"
+    )
+    if query_log.get("enabled") is False:
+        line += "  logging off (query_log.enabled = false)"
+    return [line]
 
 
 def _round_lines(rounds: list[dict[str, Any]]) -> list[str]:

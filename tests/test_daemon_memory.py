@@ -31,7 +31,7 @@ def test_filter_and_index_jobs_never_load_torch_into_the_daemon(tmp_path, tiny_e
             message="a filter pass and a live index",
         )
         wait(
-            lambda: scalar(state, "SELECT COUNT(*) FROM jobs WHERE kind = 'export' AND state = 'done'"),
+            lambda: scalar(state, "SELECT COUNT(*) FROM jobs WHERE kind = 'onnx_export' AND state = 'done'"),
             timeout=180,
             message="the ONNX export",
         )

@@ -212,7 +212,7 @@ def test_the_daemon_exports_the_model_in_service_and_status_says_what_encodes(tm
     layout = daemon.daemon.layout
     wait_for(lambda: read_record(layout.exports, model), timeout=120, message="the export of the base model")
     wait_for(daemon.idle, timeout=60, message="the daemon to be idle")
-    assert daemon.scalar("SELECT COUNT(*) FROM jobs WHERE kind='export'") == 1
+    assert daemon.scalar("SELECT COUNT(*) FROM jobs WHERE kind='onnx_export'") == 1
     record = read_record(layout.exports, model)
     assert record.variants["fp32"].passed, record
 
@@ -459,3 +459,22 @@ def test_status_reads_the_device_the_encoder_picks_and_a_damaged_export(tmp_path
     assert line.startswith("torch (ONNX export could not be loaded") and "contents changed" in line
     assert Encoder(tiny_embedder, encode_params(settings)).runtime_reason == line[len("torch (") : -1]
     db.close()
+
+
+def test_an_older_database_keeps_its_export_jobs_under_the_new_kind(tmp_path):
+    """The ONNX job's kind was "export" (beside `embedtune export`'s training data); the migration renames
+    the kind and the key, so a version exported (or refused) before is not exported again."""
+    from daemon.onnx_jobs import JOB_KIND, export_key
+    from state.db import SCHEMA_VERSION, connect, migrate, utcnow
+
+    conn = connect(tmp_path / "old.db")
+    migrate(conn, SCHEMA_VERSION - 1)
+    old_key = export_key(tmp_path).replace(f"{JOB_KIND}:", "export:", 1)
+    conn.execute(
+        "INSERT INTO jobs (kind, key, state, created, updated) VALUES ('export', ?, 'done', ?, ?)",
+        (old_key, utcnow(), utcnow()),
+    )
+    migrate(conn)
+    assert [tuple(row) for row in conn.execute("SELECT kind, key FROM jobs")] == [
+        (JOB_KIND, export_key(tmp_path))
+    ]

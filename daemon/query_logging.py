@@ -1,0 +1,75 @@
+"""Search answers into the query log (state/query_log.py), for `embedtune search` and the HTTP server.
+
+Logging is a side effect of answering: a failure to log (a locked or read-only database, a full disk) is
+logged as a warning and the search still answers. The query text is written to the state database only,
+never to the process log.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from daemon.logs import get_logger
+from daemon.settings import Settings
+from state.layout import StateLayout
+from state.query_log import LoggedQuery, QueryLog
+
+if TYPE_CHECKING:
+    from daemon.search import SearchAnswer
+
+log = get_logger("embedtune.query_log")
+
+COLLECTION_PREFIX = "collection "
+
+
+def answered_from(answer: SearchAnswer) -> str:
+    """Where the hits came from: the collection's name, or the answer's own words for an exact search
+    ("exact search over N chunks"), so the gate can tell the two apart."""
+    source = answer.source
+    return source[len(COLLECTION_PREFIX) :] if source.startswith(COLLECTION_PREFIX) else source
+
+
+def logged_queries(answers: list[SearchAnswer], source: str, client_id: str = "") -> list[LoggedQuery]:
+    """The log's rows for the answers that were searched (an answer with an error showed nothing)."""
+    return [
+        LoggedQuery(
+            query_id=answer.query_id,
+            user_query=answer.query,
+            client_id=client_id,
+            source=source,
+            mode=answer.mode,
+            model_version=answer.model,
+            collection=answered_from(answer),
+            hit_ids=[int(hit.chunk_id) for hit in answer.hits],
+        )
+        for answer in answers
+        if not answer.error and answer.query_id
+    ]
+
+
+def log_answers(settings: Settings, answers: list[SearchAnswer], source: str, client_id: str = "") -> None:
+    """Write the answers' queries (each already carries its query_id) in one transaction on a short-lived
+    connection, when `query_log.enabled`. Never raises: the search has answered whatever happens here."""
+    if not settings.query_log.enabled:
+        return
+    try:
+        entries = logged_queries(answers, source, client_id)
+        if not entries:
+            return
+        layout = StateLayout(settings.paths.state_dir)
+        if not layout.database.exists():  # search answered without a state folder: nothing to log into
+            return
+        from state.db import Database
+
+        db = Database(layout.database)
+        try:
+            QueryLog(db.conn).record_queries(entries)
+        finally:
+            db.close()
+    except Exception as exc:
+        log.warning(
+            "query_log_write_failed",
+            queries=len(answers),
+            source=source,
+            error=f"{type(exc).__name__}: {exc}",
+        )
