@@ -56,8 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--format",
         required=True,
-        choices=["flagembedding", "sentence-transformers", "rag-eval", "embeddings"],
-        help="embeddings: Parquet of every active chunk with its vector from the model in service",
+        choices=["flagembedding", "sentence-transformers", "rag-eval", "embeddings", "queries"],
+        help="embeddings: Parquet of every active chunk with its vector from the model in service; "
+        "queries: the query log, one JSON line per query with its events",
     )
     export.add_argument("--output", required=True, help="output file")
 
@@ -95,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("-k", type=int, default=10, help="hits to show (default 10)")
     compare.add_argument("--json", action="store_true")
 
+    serve = sub.add_parser(
+        "serve", help="serve the model in service over HTTP (OpenAI /v1/embeddings, /v1/search, /health)"
+    )
+    serve.add_argument("--host", default=None, help="address to listen on (default serve.host, loopback)")
+    serve.add_argument("--port", type=int, default=None, help="port (default serve.port, 8765)")
+
     report = sub.add_parser("report", help="write an HTML report (and a PNG chart)")
     report.add_argument("--output", default=None, help="folder (default: <state_dir>/report)")
     return parser
@@ -119,6 +126,7 @@ def cmd_status(settings: Settings, as_json: bool) -> int:
     served, encoder = served_for_status(settings, layout)
     set_served(status, served, settings.index.mode if settings.index.enabled else "")
     status["model"]["encoder"] = encoder
+    status["query_log"]["enabled"] = settings.query_log.enabled
     if as_json:
         print(json.dumps(status, indent=2, ensure_ascii=False))
     else:
@@ -129,7 +137,7 @@ def cmd_status(settings: Settings, as_json: bool) -> int:
 def served_for_status(settings: Settings, layout) -> tuple[dict | None, str]:
     """What is served (the same resolution `search` and the index job read) and what encodes for it, on
     one read-only connection; no torch, no model loaded, nothing converted."""
-    from daemon.backends import describe_encoder
+    from daemon.onnx_jobs import describe_encoder
     from daemon.serving import resolve_served
     from state.db import connect
 
@@ -277,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
         from daemon.search import cmd_compare
 
         return cmd_compare(settings, args.query, args.k, args.json, args.mode)
+    if args.command == "serve":
+        from daemon.serve import cmd_serve
+
+        return cmd_serve(settings, args.host, args.port)
     if args.command == "report":
         from daemon.report import write_report
 

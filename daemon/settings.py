@@ -339,6 +339,55 @@ class MetricsSettings(_Section):
         return Path(os.path.expanduser(self.textfile)) if self.textfile else state_dir / "metrics.prom"
 
 
+class QueryLogSettings(_Section):
+    """The log of what users ask and what their applications did with the answers (state/query_log.py):
+    the gate on real questions reads it. It stays in the state database, on this machine."""
+
+    # false: searches (CLI and HTTP) log nothing; what is already logged stays until retention removes it
+    enabled: bool = True
+    # Days a query and its events are kept (the daemon prunes at start and daily); 0 keeps them for ever
+    retention_days: float = Field(90.0, ge=0)
+
+
+class ServeSettings(_Section):
+    """`embedtune serve`: the HTTP API RAG applications call (daemon/serve.py)."""
+
+    # Loopback by default: another address is refused at start unless the token variable is set
+    host: str = "127.0.0.1"
+    port: int = Field(8765, ge=1, le=65535)
+    # The environment variable holding the bearer token clients must send (empty or unset: no token)
+    token_env: str = "EMBEDTUNE_SERVE_TOKEN"
+    # Largest request body; a longer one gets 413 before it is read
+    max_body_bytes: int = Field(1_000_000, ge=1024, le=1_000_000_000)
+    # Texts one /v1/embeddings request may carry, and queries one /v1/search request may carry
+    max_inputs: int = Field(256, ge=1, le=100_000)
+    max_queries: int = Field(64, ge=1, le=10_000)
+    # Largest k /v1/search answers
+    max_k: int = Field(100, ge=1, le=10_000)
+    # A request's model work (waiting for the model included) longer than this gets 504
+    request_timeout_s: float = Field(30.0, gt=0)
+    # How often the served model is looked up (a promotion or rollback is followed within about this)
+    poll_s: float = Field(1.0, gt=0, le=60)
+
+    @field_validator("host")
+    @classmethod
+    def _host_given(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("serve.host must name an address (127.0.0.1 for this machine only)")
+        return value.strip()
+
+    @field_validator("token_env")
+    @classmethod
+    def _variable_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+            raise ValueError("serve.token_env must be an environment variable name (letters, digits, _)")
+        return value
+
+    def token(self) -> str:
+        """The bearer token from the environment ("" when none is set); never from the file."""
+        return os.environ.get(self.token_env, "").strip()
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -354,6 +403,8 @@ class Settings(_Section):
     promotion: PromotionSettings = Field(default_factory=PromotionSettings)
     index: IndexSettings = Field(default_factory=IndexSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    query_log: QueryLogSettings = Field(default_factory=QueryLogSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @model_validator(mode="after")
@@ -373,11 +424,12 @@ class Settings(_Section):
 
 
 # What SIGHUP may change in a running daemon. Every key of these sections is read when it is used (the
-# LLM client is rebuilt, the breaker's limits updated, each job and each new round reads its settings), so
-# a change applies at once; logging.level is applied by reconfiguring the logger. Everything else (paths,
-# ingest, model, logging.format) is fixed at start-up: a changed value is reported as needing a restart
-# and the running value is kept, so what the daemon says it uses is what it uses.
-LIVE_SECTIONS = ("llm", "synthesis", "training", "promotion")
+# LLM client is rebuilt, the breaker's limits updated, each job and each new round reads its settings, each
+# query-log prune its retention), so a change applies at once; logging.level is applied by reconfiguring
+# the logger. Everything else (paths, ingest, model, logging.format) is fixed at start-up: a changed value
+# is reported as needing a restart and the running value is kept, so what the daemon says it uses is what
+# it uses.
+LIVE_SECTIONS = ("llm", "synthesis", "training", "promotion", "query_log")
 LIVE_EXTRA_KEYS = ("logging.level",)
 
 

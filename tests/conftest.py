@@ -39,7 +39,7 @@ def settings_for(root: Path, base_model: Path, **sections):
             "rescan_minutes": 0,
             "processes": 0,
         },
-        # torch: a test of something else does not pay for an ONNX export (tests/test_backends.py does)
+        # torch: a test of something else does not pay for an ONNX export (tests/test_onnx_jobs.py does)
         "model": {"base": str(base_model), "device": "cpu", "encode_batch_size": 16, "backend": "torch"},
         "training": {
             "min_new_samples": 10_000,

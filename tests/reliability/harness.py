@@ -34,7 +34,7 @@ def write_config(path: Path, tmp: Path, model: Path, llm_url: str = "", extra: d
             "concurrency": 4,
         },
         "synthesis": {"featured_percentage": 1.0, "heldout_fraction": 0.2},
-        # torch, as tests/conftest.py: ONNX exports have their own tests (tests/test_backends.py)
+        # torch, as tests/conftest.py: ONNX exports have their own tests (tests/test_onnx_jobs.py)
         "model": {"base": str(model), "device": "cpu", "backend": "torch"},
         "training": {
             "min_new_samples": 30,

@@ -1,0 +1,242 @@
+"""What `embedtune serve` answers with: the model in service, loaded once, and its encoder.
+
+The served model is resolved the one way every command resolves it (daemon/serving.resolve_served, a few
+SQLite reads). A background thread repeats that every `serve.poll_s` (1 s by default); when the version
+(or the runtime its checked ONNX export allows) changes, it loads the new encoder FIRST and then replaces
+one reference, so a request that took the old `Loaded` finishes on the old model and the next one gets
+the new model: an answer never mixes versions, and each names the version that produced it. The model
+before is kept, so a rollback right after a promotion swaps back without loading.
+
+Nothing here touches HTTP (daemon/serve.py does); the health check reads only what the poller stored.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.logs import get_logger
+from daemon.serving import Served, ServedResolver
+from daemon.settings import Settings
+from state.layout import StateLayout
+
+log = get_logger("embedtune.serve")
+
+LOAD_RETRY_S = 30.0  # a version whose load failed is tried again after this long (or once another serves)
+
+
+@dataclass
+class Loaded:
+    """One model version, loaded: what a request takes once and uses throughout."""
+
+    version: str  # "vN", or "base" before any promotion
+    model_id: int | None
+    path: Path
+    encoder: object  # stages.encoder.Encoder (imported lazily: torch)
+    plain: object  # the same model without the embedding cache: /v1/embeddings of arbitrary texts
+    tokenizer: object | None  # counts usage tokens (None: the folder has no tokenizer.json)
+    runtime: str  # "torch", "onnx int8", ...
+    dimension: int
+    export_mark: float | None  # the export record's mtime when loaded (a new record may change runtime)
+    # One model call at a time: Hugging Face tokenizers refuse concurrent use ("Already borrowed") and
+    # two requests on 2 cores gain nothing from running side by side.
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def key(self) -> tuple[int | None, str]:
+        return self.model_id, str(self.path)
+
+    def token_count(self, texts: list[str]) -> int:
+        """Tokens the model read (after truncation), for the OpenAI `usage` field."""
+        if self.tokenizer is None:
+            return sum(len(text.split()) for text in texts)
+        return sum(len(encoding.ids) for encoding in self.tokenizer.encode_batch(texts))
+
+
+class ServeState:
+    """The model in service, kept loaded and followed. `current` is None until a model is loaded;
+    `problem` then says why (one sentence)."""
+
+    def __init__(self, settings: Settings, layout: StateLayout | None = None) -> None:
+        self.settings = settings
+        self.layout = layout or StateLayout(settings.paths.state_dir)
+        self._resolver = ServedResolver(settings, self.layout)
+        self._loaded: Loaded | None = None
+        self._previous: Loaded | None = None
+        self._served: Served | None = None
+        self._problem = "loading the model in service"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._swaps = 0
+        self._failed: tuple[tuple[int | None, str], float] | None = None  # (key, when) of a failed load
+        self._refreshing = threading.Lock()  # one refresh at a time (the poller, or a caller's)
+        self.on_swap: list = []  # callables(Loaded): the metrics' version label follows swaps
+
+    # --- what requests read -------------------------------------------------------------------
+    @property
+    def current(self) -> Loaded | None:
+        return self._loaded  # one reference: read once per request
+
+    @property
+    def served(self) -> Served | None:
+        """The latest resolution (the live collection and its lag included)."""
+        return self._served
+
+    @property
+    def swaps(self) -> int:
+        return self._swaps
+
+    def readiness(self) -> tuple[bool, str]:
+        """(ready, why not): a model loaded and, with the index on, a live collection to answer from."""
+        loaded, served = self._loaded, self._served
+        if loaded is None:
+            return False, self._problem
+        if self.settings.index.enabled:
+            if served is None or served.live is None:
+                return False, "no live index collection yet (the daemon's index job fills it)"
+        return True, ""
+
+    # --- the poller ---------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="serve-model-poller", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception as exc:  # a poll that fails keeps serving what is loaded, and retries
+                self._problem = f"cannot resolve the model in service: {type(exc).__name__}: {exc}"
+                log.warning("serve_poll_failed", error=str(exc))
+            self._stop.wait(self.settings.serve.poll_s)
+
+    def refresh(self) -> bool:
+        """One poll: resolve what is served and load it when it changed. True when a swap happened."""
+        with self._refreshing:
+            return self._refresh()
+
+    def _refresh(self) -> bool:
+        served = self._resolve()
+        self._served = served
+        if served.path is None:
+            self._problem = served.problem
+            return False
+        loaded = self._loaded
+        key = (served.model_id, str(served.path))
+        if loaded is not None and loaded.key == key and not self._runtime_changed(loaded):
+            return False
+        if (
+            self._previous is not None
+            and self._previous.key == key
+            and not self._runtime_changed(self._previous)
+        ):
+            fresh = self._previous  # a rollback to the model served just before: no load
+        else:
+            started = time.monotonic()
+            failed = self._failed
+            if failed is not None and failed[0] == key and started - failed[1] < LOAD_RETRY_S:
+                return False  # the same folder failed a moment ago: retry later, not every poll
+            try:
+                fresh = self._load(served)
+            except Exception as exc:  # the model before keeps serving; a later poll tries again
+                self._failed = (key, started)
+                self._problem = f"cannot load model {served.version}: {type(exc).__name__}: {exc}"
+                log.error("serve_load_failed", version=served.version, error=str(exc))
+                return False
+            self._failed = None
+            log.info(
+                "serve_model_loaded",
+                version=fresh.version,
+                runtime=fresh.runtime,
+                seconds=round(time.monotonic() - started, 2),
+            )
+        self._previous, self._loaded = loaded, fresh  # the swap: one reference
+        self._swaps += 1
+        self._problem = ""
+        for listener in self.on_swap:
+            listener(fresh)
+        if loaded is not None:
+            log.info("serve_model_swapped", before=loaded.version, after=fresh.version)
+        return True
+
+    def _resolve(self) -> Served:
+        database = self.layout.database
+        if not database.exists():
+            return self._resolver(None)
+        from state.db import connect
+
+        conn = connect(database, readonly=True)
+        try:
+            return self._resolver(conn)
+        finally:
+            conn.close()
+
+    def _export_mark(self, path: Path) -> float | None:
+        from stages.onnx_export import RECORD, export_dir
+
+        try:
+            return (export_dir(self.layout.exports, path) / RECORD).stat().st_mtime
+        except OSError:
+            return None
+
+    def _runtime_changed(self, loaded: Loaded) -> bool:
+        """The export record changed (an export finished, failed or was removed) and with it the runtime
+        the encoder would choose: reload, so ONNX serves once its check passes."""
+        if self.settings.model.backend == "torch":
+            return False
+        mark = self._export_mark(loaded.path)
+        if mark == loaded.export_mark:
+            return False
+        from stages.models import pick_device
+        from stages.onnx_export import runtime_choice
+
+        model = self.settings.model
+        variant, _why = runtime_choice(
+            self.layout.exports, loaded.path, model.backend, model.quantize, pick_device(model.device)
+        )
+        wanted = f"onnx {variant}" if variant else "torch"
+        if wanted == loaded.runtime or (variant is None and loaded.runtime.startswith("torch")):
+            loaded.export_mark = mark  # nothing to change for this record
+            return False
+        return True
+
+    def _load(self, served: Served) -> Loaded:
+        from daemon.step_params import encode_params
+        from stages.encoder import Encoder
+
+        path = served.folder()
+        mark = self._export_mark(path)
+        params = encode_params(self.settings)
+        encoder = Encoder(path, params, self.layout.cache)
+        plain = Encoder(path, params, None, model=encoder.model)  # same weights, no cache
+        warm = encoder.queries(["warm up"])  # the first call's lazy set-up is paid here, not in a request
+        return Loaded(
+            served.version,
+            served.model_id,
+            path,
+            encoder,
+            plain,
+            _usage_tokenizer(path),
+            encoder.runtime,
+            int(warm.shape[1]),
+            mark,
+        )
+
+
+def _usage_tokenizer(path: Path):
+    from stages.models import load_tokenizer, max_seq_length
+
+    try:
+        tokenizer = load_tokenizer(path)
+    except Exception:  # a folder without tokenizer.json: usage counts words instead
+        return None
+    tokenizer.enable_truncation(max_seq_length(path))
+    tokenizer.no_padding()
+    return tokenizer
