@@ -7,6 +7,7 @@ never to the process log.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import TYPE_CHECKING
 
 from daemon.logs import get_logger
@@ -47,6 +48,26 @@ def logged_queries(answers: list[SearchAnswer], source: str, client_id: str = ""
     ]
 
 
+class LogUnavailable(Exception):
+    """The state database cannot take log rows now (written by another embedtune version)."""
+
+
+def open_log(layout: StateLayout) -> sqlite3.Connection:
+    """A writable connection for log rows, on a database of this embedtune's schema only: a search or the
+    serving process never migrates the daemon's database (the daemon does when it starts)."""
+    from state.db import SCHEMA_VERSION, connect
+
+    conn = connect(layout.database)
+    version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if version != SCHEMA_VERSION:
+        conn.close()
+        raise LogUnavailable(
+            f"the state database has schema {version}, this embedtune writes {SCHEMA_VERSION}: restart the "
+            "daemon (it migrates) or use the matching embedtune"
+        )
+    return conn
+
+
 def log_answers(settings: Settings, answers: list[SearchAnswer], source: str, client_id: str = "") -> None:
     """Write the answers' queries (each already carries its query_id) in one transaction on a short-lived
     connection, when `query_log.enabled`. Never raises: the search has answered whatever happens here."""
@@ -59,13 +80,11 @@ def log_answers(settings: Settings, answers: list[SearchAnswer], source: str, cl
         layout = StateLayout(settings.paths.state_dir)
         if not layout.database.exists():  # search answered without a state folder: nothing to log into
             return
-        from state.db import Database
-
-        db = Database(layout.database)
+        conn = open_log(layout)
         try:
-            QueryLog(db.conn).record_queries(entries)
+            QueryLog(conn).record_queries(entries)
         finally:
-            db.close()
+            conn.close()
     except Exception as exc:
         log.warning(
             "query_log_write_failed",

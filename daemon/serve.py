@@ -129,7 +129,7 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
     """The Starlette application over a started (or starting) ServeState."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import Request
+    from starlette.requests import ClientDisconnect, Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
@@ -163,9 +163,12 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
                     metrics.errors.labels(exc.cause).inc()
                     response = error_response(exc)
                     log.info("serve_refused", endpoint=name, status=exc.status, cause=exc.cause)
+                except ClientDisconnect:  # the client went away mid-body: nobody reads an answer
+                    metrics.errors.labels("client_disconnected").inc()
+                    response = error_response(ApiError(400, "the client disconnected", "client_disconnected"))
                 except Exception as exc:  # never a traceback to the client; the server log keeps it
                     metrics.errors.labels("internal").inc()
-                    log.error("serve_failed", endpoint=name, error=f"{type(exc).__name__}: {exc}")
+                    log.error("serve_failed", endpoint=name, error=type(exc).__name__, exc_info=True)
                     response = error_response(
                         ApiError(
                             500,
@@ -196,8 +199,8 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
         if settings.index.enabled and served is not None:
             body["collection"] = served.live.name if served.live is not None else None
             body["behind"] = served.behind
-        if not ready:
-            body["reason"] = why
+        if not ready:  # unauthenticated: the details (paths) only where no token guards the other endpoints
+            body["reason"] = why if not token else "not ready: `embedtune status` on the server says why"
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @endpoint("/metrics")
@@ -277,10 +280,15 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
         # the path filter applies to the hits: search deeper, then keep the first k under the prefix
         depth = max(k, settings.index.candidates) if prefix else k
 
+        replica = loaded.replica  # read once, with the version: the two agree throughout
+        prepared = replica.prepared() if replica is not None else None
+
         def work():
             with _model_lock(loaded, limits.request_timeout_s):
                 try:
-                    return search_many(settings, queries, "current", depth, mode, encoder=loaded.encoder)
+                    return search_many(
+                        settings, queries, "current", depth, mode, encoder=loaded.encoder, replica=prepared
+                    )
                 except (SearchError, IndexUnavailable) as exc:
                     raise ApiError(503, str(exc), "search_unavailable", "service_unavailable") from None
 
@@ -299,6 +307,7 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
     async def events(request: Request) -> Response:
         from starlette.concurrency import run_in_threadpool
 
+        from daemon.query_logging import LogUnavailable
         from state.query_log import LoggedEvent
 
         if not settings.query_log.enabled:
@@ -327,16 +336,19 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
         def record() -> str:
             if not layout.database.exists():
                 return f"unknown query_id {event.query_id!r}: nothing has been searched yet"
-            from state.db import Database
+            from daemon.query_logging import open_log
             from state.query_log import QueryLog
 
-            db = Database(layout.database)
+            conn = open_log(layout)
             try:
-                return QueryLog(db.conn).record_event(event)
+                return QueryLog(conn).record_event(event)
             finally:
-                db.close()
+                conn.close()
 
-        reason = await run_in_threadpool(record)
+        try:
+            reason = await run_in_threadpool(record)
+        except LogUnavailable as exc:
+            raise ApiError(503, str(exc), "log_unavailable", "service_unavailable") from None
         if reason:
             if reason.startswith("unknown query_id"):
                 raise ApiError(404, reason, "unknown_query_id", "not_found_error")
@@ -395,11 +407,30 @@ async def _json_body(request, limit: int) -> dict:
         raise ApiError(400, "the body is empty: send a JSON object", "bad_json")
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}", "bad_json") from None
+    except (ValueError, RecursionError) as exc:  # bad JSON, nesting too deep, a number too long
+        message = exc if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
+        raise ApiError(400, f"the body is not valid JSON: {message}", "bad_json") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object", "bad_json")
+    _check_text(body)
     return body
+
+
+def _check_text(value) -> None:
+    """Every string of the body encodes as UTF-8: JSON admits lone surrogates ("\\ud800"), which a tokenizer,
+    SQLite and the response's own encoding all fail on later, as a 500."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ApiError(400, "the body holds a string that is not valid Unicode", "bad_json") from None
+        elif isinstance(item, dict):
+            todo += list(item.keys()) + list(item.values())
+        elif isinstance(item, list):
+            todo += item
 
 
 def _embedding_inputs(value, limit: int) -> list[str]:
@@ -463,17 +494,23 @@ def _loaded(state: ServeState) -> Loaded:
 
 
 class _model_lock:
-    """Hold the model (one call at a time); waiting longer than the request may take gives 504."""
+    """Hold the model (one call at a time); waiting longer than the request may take gives 504. The
+    deadline is set when the request's work is handed to its thread: a thread still waiting when the
+    client was given its 504 does not run the work afterwards for nobody."""
 
     def __init__(self, loaded: Loaded, timeout: float) -> None:
         self.lock = loaded.lock
-        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
 
     def __enter__(self) -> None:
-        if not self.lock.acquire(timeout=self.timeout):
+        left = self.deadline - time.monotonic()
+        if left <= 0 or not self.lock.acquire(timeout=left):
             raise ApiError(
                 504, "the model was busy for longer than serve.request_timeout_s", "timeout", "timeout"
             )
+        if time.monotonic() >= self.deadline:  # got it just as the request timed out: nobody waits now
+            self.lock.release()
+            raise ApiError(504, "the request timed out before the model was free", "timeout", "timeout")
 
     def __exit__(self, *exc) -> None:
         self.lock.release()
@@ -537,7 +574,7 @@ def cmd_serve(settings: Settings, host: str | None, port: int | None) -> int:
     loads."""
     host = host or settings.serve.host
     port = settings.serve.port if port is None else port
-    if not 0 <= port <= 65535:
+    if not 1 <= port <= 65535:
         print(f"embedtune: --port {port}: use 1 to 65535", file=sys.stderr)
         return 2
     problem = bind_problem(host, settings.serve.token(), settings.serve.token_env)

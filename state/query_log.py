@@ -27,6 +27,9 @@ MAX_ID_CHARS = 200
 MAX_ATTRIBUTES_BYTES = 64 * 1024
 
 
+MAX_POSITION = 100_000  # a rank beyond any served depth (and far inside SQLite's integers)
+
+
 @dataclass(frozen=True)
 class LoggedQuery:
     """One answered search as it is logged (hit_ids: chunk ids in the order they were shown)."""
@@ -211,8 +214,10 @@ def _check_event(event: LoggedEvent) -> tuple[str, str | None, str]:
     if object_id is not None and (not isinstance(object_id, str) or len(object_id) > MAX_ID_CHARS):
         return f"object_id must be a string of at most {MAX_ID_CHARS} characters (a chunk id)", None, ""
     position = event.position
-    if position is not None and (not isinstance(position, int) or isinstance(position, bool) or position < 1):
-        return "position must be the hit's 1-based rank (an integer from 1)", None, ""
+    if position is not None and (
+        not isinstance(position, int) or isinstance(position, bool) or not 1 <= position <= MAX_POSITION
+    ):
+        return f"position must be the hit's 1-based rank (an integer from 1 to {MAX_POSITION})", None, ""
     if not isinstance(event.client_id, str) or len(event.client_id) > MAX_ID_CHARS:
         return f"client_id must be a string of at most {MAX_ID_CHARS} characters", None, ""
     if not isinstance(event.attributes, dict):
