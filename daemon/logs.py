@@ -20,6 +20,17 @@ def wants_json(fmt: str) -> bool:
     return under_systemd or not sys.stderr.isatty()
 
 
+class _CurrentStderr:
+    """Writes to `sys.stderr` as it is when a line is written, not as it was at set-up: a stream swapped in
+    meanwhile (a test's capture, later closed) must not take the process's logging down with it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     """Configure once at start-up; safe to call again (SIGHUP may change the level)."""
     numeric = LEVELS.get(level, logging.INFO)
@@ -36,11 +47,11 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),
         cache_logger_on_first_use=False,
     )
     # Route noisy libraries through the standard logging at warning level.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr)
+    logging.basicConfig(level=max(numeric, logging.WARNING), stream=_CurrentStderr())
     for name in ("httpx", "httpcore", "watchdog", "apscheduler", "transformers", "sentence_transformers"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
 

@@ -19,6 +19,7 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -47,6 +48,10 @@ from state.db import connect
 from state.index_records import ActiveChunk, CollectionRecord, IndexRecords, active_chunks
 from state.layout import StateLayout
 from state.vector_store import Hit, IndexRefused, IndexUnavailable
+
+if TYPE_CHECKING:
+    from daemon.serve_index import PreparedReplica
+    from stages.memory_index import MemoryIndex
 
 _WORD = re.compile(r"\w", re.UNICODE)
 
@@ -112,11 +117,15 @@ def search_many(
     ids: list[str] | None = None,
     *,
     encoder: Encoder | None = None,
+    replica: PreparedReplica | None = None,
 ) -> list[SearchAnswer]:
     """Answers in the order of `queries`; a query that cannot be searched gets its `error`. Whatever the
     index's state (behind the chunks, Milvus down, its lock held too long) the questions are answered,
     with a note saying from where. `encoder`: one already loaded (`embedtune serve` keeps the served
-    model's), used when it is the chosen model's, so a request does not load the model again."""
+    model's), used when it is the chosen model's, so a request does not load the model again. `replica`:
+    a memory replica of the live collection (`embedtune serve`, daemon/serve_index.py) whose model the
+    caller resolved as the one in service: for `model="current"` it answers, with no database read and
+    no Milvus open, through the same fusion as a collection."""
     mode = mode or settings.index.mode
     if mode not in MODES:
         raise SearchError(f"--mode {mode!r}: use {', '.join(MODES)}")
@@ -128,7 +137,10 @@ def search_many(
             f"no documents yet: drop documents into {settings.paths.inbox} first (no state in "
             f"{settings.paths.state_dir})"
         )
-    plan = _plan(settings, layout, model, mode)
+    if replica is not None and model.strip().lower() == "current":
+        plan = _Plan(replica.choice, replica.source, replica.note, replica.weight, replica=replica.index)
+    else:
+        plan = _plan(settings, layout, model, mode)
     ids = ids or [str(i) for i in range(1, len(queries) + 1)]
     answers = [
         SearchAnswer(
@@ -160,7 +172,9 @@ def search_many(
             if window and _tokens(encoder, encoder.query_prefix + answer.query) > window:
                 answer.note = _join(answer.note, f"query cut to the model's {window} tokens")
     found = None
-    if plan.collection is not None:
+    if plan.replica is not None:
+        found = _from_replica(plan.replica, mode, vectors, texts, depth)
+    elif plan.collection is not None:
         try:
             found = _from_collection(settings, layout, plan.collection, mode, vectors, texts, depth)
         except (IndexUnavailable, IndexRefused) as exc:  # Milvus down, its lock held: exact search answers
@@ -202,6 +216,7 @@ class _Plan:
     weight: float | None  # None: each query's language decides (stages/fusion.query_bm25_weight)
     collection: CollectionRecord | None = None
     chunks: list[ActiveChunk] = field(default_factory=list)
+    replica: MemoryIndex | None = None
 
 
 def _plan(settings: Settings, layout: StateLayout, model: str, mode: str) -> _Plan:
@@ -282,20 +297,46 @@ def _from_collection(
     from state.vector_store import open_store
 
     with open_store(index_target(settings)) as store:
-        dense = store.search(record.name, vectors, depth) if mode != "lexical" else None
-        lexical = store.search_text(record.name, texts, depth) if mode != "dense" else None
-        found = _Found(dense, lexical)
-        if mode == "hybrid" and dense is not None and lexical is not None:
-            wanted = [lexical_only(_scored(d), _scored(le)) for d, le in zip(dense, lexical, strict=True)]
-            stored = store.vectors_of(record.name, [i for ids in wanted for i in ids])
-            found.dense_of = [
-                {i: float(stored[i] @ vectors[row]) for i in ids if i in stored}
-                for row, ids in enumerate(wanted)
-            ]
+        found = _halves(
+            lambda: store.search(record.name, vectors, depth),
+            lambda: store.search_text(record.name, texts, depth),
+            lambda ids: store.vectors_of(record.name, ids),
+            mode,
+            vectors,
+        )
     if mode == "hybrid":
         stats = load_stats(layout.index_stats, record.name)
         found.covariance = stats.covariance if stats is not None else None
         found.corpus_size = record.chunks
+    return found
+
+
+def _from_replica(index: MemoryIndex, mode: str, vectors, texts: list[str], depth: int) -> _Found:
+    """The collection's answer, from its memory replica (stages/memory_index.py): the same halves."""
+    found = _halves(
+        lambda: index.dense(vectors, depth),
+        lambda: index.lexical(texts, depth),
+        index.vectors_of,
+        mode,
+        vectors,
+    )
+    if mode == "hybrid":
+        found.covariance, found.corpus_size = index.covariance, index.size
+    return found
+
+
+def _halves(dense_search, lexical_search, vectors_of, mode: str, vectors) -> _Found:
+    """Each half's top-N (from a collection or its replica) and, for hybrid, the cosines of the
+    candidates only BM25 found, from the stored vectors."""
+    dense = dense_search() if mode != "lexical" else None
+    lexical = lexical_search() if mode != "dense" else None
+    found = _Found(dense, lexical)
+    if mode == "hybrid" and dense is not None and lexical is not None:
+        wanted = [lexical_only(_scored(d), _scored(le)) for d, le in zip(dense, lexical, strict=True)]
+        stored = vectors_of([i for ids in wanted for i in ids])
+        found.dense_of = [
+            {i: float(stored[i] @ vectors[row]) for i in ids if i in stored} for row, ids in enumerate(wanted)
+        ]
     return found
 
 

@@ -7,6 +7,11 @@ one reference, so a request that took the old `Loaded` finishes on the old model
 the new model: an answer never mixes versions, and each names the version that produced it. The model
 before is kept, so a rollback right after a promotion swaps back without loading.
 
+With the index on, a loaded model whose collection is live also gets a memory replica of that collection
+(daemon/serve_index.py), built before the model is swapped in (or, when its collection goes live later,
+by the poller in the background) and attached to its `Loaded`: `/v1/search` answers from it without
+opening Milvus. Every poll follows the chunk change log into a new replica (one reference again).
+
 Nothing here touches HTTP (daemon/serve.py does); the health check reads only what the poller stored.
 """
 
@@ -18,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon.logs import get_logger
+from daemon.serve_index import ServeIndex
 from daemon.serving import Served, ServedResolver
 from daemon.settings import Settings
 from state.layout import StateLayout
@@ -43,6 +49,8 @@ class Loaded:
     # One model call at a time: Hugging Face tokenizers refuse concurrent use ("Already borrowed") and
     # two requests on 2 cores gain nothing from running side by side.
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # the memory replica of this model's live collection (None: not built, or its collection not live)
+    replica: ServeIndex | None = None
 
     @property
     def key(self) -> tuple[int | None, str]:
@@ -72,6 +80,9 @@ class ServeState:
         self._swaps = 0
         self._failed: tuple[tuple[int | None, str], float] | None = None  # (key, when) of a failed load
         self._refreshing = threading.Lock()  # one refresh at a time (the poller, or a caller's)
+        self._replicas_built = 0
+        self._replica_failed: tuple[str, float] | None = None  # (collection, when) of a failed build
+        self._replica_problem = ""
         self.on_swap: list = []  # callables(Loaded): the metrics' version label follows swaps
 
     # --- what requests read -------------------------------------------------------------------
@@ -96,6 +107,9 @@ class ServeState:
         if self.settings.index.enabled:
             if served is None or served.live is None:
                 return False, "no live index collection yet (the daemon's index job fills it)"
+            if not self._replicas_built and _holds(served.live, loaded) and loaded.replica is None:
+                why = self._replica_problem or f"building the memory replica of {served.live.name}"
+                return False, why
         return True, ""
 
     # --- the poller ---------------------------------------------------------------------------
@@ -120,7 +134,9 @@ class ServeState:
     def refresh(self) -> bool:
         """One poll: resolve what is served and load it when it changed. True when a swap happened."""
         with self._refreshing:
-            return self._refresh()
+            swapped = self._refresh()
+            self._keep_replica()
+            return swapped
 
     def _refresh(self) -> bool:
         served = self._resolve()
@@ -157,6 +173,9 @@ class ServeState:
                 runtime=fresh.runtime,
                 seconds=round(time.monotonic() - started, 2),
             )
+        self._prepare_replica(fresh, served)  # before the swap: the new version answers from its own
+        if loaded is not None:
+            loaded.replica = None  # the model before keeps no replica (memory); a rollback rebuilds it
         self._previous, self._loaded = loaded, fresh  # the swap: one reference
         self._swaps += 1
         self._problem = ""
@@ -165,6 +184,69 @@ class ServeState:
         if loaded is not None:
             log.info("serve_model_swapped", before=loaded.version, after=fresh.version)
         return True
+
+    # --- the memory replica ---------------------------------------------------------------------
+    def _prepare_replica(self, loaded: Loaded, served: Served) -> None:
+        """Build `loaded`'s replica when its collection is live and it has none of that collection."""
+        live = served.live
+        if not self.settings.index.enabled or live is None or not _holds(live, loaded):
+            return
+        if loaded.replica is not None and loaded.replica.name == live.name:
+            return
+        failed = self._replica_failed
+        if failed is not None and failed[0] == live.name and time.monotonic() - failed[1] < LOAD_RETRY_S:
+            return
+        from daemon.serve_index import build_serve_index, cached_vectors
+        from daemon.serving import ModelChoice
+        from state.db import connect
+
+        choice = ModelChoice(
+            loaded.version, loaded.path, "" if loaded.model_id is not None else "nothing promoted yet"
+        )
+        cache = getattr(loaded.encoder, "cache", None)
+        key = cache.model_key if cache is not None else str(loaded.path)
+        vectors = cached_vectors(self.layout.cache, key, loaded.plain.passages, loaded.lock)
+        conn = connect(self.layout.database, readonly=True)
+        try:
+            replica = build_serve_index(conn, choice, live, served.analyzer, vectors)
+        except Exception as exc:  # searches answer from the collection meanwhile; retried later
+            self._replica_failed = (live.name, time.monotonic())
+            self._replica_problem = (
+                f"cannot build the memory replica of {live.name}: {type(exc).__name__}: {exc}"
+            )
+            log.error("serve_replica_failed", collection=live.name, error=str(exc))
+            return
+        finally:
+            conn.close()
+        self._replica_failed, self._replica_problem = None, ""
+        loaded.replica = replica
+        self._replicas_built += 1
+
+    def _keep_replica(self) -> None:
+        """Every poll: build the served model's replica when its collection went live (or another of its
+        collections did), else follow the change log."""
+        loaded, served = self._loaded, self._served
+        if loaded is None or served is None or served.live is None or not self.settings.index.enabled:
+            return
+        replica = loaded.replica
+        if replica is None or replica.name != served.live.name:
+            self._prepare_replica(loaded, served)
+            return
+        replica.set_weight(served.live.bm25_weight)
+        from daemon.serve_index import cached_vectors
+        from state.db import connect
+
+        cache = getattr(loaded.encoder, "cache", None)
+        key = cache.model_key if cache is not None else str(loaded.path)
+        conn = connect(self.layout.database, readonly=True)
+        try:
+            replica.follow(
+                conn,
+                served.signature,
+                cached_vectors(self.layout.cache, key, loaded.plain.passages, loaded.lock),
+            )
+        finally:
+            conn.close()
 
     def _resolve(self) -> Served:
         database = self.layout.database
@@ -228,6 +310,11 @@ class ServeState:
             int(warm.shape[1]),
             mark,
         )
+
+
+def _holds(live, loaded: Loaded) -> bool:
+    """The collection was filled by this loaded model (its replica may answer for it)."""
+    return (live.model_id, live.model_path) == (loaded.model_id, str(loaded.path))
 
 
 def _usage_tokenizer(path: Path):
