@@ -145,11 +145,12 @@ class Load:
             thread.join(timeout=120)
 
 
-def switch_over(answers, since: float, version: str) -> float:
-    """Seconds from `since` to the first answer naming `version` after which no answer names another."""
-    later = [a for a in answers if a[0] >= since]
-    for i, answer in enumerate(later):
-        if answer[2] == version and all(a[2] == version for a in later[i:] if a[4] == 200):
+def switch_over(answers, since: float, until: float, version: str) -> float:
+    """Seconds from `since` to the first answer naming `version` after which, up to `until`, no answered
+    request names another."""
+    window = [a for a in answers if since <= a[0] < until and a[4] == 200]
+    for i, answer in enumerate(window):
+        if answer[2] == version and all(a[2] == version for a in window[i:]):
             return answer[0] - since
     return float("nan")
 
@@ -178,8 +179,16 @@ def promotion_under_load(url: str, settings, layout, db, nudged: Path, base_vect
     print(f"failed requests: {len(failed)}  ({sorted({a[4] for a in failed})})")
     print(f"embeddings answers whose vector is not the named version's: {len(wrong)}")
     print(f"versions named: {sorted({a[2] for a in answers})}")
-    print(f"switch-over to v{record.id}: {switch_over(answers, promoted_at, f'v{record.id}'):.2f} s")
-    print(f"switch-over back to base: {switch_over(answers, rolled_at, 'base'):.2f} s")
+    ended = answers[-1][0] + 1 if answers else rolled_at
+    first_new = next((a[0] for a in answers if a[0] >= promoted_at and a[2] == f"v{record.id}"), float("nan"))
+    first_back = next((a[0] for a in answers if a[0] >= rolled_at and a[2] == "base"), float("nan"))
+    print(f"first answer from v{record.id}: {first_new - promoted_at:.2f} s after the promotion; first from")
+    print(f"the base again: {first_back - rolled_at:.2f} s after the rollback (answers started before a swap")
+    print("finish on the version they started with, and name it; the switch-over below waits for them)")
+    print(
+        f"switch-over to v{record.id}: {switch_over(answers, promoted_at, rolled_at, f'v{record.id}'):.2f} s"
+    )
+    print(f"switch-over back to base: {switch_over(answers, rolled_at, ended, 'base'):.2f} s")
     if len(latencies):
         print(f"answers per second: {len(answers) / (answers[-1][0] - answers[0][0]):.1f}")
 
@@ -196,6 +205,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from bench.index import add_documents
+    from daemon.logs import configure_logging
     from daemon.serve import serve_in_thread
     from daemon.settings import Settings
     from stages.models import resolve_model_path
@@ -214,6 +224,7 @@ def main() -> None:
                 "logging": {"level": "warning"},
             }
         )
+        configure_logging("warning", "console")
         layout = StateLayout(settings.paths.state_dir).ensure()
         db = Database(layout.database)
         texts = passages(args.data, args.chunks)
