@@ -5,7 +5,9 @@ snapshot with the change log's position, their vectors through the served model'
 index job encoded the same chunks with the same runtime and saved them there, so these are cache hits; a
 miss is encoded, one batch at a time under the model's lock so requests interleave), BM25 with the
 collection's analyzer. Each poll of the serving state (daemon/serve_state.py) follows the change log from
-that position and swaps in a new replica with the changes; if the log was pruned past it (the index job
+that position and swaps in a new replica with the changes, once the index job has cached the new chunks'
+vectors (it waits up to FOLLOW_GRACE_S for that, then encodes the rest itself: two processes encoding the
+same chunks on the same cores would slow both); if the log was pruned past it (the index job
 prunes what every collection applied), the replica is checked against the active chunks and brought in
 line by a diff. Answers name it "memory replica of <collection>".
 """
@@ -35,6 +37,11 @@ from state.index_records import (
 )
 
 log = get_logger("embedtune.serve")
+
+# New chunks wait this long for the index job to encode them into the cache before the server encodes
+# them itself: normally the job has within seconds, and two processes encoding the same chunks on the
+# same cores slows both (the replica follows a few seconds later instead).
+FOLLOW_GRACE_S = 60.0
 
 # texts -> their passage vectors (normalised float32 rows), in order
 VectorSource = Callable[[list[str]], np.ndarray]
@@ -69,6 +76,7 @@ class ServeIndex:
         self.build_seconds = seconds
         self._prepared = PreparedReplica(choice, index, record.name, record.bm25_weight, choice.note)
         self._following = threading.Lock()
+        self._waiting_since: float | None = None  # new chunks seen whose vectors are not cached yet
 
     def prepared(self) -> PreparedReplica:
         return self._prepared  # one reference: read once per request
@@ -93,6 +101,8 @@ class ServeIndex:
             if current.index.signature == signature and changes_after(conn, self.seq) == 0:
                 return 0
             changes = changes_since(conn, self.seq)
+            if self._wait_for_vectors(changes.added, vectors):
+                return 0  # the index job encodes them: the next poll applies the changes with its vectors
             index = current.index
             if changes.added or changes.removed:
                 index = _apply(index, changes.added, changes.removed, vectors)
@@ -116,6 +126,20 @@ class ServeIndex:
                 )
                 log.info("serve_replica_followed", collection=self.name, changed=changed, chunks=index.size)
             return changed
+
+    def _wait_for_vectors(self, added: list[ActiveChunk], vectors: VectorSource) -> bool:
+        """True while some added chunk has no cached vector and the grace has not run out."""
+        missing = getattr(vectors, "missing", None)
+        if not added or missing is None or not missing([chunk.text for chunk in added]):
+            self._waiting_since = None
+            return False
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        if now - self._waiting_since < FOLLOW_GRACE_S:
+            return True
+        self._waiting_since = None
+        return False
 
 
 def _apply(
@@ -152,25 +176,74 @@ def build_serve_index(
     return ServeIndex(choice, record, index, seq, seconds)
 
 
-def cached_vectors(
-    cache_root: Path, model_key: str, encode: Callable[[list[str]], np.ndarray], lock: threading.Lock
-) -> VectorSource:
-    """Passage vectors through the model's embedding cache as it is on disk now (the index job's saves
-    included); misses are encoded 64 at a time under `lock` (the model's: one call at a time, so a
-    request waits for one batch at most) and saved for the next reader."""
-    from stages.embed_cache import EmbeddingCache, text_key
+class CachedVectors:
+    """Passage vectors through the model's embedding cache as the index job saved it (re-read only when
+    the file changed: a 100k-chunk cache is hundreds of MB); misses are encoded 64 at a time under
+    `lock` (the model's: one call at a time, so a request waits for one batch at most) and saved."""
 
-    def encode_locked(texts: list[str]) -> np.ndarray:
+    _readers: dict[tuple[str, str], tuple[float, object]] = {}
+    _readers_lock = threading.Lock()
+
+    def __init__(
+        self,
+        cache_root: Path,
+        model_key: str,
+        encode: Callable[[list[str]], np.ndarray],
+        lock: threading.Lock,
+    ) -> None:
+        self.cache_root, self.model_key, self.encode, self.lock = cache_root, model_key, encode, lock
+
+    def _file_mtime(self) -> float:
+        from stages.embed_cache import CACHE_FILE, cache_folder
+
+        try:
+            return (cache_folder(self.cache_root, self.model_key) / CACHE_FILE).stat().st_mtime
+        except OSError:
+            return -1.0
+
+    def _cache(self):
+        from stages.embed_cache import EmbeddingCache
+
+        mtime, key = self._file_mtime(), (str(self.cache_root), self.model_key)
+        with self._readers_lock:
+            known = self._readers.get(key)
+            if known is None or known[0] != mtime:
+                known = (mtime, EmbeddingCache(self.cache_root, self.model_key))
+                self._readers[key] = known
+        return known[1]
+
+    def _saved(self, cache) -> None:
+        """Our own save changed the file: remember its new time, so it is not read back at once."""
+        with self._readers_lock:
+            self._readers[(str(self.cache_root), self.model_key)] = (self._file_mtime(), cache)
+
+    def missing(self, texts: list[str]) -> int:
+        """How many of `texts` have no cached vector (nothing is encoded)."""
+        from stages.embed_cache import text_key
+
+        return self._cache().count_missing([text_key(text) for text in texts])
+
+    def _encode_locked(self, texts: list[str]) -> np.ndarray:
         parts = []
         for start in range(0, len(texts), 64):
-            with lock:
-                parts.append(np.asarray(encode(texts[start : start + 64]), dtype=np.float32))
+            with self.lock:
+                parts.append(np.asarray(self.encode(texts[start : start + 64]), dtype=np.float32))
         return np.concatenate(parts)
 
-    def vectors(texts: list[str]) -> np.ndarray:
-        cache = EmbeddingCache(cache_root, model_key)
-        out = cache.get_many([text_key(text) for text in texts], texts, encode_locked)
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        from stages.embed_cache import text_key
+
+        cache = self._cache()
+        keys = [text_key(text) for text in texts]
+        if not cache.count_missing(keys):
+            return np.asarray(cache.get_many(keys, texts, self._encode_locked), dtype=np.float32)
+        out = cache.get_many(keys, texts, self._encode_locked)
         cache.save()
+        self._saved(cache)
         return np.asarray(out, dtype=np.float32)
 
-    return vectors
+
+def cached_vectors(
+    cache_root: Path, model_key: str, encode: Callable[[list[str]], np.ndarray], lock: threading.Lock
+) -> CachedVectors:
+    return CachedVectors(cache_root, model_key, encode, lock)

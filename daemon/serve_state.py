@@ -28,6 +28,7 @@ from daemon.serving import Served, ServedResolver
 from daemon.settings import Settings
 from state.layout import StateLayout
 
+FOLLOW_FAILURES = 3  # failed follows in a row before searches leave the replica for the collection
 log = get_logger("embedtune.serve")
 
 LOAD_RETRY_S = 30.0  # a version whose load failed is tried again after this long (or once another serves)
@@ -98,6 +99,8 @@ class ServeState:
     @property
     def swaps(self) -> int:
         return self._swaps
+
+    _follow_failures = 0
 
     def readiness(self) -> tuple[bool, str]:
         """(ready, why not): a model loaded and, with the index on, a live collection to answer from."""
@@ -174,8 +177,10 @@ class ServeState:
                 seconds=round(time.monotonic() - started, 2),
             )
         self._prepare_replica(fresh, served)  # before the swap: the new version answers from its own
-        if loaded is not None:
-            loaded.replica = None  # the model before keeps no replica (memory); a rollback rebuilds it
+        if self._previous is not None and self._previous is not fresh:
+            # the model two swaps back keeps no replica (memory); the one just swapped out keeps its own
+            # until then, so a request that took it before the swap still answers from it
+            self._previous.replica = None
         self._previous, self._loaded = loaded, fresh  # the swap: one reference
         self._swaps += 1
         self._problem = ""
@@ -245,6 +250,18 @@ class ServeState:
                 served.signature,
                 cached_vectors(self.layout.cache, key, loaded.plain.passages, loaded.lock),
             )
+            self._follow_failures = 0
+        except Exception as exc:  # said apart from a failed resolution; after a few, searches leave it
+            self._follow_failures += 1
+            log.warning(
+                "serve_replica_follow_failed",
+                collection=replica.name,
+                failures=self._follow_failures,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            if self._follow_failures >= FOLLOW_FAILURES:
+                loaded.replica = None  # searches answer from the collection; the next poll rebuilds it
+                self._follow_failures = 0
         finally:
             conn.close()
 

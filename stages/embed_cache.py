@@ -18,13 +18,17 @@ import numpy as np
 CACHE_FILE = "cache.npz"
 
 
+def cache_folder(root: Path, model_key: str) -> Path:
+    """The folder a model's cache lives in under `root`."""
+    return Path(root) / "embeddings" / hashlib.sha256(model_key.encode()).hexdigest()[:16]
+
+
 class EmbeddingCache:
     def __init__(self, root: Path | None, model_key: str) -> None:
         self.model_key = model_key
         self.folder = None
         if root is not None:
-            digest = hashlib.sha256(model_key.encode()).hexdigest()[:16]
-            self.folder = Path(root) / "embeddings" / digest
+            self.folder = cache_folder(root, model_key)
         self._vectors: dict[str, np.ndarray] = {}
         self._dirty = False
         self._lock = threading.Lock()
@@ -57,6 +61,11 @@ class EmbeddingCache:
         except (OSError, ValueError):
             return {}
         return dict(zip(keys, matrix, strict=True)) if len(keys) == len(matrix) else {}
+
+    def count_missing(self, keys: Sequence[str]) -> int:
+        """How many of `keys` have no vector here (nothing is encoded)."""
+        with self._lock:
+            return sum(1 for key in keys if key not in self._vectors)
 
     def get_many(
         self, keys: Sequence[str], texts: Sequence[str], encode: Callable[[list[str]], np.ndarray]

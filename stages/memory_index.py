@@ -176,9 +176,16 @@ class MemoryIndex:
         ids = np.concatenate([self.ids[keep], added_ids])
         paths = [self.paths[i] for i in keep] + [c.path for c in added]
         texts = [self.texts[i] for i in keep] + [c.text for c in added]
-        dim = self.vectors.shape[1] if self.vectors.ndim == 2 else np.asarray(added_vectors).shape[-1]
+        # an empty replica (built before any chunk) takes its width from the first vectors it is given
+        dim = (
+            self.vectors.shape[1]
+            if self.size and self.vectors.ndim == 2
+            else np.asarray(added_vectors).shape[-1]
+        )
         new_vectors = np.asarray(added_vectors, dtype=np.float32).reshape(len(added), dim)
         vectors = np.concatenate([self.vectors[keep].reshape(len(keep), dim), new_vectors])
+        if len(ids) < 2 or bool(np.all(ids[1:] >= ids[:-1])):  # ids only grow: usually already in order
+            return MemoryIndex(ids, paths, texts, vectors, _Terms(vocabulary, counts), self.analyzer)
         order = np.argsort(ids, kind="stable")
         counts = counts[order]
         return MemoryIndex(

@@ -127,6 +127,20 @@ def test_with_changes_equals_a_full_rebuild(analyzer):
     assert _ranked(changed.dense(probe, 5)[0]) == _ranked(rebuilt.dense(probe, 5)[0])
     assert np.allclose(changed.covariance, rebuilt.covariance)
     assert before.size == len(chunks)  # the replica it was made from is unchanged
+    # in id order only (the common case, ids only grow): the same as a rebuild too
+    grown = before.with_changes(extra[:1], vectors[len(chunks) : len(chunks) + 1], [])
+    assert grown.ids.tolist() == sorted(grown.ids.tolist()) and grown.size == len(chunks) + 1
+
+
+def test_a_replica_built_before_any_chunk_takes_the_first_ones():
+    """A replica of an empty collection (0 x 0 vectors) grows with the first chunks (it raised on every
+    poll before, leaving /v1/search without hits while /health said ready)."""
+    from stages.memory_index import MemoryIndex
+
+    empty = MemoryIndex.build([], np.zeros((0, 0), np.float32), "standard")
+    grown = empty.with_changes([_Chunk(7, "/d/a.md", "rivers carve valleys")], _vectors(1, seed=4), [])
+    assert grown.size == 1 and grown.vectors.shape == (1, _vectors(1, seed=4).shape[1])
+    assert [h.chunk_id for h in grown.lexical(["valleys"], 3)[0]] == [7]
 
 
 def test_the_server_answers_from_the_replica_as_the_collection_does_and_follows_new_chunks(make_settings):
@@ -150,8 +164,16 @@ def test_the_server_answers_from_the_replica_as_the_collection_does_and_follows_
             ).json()["answers"]
             for mode in ("hybrid", "dense", "lexical")
         }
-        # a chunk added after the replica was built: found once a poll has followed the change log
+        # the CLI's path over the same chunks: the Milvus collection
+        expected = {mode: search_many(settings, questions, k=3, mode=mode) for mode in answers}
+        # a chunk added after the replica was built: the server waits for the index job to encode it (it
+        # does not encode the same chunks a second time on the same cores), then follows the change log
+        replica = state.current.replica
+        before = replica.size
         new_ids = _add_document(db.conn, "/inbox/new.md", ["quasars outshine whole galaxies"])
+        wait_for(lambda: replica._waiting_since is not None, message="a poll that saw the uncached chunk")
+        assert replica.size == before  # not applied yet: its vector is not in the cache
+        IndexService(settings, layout).sync(db.conn)  # the daemon's index job: encodes and caches it
 
         def found_new():
             body = httpx.post(
@@ -165,8 +187,7 @@ def test_the_server_answers_from_the_replica_as_the_collection_does_and_follows_
         thread.join(timeout=30)
         state.stop()
     for mode, got in answers.items():
-        expected = search_many(settings, questions, k=3, mode=mode)  # the CLI's path: the Milvus collection
-        for answer, theirs in zip(got, expected, strict=True):
+        for answer, theirs in zip(got, expected[mode], strict=True):
             assert answer["source"] == f"memory replica of {live}" and theirs.source == f"collection {live}"
             assert answer["model"] == theirs.model
             assert [h["chunk_id"] for h in answer["hits"]] == [h.chunk_id for h in theirs.hits], (
