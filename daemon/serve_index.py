@@ -42,6 +42,7 @@ log = get_logger("embedtune.serve")
 # them itself: normally the job has within seconds, and two processes encoding the same chunks on the
 # same cores slows both (the replica follows a few seconds later instead).
 FOLLOW_GRACE_S = 60.0
+KEPT_READERS = 2  # cache readers kept in memory: the model in service and the one before it
 
 # texts -> their passage vectors (normalised float32 rows), in order
 VectorSource = Callable[[list[str]], np.ndarray]
@@ -206,10 +207,12 @@ class CachedVectors:
 
         mtime, key = self._file_mtime(), (str(self.cache_root), self.model_key)
         with self._readers_lock:
-            known = self._readers.get(key)
+            known = self._readers.pop(key, None)
             if known is None or known[0] != mtime:
                 known = (mtime, EmbeddingCache(self.cache_root, self.model_key))
-                self._readers[key] = known
+            self._readers[key] = known  # the most recently used last
+            while len(self._readers) > KEPT_READERS:  # a model no longer served lets its cache go
+                self._readers.pop(next(iter(self._readers)))
         return known[1]
 
     def _saved(self, cache) -> None:
@@ -241,9 +244,3 @@ class CachedVectors:
         cache.save()
         self._saved(cache)
         return np.asarray(out, dtype=np.float32)
-
-
-def cached_vectors(
-    cache_root: Path, model_key: str, encode: Callable[[list[str]], np.ndarray], lock: threading.Lock
-) -> CachedVectors:
-    return CachedVectors(cache_root, model_key, encode, lock)

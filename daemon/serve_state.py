@@ -201,16 +201,14 @@ class ServeState:
         failed = self._replica_failed
         if failed is not None and failed[0] == live.name and time.monotonic() - failed[1] < LOAD_RETRY_S:
             return
-        from daemon.serve_index import build_serve_index, cached_vectors
+        from daemon.serve_index import build_serve_index
         from daemon.serving import ModelChoice
         from state.db import connect
 
         choice = ModelChoice(
             loaded.version, loaded.path, "" if loaded.model_id is not None else "nothing promoted yet"
         )
-        cache = getattr(loaded.encoder, "cache", None)
-        key = cache.model_key if cache is not None else str(loaded.path)
-        vectors = cached_vectors(self.layout.cache, key, loaded.plain.passages, loaded.lock)
+        vectors = self._vectors(loaded)
         conn = connect(self.layout.database, readonly=True)
         try:
             replica = build_serve_index(conn, choice, live, served.analyzer, vectors)
@@ -227,6 +225,14 @@ class ServeState:
         loaded.replica = replica
         self._replicas_built += 1
 
+    def _vectors(self, loaded: Loaded):
+        """Passage vectors for `loaded`'s replica: its embedding cache (the index job's), misses encoded."""
+        from daemon.serve_index import CachedVectors
+
+        cache = getattr(loaded.encoder, "cache", None)
+        key = cache.model_key if cache is not None else str(loaded.path)
+        return CachedVectors(self.layout.cache, key, loaded.plain.passages, loaded.lock)
+
     def _keep_replica(self) -> None:
         """Every poll: build the served model's replica when its collection went live (or another of its
         collections did), else follow the change log."""
@@ -238,17 +244,14 @@ class ServeState:
             self._prepare_replica(loaded, served)
             return
         replica.set_weight(served.live.bm25_weight)
-        from daemon.serve_index import cached_vectors
         from state.db import connect
 
-        cache = getattr(loaded.encoder, "cache", None)
-        key = cache.model_key if cache is not None else str(loaded.path)
         conn = connect(self.layout.database, readonly=True)
         try:
             replica.follow(
                 conn,
                 served.signature,
-                cached_vectors(self.layout.cache, key, loaded.plain.passages, loaded.lock),
+                self._vectors(loaded),
             )
             self._follow_failures = 0
         except Exception as exc:  # said apart from a failed resolution; after a few, searches leave it

@@ -141,14 +141,6 @@ def base_reference(settings: Settings, conn: sqlite3.Connection | None = None) -
     return recorded[0] if recorded else ""
 
 
-def lookup_model_path(reference: str, converted_root: Path, convert: bool) -> Path:
-    """The folder a model reference names. Without `convert`, a packaged model that needs converting is
-    only looked up (ModelNotFound when its folder is not made yet): status and search never convert."""
-    from stages.models import resolve_model_path
-
-    return resolve_model_path(reference, converted_root, convert=convert)
-
-
 def base_model_path(
     settings: Settings, conn: sqlite3.Connection | None = None, *, convert: bool = True
 ) -> Path:
@@ -158,7 +150,9 @@ def base_model_path(
     reference = base_reference(settings, conn)
     if not reference:
         raise ModelNotFound(NOT_CHOSEN)
-    return lookup_model_path(reference, converted_models_root(settings), convert)
+    from stages.models import resolve_model_path
+
+    return resolve_model_path(reference, converted_models_root(settings), convert=convert)
 
 
 def base_model_path_or_none(settings: Settings, conn: sqlite3.Connection | None = None) -> Path | None:
@@ -216,7 +210,7 @@ class ServedResolver:
         self._analyzer: tuple[str, str] | None = None  # (chunk signature, analyzer)
 
     def __call__(self, conn: sqlite3.Connection | None) -> Served:
-        from stages.models import ModelNotFound, model_prompts
+        from stages.models import ModelNotFound, model_prompts, resolve_model_path
 
         settings = self.settings
         reference = base_reference(settings, conn)
@@ -234,7 +228,7 @@ class ServedResolver:
             problem = NOT_CHOSEN
         else:
             try:
-                path = lookup_model_path(reference, converted_models_root(settings), self.convert)
+                path = resolve_model_path(reference, converted_models_root(settings), convert=self.convert)
             except ModelNotFound as exc:
                 problem = f"the base model cannot be used: {exc}"
         prompts = model_prompts(path) if path is not None else ("", "")
