@@ -104,18 +104,24 @@ def evaluate_retrieval(
     """Exact top-100 search per query; a query's stand-ins replace those chunks' vectors for it alone."""
     if len(relevant) == 0 or len(corpus_vectors) == 0:
         return EvalResult({name: 0.0 for name in METRICS}, {name: [] for name in METRICS}, 0)
+    return evaluate_rankings(dense_rankings(query_vectors, corpus_vectors, stand_ins), relevant)
+
+
+def dense_rankings(
+    query_vectors: np.ndarray, corpus_vectors: np.ndarray, stand_ins: Sequence[StandInVectors] = ()
+) -> list[list[int]]:
+    """Each query's top 100 corpus positions by exact inner product (stand-ins scored in their chunks'
+    place for that query alone)."""
+    if len(query_vectors) == 0 or len(corpus_vectors) == 0:
+        return [[] for _ in range(len(query_vectors))]
     index = build_index(corpus_vectors)
     replaced = max((len(s) for s in stand_ins), default=0)
     depth = min(SEARCH_DEPTH + replaced, index.ntotal)
     scores, ids = index.search(np.ascontiguousarray(query_vectors, dtype=np.float32), depth)
-    per_query: dict[str, list[float]] = {name: [] for name in METRICS}
-    for row, rel in enumerate(relevant):
-        own = stand_ins[row] if stand_ins else {}
-        values = query_metrics(_ranked_with_stand_ins(ids[row], scores[row], query_vectors[row], own), rel)
-        for name in METRICS:
-            per_query[name].append(values[name])
-    metrics = {name: float(np.mean(per_query[name])) for name in METRICS}
-    return EvalResult(metrics, per_query, len(relevant))
+    return [
+        _ranked_with_stand_ins(ids[row], scores[row], query_vectors[row], stand_ins[row] if stand_ins else {})
+        for row in range(len(query_vectors))
+    ]
 
 
 def _ranked_with_stand_ins(

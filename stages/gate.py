@@ -11,8 +11,13 @@ Rule (docs/promotion.md):
     zero is not eligible, whatever its dense gain (docs/promotion.md).
 3b. With no human-signal set at all, the synthetic gain alone must be convincing: the lower end of its
     paired-bootstrap 95% interval must reach `synthetic_only_min_gain`.
+0. With the questions users asked (the judge part of the query log, `asked` sets), they decide
+   eligibility instead of rules 1 and 3b: the 95% interval of the variant's gain on them (as served) must
+   lie above zero, by prediction-powered inference when enough questions carry the application's events,
+   and reach `assessor_only_min_gain` when only an assessor judged them (`AskedEvidence`).
 4. Among eligible variants, the one with the best score on the strongest set wins: the user's file if
-   present, else the synthetic held-out set. No eligible variant: the round is rejected.
+   present, else the asked questions, else the synthetic held-out set. No eligible variant: the round is
+   rejected.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ SYNTHETIC = "heldout"
 HUMAN_SETS = ("user", "structure")
 GUARD = "guard"
 SERVED_SUFFIX = "+served"  # a set scored through the served hybrid ranking (stages/hybrid_eval.py)
+ASKED = "asked"  # the judge part of the query log (stages/real_queries.py)
 
 
 class RejectionCause(StrEnum):
@@ -42,6 +48,45 @@ class RejectionCause(StrEnum):
     GUARD_VETO = "guard_veto"
     SERVED_VETO = "served_hybrid_veto"
     SERVING_CHANGED = "serving_changed"
+    ASKED_NOT_CONVINCING = "asked_gain_not_convincing"
+
+
+@dataclass(frozen=True)
+class AskedEvidence:
+    """A variant's gain on the questions users asked, with its 95% interval and how it was made:
+    `ppi++` (event labels correct the assessor's bias, stages/ppi.py) or `assessor` (a paired bootstrap on
+    the assessor's grades alone; `weak` when that assessor was the teacher)."""
+
+    set_name: str
+    estimate: float
+    low: float
+    high: float
+    method: str
+    weak: bool
+    questions: int
+    gold: int
+    required: float  # what the interval's low end must reach
+
+    @property
+    def passes(self) -> bool:
+        return self.low > 0 and self.low >= self.required
+
+    def describe(self) -> str:
+        judge = (
+            "events + weak assessor"
+            if self.weak and self.method == "ppi++"
+            else (
+                "events + assessor"
+                if self.method == "ppi++"
+                else "weak assessor (teacher)"
+                if self.weak
+                else "assessor"
+            )
+        )
+        return (
+            f"{self.set_name} {self.estimate:+.4f}, 95% CI [{self.low:+.4f}, {self.high:+.4f}] "
+            f"({self.method}, {judge}; {self.questions} questions, {self.gold} with events)"
+        )
 
 
 @dataclass
@@ -77,11 +122,13 @@ def decide(
     intervals: dict[str, tuple[float, float] | None] | None = None,
     synthetic_only_min_gain: float = 0.0,
     served_intervals: dict[str, dict[str, tuple[float, float] | None]] | None = None,
+    asked: dict[str, AskedEvidence] | None = None,
 ) -> Decision:
     """`scores[variant][set]` is the metric value; `current` names the model in service.
 
     `intervals[variant]` is the bootstrap interval of the variant's held-out gain (used by rule 3b);
-    `served_intervals[variant][set]` those of its gains on the `+served` sets (rule 3a).
+    `served_intervals[variant][set]` those of its gains on the `+served` sets (rule 3a); `asked[variant]`
+    its gain on the questions users asked (rule 0), when the round has them.
     """
     if current not in scores or SYNTHETIC not in scores[current]:
         return Decision(
@@ -97,13 +144,23 @@ def decide(
     eligible: list[str] = []
     refusals: list[str] = []
     causes: dict[str, RejectionCause] = {}
+    asked = asked or {}
     for variant, gain in gains.items():
         synthetic = gain.get(SYNTHETIC, float("-inf"))
-        if synthetic < min_gain:
+        evidence = asked.get(variant)
+        if evidence is not None:
+            if not evidence.passes:
+                refusals.append(
+                    f"{variant}: gain on asked questions not convincing ({evidence.describe()}; its low end "
+                    f"must be above 0 and reach {evidence.required})"
+                )
+                causes[variant] = RejectionCause.ASKED_NOT_CONVINCING
+                continue
+        elif synthetic < min_gain:
             refusals.append(f"{variant}: held-out {metric} {synthetic:+.4f} < min_gain {min_gain}")
             causes[variant] = RejectionCause.BELOW_MIN_GAIN
             continue
-        if not human_signal and synthetic_only_min_gain > 0:
+        if evidence is None and not human_signal and synthetic_only_min_gain > 0:
             interval = (intervals or {}).get(variant)
             low = interval[0] if interval else synthetic
             if low < synthetic_only_min_gain:
@@ -131,11 +188,25 @@ def decide(
             causes.setdefault(variant, RejectionCause.GUARD_VETO)
         if variant not in causes:
             eligible.append(variant)
+
+    def strength(variant: str) -> tuple[float, float]:
+        """What ranks variants: the user's file, else the asked questions, else the held-out set."""
+        held = gains[variant].get(SYNTHETIC, float("-inf"))
+        if "user" in gains[variant] and all("user" in gains[v] for v in eligible or gains):
+            return gains[variant]["user"], held
+        if variant in asked:
+            return asked[variant].estimate, held
+        return held, held
+
     if not eligible:
-        # the cause of the variant that came closest on the held-out set
-        closest = max(gains, key=lambda v: gains[v].get(SYNTHETIC, float("-inf")))
+        # the cause of the variant that came closest: on the asked questions, else on the held-out set
+        closest = max(
+            gains, key=lambda v: asked[v].estimate if v in asked else gains[v].get(SYNTHETIC, float("-inf"))
+        )
         return Decision(False, None, "rejected: " + "; ".join(refusals), gains, cause=causes[closest])
-    deciding = "user" if all("user" in gains[v] for v in eligible) else SYNTHETIC
-    best = max(eligible, key=lambda v: (gains[v][deciding], gains[v][SYNTHETIC]))
+    best = max(eligible, key=strength)
     parts = [f"{name} {gains[best][name]:+.4f}" for name in gains[best]]
-    return Decision(True, best, f"promoted {best}: {metric} gain " + ", ".join(parts), gains)
+    reason = f"promoted {best}: {metric} gain " + ", ".join(parts)
+    if best in asked:
+        reason += f"; asked questions: {asked[best].describe()}"
+    return Decision(True, best, reason, gains)

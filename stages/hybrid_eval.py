@@ -65,9 +65,10 @@ class HybridEvaluator:
                 self._lexical.append([Scored(int(i), float(scores[i])) for i in top if scores[i] > 0])
         return self._lexical
 
-    def __call__(self, encoder, corpus_vectors: np.ndarray | None = None) -> EvalResult:
-        if not self.eval_set.queries or not self.eval_set.corpus_texts:
-            return evaluate_rankings([], [], self.primary_metric)
+    def rankings(
+        self, encoder, corpus_vectors: np.ndarray | None, weights: list[float | None]
+    ) -> dict[float | None, list[list[int]]]:
+        """Each query's fused list (corpus positions, best first) at each BM25 share in `weights`."""
         passages = (
             corpus_vectors
             if corpus_vectors is not None
@@ -80,7 +81,7 @@ class HybridEvaluator:
             for position, vector in own.items():
                 cosines[row, position] = float(np.dot(queries[row], vector))
         corpus_size = len(passages)
-        weights = list(dict.fromkeys([self.bm25_weight, *self.sweep]))
+        weights = list(dict.fromkeys(weights))
         ranked: dict[float | None, list[list[int]]] = {w: [] for w in weights}
         for row, lexical in enumerate(self._lexical_lists()):
             scores = cosines[row]
@@ -93,13 +94,23 @@ class HybridEvaluator:
                     self.eval_set.queries[row], dense, lexical, weight, SEARCH_DEPTH, dense_of, spreads
                 )
                 ranked[weight].append([hit.chunk_id for hit in fused])
-        result = evaluate_rankings(ranked[self.bm25_weight], self.eval_set.relevant, self.primary_metric)
+        return ranked
+
+    def __call__(self, encoder, corpus_vectors: np.ndarray | None = None) -> EvalResult:
+        if not self.eval_set.queries or not self.eval_set.corpus_texts:
+            return evaluate_rankings([], [], self.primary_metric)
+        ranked = self.rankings(encoder, corpus_vectors, [self.bm25_weight, *self.sweep])
+        return self.score(ranked, self.eval_set.relevant)
+
+    def score(
+        self, ranked: dict[float | None, list[list[int]]], relevant: list[dict[int, float]]
+    ) -> EvalResult:
+        """The result at the served share, with the sweep's scores beside it when there is one."""
+        result = evaluate_rankings(ranked[self.bm25_weight], relevant, self.primary_metric)
         if self.sweep:
             result.extra["bm25_weight"] = self.bm25_weight
             result.extra["bm25_sweep"] = {
-                f"{w:g}": round(
-                    evaluate_rankings(ranked[w], self.eval_set.relevant, self.primary_metric).primary, 5
-                )
+                f"{w:g}": round(evaluate_rankings(ranked[w], relevant, self.primary_metric).primary, 5)
                 for w in self.sweep
             }
         return result

@@ -288,6 +288,26 @@ MIGRATIONS: list[str] = [
     UPDATE jobs SET kind = 'onnx_export', key = 'onnx_export:' || substr(key, 8)
     WHERE kind = 'export' AND key LIKE 'export:%';
     """,
+    # 16: learning from real questions (state/real_queries.py). Each logged question is put, once and for
+    # good, in "train" or "judge"; the row outlives the query log's retention, so a question asked again
+    # after its queries were pruned lands on the same side. Judgments grade (question, passage) pairs 0..3
+    # per judge and are reused across rounds; both are keyed by text hashes, not row ids.
+    """
+    CREATE TABLE question_splits (
+        question_key  TEXT PRIMARY KEY,
+        split         TEXT NOT NULL CHECK (split IN ('train','judge')),
+        at            TEXT NOT NULL
+    ) WITHOUT ROWID;
+
+    CREATE TABLE judgments (
+        judge_id      TEXT NOT NULL,
+        question_key  TEXT NOT NULL,
+        passage_key   TEXT NOT NULL,
+        grade         REAL NOT NULL,
+        at            TEXT NOT NULL,
+        PRIMARY KEY (judge_id, question_key, passage_key)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

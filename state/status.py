@@ -16,6 +16,7 @@ from state.db import connect
 from state.index_records import active_languages
 from state.layout import StateLayout
 from state.query_log import QueryLog
+from state.real_queries import JudgmentStore, RealQueryStore
 from state.registry import current_model_row
 from state.samples import count_unused_train
 
@@ -119,6 +120,8 @@ def _fill_query_log(conn: sqlite3.Connection, status: dict[str, Any]) -> None:
     """What the query log holds (a database from before the log reads as empty)."""
     try:
         status["query_log"].update(QueryLog(conn).counts())
+        status["query_log"]["questions"] = RealQueryStore(conn).split_counts()
+        status["query_log"]["judgments"] = JudgmentStore(conn).count()
     except sqlite3.OperationalError as exc:
         if "no such table" not in str(exc):
             raise
@@ -397,7 +400,14 @@ def _query_log_lines(query_log: dict[str, Any]) -> list[str]:
     )
     if query_log.get("enabled") is False:
         line += "  logging off (query_log.enabled = false)"
-    return [line]
+    lines = [line]
+    questions = query_log.get("questions") or {}
+    if any(questions.values()):
+        lines.append(
+            f"          questions: {questions.get('train', 0)} to train on, {questions.get('judge', 0)} kept "
+            f"for the gate; {query_log.get('judgments', 0)} stored judgments"
+        )
+    return lines
 
 
 def _round_lines(rounds: list[dict[str, Any]]) -> list[str]:

@@ -465,10 +465,10 @@ def test_an_older_database_keeps_its_export_jobs_under_the_new_kind(tmp_path):
     """The ONNX job's kind was "export" (beside `embedtune export`'s training data); the migration renames
     the kind and the key, so a version exported (or refused) before is not exported again."""
     from daemon.onnx_jobs import JOB_KIND, export_key
-    from state.db import SCHEMA_VERSION, connect, migrate, utcnow
+    from state.db import connect, migrate, utcnow
 
     conn = connect(tmp_path / "old.db")
-    migrate(conn, SCHEMA_VERSION - 1)
+    migrate(conn, 14)  # the schema before migration 15 renamed the kind
     old_key = export_key(tmp_path).replace(f"{JOB_KIND}:", "export:", 1)
     conn.execute(
         "INSERT INTO jobs (kind, key, state, created, updated) VALUES ('export', ?, 'done', ?, ?)",

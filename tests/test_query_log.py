@@ -241,6 +241,8 @@ def test_status_counts_queries_and_events(make_settings, tmp_path, capsys):
         "events": 3,
         "queries_with_events": 2,
         "enabled": True,
+        "questions": {"train": 0, "judge": 0},  # splits are given when a round first reads a question
+        "judgments": 0,
     }
     code, out, err = _cli(capsys, settings, tmp_path, "status")
     assert code == 0, err
