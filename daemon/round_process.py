@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.asked_round import asked_set_for, read_logged, with_clicked_pairs
 from daemon.child_process import die_with_parent
 from daemon.logs import configure_logging, get_logger
 from daemon.onnx_jobs import remove_version_export
@@ -178,9 +179,10 @@ def judge_round(
     init_path = serving_path if settings.training.init == "current" else base_path
     encode = torch_encode_params(settings)
     progress.stage("snapshot")
-    snapshot = take_snapshot(
-        records.inputs(settings.training.max_pairs, settings.promotion.heldout_queries), folder
-    )
+    inputs = records.inputs(settings.training.max_pairs, settings.promotion.heldout_queries)
+    logged = read_logged(settings, db)
+    snapshot = take_snapshot(with_clicked_pairs(settings, inputs, logged, folder), folder)
+    asked = asked_set_for(settings, logged, snapshot)
     records.update(
         round_id, n_train=len(snapshot.train), n_heldout=len(snapshot.heldout), base_model=str(base_path)
     )
@@ -189,7 +191,11 @@ def judge_round(
     serving = Encoder(serving_path, encode, layout.cache)
     with_teacher = settings.model.teacher != "none"
     mined = mine_negatives(
-        snapshot, serving, negative_params(settings, with_teacher), None if with_teacher else folder
+        snapshot,
+        serving,
+        negative_params(settings, with_teacher),
+        None if with_teacher else folder,
+        preferred=logged.skipped,
     )
     examples = mined.examples
     if with_teacher:
@@ -203,12 +209,20 @@ def judge_round(
     progress.stage("evaluate")
     plan = eval_plan(settings, serving_path)
     sets = snapshot_sets(snapshot, plan)
-    pool = evaluation_pool(sets, plan, serving, mined.corpus_vectors)
+    pool = evaluation_pool([*sets, *([asked.eval_set] if asked else [])], plan, serving, mined.corpus_vectors)
     evaluators = build_evaluators(sets, plan, pool)
+    ranker = asked_ranker(asked, plan, pool) if asked else None
+    if ranker is not None:
+        evaluators.append(ranker)
     serving_vectors = mined.corpus_vectors if pool is None else mined.corpus_vectors[pool]
     results = {CURRENT: evaluate_variant(serving, evaluators, serving_vectors)}
     serving.release()
     variant_dirs = evaluate_variants(settings, folder, base_path, examples, evaluators, progress, results)
+    if ranker is not None:
+        progress.stage("judge_asked", questions=len(ranker.asked), gold=ranker.asked.gold_count)
+        same_base = Path(serving_path) == Path(base_path)
+        base_vectors = mined.corpus_vectors if same_base else None
+        judge_asked(settings, layout, db, snapshot, base_path, base_vectors, ranker, results)
 
     progress.stage("decide")
     return JudgedRound(
@@ -216,12 +230,54 @@ def judge_round(
         current=current,
         plan=plan,
         sets=sets,
-        set_names=[e.name for e in evaluators],
+        set_names=list(dict.fromkeys(name for per_set in results.values() for name in per_set)),
         variant_dirs=variant_dirs,
-        used=[s.id for s in snapshot.train],
+        used=[s.id for s in snapshot.train if s.id > 0],  # clicked pairs are not sample rows
         corpus=len(snapshot.texts),
         pool=None if pool is None else len(pool),
     )
+
+
+def asked_ranker(asked, plan, pool):
+    """The evaluator-like ranker of the asked set (restricted to the pool when there is one), ranking
+    as served with the served share and the sweep that may pick a new one."""
+    from stages.asked_eval import AskedRanker
+    from stages.eval_pool import restrict
+    from stages.fusion import WEIGHT_GRID
+    from stages.hybrid_eval import HybridEvaluator
+    from stages.real_queries import AskedSet
+    from stages.round_steps import served_weight
+
+    if pool is not None:
+        asked = AskedSet(restrict(asked.eval_set, pool), asked.keys, asked.gold)
+    served = None
+    if plan.served_mode == "hybrid":
+        served = HybridEvaluator(
+            asked.eval_set, served_weight(plan), plan.metric, candidates=plan.candidates, sweep=WEIGHT_GRID
+        )
+    return AskedRanker(asked, served, plan.metric)
+
+
+def judge_asked(settings, layout, db, snapshot, base_path, base_vectors, ranker, results) -> None:
+    """Judge the pool of every variant's top 10 on the asked questions and put the scored results in
+    `results` (or take the asked set out when too much of the pool went unjudged: an LLM gone mid-way)."""
+    from daemon.asked_round import build_assessor, judgment_storage
+    from stages.asked_eval import PENDING, judge_pools, pooled_positions, score_asked
+    from stages.real_queries import ASKED
+
+    pending = {variant: per_set.pop(ASKED).extra[PENDING] for variant, per_set in results.items()}
+    weight = ranker.served.bm25_weight if ranker.served is not None else None
+    pools = pooled_positions(list(pending.values()), weight)
+    assessor, release = build_assessor(settings, layout, snapshot.texts, base_path, base_vectors)
+    try:
+        labels, account = judge_pools(ranker.asked, pools, assessor, judgment_storage(db))
+    finally:
+        release()
+    if not account.usable:
+        log.warning("asked_set_not_judged", **account.to_json())
+        return
+    for variant, scored in score_asked(ranker, pending, labels, account).items():
+        results[variant].update(scored)
 
 
 def evaluate_variants(

@@ -172,6 +172,8 @@ class TrainingSettings(_Section):
     teacher_depth: int = Field(30, ge=2, le=1000)
     precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     gradient_checkpointing: bool = False
+    # "auto": frozen when the vocabulary has at least 100,000 tokens (stages/train.py FREEZE_VOCAB_MIN)
+    freeze_word_embeddings: bool | Literal["auto"] = "auto"
     seed: int = 42
     launcher: Literal["local", "torchrun"] = "local"
     nproc_per_node: int = Field(1, ge=1, le=64)
@@ -215,6 +217,14 @@ class TrainingSettings(_Section):
         except LossSpecError as exc:
             raise ValueError(f"training.loss: {exc}") from None
         return value.strip()
+
+    @field_validator("freeze_word_embeddings", mode="before")
+    @classmethod
+    def _freeze_choice(cls, value: object) -> object:
+        """Only TOML's true/false or "auto": a lax bool would read "no" or 1 as a choice."""
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ValueError(f'training.freeze_word_embeddings {value!r}: use true, false or "auto"')
 
     @field_validator("negative_range")
     @classmethod
@@ -262,6 +272,18 @@ class PromotionSettings(_Section):
     bootstrap_samples: int = Field(1000, ge=0)
     eval_pool: int = Field(10_000, ge=0)
     heldout_queries: int = Field(1000, ge=1)
+    # The questions users asked (the judge part of the query log) decide eligibility once at least this
+    # many of them have answers among the active chunks (docs/promotion.md, rule 0)
+    asked_min_queries: int = Field(30, ge=2)
+    # With event labels on at least ppi_min_gold of them, the gain's PPI++ interval must lie above this
+    asked_min_gain: float = Field(0.0, ge=0)
+    # (PPI++'s normal interval covers ~90% of the time with 30 gold questions, ~93% with 60: stages/ppi.py)
+    ppi_min_gold: int = Field(50, ge=2)
+    # With an assessor's grades alone, the interval's low end must reach this margin
+    assessor_only_min_gain: float = Field(0.01, ge=0)
+    # Who grades the pooled answers: "llm" (needs llm.url), "teacher" (model.teacher, or the hybrid of
+    # the base model and BM25 when that is "none": a weak assessor), "auto": the LLM when there is one
+    assessor: Literal["auto", "llm", "teacher"] = "auto"
 
     @field_validator("merge_weights")
     @classmethod
@@ -347,6 +369,13 @@ class QueryLogSettings(_Section):
     enabled: bool = True
     # Days a query and its events are kept (the daemon prunes at start and daily); 0 keeps them for ever
     retention_days: float = Field(90.0, ge=0)
+    # Rounds train on the clicked (or cited) answers of the train part of the logged questions, before
+    # the synthetic pairs (stages/real_queries.py); false: synthetic pairs only
+    train_on_clicks: bool = True
+    # The most recently asked distinct questions a round reads (train and judge parts together)
+    questions: int = Field(2000, ge=0, le=1_000_000)
+    # The share of new questions set apart, for good, for the gate alone (never trained on)
+    judge_share: float = Field(0.5, gt=0, lt=1)
 
 
 class ServeSettings(_Section):

@@ -141,4 +141,7 @@ def gate_params(settings: Settings):
         promotion.synthetic_only_min_gain,
         promotion.bootstrap_samples,
         settings.training.seed,
+        promotion.asked_min_gain,
+        promotion.assessor_only_min_gain,
+        promotion.ppi_min_gold,
     )

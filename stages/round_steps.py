@@ -29,7 +29,15 @@ from stages.eval_pool import pool_indices, restrict
 from stages.evalsets import EvalSet, load_eval_file, structure_set, without_copied_query
 from stages.evaluate import EvalResult, RetrievalEvaluator
 from stages.fusion import WEIGHT_GRID, choose_bm25_weight, pick_weight, served_default_share
-from stages.gate import SERVED_SUFFIX, Decision, RejectionCause, decide, paired_bootstrap
+from stages.gate import (
+    ASKED,
+    SERVED_SUFFIX,
+    AskedEvidence,
+    Decision,
+    RejectionCause,
+    decide,
+    paired_bootstrap,
+)
 from stages.hybrid_eval import HybridEvaluator, served_name
 from stages.labels import (
     LabelParams,
@@ -140,10 +148,16 @@ class MinedSet:
 
 
 def mine_negatives(
-    snapshot: Snapshot, serving: Encoder, params: NegativeParams, folder: Path | None = None
+    snapshot: Snapshot,
+    serving: Encoder,
+    params: NegativeParams,
+    folder: Path | None = None,
+    preferred: dict[int, list[int]] | None = None,
 ) -> MinedSet:
     """Hard negatives for every training pair, retrieved by the model in service (hn_mine's recipe).
-    The one miner: rounds and `embedtune export` both call it."""
+    The one miner: rounds and `embedtune export` both call it. `preferred` (sample id -> chunk ids): the
+    hits a user skipped above the one they used; they come first among a clicked pair's negatives when
+    they pass the same margin test as mined ones (a skipped hit can be relevant too)."""
     corpus_vectors = serving.passages(snapshot.texts, snapshot.keys)
     serving.save_cache()  # the corpus vectors survive even if mining is interrupted
     mined = None
@@ -158,6 +172,8 @@ def mine_negatives(
             params.margin,
             params.seed,
         )
+    if mined and preferred:
+        mined = _prefer_skipped(snapshot, mined, preferred, corpus_vectors, serving, params)
     examples = [
         TrainingExample(
             sample.query,
@@ -173,6 +189,38 @@ def mine_negatives(
     if folder is not None:
         write_jsonl(folder / "train.jsonl", (asdict(e) for e in examples))
     return MinedSet(examples, corpus_vectors)
+
+
+def _prefer_skipped(
+    snapshot: Snapshot, mined: list, preferred: dict[int, list[int]], corpus_vectors, serving, params
+):
+    """Put the vetted skipped hits first among each clicked pair's negatives (same count as mined)."""
+    from stages.negatives import MinedNegatives
+
+    rows = [i for i, sample in enumerate(snapshot.train) if preferred.get(sample.id)]
+    if not rows:
+        return mined
+    vectors = serving.queries([snapshot.train[i].query for i in rows])
+    out = list(mined)
+    for row, vector in zip(rows, vectors, strict=True):
+        sample, found = snapshot.train[row], mined[row]
+        own = snapshot.position.get(sample.chunk_id, -1)
+        picked: list[tuple[int, float]] = []
+        for chunk in preferred[sample.id]:
+            position = snapshot.position.get(chunk)
+            if position is None or position == own:
+                continue
+            score = float(vector @ corpus_vectors[position])
+            if (
+                score <= found.positive_score - params.margin
+            ):  # the miner's test: not too close to the positive
+                picked.append((position, score))
+        picked = picked[: params.count]
+        taken = {p for p, _s in picked}
+        rest = [(c, s) for c, s in zip(found.negatives, found.negative_scores, strict=True) if c not in taken]
+        chosen = picked + rest[: max(0, len(found.negatives) - len(picked))]
+        out[row] = MinedNegatives([c for c, _s in chosen], found.positive_score, [s for _c, s in chosen])
+    return out
 
 
 # --- label (with a teacher) ---------------------------------------------------------------------------
@@ -404,11 +452,13 @@ def corpus_default_weight(corpus_texts: list[str]) -> float:
 
 def retrieval_choice(table: dict[str, dict], variant: str, default: float) -> dict | None:
     """The BM25 share to serve `variant` with, picked on the user's judged queries (its `user+served`
-    sweep); None without a user set. Written into the model's folder (stages/fusion.RETRIEVAL_FILE)."""
-    sweep = (table.get(variant, {}).get(served_name("user")) or {}).get("bm25_sweep")
-    if not sweep:
-        return None
-    return {"bm25_weight": pick_weight(sweep, default), "chosen_on": "user", "sweep": sweep}
+    sweep), else on the questions users asked (`asked+served`, judged on the pooled answers); None with
+    neither. Written into the model's folder (stages/fusion.RETRIEVAL_FILE)."""
+    for set_name in ("user", ASKED):
+        sweep = (table.get(variant, {}).get(served_name(set_name)) or {}).get("bm25_sweep")
+        if sweep:
+            return {"bm25_weight": pick_weight(sweep, default), "chosen_on": set_name, "sweep": sweep}
+    return None
 
 
 Results = dict[str, dict[str, EvalResult]]  # variant -> evaluator name -> result
@@ -443,7 +493,7 @@ def evaluate_variant(
     encoder: Encoder, evaluators: list[RetrievalEvaluator], heldout_vectors: np.ndarray | None = None
 ) -> dict[str, EvalResult]:
     """One model on every set; `heldout_vectors` are the model's own corpus vectors when known."""
-    own = (HELDOUT, served_name(HELDOUT))
+    own = (HELDOUT, served_name(HELDOUT), ASKED)
     shared = EncodedOnce(encoder)
     return {e.name: e(shared, heldout_vectors if e.name in own else None) for e in evaluators}
 
@@ -494,6 +544,9 @@ class GateParams:
     synthetic_only_min_gain: float = 0.01
     bootstrap_samples: int = 1000
     seed: int = 42
+    asked_min_gain: float = 0.0  # with event labels (PPI++): the interval's low end must exceed this
+    assessor_only_min_gain: float = 0.01  # the margin when only an assessor judged the asked questions
+    ppi_min_gold: int = 50  # questions with events needed before they correct the assessor
 
 
 @dataclass
@@ -539,6 +592,11 @@ def decide_round(
         for variant, sets in per_query.items()
         if variant != CURRENT
     }
+    asked = {
+        variant: evidence
+        for variant, per_set in results.items()
+        if variant != CURRENT and (evidence := asked_evidence(per_set, results[CURRENT], params)) is not None
+    }
     decision = decide(
         scores,
         params.metric,
@@ -548,6 +606,7 @@ def decide_round(
         intervals=intervals,
         synthetic_only_min_gain=params.synthetic_only_min_gain,
         served_intervals=served_intervals,
+        asked=asked,
     )
     table = {
         variant: {name: r.to_json() for name, r in per_set.items()} for variant, per_set in results.items()
@@ -569,9 +628,59 @@ def decide_round(
                 "interval": interval,
                 "best": best,
                 "cause": decision.cause.value if decision.cause else None,
+                "asked": {variant: asdict(evidence) for variant, evidence in asked.items()},
                 "train": asdict(train) if train else None,
             },
             indent=2,
         )
     )
     return verdict
+
+
+def asked_evidence(variant: dict[str, EvalResult], current: dict[str, EvalResult], params: GateParams):
+    """The variant's gain on the asked questions as served (dense when the index serves dense), with its
+    interval: PPI++ when at least `ppi_min_gold` questions carry events (their event-label gains correct
+    the assessor's on every question), else a paired bootstrap of the assessor's gains with the
+    assessor-only margin. None when the round has no usable asked set."""
+    from stages.ppi import ppi_mean_interval
+
+    name = next((n for n in (served_name(ASKED), ASKED) if n in variant and n in current), None)
+    if name is None or not variant[name].n_queries:
+        return None
+    new, old = variant[name], current[name]
+    if not new.extra.get("judging", {}).get("usable", False):
+        return None
+    predicted = np.asarray(new.primary_per_query) - np.asarray(old.primary_per_query)
+    gold_new, gold_old = new.extra["gold_per_query"], old.extra["gold_per_query"]
+    labelled = [i for i, value in enumerate(gold_new) if value is not None and gold_old[i] is not None]
+    weak = bool(new.extra["judging"].get("weak_assessor"))
+    if len(labelled) >= params.ppi_min_gold:
+        unlabelled = [i for i in range(len(predicted)) if i not in set(labelled)]
+        gold = np.asarray([gold_new[i] - gold_old[i] for i in labelled])
+        estimate = ppi_mean_interval(gold, predicted[labelled], predicted[unlabelled])
+        return AskedEvidence(
+            name,
+            estimate.estimate,
+            estimate.low,
+            estimate.high,
+            "ppi++",
+            weak,
+            len(predicted),
+            len(labelled),
+            params.asked_min_gain,
+        )
+    interval = paired_bootstrap(
+        new.primary_per_query, old.primary_per_query, max(params.bootstrap_samples, 1000), params.seed
+    )
+    low, high = interval if interval else (float(predicted.mean()), float(predicted.mean()))
+    return AskedEvidence(
+        name,
+        float(predicted.mean()),
+        low,
+        high,
+        "assessor",
+        weak,
+        len(predicted),
+        len(labelled),
+        max(params.assessor_only_min_gain, params.asked_min_gain),
+    )

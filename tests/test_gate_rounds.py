@@ -118,6 +118,87 @@ def test_gate_rejects_below_min_gain(prepared, tmp_path, tiny_embedder):
     row, layout, _db = _run(_case(prepared, tmp_path, tiny_embedder, min_gain=0.9))
     assert (row["decision"], row["cause"]) == ("rejected", "below_min_gain")
     assert "min_gain 0.9" in row["reason"] and not serves_a_version(layout)
+    # no query log: the round judges as it did before there was one
+    metrics = json.loads((layout.round_dir(row["id"]) / "metrics.json").read_text())
+    assert metrics["asked"] == {} and not any(
+        name.startswith("asked") for name in metrics["variants"]["current"]
+    )
+    assert not (layout.round_dir(row["id"]) / "clicked.jsonl").exists()
+
+
+def _log_questions(settings) -> dict[str, str]:
+    """Every kept query asked once through the log, as an application would: its chunk shown second
+    below another, and a click on it for two questions in three (the first hit skipped). Returns each
+    question's text -> its part, as the round will assign it."""
+    from state.db import Database
+    from state.query_log import LoggedEvent, LoggedQuery, QueryLog
+    from state.real_queries import question_key, split_for
+    from state.round_records import RoundStore
+
+    db = Database(Path(settings.paths.state_dir) / "embedtune.db")
+    inputs = RoundStore(db.conn).inputs(max_pairs=-1)
+    chunk_ids = [chunk.id for chunk in inputs.corpus]
+    asked = list(
+        dict.fromkeys(
+            [(s.query, s.chunk_id) for s in inputs.train] + [(h.query, h.chunk_id) for h in inputs.heldout]
+        )
+    )
+    log = QueryLog(db.conn)
+    parts = {}
+    for number, (query, chunk) in enumerate(asked):
+        other = chunk_ids[(chunk_ids.index(chunk) + 1) % len(chunk_ids)]
+        qid = f"q{number}"
+        log.record_queries([LoggedQuery(qid, query, "app", "http", "hybrid", "base", "c", [other, chunk])])
+        if number % 3:
+            assert log.record_event(LoggedEvent(qid, "click", str(chunk), 2, "app", {})) == ""
+        parts[query] = split_for(question_key(query), settings.query_log.judge_share)
+    return parts
+
+
+def test_a_round_judges_on_logged_questions_and_trains_on_clicked_ones_only(
+    prepared, tmp_path, tiny_embedder
+):
+    """Issue 37: the judge part of the log decides (rule 0) on pooled, stored teacher judgments; the train
+    part's clicks become training pairs; no judged question is ever trained on; a second round reuses
+    the stored judgments."""
+    from state.real_queries import JUDGE, TRAIN
+
+    settings = _case(
+        prepared, tmp_path, tiny_embedder, asked_min_queries=3, ppi_min_gold=2, assessor="teacher"
+    )
+    parts = _log_questions(settings)
+    assert TRAIN in parts.values() and JUDGE in parts.values(), parts
+    row, layout, db = _run(settings)
+    assert row["state"] == "finished", row["reason"]
+    folder = layout.round_dir(row["id"])
+    metrics = json.loads((folder / "metrics.json").read_text())
+    current = metrics["variants"]["current"]
+    assert {"asked", "asked+served"} <= set(current), list(current)
+    judging = current["asked+served"]["judging"]
+    assert judging["judge"].startswith("teacher:") and judging["weak_assessor"] is True
+    assert judging["pooled"] == judging["judged"] > 0 and judging["usable"]
+    judged_questions = {q for q, part in parts.items() if part == JUDGE}
+    assert current["asked"]["n_queries"] == len(judged_questions)
+    # rule 0 decided, and says its evidence came from a weak assessor checked against the events
+    assert "asked" in row["reason"] and "asked" in json.dumps(metrics["asked"]), row["reason"]
+    evidence = next(iter(metrics["asked"].values()))
+    assert (
+        evidence["method"] == "ppi++" and evidence["weak"] is True and evidence["set_name"] == "asked+served"
+    )
+    # clicked pairs: train-part questions only; no judged question in any training row
+    clicked = [json.loads(line) for line in (folder / "clicked.jsonl").read_text().splitlines()]
+    assert clicked and all(parts[pair["query"]] == TRAIN for pair in clicked)
+    trained = {json.loads(line)["query"] for line in (folder / "train.jsonl").read_text().splitlines()}
+    assert {pair["query"] for pair in clicked} <= trained and not trained & judged_questions
+    # the stored judgments are reused by the next round
+    from state.real_queries import JudgmentStore
+
+    stored = JudgmentStore(db.conn).count()
+    assert stored == judging["judged"]
+    again, _layout, _db = _run(settings)
+    second = json.loads((layout.round_dir(again["id"]) / "metrics.json").read_text())
+    reused = second["variants"]["current"]["asked+served"]["judging"]
+    assert reused["reused"] > 0 and reused["judged"] < reused["pooled"], reused
 
 
 def test_gate_rule_3b_without_human_signal(prepared, tmp_path, tiny_embedder):
