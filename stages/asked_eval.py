@@ -30,7 +30,7 @@ from stages.real_queries import ASKED, AskedSet
 log = structlog.get_logger("embedtune.asked")
 
 POOL_DEPTH = 10  # the gate's metric is nDCG@10: deeper passages never change it
-PENDING = "pending_rankings"
+PENDING = "_pending_rankings"
 MAX_UNJUDGED_SHARE = 0.1  # more pooled passages than this left unjudged: the set is not evidence
 
 JudgmentKey = tuple[str, str]  # (question key, passage text key)
@@ -197,7 +197,7 @@ def _scored(
 
 def _attach(result: EvalResult, on_gold: EvalResult, has_gold: list[bool], account: AskedJudging) -> None:
     values = on_gold.primary_per_query
-    result.extra["gold_per_query"] = [v if g else None for v, g in zip(values, has_gold, strict=True)]
+    result.extra["_gold_per_query"] = [v if g else None for v, g in zip(values, has_gold, strict=True)]
     result.extra["gold_questions"] = sum(has_gold)
     if any(has_gold):
         result.extra["gold_" + result.primary_metric] = round(

@@ -37,10 +37,12 @@ class EvalResult:
         return self.per_query.get(self.primary_metric, [])
 
     def to_json(self) -> dict:
+        """The summary a round records (per-query lists, the extras named with a leading "_", stay in
+        per_query.json)."""
         return {
             "n_queries": self.n_queries,
             **{k: round(v, 5) for k, v in self.metrics.items()},
-            **self.extra,
+            **{k: v for k, v in self.extra.items() if not k.startswith("_")},
         }
 
 

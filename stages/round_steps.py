@@ -575,7 +575,15 @@ def decide_round(
         variant: {name: r.primary_per_query for name, r in per_set.items()}
         for variant, per_set in results.items()
     }
+    gold = {  # the asked sets' per-question metric on the event labels (None: no events)
+        variant: {
+            name: r.extra["_gold_per_query"] for name, r in per_set.items() if "_gold_per_query" in r.extra
+        }
+        for variant, per_set in results.items()
+    }
     (folder / "per_query.json").write_text(json.dumps(per_query))
+    if any(gold.values()):
+        (folder / "per_query_gold.json").write_text(json.dumps(gold))
     intervals = {
         variant: paired_bootstrap(
             per_query[variant][HELDOUT], per_query[CURRENT][HELDOUT], params.bootstrap_samples, params.seed
@@ -651,7 +659,7 @@ def asked_evidence(variant: dict[str, EvalResult], current: dict[str, EvalResult
     if not new.extra.get("judging", {}).get("usable", False):
         return None
     predicted = np.asarray(new.primary_per_query) - np.asarray(old.primary_per_query)
-    gold_new, gold_old = new.extra["gold_per_query"], old.extra["gold_per_query"]
+    gold_new, gold_old = new.extra["_gold_per_query"], old.extra["_gold_per_query"]
     labelled = [i for i, value in enumerate(gold_new) if value is not None and gold_old[i] is not None]
     weak = bool(new.extra["judging"].get("weak_assessor"))
     if len(labelled) >= params.ppi_min_gold:

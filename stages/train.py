@@ -5,6 +5,7 @@ when `cached_batch` is set, so a large batch fits in small memory), the teacher-
 KL, or a weighted sum. The query instruction is applied to the query column only, as BGE models expect;
 a model that declares a passage prompt (E5) gets it on the passage columns.
 bf16 (or fp16) on CUDA, all cores on CPU. Runs in the round's child process.
+A multilingual model's word-embedding table is frozen by default (`freeze_word_embeddings`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger("embedtune.train")
 
 
 @dataclass
@@ -34,6 +39,7 @@ class TrainParams:
     seed: int = 42
     device: str = "auto"
     loss: str = "mnrl"
+    freeze_word_embeddings: bool | str = "auto"
 
 
 @dataclass
@@ -45,6 +51,8 @@ class TrainOutcome:
     pairs_per_second: float
     stopped_early: bool
     precision: str
+    word_embeddings_frozen: bool = False
+    optimized_parameters: int = 0  # parameters the optimiser updated (0: no step was run)
 
 
 ProgressFn = Callable[[int, int, float | None], None]
@@ -124,6 +132,62 @@ def resolve_cached_batch(cached_batch: int | str, on_cpu: bool) -> int:
     if cached_batch == "auto":
         return CPU_CACHED_BATCH if on_cpu else 0
     return int(cached_batch)
+
+
+# "auto" freezes the input word embeddings of vocabularies at least this large: multilingual-e5-small's
+# 250k-token table is 96M of its 118M weights, and with its gradient and AdamW's two moments it was most
+# of a CPU round's 4 GB; English BERTs' 30k-token tables are a small share and stay trained.
+FREEZE_VOCAB_MIN = 100_000
+
+
+def resolve_freeze_word_embeddings(setting: bool | str, vocab_size: int) -> bool:
+    if setting == "auto":
+        return vocab_size >= FREEZE_VOCAB_MIN
+    if isinstance(setting, bool):
+        return setting
+    raise ValueError(f"freeze_word_embeddings {setting!r}: use true, false or 'auto'")
+
+
+def _word_embeddings(model):
+    """The transformer's input word-embedding table, or None for a model without one to find."""
+    try:
+        embeddings = model[0].auto_model.get_input_embeddings()
+    except (AttributeError, IndexError, KeyError, NotImplementedError, TypeError):
+        return None
+    weight = getattr(embeddings, "weight", None)
+    return weight if weight is not None and weight.dim() == 2 else None
+
+
+def apply_word_embedding_freeze(model, setting: bool | str) -> bool:
+    """Freeze (or keep training) the word embeddings; True when frozen. A round's pairs touch a few
+    thousand rows of a 250k-token table, yet its gradient and AdamW's moments are dense over all of
+    them; frozen, the table needs neither (the trainer's optimiser takes only parameters that require
+    grad, transformers' Trainer.create_optimizer)."""
+    weight = _word_embeddings(model)
+    if weight is None:
+        if setting is True:
+            log.warning("word_embeddings_not_found", reason="the model exposes no input embeddings")
+        return False
+    vocab_size = int(weight.shape[0])
+    frozen = resolve_freeze_word_embeddings(setting, vocab_size)
+    weight.requires_grad_(not frozen)
+    if frozen:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info(
+            "word_embeddings_frozen",
+            vocab_size=vocab_size,
+            excluded_parameters=weight.numel(),
+            trainable_parameters=trainable,
+            setting=setting,
+        )
+    return frozen
+
+
+def _optimized_parameters(trainer) -> int:
+    optimizer = getattr(trainer, "optimizer", None)
+    if optimizer is None:
+        return 0
+    return sum(p.numel() for group in optimizer.param_groups for p in group["params"])
 
 
 def resolve_precision(precision: str, device: str = "auto") -> str:
@@ -284,6 +348,7 @@ def train_model(
         torch.set_num_threads(usable_cpus())
     if model is None:
         model = load_embedder(base_path, params.device)
+    frozen = apply_word_embedding_freeze(model, params.freeze_word_embeddings)
     if params.gradient_checkpointing:
         transformer = model[0].auto_model
         if hasattr(transformer, "gradient_checkpointing_enable"):
@@ -296,7 +361,7 @@ def train_model(
     # Under torchrun each rank sees its own shard; in-batch negatives are gathered from every rank, so
     # the effective batch (and the number of negatives per query) grows with the number of devices.
     if len(dataset) < 2:  # no batch can be formed: no step, which the round turns into a rejection
-        return TrainOutcome(0, 0, None, 0.0, 0.0, False, precision)
+        return TrainOutcome(0, 0, None, 0.0, 0.0, False, precision, frozen)
     loss = build_loss(
         params.loss,
         model,
@@ -340,4 +405,6 @@ def train_model(
         pairs_per_second=pairs / seconds if seconds else 0.0,
         stopped_early=state["stopped"],
         precision=precision,
+        word_embeddings_frozen=frozen,
+        optimized_parameters=_optimized_parameters(trainer),
     )

@@ -166,7 +166,7 @@ def test_the_round_evidence_uses_ppi_only_with_enough_gold(gold_questions):
 
     def result(values, gold_shift):
         gold = [float(v + gold_shift) if i < gold_questions else None for i, v in enumerate(values)]
-        extra = {"gold_per_query": gold, "judging": {"usable": True, "weak_assessor": True}}
+        extra = {"_gold_per_query": gold, "judging": {"usable": True, "weak_assessor": True}}
         return {
             "asked+served": EvalResult(
                 {"ndcg@10": float(np.mean(values))}, {"ndcg@10": list(values)}, n, extra=extra
