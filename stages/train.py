@@ -135,8 +135,8 @@ def resolve_cached_batch(cached_batch: int | str, on_cpu: bool) -> int:
 
 
 # "auto" freezes the input word embeddings of vocabularies at least this large: multilingual-e5-small's
-# 250k-token table is 96M of its 118M weights, and with its gradient and AdamW's two moments it was most
-# of a CPU round's 4 GB; English BERTs' 30k-token tables are a small share and stay trained.
+# 250k-token table is 96M of its 118M weights, and frozen, its training peak on the CPU fell from 4.1 GB
+# to 2.5 GB, 5-7% faster (docs/benchmarks.md); English BERTs' 30k-token tables stay trained.
 FREEZE_VOCAB_MIN = 100_000
 
 
@@ -159,10 +159,10 @@ def _word_embeddings(model):
 
 
 def apply_word_embedding_freeze(model, setting: bool | str) -> bool:
-    """Freeze (or keep training) the word embeddings; True when frozen. A round's pairs touch a few
-    thousand rows of a 250k-token table, yet its gradient and AdamW's moments are dense over all of
-    them; frozen, the table needs neither (the trainer's optimiser takes only parameters that require
-    grad, transformers' Trainer.create_optimizer)."""
+    """Freeze (or keep training) the word embeddings; True when frozen. A round's pairs use ~2% of a
+    250k-token table's rows, yet its gradient and AdamW's moments are dense over all of them; frozen,
+    the table needs neither (the trainer's optimiser takes only parameters that require grad,
+    transformers' Trainer.create_optimizer)."""
     weight = _word_embeddings(model)
     if weight is None:
         if setting is True:
