@@ -330,3 +330,27 @@ def test_a_large_corpus_is_judged_on_a_pool_and_each_step_reports_its_cost(prepa
     status = read_status(layout)
     assert [step["step"] for step in status["rounds"][0]["steps"]] == names
     assert "peak " in format_status(status) and "negatives " in format_status(status)
+
+
+def test_an_llm_assessor_gone_during_judging_leaves_the_round_judged_as_without_the_log(
+    prepared, tmp_path, tiny_embedder
+):
+    """The assessor is the LLM and nothing answers at its address: no pooled passage gets a grade, the
+    asked set is not evidence, and the round decides on its other sets (rules 1-4), saying nothing it
+    could not measure."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    settings = _case(prepared, tmp_path, tiny_embedder, asked_min_queries=3, assessor="llm")
+    settings.llm.url = f"http://127.0.0.1:{port}/v1"
+    settings.llm.max_retries = 0
+    _log_questions(settings)
+    row, layout, db = _run(settings)
+    assert row["state"] == "finished" and row["cause"] != "asked_gain_not_convincing", row["reason"]
+    metrics = json.loads((layout.round_dir(row["id"]) / "metrics.json").read_text())
+    assert metrics["asked"] == {} and "asked" not in metrics["variants"]["current"]
+    from state.real_queries import JudgmentStore
+
+    assert JudgmentStore(db.conn).count() == 0
