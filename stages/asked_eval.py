@@ -178,6 +178,10 @@ def score_asked(
             result = served.score(rankings["served"], graded)
             served_gold = evaluate_rankings(rankings["served"][served.bm25_weight], gold, ranker.metric)
             _attach(result, served_gold, has_gold, account)
+            if served.sweep and any(has_gold):
+                result.extra["bm25_sweep_events"] = events_sweep(
+                    rankings["served"], gold, has_gold, served.sweep, ranker.metric
+                )
             out[variant][served_name(ASKED)] = result
     return out
 
@@ -204,3 +208,18 @@ def _attach(result: EvalResult, on_gold: EvalResult, has_gold: list[bool], accou
             float(np.mean([v for v, g in zip(values, has_gold, strict=True) if g])), 5
         )
     result.extra["judging"] = account.to_json()
+
+
+def events_sweep(
+    served: dict, gold: list[dict[int, float]], has_gold: list[bool], weights, metric: str
+) -> dict[str, float]:
+    """The sweep scored on the event labels of the questions that have them: the share chosen from
+    what users used, not from what an assessor (perhaps the teacher, itself a BM25 mix) prefers."""
+    rows = [row for row, flag in enumerate(has_gold) if flag]
+    return {
+        f"{w:g}": round(
+            evaluate_rankings([served[w][row] for row in rows], [gold[row] for row in rows], metric).primary,
+            5,
+        )
+        for w in weights
+    }

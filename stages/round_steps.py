@@ -454,12 +454,20 @@ def retrieval_choice(table: dict[str, dict], variant: str, default: float) -> di
     """The BM25 share to serve `variant` with, picked on the user's judged queries (its `user+served`
     sweep), else on the questions users asked (`asked+served`, judged on the pooled answers); None with
     neither. Written into the model's folder (stages/fusion.RETRIEVAL_FILE)."""
-    for set_name in ("user", ASKED):
-        sweep = (table.get(variant, {}).get(served_name(set_name)) or {}).get("bm25_sweep")
-        if sweep:
-            return {"bm25_weight": pick_weight(sweep, default), "chosen_on": set_name, "sweep": sweep}
-    return None
+    sweep = (table.get(variant, {}).get(served_name("user")) or {}).get("bm25_sweep")
+    if sweep:
+        return {"bm25_weight": pick_weight(sweep, default), "chosen_on": "user", "sweep": sweep}
+    asked = table.get(variant, {}).get(served_name(ASKED)) or {}
+    if asked.get("gold_questions", 0) >= SWEEP_MIN_EVENTS and asked.get("bm25_sweep_events"):
+        sweep = asked["bm25_sweep_events"]
+        return {"bm25_weight": pick_weight(sweep, default), "chosen_on": "asked (events)", "sweep": sweep}
+    if asked.get("bm25_sweep") and not asked.get("judging", {}).get("weak_assessor", True):
+        sweep = asked["bm25_sweep"]
+        return {"bm25_weight": pick_weight(sweep, default), "chosen_on": "asked (assessor)", "sweep": sweep}
+    return None  # a weak assessor mixes BM25 itself: its preference would choose its own share
 
+
+SWEEP_MIN_EVENTS = 30  # asked questions with events before their sweep may choose the served share
 
 Results = dict[str, dict[str, EvalResult]]  # variant -> evaluator name -> result
 

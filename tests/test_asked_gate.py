@@ -181,3 +181,25 @@ def test_the_round_evidence_uses_ppi_only_with_enough_gold(gold_questions):
     else:
         assert evidence.method == "assessor" and evidence.required == 0.01
         assert evidence.estimate == pytest.approx(float(np.mean(new - old)))
+
+
+def test_the_served_share_is_chosen_on_events_or_a_real_assessor_never_on_the_teacher_alone():
+    from stages.round_steps import SWEEP_MIN_EVENTS, retrieval_choice
+
+    def table(gold_questions, weak, events=None, graded=None):
+        served = {
+            "gold_questions": gold_questions,
+            "judging": {"weak_assessor": weak},
+            "bm25_sweep": graded or {"0.3": 0.5, "0.7": 0.6},
+        }
+        if events is not None:
+            served["bm25_sweep_events"] = events
+        return {"candidate": {"asked+served": served}}
+
+    by_events = retrieval_choice(table(SWEEP_MIN_EVENTS, True, {"0.3": 0.7, "0.7": 0.4}), "candidate", 0.5)
+    assert by_events["bm25_weight"] == 0.3 and by_events["chosen_on"] == "asked (events)"
+    by_llm = retrieval_choice(table(3, False, {"0.3": 0.7, "0.7": 0.4}), "candidate", 0.5)
+    assert by_llm["bm25_weight"] == 0.7 and by_llm["chosen_on"] == "asked (assessor)"
+    assert retrieval_choice(table(3, True, {"0.3": 0.7}), "candidate", 0.5) is None
+    user = {"candidate": {"user+served": {"bm25_sweep": {"0.1": 0.9}}, **table(99, False)["candidate"]}}
+    assert retrieval_choice(user, "candidate", 0.5)["chosen_on"] == "user"  # the user's file comes first
