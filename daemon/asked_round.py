@@ -23,6 +23,7 @@ class LoggedForRound:
     """The logged questions as the round read them, and what it made of them."""
 
     questions: list[LoggedQuestion] = field(default_factory=list)
+    judged_pairs: set[str] = field(default_factory=set)  # training queries that are gate questions
     clicked: int = 0  # clicked pairs added to training
     skipped: dict[int, list[int]] = field(default_factory=dict)  # clicked sample id -> skipped chunk ids
 
@@ -33,13 +34,14 @@ class LoggedForRound:
         return sum(1 for q in self.questions if q.split == JUDGE)
 
 
-def read_logged(settings: Settings, db: Database) -> LoggedForRound:
-    """The most recent distinct questions (splits assigned to new ones, for good); none when the log is
-    off for rounds (`query_log.questions = 0`)."""
+def read_logged(settings: Settings, db: Database, inputs: RoundInputs) -> LoggedForRound:
+    """The most recent distinct questions (splits assigned to new ones, for good), and which of the
+    round's training queries are questions of the gate's part (asked at any time); nothing read when the
+    log is off for rounds (`query_log.questions = 0`)."""
+    store = RealQueryStore(db.conn)
     limit = settings.query_log.questions
-    if limit <= 0:
-        return LoggedForRound()
-    return LoggedForRound(RealQueryStore(db.conn).questions(limit, settings.query_log.judge_share))
+    questions = store.questions(limit, settings.query_log.judge_share) if limit > 0 else []
+    return LoggedForRound(questions, store.judged_among([s.query for s in inputs.train]))
 
 
 def with_clicked_pairs(
@@ -49,23 +51,21 @@ def with_clicked_pairs(
     the whole still at most `training.max_pairs`; the pairs are written to clicked.jsonl. A synthetic
     pair whose question is one the gate judges on is left out: the judge part is never trained on."""
     from stages.real_queries import clicked_pairs, clicked_samples
-    from state.real_queries import JUDGE, question_key
 
-    if not logged.questions:
-        return inputs
-    judged = {q.key for q in logged.questions if q.split == JUDGE}
-    kept = [s for s in inputs.train if question_key(s.query) not in judged]
+    kept = [s for s in inputs.train if s.query not in logged.judged_pairs]
     if len(kept) < len(inputs.train):
         log.info("round_left_out_judged_questions", pairs=len(inputs.train) - len(kept))
         inputs = replace(inputs, train=kept)
-    if not settings.query_log.train_on_clicks:
+    if not settings.query_log.train_on_clicks or not logged.questions:
         return inputs
-    active = {chunk.id: position for position, chunk in enumerate(inputs.corpus)}
-    pairs = clicked_pairs(logged.questions, active)
+    # Chunks of held-out documents are never trained on: the held-out set still judges when a round has
+    # no usable asked set, and breaks ties.
+    trainable = {chunk.id: position for position, chunk in enumerate(inputs.corpus) if chunk.split == "train"}
+    pairs = clicked_pairs(logged.questions, trainable)
     if not pairs:
         return inputs
     texts = [chunk.text for chunk in inputs.corpus]
-    samples = clicked_samples(pairs, texts, active)[: settings.training.max_pairs]
+    samples = clicked_samples(pairs, texts, trainable)[: settings.training.max_pairs]
     logged.clicked = len(samples)
     logged.skipped = {
         s.id: list(pair.skipped) for s, pair in zip(samples, pairs, strict=False) if pair.skipped

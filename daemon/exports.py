@@ -116,8 +116,9 @@ def export_embeddings(settings: Settings, layout: StateLayout, conn, output: Pat
 
 
 def export_queries(conn, output: Path) -> int:
-    """The query log (state/query_log.py) as JSON lines, one per query with its events, in the order
-    they were logged; written beside the output and renamed, so a reader never sees half a file."""
+    """The query log (state/query_log.py) as JSON lines, one per query with its events and its question's
+    `split` (train / judge / null), in the order they were logged; written beside the output and renamed,
+    so a reader never sees half a file."""
     from state.query_log import QueryLog
 
     tmp = output.with_name(output.name + ".tmp")

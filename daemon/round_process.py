@@ -180,7 +180,7 @@ def judge_round(
     encode = torch_encode_params(settings)
     progress.stage("snapshot")
     inputs = records.inputs(settings.training.max_pairs, settings.promotion.heldout_queries)
-    logged = read_logged(settings, db)
+    logged = read_logged(settings, db, inputs)
     snapshot = take_snapshot(with_clicked_pairs(settings, inputs, logged, folder), folder)
     asked = asked_set_for(settings, logged, snapshot)
     records.update(
@@ -242,14 +242,13 @@ def asked_ranker(asked, plan, pool):
     """The evaluator-like ranker of the asked set (restricted to the pool when there is one), ranking
     as served with the served share and the sweep that may pick a new one."""
     from stages.asked_eval import AskedRanker
-    from stages.eval_pool import restrict
     from stages.fusion import WEIGHT_GRID
     from stages.hybrid_eval import HybridEvaluator
-    from stages.real_queries import AskedSet
+    from stages.real_queries import restrict_asked
     from stages.round_steps import served_weight
 
     if pool is not None:
-        asked = AskedSet(restrict(asked.eval_set, pool), asked.keys, asked.gold)
+        asked = restrict_asked(asked, pool)
     served = None
     if plan.served_mode == "hybrid":
         served = HybridEvaluator(

@@ -6,7 +6,8 @@
   version that produced the vectors.
 - `POST /v1/search`: `daemon.search.search_many`, the code path of `embedtune search --json`, with the
   served model's encoder already loaded; each answer is logged in the query log (source "http").
-- `POST /v1/events`: a User Behavior Insights event about a logged answer (state/query_log.py).
+- `POST /v1/events`: a User Behavior Insights event about a logged answer (state/query_log.py); the hit
+  it is about is named by a top-level `object_id` / `position` or by UBI's `event_attributes`.
 - `GET /health`: 200 once a model is loaded and (with the index on) a live collection exists, else 503
   with the reason; it does no model work, so it answers while a slow query runs.
 - `GET /metrics`: Prometheus text (requests, latency, errors by cause, the version served).
@@ -308,6 +309,7 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
         from starlette.concurrency import run_in_threadpool
 
         from daemon.query_logging import LogUnavailable
+        from stages.real_queries import EVENT_GRADES
         from state.query_log import LoggedEvent
 
         if not settings.query_log.enabled:
@@ -318,17 +320,23 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
         attributes = body.get("event_attributes") or {}
         if not isinstance(attributes, dict):
             raise ApiError(422, "event_attributes must be a JSON object", "bad_event")
-        found = attributes.get("object") or {}
-        position = attributes.get("position") or {}
-        if not isinstance(found, dict) or not isinstance(position, dict):
+        object_id, position = _event_hit(body, attributes)
+        action = body.get("action_name")
+        labels = isinstance(action, str) and action.strip().lower() in EVENT_GRADES
+        if labels and object_id is None and position is None:
+            # a click or citation of no hit labels nothing: refused, so the application hears of it
             raise ApiError(
-                422, "event_attributes.object and .position must be JSON objects (UBI)", "bad_event"
+                422,
+                f"a {action.strip()!r} event must name the hit it is about: object_id (its chunk_id) or "
+                "position (its 1-based rank), at the top level or as event_attributes.object.object_id / "
+                "event_attributes.position.ordinal",
+                "bad_event",
             )
         event = LoggedEvent(
             query_id=body.get("query_id"),
-            action_name=body.get("action_name"),
-            object_id=found.get("object_id"),
-            position=position.get("ordinal"),
+            action_name=action,
+            object_id=object_id,
+            position=position,
             client_id=_client_id(request, body),
             attributes=attributes,
         )
@@ -387,6 +395,46 @@ def _check_token(request, token: str) -> None:
             "unauthorized",
             "authentication_error",
         )
+
+
+def _event_hit(body: dict, attributes: dict) -> tuple[Any, Any]:
+    """(object_id, position) of the hit an event is about: the top-level `object_id` / `position`, or
+    UBI's `event_attributes.object.object_id` / `.position.ordinal`. When both forms are sent they must
+    agree: picking one would silently label a hit the other form contradicts."""
+    found = attributes.get("object") or {}
+    placed = attributes.get("position") or {}
+    if not isinstance(found, dict) or not isinstance(placed, dict):
+        raise ApiError(422, "event_attributes.object and .position must be JSON objects (UBI)", "bad_event")
+    object_id = _one_value(
+        body.get("object_id"), found.get("object_id"), "object_id", "event_attributes.object.object_id"
+    )
+    position = _one_value(
+        body.get("position"), placed.get("ordinal"), "position", "event_attributes.position.ordinal"
+    )
+    return object_id, position
+
+
+def _one_value(top: Any, nested: Any, top_name: str, nested_name: str) -> Any:
+    """The value given in either place (None when neither; a blank string counts as not given)."""
+    top, nested = _given(top), _given(nested)
+    if top is not None and nested is not None and _comparable(top) != _comparable(nested):
+        raise ApiError(
+            422,
+            f"{top_name} ({top!r}) and {nested_name} ({nested!r}) disagree: send one, or the same in both",
+            "bad_event",
+        )
+    return top if top is not None else nested
+
+
+def _given(value: Any) -> Any:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+def _comparable(value: Any) -> Any:
+    """A chunk id sent as 42, "42" or " 42 " names the same hit."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return value.strip() if isinstance(value, str) else value
 
 
 async def _json_body(request, limit: int) -> dict:

@@ -272,8 +272,8 @@ class PromotionSettings(_Section):
     bootstrap_samples: int = Field(1000, ge=0)
     eval_pool: int = Field(10_000, ge=0)
     heldout_queries: int = Field(1000, ge=1)
-    # The questions users asked (the judge part of the query log) decide eligibility once at least this
-    # many of them have answers among the active chunks (docs/promotion.md, rule 0)
+    # The questions users asked (the judge part of the query log) are judged on once at least this many
+    # of them are logged (docs/promotion.md, rule 0)
     asked_min_queries: int = Field(30, ge=2)
     # With event labels on at least ppi_min_gold of them, the gain's PPI++ interval must lie above this
     asked_min_gain: float = Field(0.0, ge=0)

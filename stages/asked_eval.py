@@ -82,6 +82,7 @@ class AskedJudging:
     reused: int
     judged: int
     unjudged: int
+    incomplete: int = 0  # questions left out: their pool could not be wholly graded
 
     @property
     def usable(self) -> bool:
@@ -95,6 +96,7 @@ class AskedJudging:
             "reused": self.reused,
             "judged": self.judged,
             "unjudged": self.unjudged,
+            "incomplete_questions": self.incomplete,
             "usable": self.usable,
         }
 
@@ -122,81 +124,108 @@ def judge_pools(
     assessor,
     storage: JudgmentStorage,
     progress: Callable[[int, int], None] | None = None,
-) -> tuple[list[dict[int, float]], AskedJudging]:
-    """The assessor's grade of every pooled passage (stored ones reused; a question with any new passage
-    is graded as a whole pool, since a teacher grades by rank within the pool, and only its new grades are
-    stored). Returns each question's grades by corpus position (0 included) and the judging's account."""
+) -> tuple[list[dict[int, float] | None], AskedJudging]:
+    """The assessor's grade of every pooled passage, stored under its judge id.
+
+    An assessor whose grades are absolute (the LLM reads one passage at a time) is asked only for the
+    pairs no earlier round graded. One whose grades are relative to the pool (`pool_relative`: the
+    teacher grades by rank within it) grades every whole pool afresh each round: cheap, and a rank grade
+    stored from another pool would not mean the same beside new passages; its grades are stored for the
+    audit. Returns each question's grades by corpus position (0 included), None for a question whose pool
+    could not be wholly graded (it is left out of the scores: an ungraded passage counted as not relevant
+    would bias the gain), and the judging's account."""
     texts = asked.eval_set.corpus_texts
     keys = [[(asked.keys[row], text_key(texts[p])) for p in pool] for row, pool in enumerate(pools)]
-    known = storage.lookup(assessor.judge_id, [key for row in keys for key in row])
+    relative = bool(getattr(assessor, "pool_relative", False))
+    known = {} if relative else storage.lookup(assessor.judge_id, [key for row in keys for key in row])
     pooled = sum(len(pool) for pool in pools)
     reused = sum(1 for row in keys for key in row if key in known)
     todo = [row for row, row_keys in enumerate(keys) if any(key not in known for key in row_keys)]
     judged = 0
     for start in range(0, len(todo), 32):
         part = todo[start : start + 32]
+        asked_for = [
+            [(p, key) for p, key in zip(pools[row], keys[row], strict=True) if key not in known]
+            for row in part
+        ]
         grades = assessor.grade_pools(
-            [asked.eval_set.queries[row] for row in part], [[texts[p] for p in pools[row]] for row in part]
+            [asked.eval_set.queries[row] for row in part],
+            [[texts[p] for p, _key in pairs] for pairs in asked_for],
         )
         fresh = [
             (key, float(grade))
-            for row, row_grades in zip(part, grades, strict=True)
-            for key, grade in zip(keys[row], row_grades, strict=True)
-            if grade is not None and key not in known
+            for pairs, row_grades in zip(asked_for, grades, strict=True)
+            for (_p, key), grade in zip(pairs, row_grades, strict=True)
+            if grade is not None
         ]
         storage.save(assessor.judge_id, fresh)
         known.update(fresh)
         judged += len(fresh)
         if progress:
             progress(reused + judged, pooled)
-    labels = [
-        {p: known[key] for p, key in zip(pool, row_keys, strict=True) if key in known}
+    labels: list[dict[int, float] | None] = [
+        {p: known[key] for p, key in zip(pool, row_keys, strict=True)}
+        if all(key in known for key in row_keys)
+        else None
         for pool, row_keys in zip(pools, keys, strict=True)
     ]
-    unjudged = pooled - sum(len(row) for row in labels)
+    unjudged = pooled - reused - judged
+    incomplete = sum(1 for row in labels if row is None)
     account = AskedJudging(
-        assessor.judge_id, bool(getattr(assessor, "weak", False)), pooled, reused, judged, unjudged
+        assessor.judge_id,
+        bool(getattr(assessor, "weak", False)),
+        pooled,
+        reused,
+        judged,
+        unjudged,
+        incomplete,
     )
     log.info("asked_pool_judged", **account.to_json())
     return labels, account
 
 
+def condensed(ranked: list[list[int]], shown: list[frozenset[int]]) -> list[list[int]]:
+    """Each list with the passages its question's answers never showed taken out: events can only have
+    been about what was shown, so on the event labels a model is judged by how it orders those (a model
+    that brings up a good passage nobody was shown is not counted down for it)."""
+    return [[p for p in ranking if p in seen] for ranking, seen in zip(ranked, shown, strict=True)]
+
+
 def score_asked(
-    ranker: AskedRanker, pending: dict[str, dict], labels: list[dict[int, float]], account: AskedJudging
+    ranker: AskedRanker,
+    pending: dict[str, dict],
+    labels: list[dict[int, float] | None],
+    account: AskedJudging,
 ) -> dict[str, dict[str, EvalResult]]:
     """Every variant's results on the asked set, dense (`asked`) and served (`asked+served`), scored on
-    the assessor's grades; each result also carries the per-question metric on the event labels (None
-    for a question without events), the gold that stages/ppi.py weighs against the assessor."""
-    graded = [{p: g for p, g in row.items() if g > 0} for row in labels]
-    gold = ranker.eval_set.relevant
-    has_gold = ranker.asked.gold
+    the assessor's grades over the wholly graded questions; each result also carries the per-question
+    metric on the event labels (None for a question without events), the gold that stages/ppi.py weighs
+    against the assessor, scored on condensed lists."""
+    rows = [row for row, graded in enumerate(labels) if graded is not None]
+    graded = [{p: g for p, g in labels[row].items() if g > 0} for row in rows]  # type: ignore[union-attr]
+    gold = [ranker.eval_set.relevant[row] for row in rows]
+    has_gold = [ranker.asked.gold[row] for row in rows]
+    shown = [ranker.asked.shown[row] for row in rows]
+    metric = ranker.metric
     out: dict[str, dict[str, EvalResult]] = {}
     for variant, rankings in pending.items():
-        out[variant] = {ASKED: _scored(rankings["dense"], graded, gold, has_gold, ranker.metric, account)}
+        dense = [rankings["dense"][row] for row in rows]
+        result = evaluate_rankings(dense, graded, metric)
+        _attach(result, evaluate_rankings(condensed(dense, shown), gold, metric), has_gold, account)
+        out[variant] = {ASKED: result}
         if ranker.served is not None and rankings["served"]:
             served = ranker.served
-            result = served.score(rankings["served"], graded)
-            served_gold = evaluate_rankings(rankings["served"][served.bm25_weight], gold, ranker.metric)
-            _attach(result, served_gold, has_gold, account)
+            lists = {w: [ranked[row] for row in rows] for w, ranked in rankings["served"].items()}
+            result = served.score(lists, graded)
+            on_gold = evaluate_rankings(condensed(lists[served.bm25_weight], shown), gold, metric)
+            _attach(result, on_gold, has_gold, account)
             if served.sweep and any(has_gold):
+                condensed_lists = {w: condensed(lists[w], shown) for w in served.sweep}
                 result.extra["bm25_sweep_events"] = events_sweep(
-                    rankings["served"], gold, has_gold, served.sweep, ranker.metric
+                    condensed_lists, gold, has_gold, served.sweep, metric
                 )
             out[variant][served_name(ASKED)] = result
     return out
-
-
-def _scored(
-    ranked: list[list[int]],
-    graded: list[dict[int, float]],
-    gold: list[dict[int, float]],
-    has_gold: list[bool],
-    metric: str,
-    account: AskedJudging,
-) -> EvalResult:
-    result = evaluate_rankings(ranked, graded, metric)
-    _attach(result, evaluate_rankings(ranked, gold, metric), has_gold, account)
-    return result
 
 
 def _attach(result: EvalResult, on_gold: EvalResult, has_gold: list[bool], account: AskedJudging) -> None:

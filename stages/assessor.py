@@ -132,6 +132,7 @@ class LlmAssessor:
     batch (everything not yet graded stays None). Nothing of that is raised to the caller."""
 
     weak = False
+    pool_relative = False  # one passage at a time: a grade stands in any pool, and is reused
 
     def __init__(
         self,
@@ -273,6 +274,7 @@ class TeacherAssessor:
     the same pair may be graded differently in a different pool."""
 
     weak = True
+    pool_relative = True  # by rank within the pool: graded afresh with each round's pool
 
     def __init__(
         self,

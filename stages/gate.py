@@ -33,6 +33,7 @@ HUMAN_SETS = ("user", "structure")
 GUARD = "guard"
 SERVED_SUFFIX = "+served"  # a set scored through the served hybrid ranking (stages/hybrid_eval.py)
 ASKED = "asked"  # the judge part of the query log (stages/real_queries.py)
+EVENT_METHODS = ("ppi++", "classical")  # intervals the application's events made (stages/ppi.py)
 
 
 class RejectionCause(StrEnum):
@@ -71,18 +72,20 @@ class AskedEvidence:
     def passes(self) -> bool:
         return self.low > 0 and self.low >= self.required
 
+    @property
+    def decisive(self) -> bool:
+        """Whether it may decide (rule 0). The teacher's grades alone cannot: the teacher mixes the base
+        model with BM25 and grades by rank, so it rates the model in service near its ceiling (0.95
+        nDCG@10 on the tiny model's own hybrid) and any model that moved away from it as a loss; its
+        gains are shown, not acted on. With the application's events (PPI++) they may: the events
+        correct the assessor's bias."""
+        return self.method in EVENT_METHODS or not self.weak
+
     def describe(self) -> str:
-        judge = (
-            "events + weak assessor"
-            if self.weak and self.method == "ppi++"
-            else (
-                "events + assessor"
-                if self.method == "ppi++"
-                else "weak assessor (teacher)"
-                if self.weak
-                else "assessor"
-            )
-        )
+        if self.method in EVENT_METHODS:
+            judge = "events + weak assessor" if self.weak else "events + assessor"
+        else:
+            judge = "weak assessor (teacher)" if self.weak else "assessor"
         return (
             f"{self.set_name} {self.estimate:+.4f}, 95% CI [{self.low:+.4f}, {self.high:+.4f}] "
             f"({self.method}, {judge}; {self.questions} questions, {self.gold} with events)"
@@ -144,7 +147,8 @@ def decide(
     eligible: list[str] = []
     refusals: list[str] = []
     causes: dict[str, RejectionCause] = {}
-    asked = asked or {}
+    shown_only = {v: e for v, e in (asked or {}).items() if not e.decisive}
+    asked = {v: e for v, e in (asked or {}).items() if e.decisive}
     for variant, gain in gains.items():
         synthetic = gain.get(SYNTHETIC, float("-inf"))
         evidence = asked.get(variant)
@@ -203,10 +207,15 @@ def decide(
         closest = max(
             gains, key=lambda v: asked[v].estimate if v in asked else gains[v].get(SYNTHETIC, float("-inf"))
         )
-        return Decision(False, None, "rejected: " + "; ".join(refusals), gains, cause=causes[closest])
+        shown = [
+            f"asked questions (shown, not acted on): {e.describe()}" for e in list(shown_only.values())[:1]
+        ]
+        return Decision(False, None, "rejected: " + "; ".join(refusals + shown), gains, cause=causes[closest])
     best = max(eligible, key=strength)
     parts = [f"{name} {gains[best][name]:+.4f}" for name in gains[best]]
     reason = f"promoted {best}: {metric} gain " + ", ".join(parts)
     if best in asked:
         reason += f"; asked questions: {asked[best].describe()}"
+    elif best in shown_only:
+        reason += f"; asked questions (shown, not acted on): {shown_only[best].describe()}"
     return Decision(True, best, reason, gains)

@@ -127,6 +127,7 @@ class AskedSet:
     eval_set: EvalSet
     keys: list[str]
     gold: list[bool]
+    shown: list[frozenset[int]]  # positions any answer to the question showed (the events' condensed lists)
 
     @property
     def gold_count(self) -> int:
@@ -143,7 +144,7 @@ def asked_set(
     active: Mapping[int, int],
 ) -> AskedSet:
     """The judge-part questions against the round's corpus (`active`: chunk id -> position)."""
-    queries, keys, relevant, gold = [], [], [], []
+    queries, keys, relevant, gold, shown = [], [], [], [], []
     for question in questions:
         if question.split != JUDGE:
             continue
@@ -153,5 +154,17 @@ def asked_set(
         keys.append(question.key)
         relevant.append(judged)
         gold.append(bool(judged))
+        hits = {chunk for answer in question.answers for chunk in answer.hit_ids}
+        shown.append(frozenset(active[c] for c in hits if c in active))
     eval_set = EvalSet(ASKED, queries, list(texts), relevant, list(corpus_keys))
-    return AskedSet(eval_set, keys, gold)
+    return AskedSet(eval_set, keys, gold, shown)
+
+
+def restrict_asked(asked: AskedSet, pool) -> AskedSet:
+    """The asked set against the evaluation pool only (positions re-indexed as stages.eval_pool.restrict
+    does for the set itself)."""
+    from stages.eval_pool import restrict
+
+    position = {int(old): new for new, old in enumerate(pool)}
+    shown = [frozenset(position[p] for p in seen if p in position) for seen in asked.shown]
+    return AskedSet(restrict(asked.eval_set, pool), asked.keys, asked.gold, shown)

@@ -679,7 +679,7 @@ def asked_evidence(variant: dict[str, EvalResult], current: dict[str, EvalResult
             estimate.estimate,
             estimate.low,
             estimate.high,
-            "ppi++",
+            estimate.method,
             weak,
             len(predicted),
             len(labelled),

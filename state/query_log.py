@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from state.db import transaction, utcnow
+from state.real_queries import normalise, question_key
 
 SOURCES = ("cli", "http")
 MAX_ACTION_CHARS = 100
@@ -142,11 +143,14 @@ class QueryLog:
 
     def export(self) -> Iterator[dict[str, Any]]:
         """One dict per query in the order they were logged (every column, hit_ids as a list), with its
-        events in the order they arrived; read in one snapshot, so queries and events agree."""
+        events in the order they arrived and its question's `split` ("train", "judge", or None while no
+        round has read it), so an outside trainer can keep the gate's part out of its training; read in
+        one snapshot, so queries, events and splits agree."""
         own = not self.conn.in_transaction
         if own:
             self.conn.execute("BEGIN")
         try:
+            split_of = _split_lookup(self.conn)
             rows = self.conn.execute(
                 "SELECT q.query_id, q.user_query, q.client_id, q.source, q.mode, q.model_version, "
                 "q.collection, q.hit_ids, q.at, e.id AS e_id, e.action_name AS e_action, "
@@ -170,6 +174,7 @@ class QueryLog:
                         "collection": row["collection"],
                         "hit_ids": json.loads(row["hit_ids"]),
                         "at": row["at"],
+                        "split": split_of(row["user_query"]),
                         "events": [],
                     }
                 if row["e_id"] is not None:
@@ -189,6 +194,23 @@ class QueryLog:
         finally:
             if own and self.conn.in_transaction:
                 self.conn.execute("COMMIT")
+
+
+def _split_lookup(conn: sqlite3.Connection) -> Callable[[str], str | None]:
+    """A query text -> its question's split, from one read of `question_splits` (a database from before
+    migration 16 has no such table: every split is then None). A text that is no question (blank, only
+    punctuation) has none."""
+    table = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'question_splits'"
+    ).fetchone()
+    splits: dict[str, str] = (
+        dict(conn.execute("SELECT question_key, split FROM question_splits").fetchall()) if table else {}
+    )
+
+    def split_of(text: str) -> str | None:
+        return splits.get(question_key(text)) if splits and normalise(text) else None
+
+    return split_of
 
 
 def _check_query(entry: LoggedQuery) -> None:

@@ -1,10 +1,11 @@
 """Logged questions as training and judging material, and the judgments made about them.
 
-A *question* is a distinct logged query text: rewordings that differ only in case, spacing or Unicode
-form are one question (`question_key`). Each question is put once, for good, on one side: "train" (rounds
-may learn from its clicked pairs) or "judge" (only the gate sees it). The side is stored, not recomputed,
-so a later change of the judge share, or a question asked again after the query log pruned it, never
-moves a question across; otherwise a round could train on what the gate then judges it by.
+A *question* is a distinct logged query text: rewordings that differ only in case, spacing, punctuation,
+symbols or Unicode form are one question (`question_key`). Each question is put once, for good, on one
+side: "train" (rounds may learn from its clicked pairs) or "judge" (only the gate sees it). The side is
+stored, not recomputed, so a later change of the judge share, or a question asked again after the query
+log pruned it, never moves a question across; otherwise a round could train on what the gate then judges
+it by.
 
 Judgments grade (question, passage) pairs 0..3 per judge and are kept, keyed by text hashes, so the
 next round asks the judge only about pairs it has not graded yet.
@@ -39,11 +40,16 @@ JudgmentKey = tuple[str, str]  # (question key, passage key)
 _LOOKUP_CHUNK = 400
 _SPLIT_BUCKETS = 10_000
 _SPACE = re.compile(r"\s+")
+_DROPPED = ("P", "S")  # Unicode category classes: punctuation, symbols
 
 
 def normalise(text: str) -> str:
-    """The form two wordings of one question share: NFKC, casefolded, whitespace collapsed and stripped."""
-    return _SPACE.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+    """The form two wordings of one question share: NFKC, casefolded, punctuation and symbols turned into
+    spaces, whitespace collapsed and stripped. "Reset my password?" and "reset my password" must be one
+    question, or one could land in train and the other in judge (a leak). Only punctuation: ""."""
+    folded = unicodedata.normalize("NFKC", text).casefold()
+    spaced = "".join(" " if unicodedata.category(ch)[0] in _DROPPED else ch for ch in folded)
+    return _SPACE.sub(" ", spaced).strip()
 
 
 def question_key(text: str) -> str:
@@ -146,6 +152,25 @@ class RealQueryStore:
         for split, n in self.conn.execute("SELECT split, COUNT(*) FROM question_splits GROUP BY split"):
             counts[split] = int(n)
         return counts
+
+    def judged_among(self, texts: Sequence[str]) -> set[str]:
+        """Those of `texts` whose question is in the gate's part (however long ago it was asked): a
+        round leaves them out of its training pairs."""
+        keys: dict[str, list[str]] = {}
+        for text in texts:
+            keys.setdefault(question_key(text), []).append(text)
+        found: set[str] = set()
+        unique = list(keys)
+        for start in range(0, len(unique), _LOOKUP_CHUNK):
+            part = unique[start : start + _LOOKUP_CHUNK]
+            rows = self.conn.execute(
+                f"SELECT question_key FROM question_splits WHERE split = ? AND question_key IN "
+                f"({', '.join('?' * len(part))})",
+                [JUDGE, *part],
+            )
+            for row in rows:
+                found.update(keys[row[0]])
+        return found
 
     def _recent_groups(self, limit: int) -> dict[str, _Group]:
         """One newest-first scan of the log, grouped by question; only the first `limit` questions met

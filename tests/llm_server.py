@@ -39,6 +39,17 @@ def is_chinese(text: str) -> bool:
     return len(re.findall(r"[\u4e00-\u9fff]", text)) > len(text) * 0.2
 
 
+def overlap_grade(question: str, passage: str) -> int:
+    """A deterministic grader: how many of the question's words (3+ letters) the passage holds."""
+    words = set(re.findall(r"[a-z]{3,}", question.lower()))
+    found = words & set(re.findall(r"[a-z]{3,}", passage.lower()))
+    if not words or not found:
+        return 0
+    if found == words:
+        return 3
+    return 2 if len(found) * 2 >= len(words) else 1
+
+
 def answer(prompt: str, wrong_language: bool = False) -> dict:
     count = int((re.search(r"(\d+)", prompt) or [0, 2])[1])
     if "TASK:questions" in prompt:
@@ -60,6 +71,9 @@ def answer(prompt: str, wrong_language: bool = False) -> dict:
             rewrite = question.rstrip("?？") if is_chinese(question) else "how " + question.rstrip("?")
             items.append({"question": question, "rewrites": [rewrite][: max(1, count)]})
         return {"items": items}
+    if "TASK:grade" in prompt:  # the gate's assessor (stages/assessor.py): 0-3 by shared words
+        match = re.search(r"QUESTION:\n(.*?)\n\nPASSAGE:\n(.*)$", prompt, re.S)
+        return {"grade": overlap_grade(match.group(1), match.group(2)) if match else 0}
     if "TASK:judge" in prompt:
         questions = _questions(prompt)
         return {"scores": [0.2 if "irrelevant" in q.lower() else 0.9 for q in questions]}

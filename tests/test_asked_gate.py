@@ -140,12 +140,28 @@ def test_asked_questions_decide_eligibility_instead_of_the_synthetic_rules():
 
 def test_assessor_only_evidence_needs_the_margin_and_a_rejection_names_its_cause():
     scores = {"current": {"heldout": 0.5}, "candidate": {"heldout": 0.6}}
-    thin = {"candidate": _evidence(0.004, method="assessor", required=0.01, weak=True)}
+    thin = {"candidate": _evidence(0.004, method="assessor", required=0.01)}  # an LLM's grades alone
     decision = decide(scores, "ndcg@10", 0.0, asked=thin)
     assert not decision.promote and decision.cause == RejectionCause.ASKED_NOT_CONVINCING
-    assert "weak assessor (teacher)" in decision.reason and "reach 0.01" in decision.reason
+    assert "(assessor, assessor;" in decision.reason and "reach 0.01" in decision.reason
     clear = {"candidate": _evidence(0.012, method="assessor", required=0.01)}
     assert decide(scores, "ndcg@10", 0.0, asked=clear).promote
+
+
+def test_the_teachers_grades_alone_are_shown_not_acted_on():
+    """The weak assessor rates the model in service near its ceiling: without events its verdict must
+    neither promote nor refuse; the held-out rules decide and the reason shows what it said."""
+    scores = {"current": {"heldout": 0.5}, "candidate": {"heldout": 0.6}}
+    loss = {"candidate": _evidence(-0.05, method="assessor", required=0.01, weak=True)}
+    decision = decide(scores, "ndcg@10", 0.005, asked=loss)
+    assert (
+        decision.promote and "shown, not acted on" in decision.reason and "weak assessor" in decision.reason
+    )
+    rejected = decide(scores, "ndcg@10", 0.5, asked=loss)
+    assert rejected.cause == RejectionCause.BELOW_MIN_GAIN and "shown, not acted on" in rejected.reason
+    # with the application's events the same weak assessor decides (PPI++ corrects its bias)
+    corrected = {"candidate": _evidence(-0.05, method="ppi++", weak=True)}
+    assert decide(scores, "ndcg@10", 0.005, asked=corrected).cause == RejectionCause.ASKED_NOT_CONVINCING
 
 
 def test_vetoes_still_apply_with_asked_evidence():
@@ -203,3 +219,44 @@ def test_the_served_share_is_chosen_on_events_or_a_real_assessor_never_on_the_te
     assert retrieval_choice(table(3, True, {"0.3": 0.7}), "candidate", 0.5) is None
     user = {"candidate": {"user+served": {"bm25_sweep": {"0.1": 0.9}}, **table(99, False)["candidate"]}}
     assert retrieval_choice(user, "candidate", 0.5)["chosen_on"] == "user"  # the user's file comes first
+
+
+def test_a_question_not_wholly_graded_is_left_out_and_gold_is_scored_on_what_was_shown():
+    from stages.asked_eval import AskedRanker, score_asked
+
+    questions = [
+        _question("alpha one", JUDGE, _answer([1, 2], ("click", "2", 2))),  # shown 1 and 2, used 2
+        _question("alpha two", JUDGE, _answer([1])),
+        _question("alpha three", JUDGE, _answer([3])),
+    ]
+    texts = ["alpha a", "alpha b", "gamma c", "alpha d"]
+    asked = asked_set(questions, texts, ["ka", "kb", "kc", "kd"], {1: 0, 2: 1, 3: 2, 4: 3})
+
+    class Gaps(_PoolGrader):
+        pool_relative = False
+
+        def grade_pools(self, questions, pools):
+            out = super().grade_pools(questions, pools)
+            out[2] = [None] * len(out[2])  # the assessor could not grade the third question
+            return out
+
+    stored: dict = {}
+    storage = JudgmentStorage(
+        lambda judge, keys: {k: stored[(judge, k)] for k in keys if (judge, k) in stored},
+        lambda judge, items: stored.update({(judge, k): g for k, g in items}),
+    )
+    # the candidate puts an unshown passage (3: "alpha d") first, then the used one
+    pending = {
+        "current": {"dense": [[0, 1, 2, 3]] * 3, "served": {}},
+        "candidate": {"dense": [[3, 1, 0, 2]] * 3, "served": {}},
+    }
+    pools = pooled_positions(list(pending.values()), None, depth=4)
+    labels, account = judge_pools(asked, pools, Gaps(), storage)
+    assert labels[2] is None and account.incomplete == 1 and account.unjudged == 4
+    scored = score_asked(AskedRanker(asked, None), pending, labels, account)
+    assert scored["current"][ASKED].n_queries == 2  # the third question is out of both models' scores
+    gold_current = scored["current"][ASKED].extra["_gold_per_query"]
+    gold_candidate = scored["candidate"][ASKED].extra["_gold_per_query"]
+    # on the condensed lists (shown passages only) the candidate ranks the used passage first: its
+    # unshown passage 3 does not count against it
+    assert gold_candidate[0] == 1.0 and gold_current[0] < 1.0 and gold_current[1] is None

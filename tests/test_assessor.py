@@ -4,13 +4,11 @@ outages, bounds), and the teacher as a weak, rank-based assessor on the tiny mod
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import numpy as np
 import pytest
 
-import tests.llm_server as llm_server
 from stages.assessor import (
     GRADE_SCHEMA,
     Assessor,
@@ -24,35 +22,9 @@ from stages.encoder import EncodeParams, Encoder
 from stages.llm import BreakerState, CircuitBreaker, LlmClient, LlmConfig
 from stages.teacher import BiEncoderTeacher, EnsembleTeacher, HybridTeacher
 from tests.conftest import TIMEOUT_SCALE
-from tests.llm_server import FakeLlm
+from tests.llm_server import FakeLlm, overlap_grade
 
 # --------------------------------------------------------------------- the test server learns to grade
-
-
-def overlap_grade(question: str, passage: str) -> int:
-    """The test server's deterministic grader: how many of the question's words the passage holds."""
-    words = set(re.findall(r"[a-z]{3,}", question.lower()))
-    found = words & set(re.findall(r"[a-z]{3,}", passage.lower()))
-    if not words or not found:
-        return 0
-    if found == words:
-        return 3
-    return 2 if len(found) * 2 >= len(words) else 1
-
-
-@pytest.fixture(autouse=True)
-def server_grades(monkeypatch):
-    """The local server answers `TASK:grade` prompts (it knows synthesis's tasks only) with the overlap
-    grade of the question and passage it received; every other task as before."""
-    original = llm_server.answer
-
-    def answer(prompt: str, wrong_language: bool = False) -> dict:
-        match = re.search(r"TASK:grade.*?QUESTION:\n(.*?)\n\nPASSAGE:\n(.*)$", prompt, re.S)
-        if match is None:
-            return original(prompt, wrong_language)
-        return {"grade": overlap_grade(match.group(1), match.group(2))}
-
-    monkeypatch.setattr(llm_server, "answer", answer)
 
 
 def _client(server: FakeLlm, breaker: CircuitBreaker | None = None, **overrides) -> LlmClient:

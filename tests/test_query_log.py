@@ -143,15 +143,53 @@ def test_export_writes_one_line_per_query_with_its_events(make_settings, tmp_pat
         "collection",
         "hit_ids",
         "at",
+        "split",
         "events",
     }
     assert lines[0]["hit_ids"] == [7, 3, 9] and lines[0]["events"] == []
+    assert [line["split"] for line in lines] == [None, None]  # no round has read the log yet
     events = lines[1]["events"]
     assert [e["action_name"] for e in events] == ["click", "cited"]
     assert events[0]["object_id"] == "4" and events[0]["position"] == 1
     assert events[0]["attributes"] == {"object": {"object_id": "3"}, "position": {"ordinal": 2}}
     assert {"id", "client_id", "at"} <= set(events[0])
     assert not output.with_name(output.name + ".tmp").exists()
+
+
+def _asked(query_id: str, text: str) -> LoggedQuery:
+    return LoggedQuery(query_id, text, "app-1", "http", "hybrid", "v2", "embedtune_chunks_v2_1", [7, 3])
+
+
+def test_export_says_which_part_each_querys_question_is_in(tmp_path):
+    from state.real_queries import JUDGE, TRAIN, RealQueryStore
+
+    log = _log(tmp_path)
+    log.record_queries([_asked("a", "How do I reset my password?"), _asked("b", "where are the logs kept")])
+    RealQueryStore(log.conn).questions(10, judge_share=0.0)  # a round reads them: both go to train
+    log.record_queries([_asked("c", "What rotates the keys")])
+    RealQueryStore(log.conn).questions(10, judge_share=1.0)  # only the new question follows this share
+    log.record_queries(
+        [
+            _asked("d", "how do i reset my password"),  # a rewording: its question's part, read or not
+            _asked("e", "is the backup encrypted"),  # asked after the last round read the log
+            _asked("f", " ?！ "),  # only punctuation: no question, no part
+        ]
+    )
+    exported = {entry["query_id"]: entry["split"] for entry in log.export()}
+    assert exported == {"a": TRAIN, "b": TRAIN, "c": JUDGE, "d": TRAIN, "e": None, "f": None}
+    assert not log.conn.in_transaction  # the snapshot was closed
+
+
+def test_export_from_a_database_from_before_the_splits_says_null(tmp_path):
+    from state.db import connect
+
+    path = tmp_path / "state" / "embedtune.db"
+    path.parent.mkdir(parents=True)
+    conn = connect(path)
+    migrate(conn, target=14)  # the query log, not yet question_splits
+    log = QueryLog(conn)
+    log.record_queries([_asked("a", "where are the logs kept")])
+    assert [(entry["query_id"], entry["split"]) for entry in log.export()] == [("a", None)]
 
 
 def test_search_logs_one_row_per_query_marked_cli(make_settings, tmp_path, capsys):

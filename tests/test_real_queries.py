@@ -18,6 +18,7 @@ from state.real_queries import (
     JudgmentStore,
     LoggedEventRef,
     RealQueryStore,
+    normalise,
     question_key,
     split_for,
 )
@@ -58,6 +59,42 @@ def test_question_key_is_32_hex_and_shared_by_rewordings():
         assert question_key(wording) == key
     assert question_key("Straße") == question_key("STRASSE")  # casefold, not lower()
     assert question_key("what is a lake?") != key
+
+
+@pytest.mark.parametrize(
+    ("asked", "reworded"),
+    [
+        ("How do I reset my password?", "how do i reset my password"),
+        ("How do I reset my password?!", "  how do I reset my password . "),
+        ("What's a river's delta?", "what s a river s delta"),
+        ("如何重置密码？", "如何重置密码"),  # full-width question mark
+        ("「如何」重置密码。", "如何 重置密码"),  # CJK brackets and full stop
+        ("price: $100 + 5%", "price 100 5"),  # symbols too, not only punctuation
+    ],
+)
+def test_rewordings_that_differ_only_in_punctuation_or_symbols_share_a_key(asked, reworded):
+    assert normalise(asked) == normalise(reworded)
+    assert question_key(asked) == question_key(reworded)
+
+
+def test_punctuation_keeps_words_apart_and_words_still_count():
+    assert normalise("e-mail/phone") == "e mail phone"  # a mark between words leaves a space
+    assert question_key("reset my password?") != question_key("reset my passwords?")
+
+
+def test_punctuated_rewordings_land_on_one_side_and_a_punctuation_only_query_is_no_question(tmp_path):
+    db = _db(tmp_path)
+    log = QueryLog(db.conn)
+    _ask(log, "en1", "How do I reset my password?", 1)
+    _ask(log, "en2", "how do i reset my password", 2)
+    _ask(log, "zh1", "如何重置密码？", 3)
+    _ask(log, "zh2", "如何重置密码", 4)
+    _ask(log, "marks", " ?!… 。？ ", 5)
+    store = RealQueryStore(db.conn)
+    questions = store.questions(10, judge_share=0.5)
+    assert [q.text for q in questions] == ["如何重置密码", "how do i reset my password"]
+    assert [[a.query_id for a in q.answers] for q in questions] == [["zh1", "zh2"], ["en1", "en2"]]
+    assert sum(store.split_counts().values()) == 2  # one side each, none for the marks
 
 
 def test_rewordings_of_one_question_are_one_question_with_every_answer(tmp_path):
@@ -226,3 +263,20 @@ def test_the_schema_refuses_a_side_that_is_neither_train_nor_judge(tmp_path):
     db = _db(tmp_path)
     with pytest.raises(sqlite3.IntegrityError):
         db.conn.execute("INSERT INTO question_splits VALUES ('k', 'heldout', 'now')")
+
+
+def test_training_queries_that_are_gate_questions_are_found_however_long_ago_they_were_asked(tmp_path):
+    """A round leaves out a synthetic pair whose query is a judged question, also one outside the
+    window of recent questions it reads."""
+    from state.db import Database
+    from state.real_queries import JUDGE, TRAIN, RealQueryStore, question_key
+
+    conn = Database(tmp_path / "embedtune.db").conn
+    judged, trained = "Where is the backup kept?", "how do I restore"
+    conn.executemany(
+        "INSERT INTO question_splits (question_key, split, at) VALUES (?, ?, 't')",
+        [(question_key(judged), JUDGE), (question_key(trained), TRAIN)],
+    )
+    store = RealQueryStore(conn)
+    found = store.judged_among(["where is the backup kept", judged, trained, "never asked"])
+    assert found == {"where is the backup kept", judged}

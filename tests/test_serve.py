@@ -174,6 +174,59 @@ def test_events_name_a_logged_answer_or_are_refused_with_the_reason(make_setting
     assert [tuple(row) for row in rows] == [(answer["query_id"], "click", str(hit["chunk_id"]), 2, "app-1")]
 
 
+def test_an_event_names_its_hit_at_the_top_level_or_as_ubi_and_a_click_of_nothing_is_refused(make_settings):
+    from stages.real_queries import event_labels
+    from state.db import connect
+    from state.real_queries import RealQueryStore
+
+    settings = make_settings(index={"enabled": False})
+    layout, _db = _state(settings)
+    with _serving(settings) as (url, _state_):
+        answer = httpx.post(f"{url}/v1/search", json={"query": QUERY, "k": 3}).json()
+        query_id, hits = answer["query_id"], [h["chunk_id"] for h in answer["hits"]]
+
+        def post(**event):
+            return httpx.post(f"{url}/v1/events", json={"query_id": query_id, **event})
+
+        simple = post(action_name="click", object_id=str(hits[0]))  # the README's form
+        by_rank = post(action_name="cited", position=2)
+        ubi = post(action_name="click", event_attributes={"object": {"object_id": str(hits[2])}})
+        both = post(
+            action_name="click", object_id=hits[2], event_attributes={"object": {"object_id": f"{hits[2]}"}}
+        )
+        clash = post(
+            action_name="click", object_id=str(hits[0]), event_attributes={"object": {"object_id": "999"}}
+        )
+        ranks = post(action_name="click", position=1, event_attributes={"position": {"ordinal": 3}})
+        nothing = post(action_name="click")
+        blank = post(action_name=" Cited ", object_id=" ", event_attributes={"object": {}})
+        other = post(action_name="impression")  # not a label: it need not name a hit
+    for response in (simple, by_rank, ubi, both, other):
+        assert response.status_code == 200, response.text
+    for response, words in (
+        (clash, ("object_id", "disagree")),
+        (ranks, ("position", "ordinal", "disagree")),
+        (nothing, ("'click'", "object_id", "position")),
+        (blank, ("'Cited'", "object_id", "position")),
+    ):
+        error = response.json()["error"]
+        assert response.status_code == 422 and error["code"] == "bad_event", response.text
+        assert error["type"] == "invalid_request_error" and all(w in error["message"] for w in words)
+    conn = connect(layout.database)
+    rows = conn.execute("SELECT action_name, object_id, position FROM query_events ORDER BY id").fetchall()
+    assert [tuple(row) for row in rows] == [
+        ("click", str(hits[0]), None),
+        ("cited", None, 2),
+        ("click", str(hits[2]), None),
+        ("click", str(hits[2]), None),
+        ("impression", None, None),
+    ]
+    # every accepted form labels its hit for the rounds
+    [question] = RealQueryStore(conn).questions(10, judge_share=0.0)
+    conn.close()
+    assert event_labels(question).relevant == {hits[0]: 2.0, hits[1]: 3.0, hits[2]: 2.0}
+
+
 def test_a_promotion_and_a_rollback_are_followed_without_a_restart(make_settings, tmp_path):
     from state.registry import ModelRegistry
     from tests.tiny_models import build_tiny_embedder
