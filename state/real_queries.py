@@ -38,6 +38,15 @@ MAX_GRADE = 3.0
 JudgmentKey = tuple[str, str]  # (question key, passage key)
 # SQLite's default limit on bound parameters is 32766 (>= 3.32); stay well below it.
 _LOOKUP_CHUNK = 400
+
+
+def _in_parts(values: list[str]) -> Iterator[tuple[list[str], str]]:
+    """`values` in parts small enough to bind in one `IN (...)`, each with its placeholders."""
+    for start in range(0, len(values), _LOOKUP_CHUNK):
+        part = values[start : start + _LOOKUP_CHUNK]
+        yield part, ", ".join("?" * len(part))
+
+
 _SPLIT_BUCKETS = 10_000
 _SPACE = re.compile(r"\s+")
 _DROPPED = ("P", "S")  # Unicode category classes: punctuation, symbols
@@ -160,12 +169,9 @@ class RealQueryStore:
         for text in texts:
             keys.setdefault(question_key(text), []).append(text)
         found: set[str] = set()
-        unique = list(keys)
-        for start in range(0, len(unique), _LOOKUP_CHUNK):
-            part = unique[start : start + _LOOKUP_CHUNK]
+        for part, marks in _in_parts(list(keys)):
             rows = self.conn.execute(
-                f"SELECT question_key FROM question_splits WHERE split = ? AND question_key IN "
-                f"({', '.join('?' * len(part))})",
+                f"SELECT question_key FROM question_splits WHERE split = ? AND question_key IN ({marks})",
                 [JUDGE, *part],
             )
             for row in rows:
@@ -199,11 +205,10 @@ class RealQueryStore:
 
     def _events(self, query_ids: list[str]) -> dict[str, list[LoggedEventRef]]:
         found: dict[str, list[LoggedEventRef]] = {}
-        for start in range(0, len(query_ids), _LOOKUP_CHUNK):
-            part = query_ids[start : start + _LOOKUP_CHUNK]
+        for part, marks in _in_parts(query_ids):
             rows = self.conn.execute(
                 "SELECT query_id, action_name, object_id, position FROM query_events "
-                f"WHERE query_id IN ({', '.join('?' * len(part))}) ORDER BY id",
+                f"WHERE query_id IN ({marks}) ORDER BY id",
                 part,
             )
             for query_id, action, object_id, position in rows:
@@ -212,12 +217,9 @@ class RealQueryStore:
 
     def _known_splits(self, keys: list[str]) -> dict[str, str]:
         found: dict[str, str] = {}
-        for start in range(0, len(keys), _LOOKUP_CHUNK):
-            part = keys[start : start + _LOOKUP_CHUNK]
+        for part, marks in _in_parts(keys):
             rows = self.conn.execute(
-                "SELECT question_key, split FROM question_splits "
-                f"WHERE question_key IN ({', '.join('?' * len(part))})",
-                part,
+                f"SELECT question_key, split FROM question_splits WHERE question_key IN ({marks})", part
             )
             found.update({key: split for key, split in rows})
         return found
