@@ -317,7 +317,7 @@ def _fit(model, dataset, loss, batch_size: int, params: TrainParams, progress, s
             stop = time.monotonic() - started > params.max_minutes * 60
             if world_size > 1:
                 stop = _any_rank(stop, step_args.device)  # ranks must stop at the same step or they hang
-            if stop:
+            if stop and control_state.global_step < control_state.max_steps:  # the last step ends anyway
                 state["stopped"] = True
                 control.should_training_stop = True
             return control
