@@ -36,7 +36,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,21 +161,15 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 def ingest(settings, documents: int) -> dict:
     """Run the daemon until every document is ingested, no job is pending (synthesis and filter done) and,
     with the index on, the live collection holds every active chunk."""
+    from bench.daemon_run import daemon_in_thread
     from daemon.indexing import IndexService
-    from daemon.service import Daemon
-    from state.db import connect
     from state.index_records import IndexRecords
     from state.pipeline_progress import pipeline_progress
     from state.samples import SampleStore
 
     started = time.monotonic()
-    daemon = Daemon(settings)
-    daemon.start()
-    loop = threading.Thread(target=daemon.run_forever, kwargs={"tick": 0.5}, daemon=True)
-    loop.start()
-    conn = connect(daemon.layout.database)
-    service = IndexService(settings, daemon.layout) if settings.index.enabled else None
-    try:
+    with daemon_in_thread(settings) as (daemon, conn):
+        service = IndexService(settings, daemon.layout) if settings.index.enabled else None
         while True:
             progress = pipeline_progress(conn)
             idle = (
@@ -196,11 +189,6 @@ def ingest(settings, documents: int) -> dict:
             "samples_kept": samples.kept_count(),
             "samples_dropped": samples.dropped_count(),
         }
-    finally:
-        daemon.stop_requested.set()
-        loop.join(timeout=120)
-        daemon.shutdown()
-        conn.close()
     out["seconds"] = round(time.monotonic() - started, 1)
     return out
 

@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,20 +35,14 @@ def _config(work: Path) -> Path:
 def _serve(settings, documents: int) -> dict:
     """Run the daemon until every document is ingested and the live collection holds every active chunk.
     The filter passes over the pseudo-queries are left running (they feed training, not the index)."""
+    from bench.daemon_run import daemon_in_thread
     from daemon.indexing import IndexService
-    from daemon.service import Daemon
-    from state.db import connect
     from state.index_records import IndexRecords
     from state.pipeline_progress import pipeline_progress
 
     started = time.monotonic()
-    daemon = Daemon(settings)
-    daemon.start()
-    loop = threading.Thread(target=daemon.run_forever, kwargs={"tick": 0.5}, daemon=True)
-    loop.start()
-    conn = connect(daemon.layout.database)
-    service = IndexService(settings, daemon.layout)
-    try:
+    with daemon_in_thread(settings) as (daemon, conn):
+        service = IndexService(settings, daemon.layout)
         while True:
             progress = pipeline_progress(conn)
             live = IndexRecords(conn).live()
@@ -67,10 +60,6 @@ def _serve(settings, documents: int) -> dict:
             time.sleep(2.0)
         live = IndexRecords(conn).live()
         chunks = conn.execute("SELECT COUNT(*) FROM chunks WHERE active = 1").fetchone()[0]
-    finally:
-        daemon.stop_requested.set()
-        loop.join(timeout=120)
-        daemon.shutdown()
     return {
         "documents": documents,
         "chunks": int(chunks),

@@ -686,7 +686,7 @@ def asked_evidence(variant: dict[str, EvalResult], current: dict[str, EvalResult
             params.asked_min_gain,
         )
     interval = paired_bootstrap(
-        new.primary_per_query, old.primary_per_query, max(params.bootstrap_samples, 1000), params.seed
+        new.primary_per_query, old.primary_per_query, params.bootstrap_samples, params.seed
     )
     low, high = interval if interval else (float(predicted.mean()), float(predicted.mean()))
     return AskedEvidence(
