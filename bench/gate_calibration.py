@@ -4,8 +4,11 @@ truth on questions the pipeline never saw (issue 37, "Calibrated, not asserted")
 For one BEIR set: its real queries are split by a seeded shuffle into "asked", "truth" and unused. The
 corpus goes into a fresh inbox and a daemon on embedded defaults (no LLM) ingests it until the pipeline is
 idle and the index live. Every asked query then goes through `/v1/search` of a real `embedtune serve`
-process (k=10), and for `--click-share` of them the first shown hit the qrels mark relevant gets a `click`
-event, as a user who opens the right answer (no relevant hit shown: no event). Then `--rounds` rounds
+process (k=10), and for `--click-share` of them the application posts events (no relevant hit shown: no
+event). `--events click` (default): the first shown hit the qrels mark relevant gets a `click`, as a user
+who scans down and opens the right answer. `--events cited`: every shown hit the qrels mark relevant gets
+a `cited` event, as a RAG application whose reader was given all k hits and cited the ones it used. Then
+`--rounds` rounds
 (different seeds and recipes) each run from a copy of that same state through the daemon's round process,
 so every round is judged against the base on the same log. For each round: the gate's verdict and its
 `asked` evidence, and the truth: served hybrid (and dense) nDCG@10 of the candidate against the base on
@@ -202,7 +205,7 @@ def _free_port() -> int:
 @dataclass
 class AskedLog:
     """What the application did: per asked query, its query_id, the rank of the first relevant hit shown
-    (None: none shown) and whether it clicked it."""
+    (None: none shown), whether it posted events (`clicked`) and the ranks they named (`used`)."""
 
     rows: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -213,20 +216,29 @@ class AskedLog:
         shown = [r for r in self.rows if r["first_relevant"] is not None]
         clicked = [r for r in self.rows if r["clicked"]]
         judge = [r for r in self.rows if split_for(question_key(r["text"]), judge_share) == JUDGE]
+        judge_ids = {id(r) for r in judge}
+        train_events = sum(len(_used(r)) for r in clicked if id(r) not in judge_ids)
         return {
             "asked": len(self.rows),
             "relevant_shown_top10": len(shown),
-            "clicked": len(clicked),
+            "with_events": len(clicked),
+            "events": sum(len(_used(r)) for r in clicked),
             "judge_part": len(judge),
-            "judge_part_clicked (gold)": sum(1 for r in judge if r["clicked"]),
-            "train_part_clicked (training pairs)": len(clicked) - sum(1 for r in judge if r["clicked"]),
+            "judge_part_with_events (gold)": sum(1 for r in judge if r["clicked"]),
+            "train_part_events (training pairs)": train_events,
             "seconds": round(self.seconds, 1),
         }
 
 
-def ask(config: Path, data: Beir, asked: list[str], click_share: float, seed: int) -> AskedLog:
+def _used(row: dict) -> list[int]:
+    """The ranks a row's events named (a log from before `--events` clicked the first relevant only)."""
+    return row.get("used", [row["first_relevant"]] if row["clicked"] else [])
+
+
+def ask(config: Path, data: Beir, asked: list[str], click_share: float, seed: int, events: str) -> AskedLog:
     """Every asked query through `/v1/search` of an `embedtune serve` process, one request each (k=10);
-    a click on the first relevant hit shown for `click_share` of them."""
+    for `click_share` of them, events on the relevant hits shown: a `click` on the first (`events`
+    "click"), or a `cited` on each ("cited")."""
     import httpx
 
     from stages.evalsets import document_stem
@@ -249,22 +261,19 @@ def ask(config: Path, data: Beir, asked: list[str], click_share: float, seed: in
                 answer.raise_for_status()
                 body = answer.json()
                 relevant = data.qrels[qid]
-                first = next(
-                    (
-                        (rank, hit)
-                        for rank, hit in enumerate(body["hits"], 1)
-                        if stem_to_id.get(Path(hit["path"]).stem) in relevant
-                    ),
-                    None,
-                )
-                clicked = first is not None and rng.random() < click_share
-                if clicked:
-                    rank, hit = first
+                found = [
+                    (rank, hit)
+                    for rank, hit in enumerate(body["hits"], 1)
+                    if stem_to_id.get(Path(hit["path"]).stem) in relevant
+                ]
+                clicked = bool(found) and rng.random() < click_share
+                used = (found if events == "cited" else found[:1]) if clicked else []
+                for rank, hit in used:
                     event = client.post(
                         "/v1/events",
                         json={
                             "query_id": body["query_id"],
-                            "action_name": "click",
+                            "action_name": events,
                             "event_attributes": {
                                 "object": {"object_id": str(hit["chunk_id"])},
                                 "position": {"ordinal": rank},
@@ -277,8 +286,9 @@ def ask(config: Path, data: Beir, asked: list[str], click_share: float, seed: in
                         "query": qid,
                         "text": data.queries[qid],
                         "query_id": body["query_id"],
-                        "first_relevant": first[0] if first else None,
+                        "first_relevant": found[0][0] if found else None,
                         "clicked": clicked,
+                        "used": [rank for rank, _ in used],
                     }
                 )
     finally:
@@ -433,6 +443,24 @@ def truth_for_round(truth: Truth, base: dict, base_share: float | None, candidat
     }
 
 
+def share_it_would_get(settings, candidate: Path, conn, base_share: float | None) -> float | None:
+    """The BM25 share the candidate is (or, rejected, would have been) served with: the one its round
+    chose from the sweep on the logged questions (daemon.round_process writes it only on promotion),
+    else the configured one."""
+    from daemon.serving import served_bm25_weight
+    from stages.fusion import RETRIEVAL_FILE
+    from stages.round_steps import retrieval_choice
+
+    metrics_file = candidate.parent / "metrics.json"
+    if not (candidate / RETRIEVAL_FILE).exists() and metrics_file.exists():
+        variants = json.loads(metrics_file.read_text()).get("variants", {})
+        default = base_share if base_share is not None else 0.2
+        choice = retrieval_choice(variants, candidate.name, default)
+        if choice is not None and settings.index.bm25_weight == "auto":
+            return float(choice["bm25_weight"])
+    return served_bm25_weight(settings, candidate, conn)
+
+
 # --- report ----------------------------------------------------------------------------------------
 def gate_verdict(result: dict) -> str:
     if result["decision"] == "promoted":
@@ -499,7 +527,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--documents", type=int, default=0, help="corpus subset size (0: whole corpus)")
     parser.add_argument("--asked-share", type=float, default=0.6)
     parser.add_argument("--truth-share", type=float, default=0.4)
-    parser.add_argument("--click-share", type=float, default=0.7)
+    parser.add_argument("--click-share", type=float, default=0.7, help="share of answers with events")
+    parser.add_argument(
+        "--events",
+        choices=("click", "cited"),
+        default="click",
+        help="click: the first relevant hit shown; cited: every relevant hit shown (a RAG reader's citations)",
+    )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--recipes", help="run these rounds only (1-based numbers into the recipe cycle, e.g. 4,5)"
@@ -572,7 +606,7 @@ def main() -> int:
         documents = write_inbox(work / "data", settings.paths.inbox)
         prepared = ingest(settings, documents)
         print(f"ingested: {json.dumps(prepared)}", flush=True)
-        asked = ask(config, data, parts["asked"], args.click_share, args.seed)
+        asked = ask(config, data, parts["asked"], args.click_share, args.seed, args.events)
         saved.write_text(
             json.dumps({"prepared": prepared, "asked_rows": asked.rows, "asked_seconds": asked.seconds})
         )
@@ -601,7 +635,7 @@ def main() -> int:
             base_scores,
             base_share,
             Path(result["candidate"]),
-            lambda path: served_bm25_weight(settings, path, conn),
+            lambda path: share_it_would_get(settings, path, conn, base_share),
         )
         rounds.append(result)
         print(
