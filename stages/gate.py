@@ -55,8 +55,9 @@ class RejectionCause(StrEnum):
 @dataclass(frozen=True)
 class AskedEvidence:
     """A variant's gain on the questions users asked, with its 95% interval and how it was made:
-    `ppi++` (event labels correct the assessor's bias, stages/ppi.py) or `assessor` (a paired bootstrap on
-    the assessor's grades alone; `weak` when that assessor was the teacher)."""
+    `ppi++` (event labels correct the assessor's bias, stages/ppi.py), `classical` (the event labels alone,
+    where the assessor erred differently on the questions without events) or `assessor` (a paired
+    bootstrap on the assessor's grades alone; `weak` when that assessor was the teacher)."""
 
     set_name: str
     estimate: float
@@ -82,7 +83,9 @@ class AskedEvidence:
         return self.method in EVENT_METHODS or not self.weak
 
     def describe(self) -> str:
-        if self.method in EVENT_METHODS:
+        if self.method == "classical":
+            judge = "events alone: the assessor differed on the questions without events"
+        elif self.method in EVENT_METHODS:
             judge = "events + weak assessor" if self.weak else "events + assessor"
         else:
             judge = "weak assessor (teacher)" if self.weak else "assessor"

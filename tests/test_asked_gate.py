@@ -199,6 +199,35 @@ def test_the_round_evidence_uses_ppi_only_with_enough_gold(gold_questions):
         assert evidence.estimate == pytest.approx(float(np.mean(new - old)))
 
 
+def test_the_round_evidence_drops_an_assessor_that_errs_differently_without_events():
+    """The teacher says the variant lost 0.25 where no events exist and 0.02 where they do, and the
+    events say no change: the interval is the events' own (classical), not PPI's carried-over one."""
+    from stages.evaluate import EvalResult
+    from stages.round_steps import GateParams, asked_evidence
+
+    rng = np.random.default_rng(1)
+    n, gold_questions = 120, 60
+    old = rng.uniform(0.3, 0.7, n)
+    shift = np.where(np.arange(n) < gold_questions, -0.02, -0.25) + rng.normal(0, 0.03, n)
+    gold_old = [float(v) if i < gold_questions else None for i, v in enumerate(old)]
+    gold_new = [v + float(rng.normal(0, 0.05)) if v is not None else None for v in gold_old]
+
+    def result(values, gold):
+        extra = {"_gold_per_query": gold, "judging": {"usable": True, "weak_assessor": True}}
+        return {
+            "asked+served": EvalResult(
+                {"ndcg@10": float(np.mean(values))}, {"ndcg@10": list(values)}, n, extra=extra
+            )
+        }
+
+    evidence = asked_evidence(
+        result(old + shift, gold_new), result(old, gold_old), GateParams(ppi_min_gold=50)
+    )
+    assert evidence is not None and evidence.method == "classical" and evidence.gold == gold_questions
+    assert evidence.low < 0.0 < evidence.high
+    assert "the assessor differed" in evidence.describe()
+
+
 def test_the_served_share_is_chosen_on_events_or_a_real_assessor_never_on_the_teacher_alone():
     from stages.round_steps import SWEEP_MIN_EVENTS, retrieval_choice
 
