@@ -55,9 +55,9 @@ class RejectionCause(StrEnum):
 @dataclass(frozen=True)
 class AskedEvidence:
     """A variant's gain on the questions users asked, with its 95% interval and how it was made:
-    `ppi++` (event labels correct the assessor's bias, stages/ppi.py), `classical` (the event labels alone,
-    where the assessor erred differently on the questions without events) or `assessor` (a paired
-    bootstrap on the assessor's grades alone; `weak` when that assessor was the teacher)."""
+    `ppi++` (event labels correct an LLM assessor's bias, stages/ppi.py), `classical` (the event labels
+    alone, beside the weak assessor) or `assessor` (a paired bootstrap on the assessor's grades alone;
+    `weak` when that assessor was the teacher)."""
 
     set_name: str
     estimate: float
@@ -78,15 +78,13 @@ class AskedEvidence:
         """Whether it may decide (rule 0). The teacher's grades alone cannot: the teacher mixes the base
         model with BM25 and grades by rank, so it rates the model in service near its ceiling (0.95
         nDCG@10 on the tiny model's own hybrid) and any model that moved away from it as a loss; its
-        gains are shown, not acted on. With the application's events (PPI++) they may: the events
-        correct the assessor's bias."""
+        gains are shown, not acted on. With the application's events the round's evidence may decide:
+        the events alone beside the teacher, PPI++ over an LLM's grades (stages/ppi.event_gain_interval)."""
         return self.method in EVENT_METHODS or not self.weak
 
     def describe(self) -> str:
-        if self.method == "classical":
-            judge = "events alone: the assessor differed on the questions without events"
-        elif self.method in EVENT_METHODS:
-            judge = "events + weak assessor" if self.weak else "events + assessor"
+        if self.method in EVENT_METHODS:
+            judge = "events alone; the weak assessor's grades not used" if self.weak else "events + assessor"
         else:
             judge = "weak assessor (teacher)" if self.weak else "assessor"
         return (

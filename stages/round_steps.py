@@ -655,11 +655,10 @@ def decide_round(
 
 def asked_evidence(variant: dict[str, EvalResult], current: dict[str, EvalResult], params: GateParams):
     """The variant's gain on the asked questions as served (dense when the index serves dense), with its
-    interval: when at least `ppi_min_gold` questions carry events, PPI++ (their event-label gains correct
-    the assessor's on every question) or, where the assessor errs differently on the questions without
-    events, the events' classical interval alone (stages/ppi.event_gain_interval); else a paired
-    bootstrap of the assessor's gains with the assessor-only margin. None when the round has no usable
-    asked set."""
+    interval: when at least `ppi_min_gold` questions carry events, PPI++ over an LLM assessor's gains
+    (the event-label gains correct its bias) or, with the weak assessor, the events' classical interval
+    alone (stages/ppi.event_gain_interval); else a paired bootstrap of the assessor's gains with the
+    assessor-only margin. None when the round has no usable asked set."""
     from stages.ppi import event_gain_interval
 
     name = next((n for n in (served_name(ASKED), ASKED) if n in variant and n in current), None)
@@ -675,7 +674,7 @@ def asked_evidence(variant: dict[str, EvalResult], current: dict[str, EvalResult
     if len(labelled) >= params.ppi_min_gold:
         unlabelled = [i for i in range(len(predicted)) if i not in set(labelled)]
         gold = np.asarray([gold_new[i] - gold_old[i] for i in labelled])
-        estimate = event_gain_interval(gold, predicted[labelled], predicted[unlabelled])
+        estimate = event_gain_interval(gold, predicted[labelled], predicted[unlabelled], weak=weak)
         return AskedEvidence(
             name,
             estimate.estimate,

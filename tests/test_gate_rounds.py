@@ -160,7 +160,7 @@ def test_a_round_judges_on_logged_questions_and_trains_on_clicked_ones_only(
 ):
     """Issue 37: the judge part of the log is ranked by every variant and judged on the pooled top 10s
     (here by the teacher, regraded each round since it grades by rank); with events on enough of them
-    rule 0 decides by PPI++; the train part's clicks become training pairs; no judged question is ever
+    rule 0 decides on the events alone (the teacher is weak); the train part's clicks become training pairs; no judged question is ever
     trained on."""
     from state.real_queries import JUDGE, TRAIN, JudgmentStore
 
