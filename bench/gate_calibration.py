@@ -47,13 +47,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = "calibration-app"
 # Recipes the rounds cycle through: a gentle, a strong and a destructive learning rate, and the strong
-# one without the clicked pairs (synthetic pairs only), then longer training.
+# one without the clicked pairs (synthetic pairs only), then longer training, then the gentle one with
+# the word embeddings trained (the "auto" default freezes them for large vocabularies).
 RECIPES: list[dict[str, Any]] = [
     {"learning_rate": 3e-5, "train_on_clicks": True},
     {"learning_rate": 2e-4, "train_on_clicks": True},
     {"learning_rate": 1e-3, "train_on_clicks": True},
     {"learning_rate": 2e-4, "train_on_clicks": False},
     {"learning_rate": 3e-5, "train_on_clicks": True, "epochs": 3.0},
+    {"learning_rate": 3e-5, "train_on_clicks": True, "freeze_word_embeddings": False},
 ]
 
 
@@ -336,6 +338,8 @@ def run_round(settings, prepared: Path, folder: Path, recipe: dict, seed: int) -
     settings.training.learning_rate = recipe["learning_rate"]
     settings.training.epochs = recipe.get("epochs", settings.training.epochs)
     settings.query_log.train_on_clicks = recipe["train_on_clicks"]
+    if "freeze_word_embeddings" in recipe:
+        settings.training.freeze_word_embeddings = recipe["freeze_word_embeddings"]
     settings.logging.level = "info"
     layout = StateLayout(state).ensure()
     conn = connect(layout.database)
@@ -488,6 +492,8 @@ def print_rounds(name: str, rounds: list[dict]) -> None:
         number = result["number"]
         recipe = result["recipe"]
         label = f"lr {recipe['learning_rate']:g} ep {recipe['epochs']:g} clicks {'on' if recipe['train_on_clicks'] else 'off'}"
+        if "freeze_word_embeddings" in recipe:
+            label += f" freeze {recipe['freeze_word_embeddings']}"
         truth = result.get("truth") or {}
         cells = []
         for key in ("hybrid", "dense"):
