@@ -144,4 +144,5 @@ def gate_params(settings: Settings):
         promotion.asked_min_gain,
         promotion.assessor_only_min_gain,
         promotion.ppi_min_gold,
+        promotion.asked_min_queries,
     )

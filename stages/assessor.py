@@ -216,6 +216,9 @@ class LlmAssessor:
         except (BreakerOpen, LlmUnavailable) as exc:
             _stop(stop, stopped_by, exc)
             return "unavailable", None
+        except Exception as exc:  # a reply the client did not foresee: one pair ungraded, not a failed round
+            log.warning("assessor_unexpected_error", error=type(exc).__name__, detail=str(exc)[:200])
+            return "malformed", None
 
     def grade_pools(
         self, questions: Sequence[str], pools: Sequence[Sequence[str]]

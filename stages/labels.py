@@ -119,6 +119,7 @@ class LabelQuery:
     source: int  # corpus index of the chunk the query was made from
     passage: str  # the training passage (the chunk, or for inverse cloze the chunk without the query)
     source_student: float  # the student's cosine of the query and its training passage
+    made_by_user: bool = False  # a clicked/cited pair: the user chose the positive, the teacher may not
 
 
 def pair_texts(
@@ -144,10 +145,14 @@ def pairs_to_score(queries: Sequence[LabelQuery], candidates: Sequence[Candidate
 
 
 def _teacher_positive(
-    source: int, judged: dict[int, float], params: LabelParams, counts: dict
+    source: int, judged: dict[int, float], params: LabelParams, counts: dict, made_by_user: bool = False
 ) -> tuple[int, bool] | None:
     """(positive, relabelled): the source while the teacher ranks it within `keep_rank`, else by the
-    repair mode the teacher's best candidate, or None (the query is dropped)."""
+    repair mode the teacher's best candidate, or None (the query is dropped). A pair a user made keeps
+    its positive: the application's event outranks the teacher, a weaker judge of this question."""
+    if made_by_user:
+        counts["kept_source"] += 1
+        return source, False
     source_score = judged[source]
     source_rank = 1 + sum(1 for c, s in judged.items() if c != source and s > source_score)
     if source_rank <= params.keep_rank or params.repair == "none":
@@ -248,7 +253,7 @@ def label_examples(
                 for c in [query.source, *found.indices, *found.extras]
                 if (i, c) in teacher_scores
             }
-            chosen = _teacher_positive(query.source, judged, params, counts)
+            chosen = _teacher_positive(query.source, judged, params, counts, query.made_by_user)
             if chosen is None:
                 continue
             positive, relabelled = chosen

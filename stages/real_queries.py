@@ -52,11 +52,12 @@ def used_chunks(answer: LoggedAnswer) -> dict[int, float]:
 
 
 def _event_chunk(answer: LoggedAnswer, object_id: str | None, position: int | None) -> int | None:
+    """The chunk an event names: its object_id when that is a chunk the answer showed, else the hit at
+    its position (an application may put its own document id in object_id)."""
     if object_id is not None:
-        try:
-            return int(str(object_id).strip())
-        except ValueError:
-            pass
+        text = str(object_id).strip()
+        if text.isascii() and text.isdigit() and int(text) in answer.hit_ids:
+            return int(text)
     if position is not None and 1 <= position <= len(answer.hit_ids):
         return answer.hit_ids[position - 1]
     return None

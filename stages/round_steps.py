@@ -49,6 +49,7 @@ from stages.labels import (
     student_candidates,
 )
 from stages.negatives import build_index, mine_hard_negatives
+from stages.real_queries import CLICKED_KIND
 from stages.teacher import Teacher
 from stages.text import detect_language
 from stages.train import ProgressFn, TrainOutcome, TrainParams, train_model
@@ -267,6 +268,7 @@ def label_with_teacher(
             snapshot.position[s.chunk_id],
             snapshot.texts[snapshot.position[s.chunk_id]],
             float(q @ p),
+            made_by_user=s.kind == CLICKED_KIND,
         )
         for s, q, p in zip(samples, query_vectors, passage_vectors, strict=True)
     ]
@@ -555,6 +557,7 @@ class GateParams:
     asked_min_gain: float = 0.0  # with event labels (PPI++): the interval's low end must exceed this
     assessor_only_min_gain: float = 0.01  # the margin when only an assessor judged the asked questions
     ppi_min_gold: int = 50  # questions with events needed before they correct the assessor
+    asked_min_queries: int = 30  # scored asked questions (after incomplete ones are left out) to act on
 
 
 @dataclass
@@ -603,7 +606,8 @@ def decide_round(
         variant: {
             name: paired_bootstrap(values, per_query[CURRENT][name], params.bootstrap_samples, params.seed)
             for name, values in sets.items()
-            if name.endswith(SERVED_SUFFIX) and name in per_query[CURRENT]
+            # the asked sets are rule 0's: their grades may be the teacher's, which never decide
+            if name.endswith(SERVED_SUFFIX) and name != served_name(ASKED) and name in per_query[CURRENT]
         }
         for variant, sets in per_query.items()
         if variant != CURRENT
@@ -666,6 +670,10 @@ def asked_evidence(variant: dict[str, EvalResult], current: dict[str, EvalResult
         return None
     new, old = variant[name], current[name]
     if not new.extra.get("judging", {}).get("usable", False):
+        return None
+    if new.n_queries < params.asked_min_queries:
+        # questions whose pool was not wholly graded were left out; too few left to act on
+        log.info("asked_too_few_scored", scored=new.n_queries, needed=params.asked_min_queries)
         return None
     predicted = np.asarray(new.primary_per_query) - np.asarray(old.primary_per_query)
     gold_new, gold_old = new.extra["_gold_per_query"], old.extra["_gold_per_query"]

@@ -267,7 +267,7 @@ class JudgmentStore:
         finite number) raises ValueError and stores none of the batch."""
         at = utcnow()
         rows = [(judge_id, q, p, _grade(grade), at) for (q, p), grade in items]
-        with transaction(self.conn):
+        with _writing(self.conn):
             self.conn.executemany(
                 "INSERT OR REPLACE INTO judgments (judge_id, question_key, passage_key, grade, at) "
                 "VALUES (?, ?, ?, ?, ?)",

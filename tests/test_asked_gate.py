@@ -37,6 +37,10 @@ def test_event_labels_grade_used_hits_and_mark_the_skipped_ones_above():
 def test_an_event_about_a_chunk_the_answer_did_not_show_is_no_label():
     question = _question("q", TRAIN, _answer([1, 2], ("click", "99", None), ("click", "not-a-chunk", 9)))
     assert event_labels(question).relevant == {}
+    # an application's own document id in object_id: the position still names the hit
+    own_id = _question("q", TRAIN, _answer([1, 2], ("click", "doc-7", 2), ("cited", "99", 1)))
+    assert event_labels(own_id).relevant == {2: 2.0, 1: 3.0}
+    assert event_labels(_question("q", TRAIN, _answer([1, 2], ("click", "2٠", None)))).relevant == {}
 
 
 def test_clicked_pairs_come_only_from_the_train_part_and_active_chunks():
@@ -159,8 +163,8 @@ def test_the_teachers_grades_alone_are_shown_not_acted_on():
     )
     rejected = decide(scores, "ndcg@10", 0.5, asked=loss)
     assert rejected.cause == RejectionCause.BELOW_MIN_GAIN and "shown, not acted on" in rejected.reason
-    # with the application's events the same weak assessor decides (PPI++ corrects its bias)
-    corrected = {"candidate": _evidence(-0.05, method="ppi++", weak=True)}
+    # with the application's events the round decides (beside the teacher, on the events alone)
+    corrected = {"candidate": _evidence(-0.05, method="classical", weak=True)}
     assert decide(scores, "ndcg@10", 0.005, asked=corrected).cause == RejectionCause.ASKED_NOT_CONVINCING
 
 
@@ -289,3 +293,50 @@ def test_a_question_not_wholly_graded_is_left_out_and_gold_is_scored_on_what_was
     # on the condensed lists (shown passages only) the candidate ranks the used passage first: its
     # unshown passage 3 does not count against it
     assert gold_candidate[0] == 1.0 and gold_current[0] < 1.0 and gold_current[1] is None
+
+
+def _asked_result(values, *, weak, gold=None):
+    from stages.evaluate import EvalResult
+
+    values = [float(v) for v in values]
+    extra = {
+        "_gold_per_query": gold or [None] * len(values),
+        "judging": {"usable": True, "weak_assessor": weak},
+    }
+    return EvalResult({"ndcg@10": float(np.mean(values))}, {"ndcg@10": values}, len(values), extra=extra)
+
+
+def test_the_teachers_grades_never_veto_through_the_served_rule(tmp_path):
+    """Review: the asked+served set is rule 0's. With the teacher's grades alone (no events) a variant
+    the teacher calls a loss is still judged by rules 1-4, not vetoed by rule 3a on those grades."""
+    from stages.evaluate import EvalResult
+    from stages.round_steps import GateParams, decide_round
+
+    rng = np.random.default_rng(0)
+    held_old = rng.uniform(0.3, 0.7, 200)
+    asked_old = rng.uniform(0.8, 1.0, 60)
+
+    def heldout(values):
+        return EvalResult({"ndcg@10": float(np.mean(values))}, {"ndcg@10": list(values)}, len(values))
+
+    results = {
+        "current": {"heldout": heldout(held_old), "asked+served": _asked_result(asked_old, weak=True)},
+        "candidate": {
+            "heldout": heldout(held_old + 0.05),
+            "asked+served": _asked_result(asked_old - 0.1, weak=True),
+        },
+    }
+    verdict = decide_round(results, GateParams(), tmp_path)
+    assert verdict.decision.promote, verdict.decision.reason
+    assert "not acted on" in verdict.decision.reason
+
+
+def test_too_few_wholly_graded_questions_leave_the_decision_to_rules_1_to_4():
+    """Review: questions whose pool was not wholly graded are left out; when fewer than
+    `asked_min_queries` remain, there is no asked evidence at all (two questions must not promote)."""
+    from stages.round_steps import GateParams, asked_evidence
+
+    new = {"asked+served": _asked_result([0.6, 0.9], weak=False)}
+    old = {"asked+served": _asked_result([0.5, 0.8], weak=False)}
+    assert asked_evidence(new, old, GateParams(asked_min_queries=30)) is None
+    assert asked_evidence(new, old, GateParams(asked_min_queries=2)) is not None

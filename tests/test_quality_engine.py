@@ -91,6 +91,19 @@ def test_a_query_the_teacher_disowns_is_relabelled_or_dropped():
     assert kept.examples[0].positive == 5 and kept.examples[0].negatives == [0]
 
 
+def test_a_pair_a_user_made_keeps_its_positive_whatever_the_teacher_says():
+    """A clicked/cited pair (issue 37): the application's event outranks the teacher, so neither repair
+    mode moves or drops its positive; the teacher still vetoes negatives it ranks above it."""
+    teacher = _scores({0: 0.1, 1: 0.9, 2: 0.3, 3: 0.4, 4: 0.5, 5: 0.2})
+    clicked = LabelQuery("query 5", 5, CORPUS[5], 1.0, made_by_user=True)
+    for repair in ("relabel", "drop"):
+        labelled = label_examples([clicked], CANDIDATES, teacher, LabelParams(1, (1, 6), 3, repair))
+        (example,) = labelled.examples
+        assert example.positive == 5 and not example.relabelled, repair
+        assert labelled.stats["relabelled"] == labelled.stats["dropped"] == 0
+        assert example.negatives == [0]
+
+
 def test_negatives_the_teacher_ranks_with_the_positive_are_vetoed():
     # Source 0 is the teacher's 2nd (kept); chunks 1 and 2 score at or above it: never negatives.
     teacher = _scores({0: 0.8, 1: 0.9, 2: 0.8, 3: 0.1, 4: 0.2, 5: 0.3})

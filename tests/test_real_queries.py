@@ -249,6 +249,16 @@ def test_judgments_round_trip_are_reused_and_kept_per_judge(tmp_path):
     assert JudgmentStore(connect(db.path)).get_many(judge, [(q, "p3")]) == {(q, "p3"): 3.0}
 
 
+def test_judgments_join_a_transaction_the_caller_already_holds(tmp_path):
+    db = _db(tmp_path)
+    store = JudgmentStore(db.conn)
+    db.conn.execute("BEGIN IMMEDIATE")
+    store.put_many("llm:tiny", [(("q", "a"), 1.0)])
+    assert db.conn.in_transaction  # the caller's transaction: it commits or rolls back
+    db.conn.execute("ROLLBACK")
+    assert store.count() == 0
+
+
 @pytest.mark.parametrize("bad", [3.5, -0.5, math.nan, math.inf, True, "2", None])
 def test_a_bad_grade_is_refused_and_nothing_of_its_batch_is_stored(tmp_path, bad):
     db = _db(tmp_path)
