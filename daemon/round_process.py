@@ -261,7 +261,7 @@ def judge_asked(settings, layout, db, snapshot, base_path, base_vectors, ranker,
     """Judge the pool of every variant's top 10 on the asked questions and put the scored results in
     `results` (or take the asked set out when too much of the pool went unjudged: an LLM gone mid-way)."""
     from daemon.asked_round import build_assessor, judgment_storage
-    from stages.asked_eval import PENDING, judge_pools, pooled_positions, score_asked
+    from stages.asked_eval import PENDING, events_only_labels, judge_pools, pooled_positions, score_asked
     from stages.real_queries import ASKED
 
     pending = {variant: per_set.pop(ASKED).extra[PENDING] for variant, per_set in results.items()}
@@ -273,8 +273,12 @@ def judge_asked(settings, layout, db, snapshot, base_path, base_vectors, ranker,
     finally:
         release()
     if not account.usable:
-        log.warning("asked_set_not_judged", **account.to_json())
-        return
+        if ranker.asked.gold_count < settings.promotion.ppi_min_gold:
+            log.warning("asked_set_not_judged", **account.to_json())
+            return
+        # enough questions carry events to decide on their own, as they would beside the teacher
+        log.warning("asked_set_judged_on_events_alone", assessor=account.to_json())
+        labels, account = events_only_labels(ranker.asked, pools)
     for variant, scored in score_asked(ranker, pending, labels, account).items():
         results[variant].update(scored)
 

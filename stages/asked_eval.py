@@ -184,6 +184,26 @@ def judge_pools(
     return labels, account
 
 
+EVENTS_JUDGE = "events"  # the judge id when the application's events stood in for a failed assessor
+
+
+def events_only_labels(
+    asked: AskedSet, pools: Sequence[Sequence[int]]
+) -> tuple[list[dict[int, float] | None], AskedJudging]:
+    """The asked set judged by the application's events alone, for when the assessor could not grade
+    the pool (an LLM gone mid-way): each question with events gets its event labels over its pool (a
+    pooled passage no event named counts 0, as a shown-and-unused hit does), every other question is
+    left out. The gate then reads the events' own interval (the judging is marked weak, so no assessor
+    number enters it)."""
+    labels: list[dict[int, float] | None] = [
+        {p: asked.eval_set.relevant[row].get(p, 0.0) for p in pools[row]} if asked.gold[row] else None
+        for row in range(len(asked))
+    ]
+    pooled = sum(len(pools[row]) for row in range(len(asked)) if asked.gold[row])
+    incomplete = sum(1 for row in labels if row is None)
+    return labels, AskedJudging(EVENTS_JUDGE, True, pooled, 0, 0, 0, incomplete)
+
+
 def condensed(ranked: list[list[int]], shown: list[frozenset[int]]) -> list[list[int]]:
     """Each list with the passages its question's answers never showed taken out: events can only have
     been about what was shown, so on the event labels a model is judged by how it orders those (a model

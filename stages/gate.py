@@ -84,7 +84,7 @@ class AskedEvidence:
 
     def describe(self) -> str:
         if self.method in EVENT_METHODS:
-            judge = "events alone; the weak assessor's grades not used" if self.weak else "events + assessor"
+            judge = "events alone, no assessor's grades" if self.weak else "events + assessor"
         else:
             judge = "weak assessor (teacher)" if self.weak else "assessor"
         return (

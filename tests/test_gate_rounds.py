@@ -356,20 +356,24 @@ def test_a_large_corpus_is_judged_on_a_pool_and_each_step_reports_its_cost(prepa
     assert "peak " in format_status(status) and "negatives " in format_status(status)
 
 
-def test_an_llm_assessor_gone_during_judging_leaves_the_round_judged_as_without_the_log(
-    prepared, tmp_path, tiny_embedder
-):
-    """The assessor is the LLM and nothing answers at its address: no pooled passage gets a grade, the
-    asked set is not evidence, and the round decides on its other sets (rules 1-4), saying nothing it
-    could not measure."""
+def _gone_llm(settings) -> None:
     import socket
 
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    settings = _case(prepared, tmp_path, tiny_embedder, asked_min_queries=3, assessor="llm")
     settings.llm.url = f"http://127.0.0.1:{port}/v1"
     settings.llm.max_retries = 0
+
+
+def test_an_llm_assessor_gone_during_judging_leaves_the_round_judged_as_without_the_log(
+    prepared, tmp_path, tiny_embedder
+):
+    """The assessor is the LLM and nothing answers at its address: no pooled passage gets a grade, the
+    asked set is not evidence (too few questions carry events to decide alone: `ppi_min_gold` is 50),
+    and the round decides on its other sets (rules 1-4), saying nothing it could not measure."""
+    settings = _case(prepared, tmp_path, tiny_embedder, asked_min_queries=3, assessor="llm")
+    _gone_llm(settings)
     _log_questions(settings)
     row, layout, db = _run(settings)
     assert row["state"] == "finished" and row["cause"] != "asked_gain_not_convincing", row["reason"]
@@ -378,3 +382,22 @@ def test_an_llm_assessor_gone_during_judging_leaves_the_round_judged_as_without_
     from state.real_queries import JudgmentStore
 
     assert JudgmentStore(db.conn).count() == 0
+
+
+def test_with_enough_events_an_llm_gone_leaves_the_events_to_decide_alone(prepared, tmp_path, tiny_embedder):
+    """The same outage with events on at least `ppi_min_gold` judge questions: the round does not throw
+    the events away; rule 0 decides on their own interval and the judging says the events judged."""
+    settings = _case(prepared, tmp_path, tiny_embedder, asked_min_queries=2, ppi_min_gold=2, assessor="llm")
+    _gone_llm(settings)
+    _log_questions(settings)
+    row, layout, db = _run(settings)
+    assert row["state"] == "finished", row["reason"]
+    metrics = json.loads((layout.round_dir(row["id"]) / "metrics.json").read_text())
+    judging = metrics["variants"]["current"]["asked+served"]["judging"]
+    assert judging["judge"] == "events" and judging["weak_assessor"] is True, judging
+    evidence = metrics["asked"]["candidate"]
+    assert evidence["method"] == "classical" and evidence["gold"] == evidence["questions"] >= 2, evidence
+    assert "events alone" in row["reason"], row["reason"]
+    from state.real_queries import JudgmentStore
+
+    assert JudgmentStore(db.conn).count() == 0  # the events' labels are not stored as judgments
