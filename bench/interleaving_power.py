@@ -1,0 +1,197 @@
+"""Would interleaving see what the events on the model in service's own answers cannot? (issue 37)
+
+The gate's events are only about the top 10 the model in service showed, so a candidate's gains on the
+questions that model failed stay invisible (docs/promotion.md, "What the events cannot see"). Team-draft
+interleaving (Radlinski, Kurup, Joachims, CIKM 2008) shows each user one list drawn alternately from both
+models' rankings, and credits each event to the model that contributed the hit: the events are then about
+both models' answers. This bench measures, before anything is built into `serve`, whether that would
+decide the rounds `bench.gate_calibration` left: for each round's candidate and the base, both served as
+hybrid, on the truth queries (never seen by the pipeline), simulated users ask `--queries` questions
+drawn with replacement and act on the interleaved top 10 from the qrels (`cited`: every relevant hit;
+`click`: the first relevant one). A question's outcome is a win for the model whose hits got more events;
+a two-sided sign test over the decided questions (p < 0.05) says gain or loss. Repeated `--simulations`
+times: how often interleaving finds the candidate better, worse, or neither, next to the truth verdict.
+
+    python -m bench.interleaving_power /tmp/gc-zh-cited --calibration /tmp/gc-zh-cited.json \\
+        --rounds 1,2,4,5 --queries 50,100,200 --events cited
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+BASE, CANDIDATE = "base", "candidate"
+
+
+def team_draft(
+    first: Sequence[int], second: Sequence[int], k: int, rng: random.Random
+) -> list[tuple[int, str]]:
+    """The interleaved top k: the team with fewer picks (a coin when even) adds its best hit not yet in
+    the list; each hit remembers the team that picked it."""
+    shown: list[tuple[int, str]] = []
+    seen: set[int] = set()
+    picks = {BASE: 0, CANDIDATE: 0}
+    lists = {BASE: list(first), CANDIDATE: list(second)}
+    cursor = {BASE: 0, CANDIDATE: 0}
+    while len(shown) < k:
+        if picks[BASE] == picks[CANDIDATE]:
+            team = BASE if rng.random() < 0.5 else CANDIDATE
+        else:
+            team = BASE if picks[BASE] < picks[CANDIDATE] else CANDIDATE
+        ranking = lists[team]
+        while cursor[team] < len(ranking) and ranking[cursor[team]] in seen:
+            cursor[team] += 1
+        if cursor[team] >= len(ranking):
+            other = CANDIDATE if team == BASE else BASE
+            if cursor[other] >= len(lists[other]):
+                break  # both lists are used up
+            picks[team] = picks[other] + 1  # this team has nothing left: the other picks from now on
+            continue
+        hit = ranking[cursor[team]]
+        shown.append((hit, team))
+        seen.add(hit)
+        picks[team] += 1
+    return shown
+
+
+def outcome(shown: Sequence[tuple[int, str]], relevant: dict[int, float], events: str) -> int:
+    """+1 when the candidate's hits got more events than the base's, -1 when fewer, 0 on a tie."""
+    used = [team for hit, team in shown if relevant.get(hit, 0) > 0]
+    if events == "click":
+        used = used[:1]
+    credit = used.count(CANDIDATE) - used.count(BASE)
+    return (credit > 0) - (credit < 0)
+
+
+@dataclass
+class Power:
+    queries: int
+    gain: float  # how often the sign test found the candidate better
+    loss: float
+    win_share: float  # the candidate's mean share of the decided questions
+    decided: float  # the share of questions one model won (the rest: no event, or a tie)
+
+
+def power(
+    base: list[list[int]],
+    candidate: list[list[int]],
+    relevant: list[dict[int, float]],
+    queries: int,
+    simulations: int,
+    events: str,
+    seed: int,
+) -> Power:
+    from scipy.stats import binomtest
+
+    rng = random.Random(seed)
+    gains = losses = 0
+    shares, decided_shares = [], []
+    for _ in range(simulations):
+        wins = defeats = 0
+        for _ in range(queries):
+            row = rng.randrange(len(base))
+            result = outcome(team_draft(base[row], candidate[row], 10, rng), relevant[row], events)
+            wins += result > 0
+            defeats += result < 0
+        decided = wins + defeats
+        decided_shares.append(decided / queries)
+        if decided:
+            shares.append(wins / decided)
+            if binomtest(wins, decided, 0.5).pvalue < 0.05:
+                gains += wins > defeats
+                losses += wins < defeats
+    return Power(
+        queries,
+        gains / simulations,
+        losses / simulations,
+        sum(shares) / max(len(shares), 1),
+        sum(decided_shares) / simulations,
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("work", type=Path, help="a bench.gate_calibration --work folder")
+    parser.add_argument("--calibration", type=Path, required=True, help="that run's --out JSON")
+    parser.add_argument("--rounds", default="1", help="round numbers, e.g. 1,2,4,5")
+    parser.add_argument("--queries", default="50,100,200", help="questions asked per simulated trial")
+    parser.add_argument("--events", choices=("cited", "click"), default="cited")
+    parser.add_argument("--simulations", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--candidate-share",
+        type=float,
+        help="serve every candidate at this BM25 share (default: its round's)",
+    )
+    args = parser.parse_args()
+
+    from bench.gate_calibration import Truth, _share_name, compare
+    from daemon.logs import configure_logging
+    from daemon.settings import load_settings
+    from daemon.step_params import torch_encode_params
+    from stages.encoder import Encoder
+    from stages.evaluate import evaluate_rankings
+
+    configure_logging("warning", "console")
+    report = json.loads(args.calibration.read_text())
+    settings = load_settings(str(args.work / "config.toml"))
+    truth = Truth(args.work / "truth", settings)
+    relevant = truth.eval_set.relevant
+    base_share = (
+        None if report["base"]["bm25_share"] == "by language" else float(report["base"]["bm25_share"])
+    )
+
+    def lists(model: Path, share: float | None) -> list[list[int]]:
+        encoder = Encoder(model, torch_encode_params(settings))
+        try:
+            return [ranked[:10] for ranked in truth.hybrid.rankings(encoder, None, [share])[share]]
+        finally:
+            encoder.release()
+
+    base = lists(Path(report["base"]["model"]), base_share)
+    base_scores = evaluate_rankings(base, relevant, "ndcg@10").primary_per_query
+    rounds = {str(r["number"]): r for r in report["rounds"]}
+    out = []
+    for number in args.rounds.split(","):
+        result = rounds[number]
+        served = result["truth"]["served_share"]
+        share = None if served == "by language" else float(served)
+        if args.candidate_share is not None:
+            share = args.candidate_share
+        candidate = lists(Path(result["candidate"]), share)
+        scores = evaluate_rankings(candidate, relevant, "ndcg@10").primary_per_query
+        row = {
+            "round": int(number),
+            "share": _share_name(share),
+            "truth": compare(scores, base_scores),
+            "interleaving": [
+                power(base, candidate, relevant, int(n), args.simulations, args.events, args.seed).__dict__
+                for n in args.queries.split(",")
+            ],
+        }
+        out.append(row)
+        truth_row = row["truth"]
+        print(
+            f"round {number} (share {row['share']}): truth {truth_row['gain']:+.4f} "
+            f"[{truth_row['ci95'][0]:+.4f}, {truth_row['ci95'][1]:+.4f}] {truth_row['verdict']}",
+            flush=True,
+        )
+        for cell in row["interleaving"]:
+            print(
+                f"  {cell['queries']:>4} questions: gain found {cell['gain']:.0%}, loss found {cell['loss']:.0%}, "
+                f"candidate's share of decided questions {cell['win_share']:.3f} "
+                f"(decided {cell['decided']:.0%})",
+                flush=True,
+            )
+    print(json.dumps({"events": args.events, "simulations": args.simulations, "rounds": out}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
