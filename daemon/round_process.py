@@ -199,7 +199,9 @@ def judge_round(
     )
     examples = mined.examples
     if with_teacher:
-        examples = label_round(settings, layout, db, snapshot, serving, mined, base_path, progress, folder)
+        examples = label_round(
+            settings, layout, db, snapshot, serving, mined, base_path, progress, folder, logged.skipped
+        )
 
     progress.stage("train", step=0, total=0)
     trained = train_candidate(
@@ -389,9 +391,10 @@ def label_round(
     base_path,
     progress: RoundProgress,
     folder: Path,
+    preferred: dict[int, list[int]] | None = None,
 ):
     """The label step: load the teacher `model.teacher` names, judge (reusing stored judgements), repair
-    labels. The teacher is released before training starts: a cross-encoder must not share memory with it."""
+    labels (a clicked pair's skipped hits, `preferred`, offered first as its negatives). The teacher is released before training starts: a cross-encoder must not share memory with it."""
     from daemon.serving import converted_models_root
     from stages.encoder import Encoder
     from stages.round_steps import ScoreStorage, label_with_teacher
@@ -423,6 +426,7 @@ def label_round(
             ScoreStorage(store.get_many, store.put_many),
             lambda done, total: progress.stage("label", scored=done, total=total),
             folder,
+            preferred,
         )
     finally:
         del teacher

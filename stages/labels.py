@@ -94,6 +94,20 @@ def add_random_extras(
         found.extras_student = [float(query_vectors[row] @ corpus_vectors[c]) for c in extras]
 
 
+def with_preferred(
+    found: Candidates, preferred: Sequence[int], scores: Sequence[float], at: int
+) -> Candidates:
+    """The student's candidates with `preferred` (corpus indices, their cosines in `scores`) moved to
+    rank `at` (0-based, the start of the negatives' window), so the teacher judges them and the window
+    offers them; each appears once."""
+    moved = set(preferred)
+    kept = [(c, x) for c, x in zip(found.indices, found.student, strict=True) if c not in moved]
+    ordered = kept[:at] + list(zip(preferred, scores, strict=True)) + kept[at:]
+    return Candidates(
+        [c for c, _ in ordered], [x for _, x in ordered], list(found.extras), list(found.extras_student)
+    )
+
+
 def student_candidates(query_vectors: np.ndarray, corpus_vectors: np.ndarray, depth: int) -> list[Candidates]:
     """The student's top `depth` chunks per query (faiss inner product on normalised vectors)."""
     from stages.negatives import build_index, search_depth
@@ -120,6 +134,7 @@ class LabelQuery:
     passage: str  # the training passage (the chunk, or for inverse cloze the chunk without the query)
     source_student: float  # the student's cosine of the query and its training passage
     made_by_user: bool = False  # a clicked/cited pair: the user chose the positive, the teacher may not
+    preferred: tuple[int, ...] = ()  # corpus indices a user skipped above it: first among its negatives
 
 
 def pair_texts(
@@ -258,7 +273,9 @@ def label_examples(
                 continue
             positive, relabelled = chosen
             window = _teacher_window(window_ids, positive, query, judged, student, params, counts)
-        negatives = rng.sample(window, k=min(params.negatives, len(window)))
+        first = [c for c in query.preferred if c in window][: params.negatives]
+        rest = [c for c in window if c not in first]
+        negatives = first + rng.sample(rest, k=min(params.negatives - len(first), len(rest)))
         _top_up(
             negatives,
             found.extras,

@@ -47,6 +47,7 @@ from stages.labels import (
     pair_texts,
     pairs_to_score,
     student_candidates,
+    with_preferred,
 )
 from stages.negatives import build_index, mine_hard_negatives
 from stages.real_queries import CLICKED_KIND
@@ -224,6 +225,14 @@ def _prefer_skipped(
     return out
 
 
+def skipped_positions(snapshot: Snapshot, sample, preferred: dict[int, list[int]] | None) -> list[int]:
+    """The corpus positions of the hits a user skipped above this sample's chunk (none for other
+    samples, and never the chunk itself)."""
+    own = snapshot.position.get(sample.chunk_id)
+    chunks = (preferred or {}).get(sample.id, [])
+    return [p for p in dict.fromkeys(snapshot.position.get(c) for c in chunks) if p is not None and p != own]
+
+
 # --- label (with a teacher) ---------------------------------------------------------------------------
 @dataclass
 class ScoreStorage:
@@ -249,10 +258,13 @@ def label_with_teacher(
     storage: ScoreStorage,
     progress: Callable[[int, int], None] | None = None,
     folder: Path | None = None,
+    preferred: dict[int, list[int]] | None = None,
 ) -> LabelOutcome:
     """Teacher-labelled training examples: each query's source and the student's top candidates are judged
     (stored judgements reused, new ones saved batch by batch, so a killed round loses at most one batch),
-    then labels are repaired and negatives chosen (stages.labels.label_examples)."""
+    then labels are repaired and negatives chosen (stages.labels.label_examples). `preferred` (sample id
+    -> chunk ids, the hits a user skipped above the one they used) joins each clicked pair's candidates
+    and comes first among its negatives when the teacher and the student's margin let it."""
     samples = [s for s in snapshot.train if s.chunk_id in snapshot.position]
     if not samples:
         return LabelOutcome([], {"queries": 0, "examples": 0, "teacher": teacher.teacher_id})
@@ -269,10 +281,15 @@ def label_with_teacher(
             snapshot.texts[snapshot.position[s.chunk_id]],
             float(q @ p),
             made_by_user=s.kind == CLICKED_KIND,
+            preferred=tuple(skipped_positions(snapshot, s, preferred)),
         )
         for s, q, p in zip(samples, query_vectors, passage_vectors, strict=True)
     ]
     found = student_candidates(query_vectors, corpus_vectors, max(params.rank_range[1], params.keep_rank) + 1)
+    for row, query in enumerate(queries):
+        if query.preferred:
+            scores = [float(query_vectors[row] @ corpus_vectors[c]) for c in query.preferred]
+            found[row] = with_preferred(found[row], query.preferred, scores, params.rank_range[0] - 1)
     add_random_extras(found, query_vectors, corpus_vectors, params.negatives, params.seed)
     pairs = pairs_to_score(queries, found, params)
     query_texts, passage_texts = pair_texts(queries, pairs, snapshot.texts)

@@ -160,8 +160,8 @@ def test_a_round_judges_on_logged_questions_and_trains_on_clicked_ones_only(
 ):
     """Issue 37: the judge part of the log is ranked by every variant and judged on the pooled top 10s
     (here by the teacher, regraded each round since it grades by rank); with events on enough of them
-    rule 0 decides on the events alone (the teacher is weak); the train part's clicks become training pairs; no judged question is ever
-    trained on."""
+    rule 0 decides on the events alone (the teacher is weak); the train part's clicks become training
+    pairs; no judged question is ever trained on."""
     from state.real_queries import JUDGE, TRAIN, JudgmentStore
 
     settings = _case(
@@ -197,6 +197,26 @@ def test_a_round_judges_on_logged_questions_and_trains_on_clicked_ones_only(
     second = json.loads((layout.round_dir(again["id"]) / "metrics.json").read_text())
     regraded = second["variants"]["current"]["asked+served"]["judging"]
     assert regraded["reused"] == 0 and regraded["judged"] == regraded["pooled"], regraded
+
+
+def test_with_a_teacher_a_clicked_pair_keeps_the_chunk_the_user_chose(prepared, tmp_path, tiny_embedder):
+    """`model.teacher` set: the label step judges the clicked pairs with the synthetic ones (their
+    skipped hits offered first as negatives: tests/test_quality_engine.py), but never moves or drops a
+    positive a user chose."""
+    settings = _case(prepared, tmp_path, tiny_embedder, asked_min_queries=3, ppi_min_gold=2)
+    settings.model.teacher = "hybrid"
+    _log_questions(settings)
+    row, layout, db = _run(settings)
+    assert row["state"] == "finished", row["reason"]
+    folder = layout.round_dir(row["id"])
+    clicked = [json.loads(line) for line in (folder / "clicked.jsonl").read_text().splitlines()]
+    assert clicked
+    texts = dict(db.conn.execute("SELECT id, text FROM chunks").fetchall())
+    examples = [json.loads(line) for line in (folder / "train.jsonl").read_text().splitlines()]
+    users = [e for e in examples if e["sample_id"] < 0]
+    assert users and all(e["scores"] for e in users)  # labelled by the teacher like the others
+    chosen = {(pair["query"], texts[pair["chunk_id"]]) for pair in clicked}
+    assert {(e["query"], e["pos"]) for e in users} <= chosen
 
 
 def test_an_llm_assessors_judgments_are_stored_and_reused_by_the_next_round(

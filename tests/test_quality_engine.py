@@ -104,6 +104,23 @@ def test_a_pair_a_user_made_keeps_its_positive_whatever_the_teacher_says():
         assert example.negatives == [0]
 
 
+def test_hits_a_user_skipped_come_first_among_negatives_when_the_teacher_lets_them():
+    """Issue 37: the hits shown above a clicked one and not used join the candidates and are offered
+    first; one the teacher rates with the positive is still vetoed."""
+    from dataclasses import replace
+
+    from stages.labels import Candidates, with_preferred
+
+    moved = with_preferred(Candidates([0, 1, 2, 3], [0.9, 0.8, 0.7, 0.6]), [3, 7], [0.6, 0.5], 1)
+    assert moved.indices == [0, 3, 7, 1, 2] and moved.student == [0.9, 0.6, 0.5, 0.8, 0.7]
+    teacher = _scores({0: 0.9, 1: 0.1, 2: 0.2, 3: 0.3, 4: 0.4, 5: 0.95})
+    params = LabelParams(negatives=2, rank_range=(1, 6), keep_rank=3, repair="relabel")
+    for seed in range(5):
+        clicked = LabelQuery("query 0", 0, CORPUS[0], 1.0, made_by_user=True, preferred=(4, 5))
+        (example,) = label_examples([clicked], CANDIDATES, teacher, replace(params, seed=seed)).examples
+        assert example.positive == 0 and example.negatives[0] == 4 and 5 not in example.negatives
+
+
 def test_negatives_the_teacher_ranks_with_the_positive_are_vetoed():
     # Source 0 is the teacher's 2nd (kept); chunks 1 and 2 score at or above it: never negatives.
     teacher = _scores({0: 0.8, 1: 0.9, 2: 0.8, 3: 0.1, 4: 0.2, 5: 0.3})
