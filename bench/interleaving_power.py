@@ -130,6 +130,10 @@ def main() -> int:
         help="serve every candidate at this BM25 share (default: its round's)",
     )
     args = parser.parse_args()
+    if not (args.work / "config.toml").is_file():
+        parser.error(f"{args.work} is not a bench.gate_calibration --work folder (no config.toml)")
+    if not args.calibration.is_file():
+        parser.error(f"--calibration {args.calibration}: no such file")
 
     from bench.gate_calibration import Truth, _share_name, compare
     from daemon.logs import configure_logging

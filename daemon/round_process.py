@@ -394,7 +394,8 @@ def label_round(
     preferred: dict[int, list[int]] | None = None,
 ):
     """The label step: load the teacher `model.teacher` names, judge (reusing stored judgements), repair
-    labels (a clicked pair's skipped hits, `preferred`, offered first as its negatives). The teacher is released before training starts: a cross-encoder must not share memory with it."""
+    labels (a clicked pair's skipped hits, `preferred`, offered first as its negatives). The teacher is
+    released before training starts: a cross-encoder must not share memory with it."""
     from daemon.serving import converted_models_root
     from stages.encoder import Encoder
     from stages.round_steps import ScoreStorage, label_with_teacher

@@ -40,13 +40,12 @@ def used_chunks(answer: LoggedAnswer) -> dict[int, float]:
     names its hit by chunk id (object_id) or by 1-based position; one naming neither, or a chunk the
     answer did not show, is not a label (an application may log events about other things)."""
     used: dict[int, float] = {}
-    shown = set(answer.hit_ids)
     for event in answer.events:
         grade = EVENT_GRADES.get(event.action.strip().lower())
         if grade is None:
             continue
-        chunk = _event_chunk(answer, event.object_id, event.position)
-        if chunk is not None and chunk in shown:
+        chunk = _event_chunk(answer, event.object_id, event.position)  # a shown hit, or None
+        if chunk is not None:
             used[chunk] = max(used.get(chunk, 0.0), grade)
     return used
 

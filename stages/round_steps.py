@@ -205,13 +205,9 @@ def _prefer_skipped(
     vectors = serving.queries([snapshot.train[i].query for i in rows])
     out = list(mined)
     for row, vector in zip(rows, vectors, strict=True):
-        sample, found = snapshot.train[row], mined[row]
-        own = snapshot.position.get(sample.chunk_id, -1)
+        found = mined[row]
         picked: list[tuple[int, float]] = []
-        for chunk in preferred[sample.id]:
-            position = snapshot.position.get(chunk)
-            if position is None or position == own:
-                continue
+        for position in skipped_positions(snapshot, snapshot.train[row], preferred):
             score = float(vector @ corpus_vectors[position])
             if (
                 score <= found.positive_score - params.margin
