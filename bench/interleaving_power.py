@@ -26,47 +26,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-BASE, CANDIDATE = "base", "candidate"
-
-
-def team_draft(
-    first: Sequence[int], second: Sequence[int], k: int, rng: random.Random
-) -> list[tuple[int, str]]:
-    """The interleaved top k: the team with fewer picks (a coin when even) adds its best hit not yet in
-    the list; each hit remembers the team that picked it."""
-    shown: list[tuple[int, str]] = []
-    seen: set[int] = set()
-    picks = {BASE: 0, CANDIDATE: 0}
-    lists = {BASE: list(first), CANDIDATE: list(second)}
-    cursor = {BASE: 0, CANDIDATE: 0}
-    while len(shown) < k:
-        if picks[BASE] == picks[CANDIDATE]:
-            team = BASE if rng.random() < 0.5 else CANDIDATE
-        else:
-            team = BASE if picks[BASE] < picks[CANDIDATE] else CANDIDATE
-        ranking = lists[team]
-        while cursor[team] < len(ranking) and ranking[cursor[team]] in seen:
-            cursor[team] += 1
-        if cursor[team] >= len(ranking):
-            other = CANDIDATE if team == BASE else BASE
-            if cursor[other] >= len(lists[other]):
-                break  # both lists are used up
-            picks[team] = picks[other] + 1  # this team has nothing left: the other picks from now on
-            continue
-        hit = ranking[cursor[team]]
-        shown.append((hit, team))
-        seen.add(hit)
-        picks[team] += 1
-    return shown
+from stages import interleaving
 
 
 def outcome(shown: Sequence[tuple[int, str]], relevant: dict[int, float], events: str) -> int:
-    """+1 when the candidate's hits got more events than the base's, -1 when fewer, 0 on a tie."""
-    used = [team for hit, team in shown if relevant.get(hit, 0) > 0]
+    """+1 when the candidate's hits got more events than the base's, -1 when fewer, 0 on a tie
+    (`click`: the first relevant hit only; `cited`: every relevant hit)."""
+    used = [rank for rank, (hit, _team) in enumerate(shown) if relevant.get(hit, 0) > 0]
     if events == "click":
         used = used[:1]
-    credit = used.count(CANDIDATE) - used.count(BASE)
-    return (credit > 0) - (credit < 0)
+    return interleaving.outcome([team for _hit, team in shown], used)
 
 
 @dataclass
@@ -96,7 +65,9 @@ def power(
         wins = defeats = 0
         for _ in range(queries):
             row = rng.randrange(len(base))
-            result = outcome(team_draft(base[row], candidate[row], 10, rng), relevant[row], events)
+            result = outcome(
+                interleaving.team_draft(base[row], candidate[row], 10, rng), relevant[row], events
+            )
             wins += result > 0
             defeats += result < 0
         decided = wins + defeats

@@ -42,6 +42,8 @@ def logged_queries(answers: list[SearchAnswer], source: str, client_id: str = ""
             model_version=answer.model,
             collection=answered_from(answer),
             hit_ids=[int(hit.chunk_id) for hit in answer.hits],
+            trial_id=answer.trial_id,
+            teams=answer.teams,
         )
         for answer in answers
         if not answer.error and answer.query_id

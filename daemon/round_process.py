@@ -363,11 +363,43 @@ def settle_round(
         outcome = RoundOutcome.REJECTED
         cause = verdict.decision.cause.value if verdict.decision.cause else None
         records.finish(round_id, outcome, verdict.reason, None, judged.used, cause=cause)
+        maybe_open_trial(settings, registry, round_id, judged)
     for name, path in judged.variant_dirs.items():
         if name != CANDIDATE:
             shutil.rmtree(path, ignore_errors=True)  # keep the candidate for audit; merges are reproducible
     log.info("round_finished", round_id=round_id, decision=outcome.value, reason=verdict.reason)
     return outcome
+
+
+def maybe_open_trial(settings: Settings, registry: ModelRegistry, round_id: int, judged: JudgedRound) -> None:
+    """A candidate the gate could not tell from the model in service gets an interleaved trial where the
+    application posts events (daemon/trials.py); the round's own decision stays as recorded. Opening one
+    never fails the round."""
+    from daemon.trials import open_trial, trial_refusal
+
+    verdict = judged.verdict
+    if settings.promotion.trial_share <= 0:
+        return
+    cause = verdict.decision.cause.value if verdict.decision.cause else None
+    why = trial_refusal(cause, verdict.interval, verdict.best)
+    if why:
+        log.info("trial_not_opened", round_id=round_id, reason=why)
+        return
+    try:
+        write_retrieval_choice(
+            settings, judged.plan, judged.sets, verdict.table, verdict.best, judged.variant_dirs
+        )
+        open_trial(
+            settings,
+            registry.conn,
+            registry,
+            round_id,
+            verdict.best,
+            Path(judged.variant_dirs[verdict.best]),
+            judged.current.id if judged.current else None,
+        )
+    except Exception:
+        log.exception("trial_open_failed", round_id=round_id)
 
 
 def trainer_for(settings: Settings):

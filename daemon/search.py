@@ -71,6 +71,10 @@ class SearchAnswer:
     id: str = ""
     error: str = ""  # this query was not searched, and why (the others of a batch still are)
     query_id: str = ""  # names this answer in the query log and in the events about it (state/query_log.py)
+    # an interleaved trial's answer (daemon/serve_trial.py): the trial, its candidate, each hit's model
+    trial_id: int | None = None
+    trial_candidate: str = ""
+    teams: list[str] | None = None
 
     def to_json(self) -> dict:
         return {
@@ -82,6 +86,11 @@ class SearchAnswer:
             "source": self.source,
             "note": self.note,
             **({"error": self.error} if self.error else {}),
+            **(
+                {"trial": {"id": self.trial_id, "candidate": self.trial_candidate}}
+                if self.trial_id is not None
+                else {}
+            ),
             "hits": [
                 {"chunk_id": h.chunk_id, "path": h.path, "score": round(h.score, 6), "text": h.text}
                 for h in self.hits

@@ -113,6 +113,11 @@ class ServeMetrics:
             "embedtune_serve_model_swaps", "Models loaded and swapped in", registry=self.registry
         )
         self.ready = Gauge("embedtune_serve_ready", "1 when /health answers ready", registry=self.registry)
+        self.trial_searches = Counter(
+            "embedtune_serve_trial_searches",
+            "Questions answered with a running trial's candidate interleaved",
+            registry=self.registry,
+        )
 
     def model_swapped(self, loaded: Loaded) -> None:
         self.model.clear()
@@ -283,21 +288,42 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
 
         replica = loaded.replica  # read once, with the version: the two agree throughout
         prepared = replica.prepared() if replica is not None else None
+        trial = state.trial  # read once too: the running interleaved trial, when its candidate is ready
+
+        def keep(answer) -> None:
+            if prefix:
+                answer.hits = [hit for hit in answer.hits if hit.path.startswith(prefix)]
+            answer.hits = answer.hits[:k]
 
         def work():
+            deadline = time.monotonic() + limits.request_timeout_s
             with _model_lock(loaded, limits.request_timeout_s):
                 try:
-                    return search_many(
+                    answers = search_many(
                         settings, queries, "current", depth, mode, encoder=loaded.encoder, replica=prepared
                     )
                 except (SearchError, IndexUnavailable) as exc:
                     raise ApiError(503, str(exc), "search_unavailable", "service_unavailable") from None
+            for answer in answers:
+                keep(answer)
+            if trial is not None and mode != "lexical":  # BM25 alone is the same for both models
+                from daemon.serve_trial import interleave
+
+                left = deadline - time.monotonic()
+                mixed = interleave(
+                    settings,
+                    answers,
+                    trial,
+                    depth=depth,
+                    mode=mode,
+                    k=k,
+                    keep=keep,
+                    hold=lambda candidate: _model_lock(candidate, left),
+                )
+                metrics.trial_searches.inc(mixed)
+            return answers
 
         answers = await _in_thread(work, limits.request_timeout_s)
-        for answer in answers:
-            if prefix:
-                answer.hits = [hit for hit in answer.hits if hit.path.startswith(prefix)]
-            answer.hits = answer.hits[:k]
         if single and answers[0].error:
             raise ApiError(400, answers[0].error, "bad_query")
         await run_in_threadpool(log_answers, settings, answers, "http", client_id)

@@ -64,6 +64,23 @@ class Loaded:
         return sum(len(encoding.ids) for encoding in self.tokenizer.encode_batch(texts))
 
 
+@dataclass
+class Trial:
+    """The running interleaved trial (state/trials.py) with its candidate loaded: a share of the searches
+    also ask the candidate and show both models' hits, team-draft interleaved."""
+
+    record: object  # state.trials.TrialRecord
+    candidate: Loaded
+
+    @property
+    def id(self) -> int:
+        return self.record.id
+
+    @property
+    def share(self) -> float:
+        return self.record.share
+
+
 class ServeState:
     """The model in service, kept loaded and followed. `current` is None until a model is loaded;
     `problem` then says why (one sentence)."""
@@ -85,6 +102,9 @@ class ServeState:
         self._replica_failed: tuple[str, float] | None = None  # (collection, when) of a failed build
         self._replica_problem = ""
         self.on_swap: list = []  # callables(Loaded): the metrics' version label follows swaps
+        self._trial: Trial | None = None  # the running interleaved trial's candidate, loaded
+        self._trial_failed: tuple[int, float] | None = None  # (trial id, when) of a failed load
+        self.trial_problem = ""
 
     # --- what requests read -------------------------------------------------------------------
     @property
@@ -99,6 +119,17 @@ class ServeState:
     @property
     def swaps(self) -> int:
         return self._swaps
+
+    @property
+    def trial(self) -> Trial | None:
+        """The running trial, when its candidate is ready beside the model it was judged against (the
+        model in service; after a promotion or rollback the trial waits for the daemon to end it)."""
+        trial, loaded = self._trial, self._loaded
+        if trial is None or loaded is None or trial.record.replacing_id != loaded.model_id:
+            return None
+        if self.settings.index.enabled and loaded.replica is not None and trial.candidate.replica is None:
+            return None  # the candidate answers from a replica too, or not at all
+        return trial
 
     _follow_failures = 0
 
@@ -139,6 +170,7 @@ class ServeState:
         with self._refreshing:
             swapped = self._refresh()
             self._keep_replica()
+            self._keep_trial()
             return swapped
 
     def _refresh(self) -> bool:
@@ -157,6 +189,9 @@ class ServeState:
             and not self._runtime_changed(self._previous)
         ):
             fresh = self._previous  # a rollback to the model served just before: no load
+        elif self._trial is not None and self._trial.candidate.key == key:
+            fresh = self._trial.candidate  # the trial's candidate was promoted: already loaded
+            fresh.replica = None  # its replica mirrors the collection of the model it was tried against
         else:
             started = time.monotonic()
             failed = self._failed
@@ -201,17 +236,8 @@ class ServeState:
         failed = self._replica_failed
         if failed is not None and failed[0] == live.name and time.monotonic() - failed[1] < LOAD_RETRY_S:
             return
-        from daemon.serve_index import build_serve_index
-        from daemon.serving import ModelChoice
-        from state.db import connect
-
-        choice = ModelChoice(
-            loaded.version, loaded.path, "" if loaded.model_id is not None else "nothing promoted yet"
-        )
-        vectors = self._vectors(loaded)
-        conn = connect(self.layout.database, readonly=True)
         try:
-            replica = build_serve_index(conn, choice, live, served.analyzer, vectors)
+            replica = self._build_replica(loaded, live, served.analyzer)
         except Exception as exc:  # searches answer from the collection meanwhile; retried later
             self._replica_failed = (live.name, time.monotonic())
             self._replica_problem = (
@@ -219,11 +245,24 @@ class ServeState:
             )
             log.error("serve_replica_failed", collection=live.name, error=str(exc))
             return
-        finally:
-            conn.close()
         self._replica_failed, self._replica_problem = None, ""
         loaded.replica = replica
         self._replicas_built += 1
+
+    def _build_replica(self, loaded: Loaded, live, analyzer: str) -> ServeIndex:
+        """A memory replica of the collection `live` (its chunks, its analyzer) with `loaded`'s vectors."""
+        from daemon.serve_index import build_serve_index
+        from daemon.serving import ModelChoice
+        from state.db import connect
+
+        choice = ModelChoice(
+            loaded.version, loaded.path, "" if loaded.model_id is not None else "nothing promoted yet"
+        )
+        conn = connect(self.layout.database, readonly=True)
+        try:
+            return build_serve_index(conn, choice, live, analyzer, self._vectors(loaded))
+        finally:
+            conn.close()
 
     def _vectors(self, loaded: Loaded):
         """Passage vectors for `loaded`'s replica: its embedding cache (the index job's), misses encoded."""
@@ -265,6 +304,88 @@ class ServeState:
             if self._follow_failures >= FOLLOW_FAILURES:
                 loaded.replica = None  # searches answer from the collection; the next poll rebuilds it
                 self._follow_failures = 0
+        finally:
+            conn.close()
+
+    # --- the interleaved trial ------------------------------------------------------------------
+    def _keep_trial(self) -> None:
+        """Every poll: load the running trial's candidate (and its replica of the live collection) beside
+        the model it was judged against; let it go once the trial ended or another model serves."""
+        record, loaded = self._running_trial(), self._loaded
+        if record is None or loaded is None or record.replacing_id != loaded.model_id:
+            if self._trial is not None:
+                log.info("serve_trial_left", trial_id=self._trial.id)
+            self._trial, self.trial_problem = None, ""
+            return
+        trial = self._trial
+        if trial is None or trial.id != record.id:
+            failed = self._trial_failed
+            if failed is not None and failed[0] == record.id and time.monotonic() - failed[1] < LOAD_RETRY_S:
+                return
+            try:
+                candidate = self._load_folder(record.version, record.model_id, Path(record.path))
+            except Exception as exc:  # searches go on without the trial; retried later
+                self._trial_failed = (record.id, time.monotonic())
+                self.trial_problem = (
+                    f"cannot load trial {record.id}'s candidate {record.version}: {type(exc).__name__}: {exc}"
+                )
+                log.error("serve_trial_load_failed", trial_id=record.id, error=str(exc))
+                return
+            self._trial_failed, self.trial_problem = None, ""
+            trial = self._trial = Trial(record, candidate)
+            log.info("serve_trial_loaded", trial_id=record.id, candidate=record.version, share=record.share)
+        self._keep_trial_replica(trial)
+
+    def _keep_trial_replica(self, trial: Trial) -> None:
+        """The candidate's replica of the live collection (the same chunks and analyzer, its own vectors
+        and BM25 share), built once and then following the change log like the served one."""
+        served = self._served
+        if not self.settings.index.enabled or served is None or served.live is None:
+            return
+        from daemon.serving import served_bm25_weight
+        from state.db import connect
+
+        candidate, live = trial.candidate, served.live
+        if candidate.replica is None or candidate.replica.name != live.name:
+            failed = self._trial_failed
+            if failed is not None and failed[0] == trial.id and time.monotonic() - failed[1] < LOAD_RETRY_S:
+                return
+            try:
+                candidate.replica = self._build_replica(candidate, live, served.analyzer)
+            except Exception as exc:  # the trial waits; the served model answers every search meanwhile
+                self._trial_failed = (trial.id, time.monotonic())
+                self.trial_problem = f"cannot build trial {trial.id}'s replica: {type(exc).__name__}: {exc}"
+                log.error("serve_trial_replica_failed", trial_id=trial.id, error=str(exc))
+                return
+        else:
+            conn = connect(self.layout.database, readonly=True)
+            try:
+                # no index job encodes the candidate's vectors, so it encodes new chunks at once (a
+                # source without `missing` is not waited for)
+                cached = self._vectors(candidate)
+                candidate.replica.follow(conn, served.signature, lambda texts: cached(texts))
+            except Exception as exc:  # rebuilt at the next poll
+                log.warning("serve_trial_replica_follow_failed", trial_id=trial.id, error=str(exc))
+                candidate.replica = None
+                return
+            finally:
+                conn.close()
+        candidate.replica.set_weight(served_bm25_weight(self.settings, candidate.path))
+
+    def _running_trial(self):
+        """The running trial (state/trials.py), or None (none, or a database from before trials)."""
+        import sqlite3
+
+        from state.db import connect
+        from state.trials import TrialStore
+
+        if not self.layout.database.exists():
+            return None
+        conn = connect(self.layout.database, readonly=True)
+        try:
+            return TrialStore(conn).running()
+        except sqlite3.OperationalError:  # no trials table: the daemon has not migrated yet
+            return None
         finally:
             conn.close()
 
@@ -310,18 +431,20 @@ class ServeState:
         return True
 
     def _load(self, served: Served) -> Loaded:
+        return self._load_folder(served.version, served.model_id, served.folder())
+
+    def _load_folder(self, version: str, model_id: int | None, path: Path) -> Loaded:
         from daemon.step_params import encode_params
         from stages.encoder import Encoder
 
-        path = served.folder()
         mark = self._export_mark(path)
         params = encode_params(self.settings)
         encoder = Encoder(path, params, self.layout.cache)
         plain = Encoder(path, params, None, model=encoder.model)  # same weights, no cache
         warm = encoder.queries(["warm up"])  # the first call's lazy set-up is paid here, not in a request
         return Loaded(
-            served.version,
-            served.model_id,
+            version,
+            model_id,
             path,
             encoder,
             plain,

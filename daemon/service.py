@@ -244,6 +244,10 @@ class Daemon:
             coalesce=True,
             next_run_time=datetime.now(UTC),
         )
+        # a running interleaved trial: tallied every minute, ended once decided (daemon/trials.py)
+        self.scheduler.add_job(
+            self._check_trial, "interval", seconds=60, id="trial-check", max_instances=1, coalesce=True
+        )
         self._schedule_window()
         self.scheduler.start()
 
@@ -292,6 +296,20 @@ class Daemon:
                 log.info("query_log_pruned", queries=removed, retention_days=days)
         except Exception:
             log.exception("query_log_prune_failed")
+
+    def _check_trial(self) -> None:
+        """On a connection of its own: a promotion's transaction must not share one with another job's."""
+        from daemon.trials import check_trial
+        from state.db import connect
+
+        try:
+            conn = connect(self.layout.database)
+            try:
+                check_trial(self.settings, self.layout, conn)
+            finally:
+                conn.close()
+        except Exception:
+            log.exception("trial_check_failed")
 
     def _recover_leases(self) -> None:
         count = JobQueue(self.callbacks.db.conn).recover_expired()

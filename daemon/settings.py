@@ -284,6 +284,14 @@ class PromotionSettings(_Section):
     # Who grades the pooled answers: "llm" (needs llm.url), "teacher" (model.teacher, or the hybrid of
     # the base model and BM25 when that is "none": a weak assessor), "auto": the LLM when there is one
     assessor: Literal["auto", "llm", "teacher"] = "auto"
+    # Interleaved trials (docs/promotion.md, "Interleaved trials"): a candidate the gate could not tell
+    # from the model in service is mixed, team-draft, into this share of `/v1/search` questions while
+    # the application's events decide; 0 turns trials off. A trial opens only where events are posted.
+    trial_share: float = Field(0.2, ge=0, le=1)
+    trial_alpha: float = Field(0.05, gt=0, lt=0.5)
+    trial_min_decided: int = Field(30, ge=1)
+    trial_max_questions: int = Field(5000, ge=1)
+    trial_max_days: float = Field(14.0, gt=0)
 
     @field_validator("merge_weights")
     @classmethod

@@ -308,6 +308,30 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (judge_id, question_key, passage_key)
     ) WITHOUT ROWID;
     """,
+    # 17: interleaved trials (state/trials.py). A round's candidate the gate could not tell from the model
+    # in service is registered (never promoted) and `serve` mixes its hits into a share of the searches;
+    # a logged query of a trial remembers which model showed each hit (`teams`, aligned with hit_ids).
+    # At most one trial runs (the partial unique index); model_id is no foreign key: a lost trial's
+    # version is discarded and the trial row stays as history.
+    """
+    CREATE TABLE trials (
+        id            INTEGER PRIMARY KEY,
+        round_id      INTEGER REFERENCES rounds(id),
+        model_id      INTEGER NOT NULL,
+        path          TEXT NOT NULL,
+        replacing_id  INTEGER,
+        variant       TEXT NOT NULL,
+        share         REAL NOT NULL CHECK (share > 0 AND share <= 1),
+        started       TEXT NOT NULL,
+        ended         TEXT,
+        result        TEXT,
+        reason        TEXT NOT NULL DEFAULT ''
+    );
+    CREATE UNIQUE INDEX trials_one_running ON trials((ended IS NULL)) WHERE ended IS NULL;
+    ALTER TABLE queries ADD COLUMN trial_id INTEGER;
+    ALTER TABLE queries ADD COLUMN teams TEXT;
+    CREATE INDEX queries_trial ON queries(trial_id) WHERE trial_id IS NOT NULL;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -23,6 +23,7 @@ from state.db import transaction, utcnow
 from state.real_queries import normalise, question_key
 
 SOURCES = ("cli", "http")
+TEAMS = ("served", "candidate")  # stages.interleaving's team names (state does not import stages)
 MAX_ACTION_CHARS = 100
 MAX_ID_CHARS = 200
 MAX_ATTRIBUTES_BYTES = 64 * 1024
@@ -43,6 +44,9 @@ class LoggedQuery:
     model_version: str
     collection: str  # where the hits came from: the collection's name, or the exact search that answered
     hit_ids: list[int] = field(default_factory=list)
+    # an interleaved trial's search (state/trials.py): the trial, and the model that showed each hit
+    trial_id: int | None = None
+    teams: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,7 +78,7 @@ class QueryLog:
         with transaction(self.conn):
             self.conn.executemany(
                 "INSERT OR IGNORE INTO queries (query_id, user_query, client_id, source, mode, model_version, "
-                "collection, hit_ids, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "collection, hit_ids, at, trial_id, teams) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         e.query_id,
@@ -86,6 +90,8 @@ class QueryLog:
                         e.collection,
                         json.dumps([int(i) for i in e.hit_ids]),
                         at,
+                        e.trial_id,
+                        json.dumps(e.teams) if e.teams is not None else None,
                     )
                     for e in entries
                 ],
@@ -153,7 +159,7 @@ class QueryLog:
             split_of = _split_lookup(self.conn)
             rows = self.conn.execute(
                 "SELECT q.query_id, q.user_query, q.client_id, q.source, q.mode, q.model_version, "
-                "q.collection, q.hit_ids, q.at, e.id AS e_id, e.action_name AS e_action, "
+                "q.collection, q.hit_ids, q.at, q.trial_id, q.teams, e.id AS e_id, e.action_name AS e_action, "
                 "e.object_id AS e_object, e.position AS e_position, e.client_id AS e_client, "
                 "e.attributes AS e_attributes, e.at AS e_at "
                 "FROM queries q LEFT JOIN query_events e ON e.query_id = q.query_id "
@@ -174,6 +180,8 @@ class QueryLog:
                         "collection": row["collection"],
                         "hit_ids": json.loads(row["hit_ids"]),
                         "at": row["at"],
+                        "trial_id": row["trial_id"],
+                        "teams": json.loads(row["teams"]) if row["teams"] else None,
                         "split": split_of(row["user_query"]),
                         "events": [],
                     }
@@ -220,6 +228,12 @@ def _check_query(entry: LoggedQuery) -> None:
         raise ValueError(f"query source {entry.source!r}: use {' or '.join(SOURCES)}")
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in entry.hit_ids):
         raise ValueError(f"query {entry.query_id}: hit_ids must be chunk ids (integers)")
+    if entry.teams is not None and (
+        entry.trial_id is None
+        or len(entry.teams) != len(entry.hit_ids)
+        or not all(t in TEAMS for t in entry.teams)
+    ):
+        raise ValueError(f"query {entry.query_id}: teams name {' or '.join(TEAMS)} for each hit of a trial")
 
 
 def _check_event(event: LoggedEvent) -> tuple[str, str | None, str]:

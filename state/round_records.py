@@ -137,6 +137,15 @@ class RoundStore:
             [(round_id, sid) for sid in used_sample_ids],
         )
 
+    def write_trial_promotion(self, round_id: int, model_id: int, said: str) -> None:
+        """A rejected round's candidate won its interleaved trial (daemon/trials.py): the round now reads
+        promoted, its first reason kept before what the trial found; inside the caller's transaction."""
+        self.conn.execute(
+            "UPDATE rounds SET decision=?, model_id=?, cause=NULL, reason=reason || '; then ' || ? "
+            "WHERE id=? AND state='finished'",
+            (RoundOutcome.PROMOTED.value, model_id, said, round_id),
+        )
+
     def abort(self, round_id: int, error: str) -> bool:
         with transaction(self.conn):
             cursor = self.conn.execute(

@@ -19,6 +19,7 @@ from state.query_log import QueryLog
 from state.real_queries import JudgmentStore, RealQueryStore
 from state.registry import current_model_row
 from state.samples import count_unused_train
+from state.trials import TrialStore
 
 HEARTBEAT_STALE_S = 60.0
 MAX_REJECTIONS = 50
@@ -63,6 +64,7 @@ def empty_status(llm_url: str = "") -> dict[str, Any]:
         "model": {"current": None, "path": None, "metrics": {}, "base": None},
         "index": {"live": None, "collections": [], "error": None},
         "query_log": {"queries": 0, "events": 0, "queries_with_events": 0},
+        "trial": None,
     }
 
 
@@ -114,6 +116,30 @@ def _fill(conn: sqlite3.Connection, status: dict[str, Any], layout: StateLayout,
             "base": status["model"]["base"],
         }
     _fill_query_log(conn, status)
+    _fill_trial(conn, status)
+
+
+def _fill_trial(conn: sqlite3.Connection, status: dict[str, Any]) -> None:
+    """The latest interleaved trial (state/trials.py), running or ended, with its questions so far."""
+    try:
+        recent = TrialStore(conn).recent(1)
+        if recent:
+            trial = recent[0]
+            status["trial"] = {
+                "id": trial.id,
+                "round": trial.round_id,
+                "candidate": trial.version,
+                "against": f"v{trial.replacing_id}" if trial.replacing_id is not None else "base",
+                "share": trial.share,
+                "started": trial.started,
+                "ended": trial.ended,
+                "result": trial.result,
+                "reason": trial.reason,
+                "questions": TrialStore(conn).question_count(trial.id),
+            }
+    except sqlite3.OperationalError as exc:  # a database from before trials
+        if "no such" not in str(exc):
+            raise
 
 
 def _fill_query_log(conn: sqlite3.Connection, status: dict[str, Any]) -> None:
@@ -349,6 +375,7 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append(f"encoder   {model['encoder']}")
     lines += _index_lines(status.get("index") or {})
     lines += _query_log_lines(status.get("query_log") or {})
+    lines += _trial_lines(status.get("trial"))
     lines += _round_lines(status["rounds"])
     if docs["rejections"]:
         lines.append("rejected files")
@@ -408,6 +435,20 @@ def _query_log_lines(query_log: dict[str, Any]) -> list[str]:
             f"for the gate; {query_log.get('judgments', 0)} stored judgments"
         )
     return lines
+
+
+def _trial_lines(trial: dict[str, Any] | None) -> list[str]:
+    """'trial     #2 v7 against v5 on 20% of searches: 140 questions; 40 won, ...' (or how it ended)."""
+    if not trial:
+        return []
+    origin = f" (round {trial['round']})" if trial["round"] is not None else ""
+    head = (
+        f"trial     #{trial['id']}{origin} {trial['candidate']} against {trial['against']} "
+        f"on {trial['share']:.0%} of searches, {trial['questions']} interleaved questions"
+    )
+    if trial["ended"]:
+        return [f"{head}; ended {trial['ended']}: {trial['result']}", f"          {trial['reason']}"]
+    return [f"{head}; running", f"          {trial['reason'] or 'no events tallied yet'}"]
 
 
 def _round_lines(rounds: list[dict[str, Any]]) -> list[str]:

@@ -1,11 +1,26 @@
-"""Team-draft interleaving as bench/interleaving_power.py simulates it: a fair mix of two rankings whose
-every hit is credited to the model that picked it."""
+"""Team-draft interleaving (stages/interleaving.py, which `serve` runs and bench/interleaving_power.py
+simulates): a fair mix of two rankings whose every hit is credited to the model that picked it, and a
+sequential decision that stays within alpha however often it is looked at."""
 
 from __future__ import annotations
 
+import math
 import random
 
-from bench.interleaving_power import BASE, CANDIDATE, outcome, team_draft
+from bench.interleaving_power import outcome
+from stages.interleaving import (
+    CANDIDATE,
+    GAIN,
+    LOSS,
+    SERVED,
+    UNDECIDED,
+    Tally,
+    judge_tally,
+    log_bayes_factor,
+    team_draft,
+)
+
+BASE = SERVED
 
 
 def test_each_model_contributes_half_and_no_hit_twice():
@@ -44,3 +59,52 @@ def test_events_credit_the_team_that_picked_the_hit():
     assert outcome(shown, {7: 1, 9: 1}, "cited") == 0
     assert outcome(shown, {7: 1, 9: 1}, "click") == -1  # the first relevant hit only
     assert outcome(shown, {}, "cited") == 0
+
+
+def test_the_bayes_factor_matches_the_beta_binomial_by_hand():
+    # 3 wins, 1 loss: B(4, 2) / B(1, 1) = 1/20 against (1/2)^4 = 1/16 -> 16/20
+    assert math.isclose(math.exp(log_bayes_factor(3, 1)), 16 / 20)
+    assert math.isclose(math.exp(log_bayes_factor(0, 0)), 1.0)
+    # a clean sweep of 10: (1/11) / (1/1024)
+    assert math.isclose(math.exp(log_bayes_factor(10, 0)), 1024 / 11)
+
+
+def test_the_verdict_needs_enough_decided_questions_and_strong_evidence():
+    assert judge_tally(Tally(40, 10, 100), 0.05, 30).result == GAIN
+    assert judge_tally(Tally(10, 40, 100), 0.05, 30).result == LOSS
+    assert judge_tally(Tally(28, 22, 100), 0.05, 30).result == UNDECIDED  # a coin could do that
+    verdict = judge_tally(Tally(12, 0, 5), 0.05, 30)
+    assert verdict.result == UNDECIDED and "fewer than 30 decided" in verdict.reason
+
+
+def test_watching_a_fair_coin_after_every_question_rarely_declares_a_winner():
+    """The point of the sequential test: a trial between equal models, looked at after every question
+    up to 2,000, declares a winner in at most about alpha of trials (a fixed-sample sign test looked at
+    as often would in far more)."""
+    rng = random.Random(3)
+    declared = 0
+    trials = 300
+    for _ in range(trials):
+        wins = losses = 0
+        for _ in range(2000):
+            if rng.random() < 0.5:
+                wins += 1
+            else:
+                losses += 1
+            if judge_tally(Tally(wins, losses), 0.05, 30).result != UNDECIDED:
+                declared += 1
+                break
+    assert declared / trials <= 0.05
+
+
+def test_a_real_difference_is_found():
+    rng = random.Random(4)
+    found = 0
+    for _ in range(50):
+        wins = losses = 0
+        for _ in range(3000):
+            wins, losses = (wins + 1, losses) if rng.random() < 0.6 else (wins, losses + 1)
+            if judge_tally(Tally(wins, losses), 0.05, 30).result == GAIN:
+                found += 1
+                break
+    assert found >= 45

@@ -1,0 +1,163 @@
+"""Interleaved trials in the database (migration 17): the running trial, its history, and its answers.
+
+A trial pits a registered, never-promoted candidate against the version it was judged against
+(`replacing_id`; None: the base model). `serve` reads the running trial every poll and mixes the
+candidate's hits into `share` of its searches; each such query is logged with the trial's id and the
+team of each hit. The daemon tallies those answers' events and ends the trial (stages/interleaving.py
+decides, daemon/trials.py acts). At most one trial runs at a time: opening one ends the one before.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+
+from state.db import transaction, utcnow
+from state.real_queries import LoggedAnswer, LoggedEventRef
+
+GAIN, LOSS, EXPIRED, SUPERSEDED, SERVING_CHANGED, STOPPED = (
+    "gain",
+    "loss",
+    "expired",
+    "superseded",
+    "serving_changed",
+    "stopped",
+)
+RESULTS = (GAIN, LOSS, EXPIRED, SUPERSEDED, SERVING_CHANGED, STOPPED)
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    id: int
+    round_id: int | None
+    model_id: int
+    path: str
+    replacing_id: int | None
+    variant: str
+    share: float
+    started: str
+    ended: str | None
+    result: str | None
+    reason: str
+
+    @property
+    def version(self) -> str:
+        return f"v{self.model_id}"
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> TrialRecord:
+        return cls(*(row[name] for name in cls.__dataclass_fields__))
+
+
+@dataclass(frozen=True)
+class TrialAnswer:
+    """One interleaved search: its hits and events as logged, and the team of each hit."""
+
+    answer: LoggedAnswer
+    teams: list[str]
+
+
+_COLUMNS = ", ".join(TrialRecord.__dataclass_fields__)
+
+
+class TrialStore:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+
+    def running(self) -> TrialRecord | None:
+        row = self.conn.execute(f"SELECT {_COLUMNS} FROM trials WHERE ended IS NULL").fetchone()
+        return TrialRecord.from_row(row) if row is not None else None
+
+    def get(self, trial_id: int) -> TrialRecord:
+        row = self.conn.execute(f"SELECT {_COLUMNS} FROM trials WHERE id = ?", (trial_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no trial {trial_id}")
+        return TrialRecord.from_row(row)
+
+    def recent(self, limit: int = 5) -> list[TrialRecord]:
+        rows = self.conn.execute(f"SELECT {_COLUMNS} FROM trials ORDER BY id DESC LIMIT ?", (limit,))
+        return [TrialRecord.from_row(row) for row in rows]
+
+    def open(
+        self,
+        *,
+        round_id: int | None,
+        model_id: int,
+        path: str,
+        replacing_id: int | None,
+        variant: str,
+        share: float,
+    ) -> tuple[TrialRecord, TrialRecord | None]:
+        """Start a trial; the one running before (returned second) ends as superseded, in the same
+        transaction, so there is never a moment with two."""
+        with transaction(self.conn):
+            before = self.running()
+            if before is not None:
+                self.write_end(before.id, SUPERSEDED, f"superseded by round {round_id}'s candidate")
+            trial_id = self.conn.execute(
+                "INSERT INTO trials (round_id, model_id, path, replacing_id, variant, share, started) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (round_id, model_id, path, replacing_id, variant, share, utcnow()),
+            ).fetchone()[0]
+        return self.get(trial_id), before
+
+    def write_end(self, trial_id: int, result: str, reason: str) -> bool:
+        """End a running trial inside the caller's transaction; False when it had already ended."""
+        if result not in RESULTS:
+            raise ValueError(f"trial result {result!r}: use one of {', '.join(RESULTS)}")
+        cursor = self.conn.execute(
+            "UPDATE trials SET ended = ?, result = ?, reason = ? WHERE id = ? AND ended IS NULL",
+            (utcnow(), result, reason, trial_id),
+        )
+        return cursor.rowcount > 0
+
+    def note(self, trial_id: int, reason: str) -> None:
+        """The running trial's standing as the last check found it (`embedtune status` shows it)."""
+        with transaction(self.conn):
+            self.conn.execute(
+                "UPDATE trials SET reason = ? WHERE id = ? AND ended IS NULL", (reason, trial_id)
+            )
+
+    def end(self, trial_id: int, result: str, reason: str) -> bool:
+        with transaction(self.conn):
+            return self.write_end(trial_id, result, reason)
+
+    def answers(self, trial_id: int) -> list[TrialAnswer]:
+        """Every logged search of the trial, oldest first, with its events (one snapshot)."""
+        own = not self.conn.in_transaction
+        if own:
+            self.conn.execute("BEGIN")
+        try:
+            rows = self.conn.execute(
+                "SELECT query_id, hit_ids, teams, model_version, mode, at FROM queries "
+                "WHERE trial_id = ? ORDER BY rowid",
+                (trial_id,),
+            ).fetchall()
+            events: dict[str, list[LoggedEventRef]] = {}
+            for query_id, action, object_id, position in self.conn.execute(
+                "SELECT e.query_id, e.action_name, e.object_id, e.position FROM query_events e "
+                "JOIN queries q ON q.query_id = e.query_id WHERE q.trial_id = ? ORDER BY e.id",
+                (trial_id,),
+            ):
+                events.setdefault(query_id, []).append(LoggedEventRef(action, object_id, position))
+        finally:
+            if own and self.conn.in_transaction:
+                self.conn.execute("COMMIT")
+        out = []
+        for row in rows:
+            answer = LoggedAnswer(
+                query_id=row["query_id"],
+                hit_ids=[int(i) for i in json.loads(row["hit_ids"])],
+                events=events.get(row["query_id"], []),
+                model_version=row["model_version"],
+                mode=row["mode"],
+                at=row["at"],
+            )
+            out.append(TrialAnswer(answer, list(json.loads(row["teams"] or "[]"))))
+        return out
+
+    def question_count(self, trial_id: int) -> int:
+        return int(
+            self.conn.execute("SELECT COUNT(*) FROM queries WHERE trial_id = ?", (trial_id,)).fetchone()[0]
+        )

@@ -1,0 +1,316 @@
+"""Interleaved trials (daemon/trials.py, daemon/serve_trial.py, state/trials.py): a real server on
+127.0.0.1 with the served tiny model and a candidate of other weights, the real query log, events posted
+over HTTP, and the daemon's check deciding from them. Tests wait on the server's state, never on time."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.conftest import wait_for
+from tests.test_index import _add_document
+from tests.test_serve import _serving
+from tests.test_served import TEXTS, _state
+
+QUESTIONS = [
+    "what carves valleys",
+    "how are islands made",
+    "where do deserts form",
+    "what grinds mountains",
+    "why does the tide rise",
+    "what cools into rock",
+]
+MORE = [
+    "tides rise twice a day along the coast",
+    "lava cools into black basalt rock",
+    "sand dunes move with the desert wind",
+    "rain clouds drop water on the windward side",
+    "ice ages left moraines across the plains",
+    "rivers deposit silt in wide deltas",
+]
+
+
+def _trial_state(make_settings, tmp_path, **promotion):
+    """A state with ten chunks, the base model serving, and a registered candidate of other weights with
+    a running trial against the base model."""
+    from state.registry import ModelRegistry
+    from state.trials import TrialStore
+    from tests.tiny_models import build_tiny_embedder
+
+    settings = make_settings(
+        index={"enabled": False},
+        promotion={"trial_share": 1.0, "trial_min_decided": 10, **promotion},
+    )
+    layout, db = _state(settings)
+    _add_document(db.conn, "/inbox/more.md", MORE)
+    registry = ModelRegistry(db.conn, layout)
+    round_id = _rejected_round(db.conn)
+    candidate = registry.register(
+        build_tiny_embedder(tmp_path / "candidate", seed=7), metrics={"trial": True}
+    )
+    trial, before = TrialStore(db.conn).open(
+        round_id=round_id,
+        model_id=candidate.id,
+        path=str(candidate.path),
+        replacing_id=None,
+        variant="candidate",
+        share=1.0,
+    )
+    assert before is None
+    return settings, layout, db, registry, trial
+
+
+def _rejected_round(conn) -> int:
+    """A finished round the gate rejected for want of evidence, as the round process records one."""
+    from state.round_records import RoundOutcome, RoundStore
+
+    records = RoundStore(conn)
+    round_id = records.create("test", "base")
+    records.finish(round_id, RoundOutcome.REJECTED, "gain inside the noise", None, [], cause="below_min_gain")
+    return round_id
+
+
+def _ask(url: str, rounds: int) -> list[dict]:
+    """Ask every question `rounds` times over HTTP; the answers' bodies."""
+    answers = []
+    for _ in range(rounds):
+        for question in QUESTIONS:
+            body = httpx.post(f"{url}/v1/search", json={"query": question, "k": 4}).json()
+            answers.append(body)
+    return answers
+
+
+def _teams(layout, query_id: str) -> list[str]:
+    from state.db import connect
+
+    conn = connect(layout.database, readonly=True)
+    try:
+        row = conn.execute("SELECT teams, trial_id FROM queries WHERE query_id = ?", (query_id,)).fetchone()
+    finally:
+        conn.close()
+    return json.loads(row["teams"]) if row["teams"] else []
+
+
+def _cite(url: str, layout, answers: list[dict], favour: str) -> int:
+    """Post `cited` for the first hit of each answer that `favour`'s model contributed."""
+    cited = 0
+    for body in answers:
+        teams = _teams(layout, body["query_id"])
+        if favour not in teams:
+            continue
+        position = teams.index(favour) + 1
+        hit = body["hits"][position - 1]
+        event = {"query_id": body["query_id"], "action_name": "cited", "object_id": str(hit["chunk_id"])}
+        assert httpx.post(f"{url}/v1/events", json=event).status_code == 200
+        cited += 1
+    return cited
+
+
+def test_searches_mix_both_models_and_the_log_credits_each_hit_to_its_model(make_settings, tmp_path):
+    settings, layout, db, _registry, trial = _trial_state(make_settings, tmp_path)
+    with _serving(settings) as (url, state):
+        wait_for(lambda: state.trial is not None, message="the trial's candidate loaded")
+        body = httpx.post(f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4}).json()
+        lexical = httpx.post(
+            f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4, "mode": "lexical"}
+        ).json()
+        metrics = httpx.get(f"{url}/metrics").text
+    assert body["trial"] == {"id": trial.id, "candidate": trial.version} and body["model"] == "base"
+    hits = [hit["chunk_id"] for hit in body["hits"]]
+    assert len(hits) == len(set(hits)) == 4
+    teams = _teams(layout, body["query_id"])
+    assert len(teams) == 4 and set(teams) <= {"served", "candidate"}
+    assert abs(teams.count("served") - teams.count("candidate")) <= 2  # turns, as far as the lists allow
+    # each model's hits come in that model's own order
+    from daemon.search import search_many
+
+    served = [h.chunk_id for h in search_many(settings, [QUESTIONS[0]], "base", 40)[0].hits]
+    theirs = [h.chunk_id for h in search_many(settings, [QUESTIONS[0]], trial.version, 40)[0].hits]
+    for team, ranking in (("served", served), ("candidate", theirs)):
+        own = [hit for hit, t in zip(hits, teams, strict=True) if t == team]
+        assert own == sorted(own, key=ranking.index)
+    assert "trial" not in lexical and not _teams(layout, lexical["query_id"])  # BM25 alone: no contest
+    assert "embedtune_serve_trial_searches_total 1.0" in metrics
+
+
+def test_a_candidate_whose_hits_are_used_more_is_promoted_and_then_served(make_settings, tmp_path):
+    from daemon.trials import check_trial
+    from state.trials import TrialStore
+
+    settings, layout, db, registry, trial = _trial_state(make_settings, tmp_path)
+    with _serving(settings) as (url, state):
+        wait_for(lambda: state.trial is not None, message="the trial's candidate loaded")
+        answers = _ask(url, 1)
+        _cite(url, layout, answers, "candidate")
+        early = check_trial(settings, layout, db.conn)
+        assert early.result == "running" and "fewer than 10 decided" in early.reason
+        assert "fewer than 10 decided" in TrialStore(db.conn).get(trial.id).reason  # status shows it
+        answers = _ask(url, 3)
+        _cite(url, layout, answers, "candidate")
+        done = check_trial(settings, layout, db.conn)
+        assert done.result == "gain", done.reason
+        wait_for(lambda: httpx.get(f"{url}/health").json()["model"] == trial.version, message="v1 served")
+        after = httpx.post(f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4}).json()
+        wait_for(lambda: state.trial is None, message="the trial left the server")
+    assert registry.current().id == trial.model_id
+    ended = TrialStore(db.conn).get(trial.id)
+    assert ended.result == "gain" and ended.ended is not None and "won, 0 lost" in ended.reason
+    assert after["model"] == trial.version and "trial" not in after
+    from state.round_records import RoundStore
+
+    round_row = RoundStore(db.conn).get(trial.round_id)
+    assert round_row["decision"] == "promoted" and round_row["model_id"] == trial.model_id
+    assert round_row["reason"].startswith("gain inside the noise; then promoted by interleaved trial")
+    assert check_trial(settings, layout, db.conn) is None  # nothing runs any more
+
+
+def test_a_candidate_whose_hits_are_passed_over_is_dropped_with_its_version(make_settings, tmp_path):
+    from daemon.trials import check_trial
+    from state.registry import RegistryError
+    from state.trials import TrialStore
+
+    settings, layout, db, registry, trial = _trial_state(make_settings, tmp_path)
+    with _serving(settings) as (url, state):
+        wait_for(lambda: state.trial is not None, message="the trial's candidate loaded")
+        answers = _ask(url, 4)
+        _cite(url, layout, answers, "served")
+        done = check_trial(settings, layout, db.conn)
+        wait_for(lambda: state.trial is None, message="the trial left the server")
+        plain = httpx.post(f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4}).json()
+    assert done.result == "loss", done.reason
+    assert registry.current() is None  # the base model still serves
+    with pytest.raises(RegistryError):
+        registry.get(trial.model_id)
+    assert not (layout.versions / str(trial.model_id)).exists()
+    assert TrialStore(db.conn).get(trial.id).result == "loss"
+    assert "trial" not in plain and not _teams(layout, plain["query_id"])
+
+
+def test_a_trial_ends_when_another_model_serves(make_settings, tmp_path):
+    from daemon.trials import check_trial
+    from tests.tiny_models import build_tiny_embedder
+
+    settings, layout, db, registry, trial = _trial_state(make_settings, tmp_path)
+    registry.promote(registry.register(build_tiny_embedder(tmp_path / "other", seed=3)).id)
+    ended = check_trial(settings, layout, db.conn)
+    assert ended.result == "serving_changed" and "changed to v2" in ended.reason
+    assert not (layout.versions / str(trial.model_id)).exists()
+
+
+def test_a_trial_ends_undecided_when_its_questions_run_out(make_settings, tmp_path):
+    from daemon.trials import check_trial
+
+    settings, layout, db, _registry, _trial = _trial_state(make_settings, tmp_path, trial_max_questions=3)
+    with _serving(settings) as (url, state):
+        wait_for(lambda: state.trial is not None, message="the trial's candidate loaded")
+        _ask(url, 1)  # six questions, no events
+    spent = check_trial(settings, layout, db.conn)
+    assert spent.result == "expired" and "0 won, 0 lost, 6 tied" in spent.reason
+
+
+def test_only_an_undecided_round_with_events_in_the_log_opens_a_trial_and_a_new_one_supersedes_it(
+    make_settings, tmp_path
+):
+    from daemon.trials import open_trial, trial_refusal
+    from state.query_log import LoggedEvent, LoggedQuery, QueryLog
+    from state.registry import RegistryError
+    from state.trials import TrialStore
+    from tests.tiny_models import build_tiny_embedder
+
+    assert trial_refusal("below_min_gain", (-0.01, 0.02), "candidate") == ""
+    assert trial_refusal("asked_gain_not_convincing", None, "merged_0.5") == ""
+    assert "below zero" in trial_refusal("below_min_gain", (-0.03, -0.001), "candidate")
+    assert "guard_veto" in trial_refusal("guard_veto", (0.0, 0.02), "candidate")
+    assert "no variant" in trial_refusal("below_min_gain", (-0.01, 0.01), "current")
+
+    settings = make_settings(index={"enabled": False}, promotion={"trial_min_decided": 3})
+    layout, db = _state(settings)
+    from state.registry import ModelRegistry
+
+    registry = ModelRegistry(db.conn, layout)
+    folder = build_tiny_embedder(tmp_path / "cand", seed=5)
+    assert open_trial(settings, db.conn, registry, None, "candidate", folder, None) is None  # no events yet
+    assert registry.history() == [] and not list(layout.versions.glob("*"))
+    log = QueryLog(db.conn)
+    for number in range(3):
+        log.record_queries(
+            [LoggedQuery(f"q{number}", f"question {number}", "", "http", "hybrid", "base", "x", [1])]
+        )
+        assert log.record_event(LoggedEvent(f"q{number}", "click", "1", 1, "")) == ""
+    rounds = [_rejected_round(db.conn) for _ in range(2)]
+    first = open_trial(settings, db.conn, registry, rounds[0], "candidate", folder, None)
+    assert first is not None and first.share == settings.promotion.trial_share == 0.2
+    second = open_trial(settings, db.conn, registry, rounds[1], "merged_0.5", folder, None)
+    store = TrialStore(db.conn)
+    assert store.running().id == second.id and store.get(first.id).result == "superseded"
+    with pytest.raises(RegistryError):
+        registry.get(first.model_id)  # the superseded candidate's version is gone
+    assert registry.get(second.model_id).path.is_dir()
+
+
+def test_status_says_how_the_trial_stands(make_settings, tmp_path):
+    from state.status import format_status, read_status
+
+    settings, layout, db, _registry, trial = _trial_state(make_settings, tmp_path)
+    text = format_status(read_status(layout))
+    assert (
+        f"trial     #{trial.id} (round {trial.round_id}) {trial.version} against base on 100% of searches"
+        in text
+    )
+    assert "no events tallied yet" in text
+
+
+def test_a_candidate_that_cannot_load_leaves_searches_as_they_were(make_settings, tmp_path):
+    import shutil
+
+    settings, layout, db, _registry, trial = _trial_state(make_settings, tmp_path)
+    shutil.rmtree(trial.path)
+    with _serving(settings) as (url, state):
+        wait_for(lambda: state.trial_problem, message="the load failure noted")
+        body = httpx.post(f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4}).json()
+    assert "trial" not in body and len(body["hits"]) == 4
+    assert f"trial {trial.id}'s candidate" in state.trial_problem
+
+
+def test_with_milvus_lite_the_candidate_answers_from_its_own_replica_of_the_live_collection(
+    make_settings, tmp_path
+):
+    """No request opens Milvus for the candidate either: it gets a memory replica of the live
+    collection's chunks with its own vectors, which follows new chunks like the served one."""
+    from daemon.indexing import IndexService
+    from state.registry import ModelRegistry
+    from state.trials import TrialStore
+    from tests.tiny_models import build_tiny_embedder
+
+    settings = make_settings(
+        index={"enabled": True, "lock_timeout_s": 10.0},
+        promotion={"trial_share": 1.0},
+    )
+    layout, db = _state(settings)
+    assert IndexService(settings, layout).sync(db.conn).swapped
+    registry = ModelRegistry(db.conn, layout)
+    candidate = registry.register(build_tiny_embedder(tmp_path / "candidate", seed=7))
+    trial, _ = TrialStore(db.conn).open(
+        round_id=_rejected_round(db.conn),
+        model_id=candidate.id,
+        path=str(candidate.path),
+        replacing_id=None,
+        variant="candidate",
+        share=1.0,
+    )
+    with _serving(settings) as (url, state):
+        wait_for(lambda: state.trial is not None, message="the candidate's replica built")
+        body = httpx.post(f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4}, timeout=120).json()
+        served_replica, candidate_replica = state.current.replica, state.trial.candidate.replica
+        assert candidate_replica.size == served_replica.size == len(TEXTS)
+        new = _add_document(db.conn, "/inbox/more.md", MORE)
+        wait_for(
+            lambda: state.trial.candidate.replica.size == len(TEXTS) + len(new),
+            timeout=90,
+            message="the candidate's replica followed the new chunks",
+        )
+    live = db.conn.execute("SELECT name FROM index_collections WHERE state = 'live'").fetchone()[0]
+    assert body["trial"]["id"] == trial.id and body["source"] == f"memory replica of {live}"
+    assert candidate_replica.name == live and len(_teams(layout, body["query_id"])) == len(body["hits"]) == 4
