@@ -23,7 +23,7 @@ from state.db import transaction, utcnow
 from state.real_queries import normalise, question_key
 
 SOURCES = ("cli", "http")
-TEAMS = ("served", "candidate")  # stages.interleaving's team names (state does not import stages)
+X
 MAX_ACTION_CHARS = 100
 MAX_ID_CHARS = 200
 MAX_ATTRIBUTES_BYTES = 64 * 1024
@@ -75,27 +75,30 @@ class QueryLog:
         if not entries:
             return
         at = utcnow()
+        # the trial columns (migration 17) only when a trial's answer is among them: a plain search
+        # writes the columns every schema since the log's has
+        trial = any(e.trial_id is not None for e in entries)
+        columns = "query_id, user_query, client_id, source, mode, model_version, collection, hit_ids, at"
+        columns += ", trial_id, teams" if trial else ""
+        marks = ", ".join("?" * len(columns.split(", ")))
+        rows = []
+        for e in entries:
+            row = [
+                e.query_id,
+                e.user_query,
+                e.client_id,
+                e.source,
+                e.mode,
+                e.model_version,
+                e.collection,
+                json.dumps([int(i) for i in e.hit_ids]),
+                at,
+            ]
+            if trial:
+                row += [e.trial_id, json.dumps(e.teams) if e.teams is not None else None]
+            rows.append(row)
         with transaction(self.conn):
-            self.conn.executemany(
-                "INSERT OR IGNORE INTO queries (query_id, user_query, client_id, source, mode, model_version, "
-                "collection, hit_ids, at, trial_id, teams) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        e.query_id,
-                        e.user_query,
-                        e.client_id,
-                        e.source,
-                        e.mode,
-                        e.model_version,
-                        e.collection,
-                        json.dumps([int(i) for i in e.hit_ids]),
-                        at,
-                        e.trial_id,
-                        json.dumps(e.teams) if e.teams is not None else None,
-                    )
-                    for e in entries
-                ],
-            )
+            self.conn.executemany(f"INSERT OR IGNORE INTO queries ({columns}) VALUES ({marks})", rows)
 
     def record_event(self, event: LoggedEvent) -> str:
         """Store one event; "" when stored, else why it was refused (nothing is stored then)."""
@@ -157,9 +160,11 @@ class QueryLog:
             self.conn.execute("BEGIN")
         try:
             split_of = _split_lookup(self.conn)
+            has_trials = "trial_id" in {row[1] for row in self.conn.execute("PRAGMA table_info(queries)")}
+            trial_columns = "q.trial_id, q.teams" if has_trials else "NULL AS trial_id, NULL AS teams"
             rows = self.conn.execute(
                 "SELECT q.query_id, q.user_query, q.client_id, q.source, q.mode, q.model_version, "
-                "q.collection, q.hit_ids, q.at, q.trial_id, q.teams, e.id AS e_id, e.action_name AS e_action, "
+                f"q.collection, q.hit_ids, q.at, {trial_columns}, e.id AS e_id, e.action_name AS e_action, "
                 "e.object_id AS e_object, e.position AS e_position, e.client_id AS e_client, "
                 "e.attributes AS e_attributes, e.at AS e_at "
                 "FROM queries q LEFT JOIN query_events e ON e.query_id = q.query_id "

@@ -143,6 +143,8 @@ def test_export_writes_one_line_per_query_with_its_events(make_settings, tmp_pat
         "collection",
         "hit_ids",
         "at",
+        "trial_id",
+        "teams",
         "split",
         "events",
     }
