@@ -23,7 +23,7 @@ from state.db import transaction, utcnow
 from state.real_queries import normalise, question_key
 
 SOURCES = ("cli", "http")
-X
+TEAMS = ("served", "candidate")  # the interleaving teams, named as stages/interleaving.py names them
 MAX_ACTION_CHARS = 100
 MAX_ID_CHARS = 200
 MAX_ATTRIBUTES_BYTES = 64 * 1024
