@@ -237,6 +237,35 @@ def _used(row: dict) -> list[int]:
     return row.get("used", [row["first_relevant"]] if row["clicked"] else [])
 
 
+def relevant_hits(body: dict, relevant: dict, stem_to_id: dict[str, str]) -> list[tuple[int, dict]]:
+    """(1-based rank, hit) of the hits of one `/v1/search` answer whose document the qrels mark relevant."""
+    return [
+        (rank, hit)
+        for rank, hit in enumerate(body["hits"], 1)
+        if stem_to_id.get(Path(hit["path"]).stem) in relevant
+    ]
+
+
+def act_on(client, body: dict, found: list[tuple[int, dict]], events: str) -> list[tuple[int, dict]]:
+    """The application's events on an answer: a `cited` on every relevant hit shown, or a `click` on the
+    first; returns the hits they named."""
+    used = found if events == "cited" else found[:1]
+    for rank, hit in used:
+        event = client.post(
+            "/v1/events",
+            json={
+                "query_id": body["query_id"],
+                "action_name": events,
+                "event_attributes": {
+                    "object": {"object_id": str(hit["chunk_id"])},
+                    "position": {"ordinal": rank},
+                },
+            },
+        )
+        event.raise_for_status()
+    return used
+
+
 def ask(config: Path, data: Beir, asked: list[str], click_share: float, seed: int, events: str) -> AskedLog:
     """Every asked query through `/v1/search` of an `embedtune serve` process, one request each (k=10);
     for `click_share` of them, events on the relevant hits shown: a `click` on the first (`events`
@@ -262,27 +291,9 @@ def ask(config: Path, data: Beir, asked: list[str], click_share: float, seed: in
                 answer = client.post("/v1/search", json={"query": data.queries[qid], "k": 10})
                 answer.raise_for_status()
                 body = answer.json()
-                relevant = data.qrels[qid]
-                found = [
-                    (rank, hit)
-                    for rank, hit in enumerate(body["hits"], 1)
-                    if stem_to_id.get(Path(hit["path"]).stem) in relevant
-                ]
+                found = relevant_hits(body, data.qrels[qid], stem_to_id)
                 clicked = bool(found) and rng.random() < click_share
-                used = (found if events == "cited" else found[:1]) if clicked else []
-                for rank, hit in used:
-                    event = client.post(
-                        "/v1/events",
-                        json={
-                            "query_id": body["query_id"],
-                            "action_name": events,
-                            "event_attributes": {
-                                "object": {"object_id": str(hit["chunk_id"])},
-                                "position": {"ordinal": rank},
-                            },
-                        },
-                    )
-                    event.raise_for_status()
+                used = act_on(client, body, found, events) if clicked else []
                 result.rows.append(
                     {
                         "query": qid,
@@ -329,6 +340,7 @@ def run_round(settings, prepared: Path, folder: Path, recipe: dict, seed: int) -
     from state.db import connect
     from state.layout import StateLayout
     from state.round_records import RoundStore
+    from state.trials import TrialStore
 
     state = folder / "state"
     shutil.copytree(prepared, state, symlinks=True)
@@ -349,6 +361,7 @@ def run_round(settings, prepared: Path, folder: Path, recipe: dict, seed: int) -
         round_id = scheduler.start(conn, "calibration")
         scheduler.wait(conn)
         row = dict(RoundStore(conn).get(round_id))
+        trial = TrialStore(conn).running()  # an undecided candidate's interleaved trial (daemon/trials.py)
     finally:
         conn.close()
     round_dir = layout.round_dir(round_id)
@@ -369,6 +382,7 @@ def run_round(settings, prepared: Path, folder: Path, recipe: dict, seed: int) -
         "clicked_pairs": _count_lines(round_dir / "clicked.jsonl"),
         "steps": json.loads(steps_file.read_text()) if steps_file.exists() else [],
         "candidate": str(round_dir / "candidate"),
+        "trial": {"id": trial.id, "variant": trial.variant, "model": trial.version} if trial else None,
         "seconds": round(time.monotonic() - started, 1),
     }
 

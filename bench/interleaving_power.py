@@ -14,6 +14,10 @@ times: how often interleaving finds the candidate better, worse, or neither, nex
 
     python -m bench.interleaving_power /tmp/gc-zh-cited --calibration /tmp/gc-zh-cited.json \\
         --rounds 1,2,4,5 --queries 50,100,200 --events cited
+
+With `--preference P` instead, it simulates the trial's own sequential test (stages/interleaving.py, as
+the daemon runs it, looked at after every question) on questions the candidate wins with probability P:
+how many won questions a trial needs before it decides.
 """
 
 from __future__ import annotations
@@ -86,10 +90,62 @@ def power(
     )
 
 
+def sequential_power(
+    preference: float, sizes: list[int], simulations: int, alpha: float, min_decided: int, seed: int
+) -> dict[int, tuple[float, float]]:
+    """The trial's own test (stages.interleaving.judge_tally, looked at after every won question) on a
+    stream of questions the candidate wins with probability `preference`: for each size, the share of
+    simulated trials that had declared a gain, and a loss, by that many won questions."""
+    from stages.interleaving import GAIN, LOSS, Tally, judge_tally
+
+    rng = random.Random(seed)
+    stops: list[tuple[int, str]] = []
+    for _ in range(simulations):
+        wins = losses = 0
+        for decided in range(1, max(sizes) + 1):
+            if rng.random() < preference:
+                wins += 1
+            else:
+                losses += 1
+            result = judge_tally(Tally(wins, losses), alpha, min_decided).result
+            if result in (GAIN, LOSS):
+                stops.append((decided, result))
+                break
+    return {
+        size: (
+            sum(1 for at, result in stops if at <= size and result == GAIN) / simulations,
+            sum(1 for at, result in stops if at <= size and result == LOSS) / simulations,
+        )
+        for size in sizes
+    }
+
+
+def sequential_main(args) -> int:
+    sizes = [int(n) for n in args.decided.split(",")]
+    out = []
+    for preference in (float(p) for p in args.preference.split(",")):
+        found = sequential_power(preference, sizes, args.simulations, args.alpha, args.min_decided, args.seed)
+        for size, (gain, loss) in found.items():
+            print(
+                f"preference {preference:.3f}, {size:>5} won questions: gain declared {gain:.0%}, loss {loss:.0%}"
+            )
+            out.append({"preference": preference, "decided": size, "gain": gain, "loss": loss})
+    print(json.dumps({"alpha": args.alpha, "simulations": args.simulations, "rows": out}))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("work", type=Path, help="a bench.gate_calibration --work folder")
-    parser.add_argument("--calibration", type=Path, required=True, help="that run's --out JSON")
+    parser.add_argument("work", type=Path, nargs="?", help="a bench.gate_calibration --work folder")
+    parser.add_argument("--calibration", type=Path, help="that run's --out JSON")
+    parser.add_argument(
+        "--preference",
+        help="instead of a calibration run: the candidate's share of won questions, e.g. 0.5,0.565 "
+        "(the trial's sequential test on a stream of such questions)",
+    )
+    parser.add_argument("--decided", default="460,630,1000,1500", help="won questions (with --preference)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="promotion.trial_alpha (with --preference)")
+    parser.add_argument("--min-decided", type=int, default=30, help="promotion.trial_min_decided")
     parser.add_argument("--rounds", default="1", help="round numbers, e.g. 1,2,4,5")
     parser.add_argument("--queries", default="50,100,200", help="questions asked per simulated trial")
     parser.add_argument("--events", choices=("cited", "click"), default="cited")
@@ -101,6 +157,10 @@ def main() -> int:
         help="serve every candidate at this BM25 share (default: its round's)",
     )
     args = parser.parse_args()
+    if args.preference:
+        return sequential_main(args)
+    if args.work is None or args.calibration is None:
+        parser.error("give a calibration --work folder and --calibration, or --preference")
     if not (args.work / "config.toml").is_file():
         parser.error(f"{args.work} is not a bench.gate_calibration --work folder (no config.toml)")
     if not args.calibration.is_file():

@@ -421,3 +421,25 @@ def test_with_enough_events_an_llm_gone_leaves_the_events_to_decide_alone(prepar
     from state.real_queries import JudgmentStore
 
     assert JudgmentStore(db.conn).count() == 0  # the events' labels are not stored as judgments
+
+
+def test_an_undecided_round_with_events_in_the_log_opens_a_trial_for_its_candidate(
+    prepared, tmp_path, tiny_embedder
+):
+    """The gate cannot tell the candidate from the model in service (min_gain out of reach, its interval
+    not below zero) and the application posts events: the candidate is registered, never promoted, and
+    a trial against the base model runs; the round's own decision stays rejected."""
+    from state.trials import TrialStore
+
+    settings = _case(prepared, tmp_path, tiny_embedder, min_gain=0.9, trial_min_decided=2)
+    _log_questions(settings)
+    row, layout, db = _run(settings)
+    assert (row["decision"], row["cause"]) == ("rejected", "below_min_gain"), row["reason"]
+    trial = TrialStore(db.conn).running()
+    assert trial is not None and trial.round_id == row["id"] and trial.replacing_id is None
+    assert trial.share == 0.2 and trial.variant in json.loads(row["eval_sets"])["gains"]
+    assert Path(trial.path).is_dir() and not serves_a_version(layout)
+    # trials off: the next round's candidate gets none and the running one is left as it was
+    settings.promotion.trial_share = 0.0
+    again, _layout, _db = _run(settings)
+    assert again["decision"] == "rejected" and TrialStore(db.conn).running().id == trial.id
