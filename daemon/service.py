@@ -113,6 +113,10 @@ class Daemon:
         queue = JobQueue(conn)
         released = queue.release_owner("")  # we hold the lock: every running job is an orphan
         note = ModelRegistry(conn, self.layout).reconcile(base_model_path_or_none(self.settings, conn))
+        from daemon.trials import sweep_unserved_versions
+
+        # versions a kill left between registering and promoting (or opening a trial), before exports
+        sweep_unserved_versions(conn, self.layout)
         swept = prune_exports(conn, self.layout)  # exports of versions that are gone
         SampleStore(conn, queue).arm_filter()  # pairs a migration re-opened, or left with no job
         if self.settings.model.base != AUTO_BASE:  # a later "auto" keeps the base this folder is built on

@@ -100,6 +100,21 @@ def discard_version(registry: ModelRegistry, model_id: int) -> None:
     remove_version_export(registry.layout, record.path)
 
 
+def sweep_unserved_versions(conn: sqlite3.Connection, layout: StateLayout) -> list[int]:
+    """At start-up (no round runs then): every version that never served and is not the running trial's
+    candidate was left by a kill between registering it and promoting it or opening its trial; each is
+    discarded. Returns their ids."""
+    registry = ModelRegistry(conn, layout)
+    running = TrialStore(conn).running()
+    kept = running.model_id if running is not None else None
+    swept = [model_id for model_id in registry.never_served() if model_id != kept]
+    for model_id in swept:
+        discard_version(registry, model_id)
+    if swept:
+        log.warning("unserved_versions_removed", versions=[f"v{model_id}" for model_id in swept])
+    return swept
+
+
 @dataclass(frozen=True)
 class TrialCheck:
     trial_id: int

@@ -143,6 +143,10 @@ class ModelRegistry:
         row = current_model_row(self.conn)
         return ModelRecord.from_row(row) if row else None
 
+    def never_served(self) -> list[int]:
+        """Versions registered and never promoted (a trial's candidate, or what a kill left behind)."""
+        return [row[0] for row in self.conn.execute("SELECT id FROM models WHERE promoted_at IS NULL")]
+
     def history(self) -> list[sqlite3.Row]:
         return self.conn.execute("SELECT * FROM promotions ORDER BY id").fetchall()
 

@@ -5,6 +5,7 @@ over HTTP, and the daemon's check deciding from them. Tests wait on the server's
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 import pytest
@@ -314,3 +315,17 @@ def test_with_milvus_lite_the_candidate_answers_from_its_own_replica_of_the_live
     live = db.conn.execute("SELECT name FROM index_collections WHERE state = 'live'").fetchone()[0]
     assert body["trial"]["id"] == trial.id and body["source"] == f"memory replica of {live}"
     assert candidate_replica.name == live and len(_teams(layout, body["query_id"])) == len(body["hits"]) == 4
+
+
+def test_at_start_a_version_a_kill_left_unserved_is_removed_and_the_trials_candidate_kept(
+    make_settings, tmp_path
+):
+    from daemon.trials import sweep_unserved_versions
+    from tests.tiny_models import build_tiny_embedder
+
+    settings, layout, db, registry, trial = _trial_state(make_settings, tmp_path)
+    # a round killed after registering its variant and before promoting it
+    orphan = registry.register(build_tiny_embedder(tmp_path / "orphan", seed=9))
+    assert sweep_unserved_versions(db.conn, layout) == [orphan.id]
+    assert not orphan.path.exists() and registry.never_served() == [trial.model_id]
+    assert Path(trial.path).is_dir()
