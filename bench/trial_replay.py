@@ -5,7 +5,8 @@ round whose candidate the gate could not tell from the base, with events in the 
 (daemon/trials.py). This bench takes such a round's state (a fresh copy of it), serves it with
 `embedtune serve` in this process (the trial's candidate loaded beside the base, each with its memory
 replica of the live collection), and plays the team's users: they ask the gate's part of the asked
-questions (never trained on), drawn with replacement, and the application acts on the interleaved top 10
+questions (never trained on), drawn with replacement (each ask by another simulated user, as the trial
+counts a question once per client), and the application acts on the interleaved top 10
 as the calibration's did (`cited`: every relevant hit shown; `click`: the first). Every `--check-every`
 questions the daemon's own check (daemon.trials.check_trial) tallies the events and ends the trial when
 it is decided. Printed: the questions it took, the tally and the result, beside the truth the
@@ -27,6 +28,7 @@ import random
 import shutil
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 
@@ -112,13 +114,14 @@ def main() -> int:
         flush=True,
     )
     rng = random.Random(args.seed)
+    window = settings.promotion.trial_event_window_s
     started = time.monotonic()
     server, serving, thread, url = serve_in_thread(settings)
     asked = mixed = 0
     outcome = None
     try:
         with httpx.Client(base_url=url, timeout=300, headers={"X-Client-Id": CLIENT}) as client:
-            while client.get("/health").status_code != 200 or serving.trial is None:
+            while client.get("/health").status_code != 200 or serving.trial_for(serving.current) is None:
                 if serving.trial_problem:
                     raise SystemExit(f"the trial cannot start: {serving.trial_problem}")
                 time.sleep(1)
@@ -126,14 +129,22 @@ def main() -> int:
             print(f"served with the candidate beside the base after {ready:.0f} s", flush=True)
             while outcome is None or outcome.result == "running":
                 qid = rng.choice(questions)
-                answer = client.post("/v1/search", json={"query": data.queries[qid], "k": 10})
+                # each ask by another simulated user: the trial counts a question once per client
+                answer = client.post(
+                    "/v1/search",
+                    json={"query": data.queries[qid], "k": 10},
+                    headers={"X-Client-Id": f"user-{asked}"},
+                )
                 answer.raise_for_status()
                 body = answer.json()
                 asked += 1
                 mixed += "trial" in body
                 act_on(client, body, relevant_hits(body, data.qrels[qid], stem_to_id), args.events)
                 if asked % args.check_every == 0:
-                    outcome = check_trial(settings, layout, conn)
+                    # the simulated application posts its events at once: judge as the daemon would
+                    # once the event window has passed
+                    later = datetime.now(UTC) + timedelta(seconds=window)
+                    outcome = check_trial(settings, layout, conn, now=later)
                     if asked % (args.check_every * 8) == 0:
                         print(f"  {asked} questions: {outcome.reason}", flush=True)
     finally:

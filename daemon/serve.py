@@ -288,7 +288,8 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
 
         replica = loaded.replica  # read once, with the version: the two agree throughout
         prepared = replica.prepared() if replica is not None else None
-        trial = state.trial  # read once too: the running interleaved trial, when its candidate is ready
+        trial = state.trial_for(loaded)  # the running interleaved trial, when its candidate is ready
+        deadline = time.monotonic() + limits.request_timeout_s  # the client's clock starts here
 
         def keep(answer) -> None:
             if prefix:
@@ -296,8 +297,7 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
             answer.hits = answer.hits[:k]
 
         def work():
-            deadline = time.monotonic() + limits.request_timeout_s
-            with _model_lock(loaded, limits.request_timeout_s):
+            with _model_lock(loaded, deadline - time.monotonic()):
                 try:
                     answers = search_many(
                         settings, queries, "current", depth, mode, encoder=loaded.encoder, replica=prepared
@@ -306,10 +306,12 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
                     raise ApiError(503, str(exc), "search_unavailable", "service_unavailable") from None
             for answer in answers:
                 keep(answer)
-            if trial is not None and mode != "lexical":  # BM25 alone is the same for both models
+            left = deadline - time.monotonic()
+            # BM25 alone is the same for both models; the candidate gets at most half of the time left,
+            # and a busy candidate is not waited for past a second, so the served answer is not lost
+            if trial is not None and mode != "lexical" and left > limits.request_timeout_s / 2:
                 from daemon.serve_trial import interleave
 
-                left = deadline - time.monotonic()
                 mixed = interleave(
                     settings,
                     answers,
@@ -318,7 +320,7 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
                     mode=mode,
                     k=k,
                     keep=keep,
-                    hold=lambda candidate: _model_lock(candidate, left),
+                    hold=lambda candidate: _model_lock(candidate, min(1.0, left / 2)),
                 )
                 metrics.trial_searches.inc(mixed)
             return answers

@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 from daemon.logs import get_logger
@@ -80,6 +81,10 @@ class Trial:
     def share(self) -> float:
         return self.record.share
 
+    def age_days(self) -> float:
+        started = datetime.fromisoformat(self.record.started)
+        return (datetime.now(UTC) - started).total_seconds() / 86400
+
 
 class ServeState:
     """The model in service, kept loaded and followed. `current` is None until a model is loaded;
@@ -104,6 +109,7 @@ class ServeState:
         self.on_swap: list = []  # callables(Loaded): the metrics' version label follows swaps
         self._trial: Trial | None = None  # the running interleaved trial's candidate, loaded
         self._trial_failed: tuple[int, float] | None = None  # (trial id, when) of a failed load
+        self._trial_builder: threading.Thread | None = None  # builds the candidate's first replica
         self.trial_problem = ""
 
     # --- what requests read -------------------------------------------------------------------
@@ -120,15 +126,19 @@ class ServeState:
     def swaps(self) -> int:
         return self._swaps
 
-    @property
-    def trial(self) -> Trial | None:
-        """The running trial, when its candidate is ready beside the model it was judged against (the
-        model in service; after a promotion or rollback the trial waits for the daemon to end it)."""
-        trial, loaded = self._trial, self._loaded
-        if trial is None or loaded is None or trial.record.replacing_id != loaded.model_id:
+    def trial_for(self, loaded: Loaded) -> Trial | None:
+        """The running trial a request answered by `loaded` may interleave: its candidate ready beside
+        that model (the one it was judged against), answering from the same kind of source (with the
+        index on, both from their replicas), trials on and the trial not past its days (a server left
+        without its daemon stops on its own)."""
+        trial = self._trial
+        if trial is None or trial.record.replacing_id != loaded.model_id:
             return None
-        if self.settings.index.enabled and loaded.replica is not None and trial.candidate.replica is None:
-            return None  # the candidate answers from a replica too, or not at all
+        promotion = self.settings.promotion
+        if promotion.trial_share <= 0 or trial.age_days() >= promotion.trial_max_days:
+            return None
+        if self.settings.index.enabled and (loaded.replica is None or trial.candidate.replica is None):
+            return None
         return trial
 
     _follow_failures = 0
@@ -190,8 +200,9 @@ class ServeState:
         ):
             fresh = self._previous  # a rollback to the model served just before: no load
         elif self._trial is not None and self._trial.candidate.key == key:
-            fresh = self._trial.candidate  # the trial's candidate was promoted: already loaded
-            fresh.replica = None  # its replica mirrors the collection of the model it was tried against
+            # the trial's candidate was promoted: already loaded, with its replica of the live collection
+            # (its own vectors), which serves until its own collection goes live
+            fresh = self._trial.candidate
         else:
             started = time.monotonic()
             failed = self._failed
@@ -282,7 +293,9 @@ class ServeState:
         if replica is None or replica.name != served.live.name:
             self._prepare_replica(loaded, served)
             return
-        replica.set_weight(served.live.bm25_weight)
+        # a replica of a collection another model filled (a promoted trial's, until its own goes live)
+        # uses the share of the model it answers for
+        replica.set_weight(served.live.bm25_weight if _holds(served.live, loaded) else self._share_of(loaded))
         from state.db import connect
 
         conn = connect(self.layout.database, readonly=True)
@@ -338,39 +351,68 @@ class ServeState:
 
     def _keep_trial_replica(self, trial: Trial) -> None:
         """The candidate's replica of the live collection (the same chunks and analyzer, its own vectors
-        and BM25 share), built once and then following the change log like the served one."""
+        and BM25 share). No index job encodes the corpus for the candidate, so the first build runs in a
+        thread of its own (hours on a large corpus must not stop this poller from following a rollback);
+        once built it follows the change log here, like the served one."""
         served = self._served
         if not self.settings.index.enabled or served is None or served.live is None:
             return
-        from daemon.serving import served_bm25_weight
-        from state.db import connect
-
         candidate, live = trial.candidate, served.live
-        if candidate.replica is None or candidate.replica.name != live.name:
+        replica = candidate.replica
+        if replica is None or replica.name != live.name:
+            building = self._trial_builder
+            if building is not None and building.is_alive():
+                return
             failed = self._trial_failed
             if failed is not None and failed[0] == trial.id and time.monotonic() - failed[1] < LOAD_RETRY_S:
                 return
-            try:
-                candidate.replica = self._build_replica(candidate, live, served.analyzer)
-            except Exception as exc:  # the trial waits; the served model answers every search meanwhile
-                self._trial_failed = (trial.id, time.monotonic())
-                self.trial_problem = f"cannot build trial {trial.id}'s replica: {type(exc).__name__}: {exc}"
-                log.error("serve_trial_replica_failed", trial_id=trial.id, error=str(exc))
-                return
-        else:
-            conn = connect(self.layout.database, readonly=True)
-            try:
-                # no index job encodes the candidate's vectors, so it encodes new chunks at once (a
-                # source without `missing` is not waited for)
-                cached = self._vectors(candidate)
-                candidate.replica.follow(conn, served.signature, lambda texts: cached(texts))
-            except Exception as exc:  # rebuilt at the next poll
-                log.warning("serve_trial_replica_follow_failed", trial_id=trial.id, error=str(exc))
-                candidate.replica = None
-                return
-            finally:
-                conn.close()
-        candidate.replica.set_weight(served_bm25_weight(self.settings, candidate.path))
+            self._trial_builder = threading.Thread(
+                target=self._build_trial_replica,
+                args=(trial, live, served.analyzer),
+                name="serve-trial-replica",
+                daemon=True,
+            )
+            self._trial_builder.start()
+            return
+        from state.db import connect
+
+        conn = connect(self.layout.database, readonly=True)
+        try:
+            # the candidate's new chunks are encoded at once: nobody else will (a source without
+            # `missing` is not waited for)
+            cached = self._vectors(candidate)
+            replica.follow(conn, served.signature, lambda texts: cached(texts))
+        except Exception as exc:  # rebuilt at the next poll
+            log.warning("serve_trial_replica_follow_failed", trial_id=trial.id, error=str(exc))
+            candidate.replica = None
+            return
+        finally:
+            conn.close()
+        replica.set_weight(self._share_of(candidate))
+
+    def _build_trial_replica(self, trial: Trial, live, analyzer: str) -> None:
+        started = time.monotonic()
+        try:
+            replica = self._build_replica(trial.candidate, live, analyzer)
+        except Exception as exc:  # the trial waits; the served model answers every search meanwhile
+            self._trial_failed = (trial.id, time.monotonic())
+            self.trial_problem = f"cannot build trial {trial.id}'s replica: {type(exc).__name__}: {exc}"
+            log.error("serve_trial_replica_failed", trial_id=trial.id, error=str(exc))
+            return
+        replica.set_weight(self._share_of(trial.candidate))
+        trial.candidate.replica = replica
+        log.info(
+            "serve_trial_ready",
+            trial_id=trial.id,
+            seconds=round(time.monotonic() - started, 1),
+            chunks=replica.size,
+        )
+
+    def _share_of(self, loaded: Loaded) -> float | None:
+        """The BM25 share `loaded` is served with: the configured one, or ("auto") its folder's choice."""
+        from daemon.serving import served_bm25_weight
+
+        return served_bm25_weight(self.settings, loaded.path)
 
     def _running_trial(self):
         """The running trial (state/trials.py), or None (none, or a database from before trials)."""

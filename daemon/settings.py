@@ -292,6 +292,9 @@ class PromotionSettings(_Section):
     trial_min_decided: int = Field(30, ge=1)
     trial_max_questions: int = Field(5000, ge=1)
     trial_max_days: float = Field(14.0, gt=0)
+    # A trial's question counts once this long has passed since it was asked, with the events that came
+    # within it (later ones are not counted): each outcome is then fixed when it enters the test
+    trial_event_window_s: float = Field(900.0, ge=0)
 
     @field_validator("merge_weights")
     @classmethod

@@ -16,6 +16,7 @@ model's hits the events used (stages/interleaving.py) and ends the trial:
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,8 +55,9 @@ def open_trial(
     folder: Path,
     replacing_id: int | None,
 ) -> TrialRecord | None:
-    """Register `folder` as a version that has not served and start its trial (ending the one before,
-    whose version is discarded). None when trials are off or no application posts events."""
+    """Register `folder` as a version that has not served and start its trial. None when trials are
+    off, no application posts events, or a trial against the same model still runs (one against a model
+    that no longer serves is ended, its version discarded)."""
     from state.query_log import QueryLog
 
     promotion = settings.promotion
@@ -68,6 +70,15 @@ def open_trial(
             round_id=round_id,
             reason=f"events on {with_events} logged questions, fewer than trial_min_decided "
             f"({promotion.trial_min_decided}): a trial would never decide",
+        )
+        return None
+    running = TrialStore(conn).running()
+    if running is not None and running.replacing_id == replacing_id:
+        # a trial needs weeks of questions; one replaced by every new round would never end
+        log.info(
+            "trial_not_opened",
+            round_id=round_id,
+            reason=f"trial {running.id} of {running.version} is still running against the same model",
         )
         return None
     record = registry.register(
@@ -90,14 +101,18 @@ def open_trial(
 def discard_version(registry: ModelRegistry, model_id: int) -> None:
     """A trial's version that never served goes (row and folder); one that served stays (history)."""
     from daemon.onnx_jobs import remove_version_export
+    from stages.embed_cache import cache_folder
+    from stages.models import model_key
 
     try:
         record = registry.get(model_id)
+        key = model_key(record.path)  # before the folder goes: the key reads its weights' file
         registry.discard(model_id)
     except RegistryError as exc:
         log.info("trial_version_kept", model_id=model_id, reason=str(exc))
         return
     remove_version_export(registry.layout, record.path)
+    shutil.rmtree(cache_folder(registry.layout.cache, key), ignore_errors=True)  # its corpus vectors
 
 
 def sweep_unserved_versions(conn: sqlite3.Connection, layout: StateLayout) -> list[int]:
@@ -115,6 +130,10 @@ def sweep_unserved_versions(conn: sqlite3.Connection, layout: StateLayout) -> li
     return swept
 
 
+class TrialEnded(Exception):
+    """The trial was no longer running when its promotion was to be written (rolls the promotion back)."""
+
+
 @dataclass(frozen=True)
 class TrialCheck:
     trial_id: int
@@ -122,8 +141,11 @@ class TrialCheck:
     reason: str
 
 
-def check_trial(settings: Settings, layout: StateLayout, conn: sqlite3.Connection) -> TrialCheck | None:
-    """Tally the running trial's events and end it when it is decided or spent; None: no trial runs."""
+def check_trial(
+    settings: Settings, layout: StateLayout, conn: sqlite3.Connection, now: datetime | None = None
+) -> TrialCheck | None:
+    """Tally the running trial's settled questions and end it when it is decided or spent; None: no
+    trial runs. `now`: the time to judge at (tests look an hour ahead instead of waiting)."""
     from stages.interleaving import judge_tally, outcome, tally, used_positions
     from stages.real_queries import used_chunks
 
@@ -135,12 +157,15 @@ def check_trial(settings: Settings, layout: StateLayout, conn: sqlite3.Connectio
     current = registry.current()
     serving_id = current.id if current else None
     if serving_id != trial.replacing_id:
-        now = f"v{serving_id}" if serving_id is not None else "the base model"
-        return _end(registry, store, trial, SERVING_CHANGED, f"the model in service changed to {now}")
+        now_serving = f"v{serving_id}" if serving_id is not None else "the base model"
+        return _end(registry, store, trial, SERVING_CHANGED, f"the model in service changed to {now_serving}")
     promotion = settings.promotion
     if promotion.trial_share <= 0:
         return _end(registry, store, trial, STOPPED, "promotion.trial_share is 0: trials are off")
-    answers = store.answers(trial.id)
+    if not Path(trial.path).is_dir():
+        return _end(registry, store, trial, STOPPED, f"the candidate's folder {trial.path} is gone")
+    now = now or datetime.now(UTC)
+    answers = store.settled_answers(trial.id, now, promotion.trial_event_window_s)
     counts = tally(
         [outcome(a.teams, used_positions(a.answer.hit_ids, used_chunks(a.answer))) for a in answers]
     )
@@ -151,7 +176,7 @@ def check_trial(settings: Settings, layout: StateLayout, conn: sqlite3.Connectio
         return _end(
             registry, store, trial, LOSS, f"the model in service's hits were used more: {verdict.reason}"
         )
-    days = (datetime.now(UTC) - datetime.fromisoformat(trial.started)).total_seconds() / 86400
+    days = (now - datetime.fromisoformat(trial.started)).total_seconds() / 86400
     if counts.questions >= promotion.trial_max_questions or days >= promotion.trial_max_days:
         return _end(
             registry, store, trial, EXPIRED, f"no difference found in {days:.1f} days: {verdict.reason}"
@@ -184,7 +209,8 @@ def _promote(
     said = f"the candidate's hits were used more: {reason}"
 
     def with_serving() -> None:
-        store.write_end(trial.id, GAIN, said)
+        if not store.write_end(trial.id, GAIN, said):  # superseded or ended meanwhile: nothing serves
+            raise TrialEnded(f"trial {trial.id} ended before its promotion")
         if trial.round_id is not None:
             records.write_trial_promotion(
                 trial.round_id, trial.model_id, f"promoted by interleaved trial {trial.id}: {said}"
@@ -197,8 +223,13 @@ def _promote(
             replacing=trial.replacing_id,
             with_serving=with_serving,
         )
-    except (ServingChanged, RegistryError) as exc:
+    except TrialEnded as exc:
+        log.info("trial_not_promoted", trial_id=trial.id, reason=str(exc))
+        return TrialCheck(trial.id, store.get(trial.id).result or "ended", str(exc))
+    except ServingChanged as exc:
         return _end(registry, store, trial, SERVING_CHANGED, f"not promoted: {exc}")
+    except RegistryError as exc:  # its folder went between the check and the promotion
+        return _end(registry, store, trial, STOPPED, f"not promoted: {exc}")
     log.info("trial_promoted", trial_id=trial.id, version=trial.version, reason=said)
     if settings.promotion.on_promote and trial.round_id is not None:
         from daemon.round_process import run_on_promote_hook

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import sqlite3
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from state.db import transaction, utcnow
-from state.real_queries import LoggedAnswer, LoggedEventRef
+from state.real_queries import LoggedAnswer, LoggedEventRef, question_key
 
-GAIN, LOSS, EXPIRED, SUPERSEDED, SERVING_CHANGED, STOPPED = (
+GAIN, LOSS, EXPIRED, SUPERSEDED, SERVING_CHANGED, STOPPED = (  # how a trial ended
     "gain",
     "loss",
     "expired",
@@ -123,29 +124,39 @@ class TrialStore:
         with transaction(self.conn):
             return self.write_end(trial_id, result, reason)
 
-    def answers(self, trial_id: int) -> list[TrialAnswer]:
-        """Every logged search of the trial, oldest first, with its events (one snapshot)."""
+    def settled_answers(self, trial_id: int, now: datetime, window_s: float) -> list[TrialAnswer]:
+        """The trial's searches asked at least `window_s` before `now`, oldest first, each with the
+        events that came within `window_s` of it, and only the first of each client's question (the
+        same client asking again is not a new outcome). An outcome is fixed once it appears here, so
+        the daemon's repeated looks see one growing sequence (one snapshot)."""
+        cutoff = (now - timedelta(seconds=window_s)).isoformat()
+        window_days = window_s / 86400.0
         own = not self.conn.in_transaction
         if own:
             self.conn.execute("BEGIN")
         try:
             rows = self.conn.execute(
-                "SELECT query_id, hit_ids, teams, model_version, mode, at FROM queries "
-                "WHERE trial_id = ? ORDER BY rowid",
-                (trial_id,),
+                "SELECT query_id, user_query, client_id, hit_ids, teams, model_version, mode, at FROM queries "
+                "WHERE trial_id = ? AND julianday(at) <= julianday(?) ORDER BY rowid",
+                (trial_id, cutoff),
             ).fetchall()
             events: dict[str, list[LoggedEventRef]] = {}
             for query_id, action, object_id, position in self.conn.execute(
                 "SELECT e.query_id, e.action_name, e.object_id, e.position FROM query_events e "
-                "JOIN queries q ON q.query_id = e.query_id WHERE q.trial_id = ? ORDER BY e.id",
-                (trial_id,),
+                "JOIN queries q ON q.query_id = e.query_id WHERE q.trial_id = ? "
+                "AND julianday(q.at) <= julianday(?) AND julianday(e.at) <= julianday(q.at) + ? ORDER BY e.id",
+                (trial_id, cutoff, window_days),
             ):
                 events.setdefault(query_id, []).append(LoggedEventRef(action, object_id, position))
         finally:
             if own and self.conn.in_transaction:
                 self.conn.execute("COMMIT")
-        out = []
+        out, seen = [], set()
         for row in rows:
+            asker = (row["client_id"], question_key(row["user_query"]))
+            if asker in seen:
+                continue
+            seen.add(asker)
             answer = LoggedAnswer(
                 query_id=row["query_id"],
                 hit_ids=[int(i) for i in json.loads(row["hit_ids"])],

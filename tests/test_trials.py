@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import wait_for
+from state.round_records import RoundStore
+from tests.conftest import serves_a_version, wait_for
 from tests.test_index import _add_document
 from tests.test_serve import _serving
 from tests.test_served import TEXTS, _state
@@ -73,14 +74,32 @@ def _rejected_round(conn) -> int:
     return round_id
 
 
-def _ask(url: str, rounds: int) -> list[dict]:
-    """Ask every question `rounds` times over HTTP; the answers' bodies."""
+def _ask(url: str, rounds: int, client: str = "user") -> list[dict]:
+    """Every question asked over HTTP, `rounds` times, each time by another user (the trial counts a
+    question once per client); the answers' bodies."""
     answers = []
-    for _ in range(rounds):
+    for number in range(rounds):
         for question in QUESTIONS:
-            body = httpx.post(f"{url}/v1/search", json={"query": question, "k": 4}).json()
+            body = httpx.post(
+                f"{url}/v1/search",
+                json={"query": question, "k": 4},
+                headers={"X-Client-Id": f"{client}-{number}"},
+            ).json()
             answers.append(body)
     return answers
+
+
+def _ready(state) -> bool:
+    """The server would interleave a search now (its candidate and, with the index on, its replica)."""
+    loaded = state.current
+    return loaded is not None and state.trial_for(loaded) is not None
+
+
+def _later():
+    """An hour from now: every question asked so far has settled (promotion.trial_event_window_s)."""
+    from datetime import UTC, datetime, timedelta
+
+    return datetime.now(UTC) + timedelta(hours=1)
 
 
 def _teams(layout, query_id: str) -> list[str]:
@@ -112,7 +131,7 @@ def _cite(url: str, layout, answers: list[dict], favour: str) -> int:
 def test_searches_mix_both_models_and_the_log_credits_each_hit_to_its_model(make_settings, tmp_path):
     settings, layout, db, _registry, trial = _trial_state(make_settings, tmp_path)
     with _serving(settings) as (url, state):
-        wait_for(lambda: state.trial is not None, message="the trial's candidate loaded")
+        wait_for(lambda: _ready(state), message="the trial's candidate loaded")
         body = httpx.post(f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4}).json()
         lexical = httpx.post(
             f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4, "mode": "lexical"}
@@ -142,19 +161,19 @@ def test_a_candidate_whose_hits_are_used_more_is_promoted_and_then_served(make_s
 
     settings, layout, db, registry, trial = _trial_state(make_settings, tmp_path)
     with _serving(settings) as (url, state):
-        wait_for(lambda: state.trial is not None, message="the trial's candidate loaded")
+        wait_for(lambda: _ready(state), message="the trial's candidate loaded")
         answers = _ask(url, 1)
         _cite(url, layout, answers, "candidate")
-        early = check_trial(settings, layout, db.conn)
+        early = check_trial(settings, layout, db.conn, now=_later())
         assert early.result == "running" and "fewer than 10 decided" in early.reason
         assert "fewer than 10 decided" in TrialStore(db.conn).get(trial.id).reason  # status shows it
         answers = _ask(url, 3)
         _cite(url, layout, answers, "candidate")
-        done = check_trial(settings, layout, db.conn)
+        done = check_trial(settings, layout, db.conn, now=_later())
         assert done.result == "gain", done.reason
         wait_for(lambda: httpx.get(f"{url}/health").json()["model"] == trial.version, message="v1 served")
         after = httpx.post(f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4}).json()
-        wait_for(lambda: state.trial is None, message="the trial left the server")
+        wait_for(lambda: not _ready(state), message="the trial left the server")
     assert registry.current().id == trial.model_id
     ended = TrialStore(db.conn).get(trial.id)
     assert ended.result == "gain" and ended.ended is not None and "won, 0 lost" in ended.reason
@@ -164,7 +183,7 @@ def test_a_candidate_whose_hits_are_used_more_is_promoted_and_then_served(make_s
     round_row = RoundStore(db.conn).get(trial.round_id)
     assert round_row["decision"] == "promoted" and round_row["model_id"] == trial.model_id
     assert round_row["reason"].startswith("gain inside the noise; then promoted by interleaved trial")
-    assert check_trial(settings, layout, db.conn) is None  # nothing runs any more
+    assert check_trial(settings, layout, db.conn, now=_later()) is None  # nothing runs any more
 
 
 def test_a_candidate_whose_hits_are_passed_over_is_dropped_with_its_version(make_settings, tmp_path):
@@ -174,11 +193,11 @@ def test_a_candidate_whose_hits_are_passed_over_is_dropped_with_its_version(make
 
     settings, layout, db, registry, trial = _trial_state(make_settings, tmp_path)
     with _serving(settings) as (url, state):
-        wait_for(lambda: state.trial is not None, message="the trial's candidate loaded")
+        wait_for(lambda: _ready(state), message="the trial's candidate loaded")
         answers = _ask(url, 4)
         _cite(url, layout, answers, "served")
-        done = check_trial(settings, layout, db.conn)
-        wait_for(lambda: state.trial is None, message="the trial left the server")
+        done = check_trial(settings, layout, db.conn, now=_later())
+        wait_for(lambda: not _ready(state), message="the trial left the server")
         plain = httpx.post(f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4}).json()
     assert done.result == "loss", done.reason
     assert registry.current() is None  # the base model still serves
@@ -195,7 +214,7 @@ def test_a_trial_ends_when_another_model_serves(make_settings, tmp_path):
 
     settings, layout, db, registry, trial = _trial_state(make_settings, tmp_path)
     registry.promote(registry.register(build_tiny_embedder(tmp_path / "other", seed=3)).id)
-    ended = check_trial(settings, layout, db.conn)
+    ended = check_trial(settings, layout, db.conn, now=_later())
     assert ended.result == "serving_changed" and "changed to v2" in ended.reason
     assert not (layout.versions / str(trial.model_id)).exists()
 
@@ -205,13 +224,13 @@ def test_a_trial_ends_undecided_when_its_questions_run_out(make_settings, tmp_pa
 
     settings, layout, db, _registry, _trial = _trial_state(make_settings, tmp_path, trial_max_questions=3)
     with _serving(settings) as (url, state):
-        wait_for(lambda: state.trial is not None, message="the trial's candidate loaded")
+        wait_for(lambda: _ready(state), message="the trial's candidate loaded")
         _ask(url, 1)  # six questions, no events
-    spent = check_trial(settings, layout, db.conn)
+    spent = check_trial(settings, layout, db.conn, now=_later())
     assert spent.result == "expired" and "0 won, 0 lost, 6 tied" in spent.reason
 
 
-def test_only_an_undecided_round_with_events_in_the_log_opens_a_trial_and_a_new_one_supersedes_it(
+def test_only_an_undecided_round_with_events_in_the_log_opens_a_trial_and_only_a_stale_one_is_replaced(
     make_settings, tmp_path
 ):
     from daemon.trials import open_trial, trial_refusal
@@ -240,15 +259,20 @@ def test_only_an_undecided_round_with_events_in_the_log_opens_a_trial_and_a_new_
             [LoggedQuery(f"q{number}", f"question {number}", "", "http", "hybrid", "base", "x", [1])]
         )
         assert log.record_event(LoggedEvent(f"q{number}", "click", "1", 1, "")) == ""
-    rounds = [_rejected_round(db.conn) for _ in range(2)]
+    rounds = [_rejected_round(db.conn) for _ in range(3)]
     first = open_trial(settings, db.conn, registry, rounds[0], "candidate", folder, None)
     assert first is not None and first.share == settings.promotion.trial_share == 0.2
-    second = open_trial(settings, db.conn, registry, rounds[1], "merged_0.5", folder, None)
+    # a newer round's candidate against the same model waits: a trial replaced by every round never ends
+    assert open_trial(settings, db.conn, registry, rounds[1], "merged_0.5", folder, None) is None
     store = TrialStore(db.conn)
-    assert store.running().id == second.id and store.get(first.id).result == "superseded"
+    assert store.running().id == first.id and registry.never_served() == [first.model_id]
+    # another model serves now (a promotion): the old trial compared against a model gone from service
+    served = registry.promote(registry.register(build_tiny_embedder(tmp_path / "v", seed=6)).id)
+    third = open_trial(settings, db.conn, registry, rounds[2], "candidate", folder, served.id)
+    assert store.running().id == third.id and store.get(first.id).result == "superseded"
     with pytest.raises(RegistryError):
         registry.get(first.model_id)  # the superseded candidate's version is gone
-    assert registry.get(second.model_id).path.is_dir()
+    assert registry.get(third.model_id).path.is_dir()
 
 
 def test_status_says_how_the_trial_stands(make_settings, tmp_path):
@@ -302,13 +326,13 @@ def test_with_milvus_lite_the_candidate_answers_from_its_own_replica_of_the_live
         share=1.0,
     )
     with _serving(settings) as (url, state):
-        wait_for(lambda: state.trial is not None, message="the candidate's replica built")
+        wait_for(lambda: _ready(state), message="the candidate's replica built")
         body = httpx.post(f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4}, timeout=120).json()
-        served_replica, candidate_replica = state.current.replica, state.trial.candidate.replica
+        served_replica, candidate_replica = state.current.replica, state._trial.candidate.replica
         assert candidate_replica.size == served_replica.size == len(TEXTS)
         new = _add_document(db.conn, "/inbox/more.md", MORE)
         wait_for(
-            lambda: state.trial.candidate.replica.size == len(TEXTS) + len(new),
+            lambda: state._trial.candidate.replica.size == len(TEXTS) + len(new),
             timeout=90,
             message="the candidate's replica followed the new chunks",
         )
@@ -329,3 +353,110 @@ def test_at_start_a_version_a_kill_left_unserved_is_removed_and_the_trials_candi
     assert sweep_unserved_versions(db.conn, layout) == [orphan.id]
     assert not orphan.path.exists() and registry.never_served() == [trial.model_id]
     assert Path(trial.path).is_dir()
+
+
+def _log_trial_answer(conn, trial_id: int, query_id: str, text: str, teams: list[str], client: str = "app"):
+    from state.query_log import LoggedQuery, QueryLog
+
+    hits = list(range(100, 100 + len(teams)))
+    QueryLog(conn).record_queries(
+        [LoggedQuery(query_id, text, client, "http", "hybrid", "base", "x", hits, trial_id, teams)]
+    )
+    return hits
+
+
+def test_the_tally_reads_events_by_chunk_or_position_settled_and_once_per_client_and_question(
+    make_settings, tmp_path
+):
+    from datetime import UTC, datetime, timedelta
+
+    from state.query_log import LoggedEvent, QueryLog
+    from state.trials import TrialStore
+
+    settings, layout, db, _registry, trial = _trial_state(make_settings, tmp_path)
+    log = QueryLog(db.conn)
+    teams = ["served", "candidate", "served", "candidate"]
+    hits = _log_trial_answer(db.conn, trial.id, "a", "what carves valleys", teams)
+    assert log.record_event(LoggedEvent("a", "cited", str(hits[1]), None, "app")) == ""  # by chunk id
+    _log_trial_answer(db.conn, trial.id, "b", "how are islands made", teams)
+    assert log.record_event(LoggedEvent("b", "click", None, 3, "app")) == ""  # by position: served's
+    _log_trial_answer(db.conn, trial.id, "c", "What carves valleys?", teams)  # the same client asks again
+    _log_trial_answer(db.conn, trial.id, "d", "what carves valleys", teams, client="other-user")
+    assert log.record_event(LoggedEvent("d", "opened", None, 2, "other-user")) == ""  # not a label
+    store = TrialStore(db.conn)
+    later = datetime.now(UTC) + timedelta(hours=1)
+    settled = store.settled_answers(trial.id, later, 900)
+    assert [a.answer.query_id for a in settled] == ["a", "b", "d"]  # "c" is "a" asked again by its client
+    from stages.interleaving import outcome, used_positions
+    from stages.real_queries import used_chunks
+
+    results = [outcome(a.teams, used_positions(a.answer.hit_ids, used_chunks(a.answer))) for a in settled]
+    assert results == [1, -1, 0]
+    # not yet settled: nothing counts; an event later than the window after its question: not counted
+    assert store.settled_answers(trial.id, datetime.now(UTC), 900) == []
+    assert all(
+        not a.answer.events for a in store.settled_answers(trial.id, later + timedelta(hours=1), -7200)
+    )
+
+
+def test_a_trial_ends_on_its_days_or_a_missing_candidate_and_a_stale_gain_promotes_nothing(
+    make_settings, tmp_path
+):
+    import shutil
+    from datetime import UTC, datetime, timedelta
+
+    from daemon.trials import _promote, check_trial
+    from state.trials import SUPERSEDED, TrialStore
+
+    settings, layout, db, registry, trial = _trial_state(make_settings, tmp_path)
+    store = TrialStore(db.conn)
+    # read as running by the check, then superseded by a round before the promotion is written
+    assert store.end(trial.id, SUPERSEDED, "superseded by round 9's candidate")
+    stale = _promote(settings, layout, registry, store, trial, "40 won, 10 lost")
+    assert stale.result == SUPERSEDED and registry.current() is None and not serves_a_version(layout)
+    assert RoundStore(db.conn).get(trial.round_id)["decision"] == "rejected"
+
+    store.conn.execute("DELETE FROM trials")  # a fresh trial on the same candidate (test set-up only)
+    again, _ = store.open(
+        round_id=trial.round_id,
+        model_id=trial.model_id,
+        path=trial.path,
+        replacing_id=None,
+        variant="candidate",
+        share=1.0,
+    )
+    weeks = datetime.now(UTC) + timedelta(days=15)
+    expired = check_trial(settings, layout, db.conn, now=weeks)
+    assert expired.result == "expired" and "no difference found in 15.0 days" in expired.reason
+
+    store.conn.execute("DELETE FROM trials")
+    candidate = registry.register(Path(settings.model.base))
+    gone, _ = store.open(
+        round_id=None,
+        model_id=candidate.id,
+        path=str(candidate.path),
+        replacing_id=None,
+        variant="x",
+        share=1.0,
+    )
+    shutil.rmtree(candidate.path)
+    stopped = check_trial(settings, layout, db.conn, now=_later())
+    assert stopped.result == "stopped" and "is gone" in stopped.reason and store.running() is None
+
+
+def test_a_database_from_before_trials_is_migrated_and_its_log_kept(tmp_path):
+    from state.db import SCHEMA_VERSION, connect, migrate
+    from state.query_log import LoggedQuery, QueryLog
+
+    conn = connect(tmp_path / "embedtune.db")
+    migrate(conn, target=16)
+    QueryLog(conn).record_queries(
+        [LoggedQuery("old", "what carves valleys", "", "http", "hybrid", "base", "c", [1])]
+    )
+    migrate(conn)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    row = conn.execute("SELECT trial_id, teams FROM queries WHERE query_id = 'old'").fetchone()
+    assert tuple(row) == (None, None)
+    [exported] = list(QueryLog(conn).export())
+    assert exported["trial_id"] is None and exported["teams"] is None
+    assert conn.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 0
