@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output (stable shape)")
 
     sub.add_parser("rollback", help="serve the previous model again")
+    trial = sub.add_parser("trial", help="the running interleaved trial (docs/promotion.md)")
+    trial.add_argument("action", choices=("stop",), help="stop: end it now and discard its candidate")
 
     config = sub.add_parser("config", help="configuration tools")
     config_sub = config.add_subparsers(dest="config_command", required=True)
@@ -212,6 +214,21 @@ def cmd_rollback(settings: Settings) -> int:
     return 0
 
 
+def cmd_trial_stop(settings: Settings) -> int:
+    """End the running interleaved trial and discard its candidate; `serve` follows within a poll."""
+    from daemon.trials import stop_trial
+    from state.db import Database
+    from state.layout import StateLayout
+
+    layout = StateLayout(settings.paths.state_dir).ensure()
+    stopped = stop_trial(Database(layout.database).conn, layout, "stopped with `embedtune trial stop`")
+    if stopped is None:
+        print("embedtune: no trial is running", file=sys.stderr)
+        return 1
+    print(f"trial {stopped.trial_id} stopped; its candidate is discarded")
+    return 0
+
+
 def cmd_requeue(settings: Settings, kind: str | None) -> int:
     from state.db import Database
     from state.layout import StateLayout
@@ -249,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_rollback(settings)
     if args.command == "requeue":
         return cmd_requeue(settings, args.kind)
+    if args.command == "trial":
+        return cmd_trial_stop(settings)
     if args.command == "train":
         from daemon.round_scheduler import train_now
 

@@ -186,6 +186,15 @@ def check_trial(
     return TrialCheck(trial.id, "running", verdict.reason)
 
 
+def stop_trial(conn: sqlite3.Connection, layout: StateLayout, reason: str) -> TrialCheck | None:
+    """End the running trial now (an operator's decision), its version discarded; None: none runs."""
+    store = TrialStore(conn)
+    trial = store.running()
+    if trial is None:
+        return None
+    return _end(ModelRegistry(conn, layout), store, trial, STOPPED, reason)
+
+
 def _end(
     registry: ModelRegistry, store: TrialStore, trial: TrialRecord, result: str, reason: str
 ) -> TrialCheck:

@@ -460,3 +460,20 @@ def test_a_database_from_before_trials_is_migrated_and_its_log_kept(tmp_path):
     [exported] = list(QueryLog(conn).export())
     assert exported["trial_id"] is None and exported["teams"] is None
     assert conn.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 0
+
+
+def test_an_operator_stops_a_trial_and_serve_follows(make_settings, tmp_path, capsys):
+    from state.trials import TrialStore
+    from tests.test_served import _cli
+
+    settings, layout, db, registry, trial = _trial_state(make_settings, tmp_path)
+    with _serving(settings) as (url, state):
+        wait_for(lambda: _ready(state), message="the trial's candidate loaded")
+        code, out, err = _cli(capsys, settings, tmp_path, "trial", "stop")
+        assert code == 0 and f"trial {trial.id} stopped" in out, err
+        wait_for(lambda: not _ready(state), message="the trial left the server")
+        body = httpx.post(f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4}).json()
+    assert "trial" not in body and TrialStore(db.conn).get(trial.id).result == "stopped"
+    assert registry.never_served() == []
+    code, _out, err = _cli(capsys, settings, tmp_path, "trial", "stop")
+    assert code == 1 and "no trial is running" in err
