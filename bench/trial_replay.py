@@ -32,21 +32,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 
-def judge_part_questions(report: dict, judge_share: float) -> list[str]:
+def judge_part_questions(asked_rows: list[dict], judge_share: float) -> list[str]:
     """The asked questions the gate kept for itself (never trained on), as the calibration asked them."""
     from state.real_queries import JUDGE, question_key, split_for
 
-    return [
-        row["query"]
-        for row in report["asked_rows"]
-        if split_for(question_key(row["text"]), judge_share) == JUDGE
-    ]
+    return [row["query"] for row in asked_rows if split_for(question_key(row["text"]), judge_share) == JUDGE]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path, help="a bench.gate_calibration --work folder")
-    parser.add_argument("--calibration", type=Path, required=True, help="that run's --out JSON")
+    parser.add_argument("--calibration", type=Path, help="that run's --out JSON (for the truth beside)")
     parser.add_argument("--round", type=int, default=1, help="the calibration round whose trial to run")
     parser.add_argument("--share", type=float, default=1.0, help="share of the searches interleaved")
     parser.add_argument("--max-questions", type=int, default=4000, help="promotion.trial_max_questions")
@@ -57,7 +53,7 @@ def main() -> int:
     source = args.work / f"round-{args.round}" / "state"
     if not (args.work / "config.toml").is_file() or not source.is_dir():
         parser.error(f"{args.work} holds no bench.gate_calibration round {args.round} (no {source})")
-    if not args.calibration.is_file():
+    if args.calibration is not None and not args.calibration.is_file():
         parser.error(f"--calibration {args.calibration}: no such file")
 
     import httpx
@@ -74,8 +70,9 @@ def main() -> int:
     from state.trials import TrialStore
 
     configure_logging("warning", "console")
-    report = json.loads(args.calibration.read_text())
+    report = json.loads(args.calibration.read_text()) if args.calibration else {"rounds": []}
     calibrated = {r["number"]: r for r in report["rounds"]}.get(args.round, {})
+    asked_rows = json.loads((args.work / "prepared.json").read_text())["asked_rows"]
     settings = load_settings(str(args.work / "config.toml"))
     state = args.work / f"trial-{args.round}" / "state"
     shutil.rmtree(state.parent, ignore_errors=True)
@@ -105,7 +102,7 @@ def main() -> int:
     share = served_bm25_weight(settings, Path(trial.path), conn)
     data = Beir.read(args.work / "data")
     stem_to_id = {document_stem(str(row["_id"])): str(row["_id"]) for row in data.corpus}
-    questions = judge_part_questions(report, settings.query_log.judge_share)
+    questions = judge_part_questions(asked_rows, settings.query_log.judge_share)
     truth = (calibrated.get("truth") or {}).get("hybrid")
     print(
         f"round {args.round}: trial {trial.id} of {trial.version} ({trial.variant}, BM25 share {share}) against "
