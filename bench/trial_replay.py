@@ -49,6 +49,12 @@ def main() -> int:
     parser.add_argument("--check-every", type=int, default=25, help="questions between the daemon's checks")
     parser.add_argument("--events", choices=("cited", "click"), default="cited")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--candidate-share",
+        type=float,
+        help="serve the candidate at this BM25 share instead of its round's choice (a copy of it is "
+        "registered in the replay's state with that share in its folder; the calibration's is untouched)",
+    )
     args = parser.parse_args()
     source = args.work / f"round-{args.round}" / "state"
     if not (args.work / "config.toml").is_file() or not source.is_dir():
@@ -90,11 +96,22 @@ def main() -> int:
             f"round {args.round} opened no trial ({calibrated.get('decision')}: {calibrated.get('reason')})"
         )
         return 2
-    if trial.share != args.share:  # the same candidate, interleaved into --share of the searches
+    model_id, path = trial.model_id, trial.path
+    if args.candidate_share is not None:
+        from stages.fusion import RETRIEVAL_FILE
+        from state.registry import ModelRegistry
+
+        copy = ModelRegistry(conn, layout).register(
+            Path(trial.path), round_id=trial.round_id, metrics={"trial": True, "share": args.candidate_share}
+        )
+        choice = {"bm25_weight": args.candidate_share, "chosen_on": "bench.trial_replay --candidate-share"}
+        (copy.path / RETRIEVAL_FILE).write_text(json.dumps(choice))
+        model_id, path = copy.id, str(copy.path)
+    if trial.share != args.share or model_id != trial.model_id:  # interleaved into --share of the searches
         trial, _ = store.open(
             round_id=trial.round_id,
-            model_id=trial.model_id,
-            path=trial.path,
+            model_id=model_id,
+            path=path,
             replacing_id=trial.replacing_id,
             variant=trial.variant,
             share=args.share,
