@@ -72,6 +72,7 @@ def main() -> int:
     from daemon.trials import check_trial
     from stages.evalsets import document_stem
     from state.db import connect
+    from state.index_records import IndexRecords
     from state.layout import StateLayout
     from state.trials import TrialStore
 
@@ -89,6 +90,12 @@ def main() -> int:
     settings.promotion.trial_max_days = 365.0
     layout = StateLayout(state)
     conn = connect(layout.database)
+    live = IndexRecords(conn).live()
+    if live is not None and live.model_id is None:
+        # the live collection names the base by the folder it was converted into when the calibration
+        # ingested (its prepared state); a copied state would resolve the packaged base into its own
+        # folder, which the collection does not name, and serve would answer without its replicas
+        settings.model.base = live.model_path
     store = TrialStore(conn)
     trial = store.running()
     if trial is None:
