@@ -52,8 +52,8 @@ def main() -> int:
     parser.add_argument(
         "--candidate-share",
         type=float,
-        help="serve the candidate at this BM25 share instead of its round's choice (a copy of it is "
-        "registered in the replay's state with that share in its folder; the calibration's is untouched)",
+        help="serve the candidate at this BM25 share instead of its round's choice (written into the "
+        "replay's own copy of it)",
     )
     args = parser.parse_args()
     source = args.work / f"round-{args.round}" / "state"
@@ -103,26 +103,25 @@ def main() -> int:
             f"round {args.round} opened no trial ({calibrated.get('decision')}: {calibrated.get('reason')})"
         )
         return 2
-    model_id, path = trial.model_id, trial.path
-    if args.candidate_share is not None:
-        from stages.fusion import RETRIEVAL_FILE
-        from state.registry import ModelRegistry
+    # The copied database names the calibration's own version folder: the replay registers the round's
+    # candidate (from the copy's round folder) anew in its own state, so whatever the trial's end
+    # discards is the replay's, never the calibration's.
+    from stages.fusion import RETRIEVAL_FILE
+    from state.registry import ModelRegistry
 
-        copy = ModelRegistry(conn, layout).register(
-            Path(trial.path), round_id=trial.round_id, metrics={"trial": True, "share": args.candidate_share}
-        )
+    source = layout.round_dir(trial.round_id) / trial.variant
+    copy = ModelRegistry(conn, layout).register(source, round_id=trial.round_id, metrics={"trial": True})
+    if args.candidate_share is not None:
         choice = {"bm25_weight": args.candidate_share, "chosen_on": "bench.trial_replay --candidate-share"}
         (copy.path / RETRIEVAL_FILE).write_text(json.dumps(choice))
-        model_id, path = copy.id, str(copy.path)
-    if trial.share != args.share or model_id != trial.model_id:  # interleaved into --share of the searches
-        trial, _ = store.open(
-            round_id=trial.round_id,
-            model_id=model_id,
-            path=path,
-            replacing_id=trial.replacing_id,
-            variant=trial.variant,
-            share=args.share,
-        )
+    trial, _ = store.open(
+        round_id=trial.round_id,
+        model_id=copy.id,
+        path=str(copy.path),
+        replacing_id=trial.replacing_id,
+        variant=trial.variant,
+        share=args.share,
+    )
     share = served_bm25_weight(settings, Path(trial.path), conn)
     data = Beir.read(args.work / "data")
     stem_to_id = {document_stem(str(row["_id"])): str(row["_id"]) for row in data.corpus}
