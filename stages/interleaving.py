@@ -8,9 +8,9 @@ each hit; the events then credit the model whose hits were used. A question is a
 more used hits, a tie otherwise.
 
 The trial is watched while it runs, so the decision is a sequential test that stays valid however often
-it is looked at: the Bayes factor of a uniform prior on the win rate against a fair coin, which under
-the null hypothesis reaches 1/alpha with probability at most alpha at any time (Ville's inequality; the
-mixture sequential probability ratio test, Robbins 1970). A fixed-sample sign test checked every few
+it is looked at: the Bayes factor of a prior on the win rate (Beta centred on 1/2, PRIOR_STRENGTH)
+against a fair coin, which under the null hypothesis reaches 1/alpha with probability at most alpha at
+any time (Ville's inequality; the mixture sequential probability ratio test, Robbins 1970). A fixed-sample sign test checked every few
 minutes would find a winner by chance far more often than alpha.
 """
 
@@ -98,11 +98,25 @@ def tally(outcomes: Sequence[int]) -> Tally:
     )
 
 
-def log_bayes_factor(wins: int, losses: int) -> float:
-    """log of P(record | win rate ~ Uniform(0, 1)) / P(record | win rate 1/2) for one ordered record."""
+# The mixture's prior on the win rate: Beta(PRIOR_STRENGTH, PRIOR_STRENGTH), centred on a coin with a
+# standard deviation of about 0.08. Interleaving preferences between two rankers are small (large-scale
+# validations report most within a few points of 0.5; the calibration rounds' candidates measured
+# 0.43-0.57), and a prior spread over all of (0, 1) spends its evidence on rates that do not occur:
+# with the uniform prior a 0.565 preference was found by 1,000 won questions in 81% of simulated
+# trials, with this one in 91%, at the same error rate under a coin (docs/benchmarks.md). Any fixed
+# prior keeps the guarantee; this one is chosen from the kind of effect, not from a data set.
+PRIOR_STRENGTH = 20.0
+
+
+def _log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def log_bayes_factor(wins: int, losses: int, prior: float = PRIOR_STRENGTH) -> float:
+    """log of P(record | win rate ~ Beta(prior, prior)) / P(record | win rate 1/2) for one ordered
+    record of `wins` and `losses` (prior 1: the uniform prior)."""
     n = wins + losses
-    log_beta = math.lgamma(wins + 1) + math.lgamma(losses + 1) - math.lgamma(n + 2)
-    return log_beta + n * math.log(2.0)
+    return _log_beta(wins + prior, losses + prior) - _log_beta(prior, prior) + n * math.log(2.0)
 
 
 GAIN, LOSS, UNDECIDED = "gain", "loss", "undecided"

@@ -62,11 +62,15 @@ def test_events_credit_the_team_that_picked_the_hit():
 
 
 def test_the_bayes_factor_matches_the_beta_binomial_by_hand():
-    # 3 wins, 1 loss: B(4, 2) / B(1, 1) = 1/20 against (1/2)^4 = 1/16 -> 16/20
-    assert math.isclose(math.exp(log_bayes_factor(3, 1)), 16 / 20)
+    # the uniform prior: 3 wins, 1 loss: B(4, 2) / B(1, 1) = 1/20 against (1/2)^4 = 1/16 -> 16/20
+    assert math.isclose(math.exp(log_bayes_factor(3, 1, prior=1)), 16 / 20)
     assert math.isclose(math.exp(log_bayes_factor(0, 0)), 1.0)
     # a clean sweep of 10: (1/11) / (1/1024)
-    assert math.isclose(math.exp(log_bayes_factor(10, 0)), 1024 / 11)
+    assert math.isclose(math.exp(log_bayes_factor(10, 0, prior=1)), 1024 / 11)
+    # Beta(2, 2): 1 win, 0 losses: B(3, 2) / B(2, 2) = (1/12) / (1/6) = 1/2 against 1/2 -> 1
+    assert math.isclose(math.exp(log_bayes_factor(1, 0, prior=2)), 1.0)
+    # the default prior is centred: a balanced record is evidence for the coin, a lopsided one against
+    assert log_bayes_factor(500, 500) < 0 < log_bayes_factor(600, 400)
 
 
 def test_the_verdict_needs_enough_decided_questions_and_strong_evidence():

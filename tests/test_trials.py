@@ -162,12 +162,12 @@ def test_a_candidate_whose_hits_are_used_more_is_promoted_and_then_served(make_s
     settings, layout, db, registry, trial = _trial_state(make_settings, tmp_path)
     with _serving(settings) as (url, state):
         wait_for(lambda: _ready(state), message="the trial's candidate loaded")
-        answers = _ask(url, 1)
+        answers = _ask(url, 1, "early")
         _cite(url, layout, answers, "candidate")
         early = check_trial(settings, layout, db.conn, now=_later())
         assert early.result == "running" and "fewer than 10 decided" in early.reason
         assert "fewer than 10 decided" in TrialStore(db.conn).get(trial.id).reason  # status shows it
-        answers = _ask(url, 3)
+        answers = _ask(url, 4)
         _cite(url, layout, answers, "candidate")
         done = check_trial(settings, layout, db.conn, now=_later())
         assert done.result == "gain", done.reason
