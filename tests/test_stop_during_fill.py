@@ -116,7 +116,12 @@ def test_sigterm_during_an_index_fill_stops_within_the_budget_and_the_fill_resum
         live = wait_for(lambda: _live(state), timeout=300, message="the resumed fill to go live")
         assert live["name"] == filling["name"] and live["chunks"] == active, live
         assert scalar(state, "SELECT COUNT(*) FROM jobs WHERE kind='index' AND state='dead'") == 0
-        added = [event["added"] for event in _events(tmp_path / "daemon.log", "index_synced")]
+        # the job marks the collection live, then completes, then logs: wait for the line, not the time
+        added = wait_for(
+            lambda: [event["added"] for event in _events(tmp_path / "daemon.log", "index_synced")],
+            timeout=60,
+            message="the resumed fill's index_synced line in the daemon's log",
+        )
         assert added and 0 < added[0] < active, f"the resumed fill re-encoded what was stored: {added}"
     finally:
         daemon.terminate(timeout=120)
