@@ -382,7 +382,9 @@ def run_round(settings, prepared: Path, folder: Path, recipe: dict, seed: int) -
         "clicked_pairs": _count_lines(round_dir / "clicked.jsonl"),
         "steps": json.loads(steps_file.read_text()) if steps_file.exists() else [],
         "candidate": str(round_dir / "candidate"),
-        "trial": {"id": trial.id, "variant": trial.variant, "model": trial.version} if trial else None,
+        "trial": {"id": trial.id, "variant": trial.variant, "model": trial.version, "arms": list(trial.arms)}
+        if trial
+        else None,
         "seconds": round(time.monotonic() - started, 1),
     }
 
@@ -450,15 +452,23 @@ def truth_for_round(truth: Truth, base: dict, base_share: float | None, candidat
     with (`share_of`: the one its round chose, when it chose one) and at the base's, and dense."""
     if not (candidate / "config.json").exists():
         return {}
+    from stages.fusion import model_trial_shares
+
     share = share_of(candidate)
-    scored = truth.score(candidate, [share, base_share])
+    arms = model_trial_shares(candidate)  # the shares a trial would try it at (the round named them)
+    scored = truth.score(candidate, list(dict.fromkeys([share, base_share, *arms])))
     base_hybrid = base["hybrid"][_share_name(base_share)]
-    return {
+    out = {
         "served_share": _share_name(share),
         "hybrid": compare(scored["hybrid"][_share_name(share)], base_hybrid),
         "hybrid_at_base_share": compare(scored["hybrid"][_share_name(base_share)], base_hybrid),
         "dense": compare(scored["dense"], base["dense"]),
     }
+    if len(arms) > 1:
+        out["hybrid_at_trial_shares"] = {
+            _share_name(arm): compare(scored["hybrid"][_share_name(arm)], base_hybrid) for arm in arms
+        }
+    return out
 
 
 def share_it_would_get(settings, candidate: Path, conn, base_share: float | None) -> float | None:

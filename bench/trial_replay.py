@@ -15,7 +15,8 @@ calibration measured for that candidate (served hybrid on the truth questions, p
     python -m bench.trial_replay /tmp/gc-zh-cited --calibration /tmp/gc-zh-cited.json --round 1 \\
         --share 1.0 --max-questions 4000
 
-`--share 1.0` interleaves every question (the daemon's default is 0.2 of the searches; the share only
+A trial whose round named two BM25 shares (state/trials.py arms) is replayed with both; `--candidate-share`
+replaces them with one. `--share 1.0` interleaves every question (the daemon's default is 0.2 of the searches; the share only
 scales how many searches a trial needs). Questions repeat when the trial needs more than the judge part
 holds (zh-medqa: 134), so a decision comes sooner than on as many distinct questions.
 """
@@ -111,9 +112,11 @@ def main() -> int:
 
     source = layout.round_dir(trial.round_id) / trial.variant
     copy = ModelRegistry(conn, layout).register(source, round_id=trial.round_id, metrics={"trial": True})
+    arms = list(trial.arms)  # the shares its round named for the trial (two arms, or none)
     if args.candidate_share is not None:
         choice = {"bm25_weight": args.candidate_share, "chosen_on": "bench.trial_replay --candidate-share"}
         (copy.path / RETRIEVAL_FILE).write_text(json.dumps(choice))
+        arms = []
     trial, _ = store.open(
         round_id=trial.round_id,
         model_id=copy.id,
@@ -121,12 +124,17 @@ def main() -> int:
         replacing_id=trial.replacing_id,
         variant=trial.variant,
         share=args.share,
+        arms=arms,
     )
-    share = served_bm25_weight(settings, Path(trial.path), conn)
+    share = list(trial.arms) or served_bm25_weight(settings, Path(trial.path), conn)
     data = Beir.read(args.work / "data")
     stem_to_id = {document_stem(str(row["_id"])): str(row["_id"]) for row in data.corpus}
     questions = judge_part_questions(asked_rows, settings.query_log.judge_share)
-    truth = (calibrated.get("truth") or {}).get("hybrid")
+    known = calibrated.get("truth") or {}
+    truth = {
+        "hybrid": known.get("hybrid"),
+        **{k: v for k, v in known.items() if k == "hybrid_at_trial_shares"},
+    }
     print(
         f"round {args.round}: trial {trial.id} of {trial.version} ({trial.variant}, BM25 share {share}) against "
         f"{'the base' if trial.replacing_id is None else f'v{trial.replacing_id}'}; {len(questions)} judge-part "
@@ -176,6 +184,7 @@ def main() -> int:
     result = {
         "round": args.round,
         "candidate_share": share,
+        "arms_out": list(ended.arms_out),
         "questions": asked,
         "interleaved": mixed,
         "result": ended.result,

@@ -44,6 +44,7 @@ def logged_queries(answers: list[SearchAnswer], source: str, client_id: str = ""
             hit_ids=[int(hit.chunk_id) for hit in answer.hits],
             trial_id=answer.trial_id,
             teams=answer.teams,
+            trial_arm=answer.trial_arm,
         )
         for answer in answers
         if not answer.error and answer.query_id

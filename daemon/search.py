@@ -75,6 +75,7 @@ class SearchAnswer:
     trial_id: int | None = None
     trial_candidate: str = ""
     teams: list[str] | None = None
+    trial_arm: int | None = None  # which of the trial's BM25 shares the candidate answered at
 
     def to_json(self) -> dict:
         return {
@@ -87,7 +88,7 @@ class SearchAnswer:
             "note": self.note,
             **({"error": self.error} if self.error else {}),
             **(
-                {"trial": {"id": self.trial_id, "candidate": self.trial_candidate}}
+                {"trial": {"id": self.trial_id, "candidate": self.trial_candidate, "arm": self.trial_arm}}
                 if self.trial_id is not None
                 else {}
             ),
@@ -127,6 +128,7 @@ def search_many(
     *,
     encoder: Encoder | None = None,
     replica: PreparedReplica | None = None,
+    bm25_weight: float | None = None,
 ) -> list[SearchAnswer]:
     """Answers in the order of `queries`; a query that cannot be searched gets its `error`. Whatever the
     index's state (behind the chunks, Milvus down, its lock held too long) the questions are answered,
@@ -134,7 +136,8 @@ def search_many(
     model's), used when it is the chosen model's, so a request does not load the model again. `replica`:
     a memory replica of the live collection (`embedtune serve`, daemon/serve_index.py) whose model the
     caller resolved as the one in service: for `model="current"` it answers, with no database read and
-    no Milvus open, through the same fusion as a collection."""
+    no Milvus open, through the same fusion as a collection. `bm25_weight`: fuse with this BM25 share
+    instead of the one the model is served with (an interleaved trial's arm)."""
     mode = mode or settings.index.mode
     if mode not in MODES:
         raise SearchError(f"--mode {mode!r}: use {', '.join(MODES)}")
@@ -150,6 +153,8 @@ def search_many(
         plan = _Plan(replica.choice, replica.source, replica.note, replica.weight, replica=replica.index)
     else:
         plan = _plan(settings, layout, model, mode)
+    if bm25_weight is not None:
+        plan.weight = bm25_weight
     ids = ids or [str(i) for i in range(1, len(queries) + 1)]
     answers = [
         SearchAnswer(

@@ -347,6 +347,7 @@ class ServeState:
             self._trial_failed, self.trial_problem = None, ""
             trial = self._trial = Trial(record, candidate)
             log.info("serve_trial_loaded", trial_id=record.id, candidate=record.version, share=record.share)
+        trial.record = record  # an arm taken out since the last poll is no longer mixed
         self._keep_trial_replica(trial)
 
     def _keep_trial_replica(self, trial: Trial) -> None:

@@ -3,6 +3,9 @@ asked of the trial's candidate, and the answer shows both models' hits, team-dra
 (stages/interleaving.py). Each such answer remembers the trial and the model behind each hit, so the
 query log can credit the application's events to the model whose hit was used (daemon/trials.py).
 
+A trial with more than one arm (state/trials.py: BM25 shares to try the candidate at) gives each
+mixed question one of its arms still running, at random.
+
 The candidate never costs the answer: if it fails, is busy past the request's time, or has nothing to
 add, the served model's answer stands as it was, logged as an ordinary search.
 """
@@ -44,8 +47,46 @@ def interleave(
     lists before they are mixed; `hold` takes the candidate's model lock within the request's time."""
     rng = rng or random.Random()
     rows = chosen_for_trial(answers, trial.share, rng)
-    if not rows:
+    arms = trial.record.active_arms
+    if not rows or not arms:
         return 0
+    by_arm: dict[int, list[int]] = {}
+    for row in rows:  # each question tries one of the arms still in the trial, at random
+        by_arm.setdefault(rng.choice(arms), []).append(row)
+    return sum(
+        _mix_arm(
+            settings,
+            answers,
+            trial,
+            arm,
+            arm_rows,
+            depth=depth,
+            mode=mode,
+            k=k,
+            keep=keep,
+            hold=hold,
+            rng=rng,
+        )
+        for arm, arm_rows in sorted(by_arm.items())
+    )
+
+
+def _mix_arm(
+    settings: Settings,
+    answers: list[SearchAnswer],
+    trial: Trial,
+    arm: int,
+    rows: list[int],
+    *,
+    depth: int,
+    mode: str,
+    k: int,
+    keep: Callable[[SearchAnswer], None],
+    hold: Callable[[Loaded], AbstractContextManager],
+    rng: random.Random,
+) -> int:
+    """The candidate, fused at `arm`'s BM25 share, answers `rows`; each is interleaved with the served
+    answer. Returns how many were mixed."""
     candidate = trial.candidate
     replica = candidate.replica
     prepared = replica.prepared() if replica is not None else None
@@ -59,6 +100,7 @@ def interleave(
                 mode,
                 encoder=candidate.encoder,
                 replica=prepared,
+                bm25_weight=trial.record.arm_shares[arm],
             )
     except Exception as exc:  # the served answers stand; the trial simply gets no question this time
         log.warning("serve_trial_search_failed", trial_id=trial.id, error=f"{type(exc).__name__}: {exc}")
@@ -78,5 +120,6 @@ def interleave(
         answer.trial_id = trial.id
         answer.trial_candidate = candidate.version
         answer.teams = [team for _chunk, team in shown]
+        answer.trial_arm = arm
         mixed += 1
     return mixed

@@ -9,7 +9,11 @@ model's hits the events used (stages/interleaving.py) and ends the trial:
 
 - gain: the candidate is promoted through the registry, in one transaction with the trial's end and its
   round's record, only if the model it was judged against still serves;
-- loss, or undecided after `trial_max_questions` questions or `trial_max_days`: the version is discarded;
+- a trial whose round chose the candidate's BM25 share on the events alone has two arms (that share and
+  the lowest the events could not tell from it): each question tries one, each arm is its own test at
+  half the alpha, a lost arm is taken out, and a winning arm's share is written into the candidate's
+  folder before it is promoted;
+- loss (of every arm), or undecided after `trial_max_questions` questions or `trial_max_days`: the version is discarded;
 - the model in service changed (a rollback, a promotion): the trial compared against a model that no
   longer serves, so it ends and its version is discarded.
 """
@@ -91,11 +95,31 @@ def open_trial(
         replacing_id=replacing_id,
         variant=variant,
         share=promotion.trial_share,
+        arms=trial_arms(settings, record.path),
     )
     if before is not None:
         discard_version(registry, before.model_id)
-    log.info("trial_opened", trial_id=trial.id, round_id=round_id, candidate=trial.version, share=trial.share)
+    log.info(
+        "trial_opened",
+        trial_id=trial.id,
+        round_id=round_id,
+        candidate=trial.version,
+        share=trial.share,
+        arms=list(trial.arms),
+    )
     return trial
+
+
+def trial_arms(settings: Settings, folder: Path) -> list[float]:
+    """The BM25 shares to try the candidate at: those its round named (the share it chose on the events
+    and the lowest they cannot tell from it, stages/round_steps.py `events_trial_shares`) when the index
+    serves each model with its own share (`index.bm25_weight = "auto"`); [] tries its folder's share."""
+    from stages.fusion import model_trial_shares
+
+    if settings.index.bm25_weight != "auto":
+        return []  # a configured share serves every model: there is no share to choose
+    shares = model_trial_shares(folder)
+    return shares if len(shares) > 1 else []
 
 
 def discard_version(registry: ModelRegistry, model_id: int) -> None:
@@ -166,24 +190,46 @@ def check_trial(
         return _end(registry, store, trial, STOPPED, f"the candidate's folder {trial.path} is gone")
     now = now or datetime.now(UTC)
     answers = store.settled_answers(trial.id, now, promotion.trial_event_window_s)
-    counts = tally(
-        [outcome(a.teams, used_positions(a.answer.hit_ids, used_chunks(a.answer))) for a in answers]
-    )
-    verdict = judge_tally(counts, promotion.trial_alpha, promotion.trial_min_decided)
-    if verdict.result == GAIN:
-        return _promote(settings, layout, registry, store, trial, verdict.reason)
-    if verdict.result == LOSS:
-        return _end(
-            registry, store, trial, LOSS, f"the model in service's hits were used more: {verdict.reason}"
-        )
+    outcomes: dict[int, list[int]] = {arm: [] for arm in range(len(trial.arm_shares))}
+    for a in answers:
+        if a.arm in outcomes:
+            outcomes[a.arm].append(outcome(a.teams, used_positions(a.answer.hit_ids, used_chunks(a.answer))))
+    # each arm is its own sequential test at alpha split between the arms (a union bound: the chance
+    # that any arm declares by luck stays within alpha, however often each is looked at)
+    alpha = promotion.trial_alpha / len(outcomes)
+    counts = {arm: tally(found) for arm, found in outcomes.items()}
+    verdicts = {
+        arm: judge_tally(counts[arm], alpha, promotion.trial_min_decided) for arm in trial.active_arms
+    }
+    reason = _standing(trial, verdicts)
+    gains = [arm for arm, verdict in verdicts.items() if verdict.result == GAIN]
+    if gains:
+        arm = max(gains, key=lambda a: verdicts[a].bayes_factor)
+        return _promote(settings, layout, registry, store, trial, _arm_reason(trial, arm, verdicts[arm]), arm)
+    losses = [arm for arm, verdict in verdicts.items() if verdict.result == LOSS]
+    if losses and len(losses) == len(verdicts):
+        return _end(registry, store, trial, LOSS, f"the model in service's hits were used more: {reason}")
+    for arm in losses:  # the trial goes on with its other arms
+        store.take_out_arm(trial.id, arm, f"arm {arm} lost: {reason}")
+        log.info("trial_arm_out", trial_id=trial.id, arm=arm, share=trial.arm_shares[arm])
     days = (now - datetime.fromisoformat(trial.started)).total_seconds() / 86400
-    if counts.questions >= promotion.trial_max_questions or days >= promotion.trial_max_days:
-        return _end(
-            registry, store, trial, EXPIRED, f"no difference found in {days:.1f} days: {verdict.reason}"
-        )
-    if verdict.reason != trial.reason:
-        store.note(trial.id, verdict.reason)
-    return TrialCheck(trial.id, "running", verdict.reason)
+    questions = sum(c.questions for c in counts.values())
+    if questions >= promotion.trial_max_questions or days >= promotion.trial_max_days:
+        return _end(registry, store, trial, EXPIRED, f"no difference found in {days:.1f} days: {reason}")
+    if reason != trial.reason and not losses:
+        store.note(trial.id, reason)
+    return TrialCheck(trial.id, "running", reason)
+
+
+def _arm_reason(trial: TrialRecord, arm: int, verdict) -> str:
+    if len(trial.arm_shares) == 1:
+        return verdict.reason
+    return f"at BM25 share {trial.arm_shares[arm]:g} (arm {arm}): {verdict.reason}"
+
+
+def _standing(trial: TrialRecord, verdicts: dict) -> str:
+    """The tally of each arm still running, as `embedtune status` shows it."""
+    return "; ".join(_arm_reason(trial, arm, verdict) for arm, verdict in sorted(verdicts.items()))
 
 
 def stop_trial(conn: sqlite3.Connection, layout: StateLayout, reason: str) -> TrialCheck | None:
@@ -211,11 +257,21 @@ def _promote(
     store: TrialStore,
     trial: TrialRecord,
     reason: str,
+    arm: int = 0,
 ) -> TrialCheck:
-    """Serve the candidate, recording the trial's end and its round's new decision in the serving
-    transaction; the promotion hook runs after, as for a round's own promotion."""
+    """Serve the candidate (at the winning arm's BM25 share, written into its folder first), recording
+    the trial's end and its round's new decision in the serving transaction; the promotion hook runs
+    after, as for a round's own promotion."""
+    from stages.fusion import write_model_bm25_weight
+
     records = RoundStore(registry.conn)
     said = f"the candidate's hits were used more: {reason}"
+    share = trial.arm_shares[arm]
+    if share is not None:
+        try:
+            write_model_bm25_weight(Path(trial.path), share, f"interleaved trial {trial.id}, arm {arm}")
+        except OSError as exc:  # its folder went or cannot be written: the trial cannot serve it
+            return _end(registry, store, trial, STOPPED, f"not promoted: cannot write its share: {exc}")
 
     def with_serving() -> None:
         if not store.write_end(trial.id, GAIN, said):  # superseded or ended meanwhile: nothing serves

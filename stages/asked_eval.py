@@ -241,9 +241,9 @@ def score_asked(
             _attach(result, on_gold, has_gold, account)
             if served.sweep and any(has_gold):
                 condensed_lists = {w: condensed(lists[w], shown) for w in served.sweep}
-                result.extra["bm25_sweep_events"] = events_sweep(
-                    condensed_lists, gold, has_gold, served.sweep, metric
-                )
+                sweep, alike = events_sweep(condensed_lists, gold, has_gold, served.sweep, metric)
+                result.extra["bm25_sweep_events"] = sweep
+                result.extra["bm25_sweep_events_alike"] = alike
             out[variant][served_name(ASKED)] = result
     return out
 
@@ -261,14 +261,25 @@ def _attach(result: EvalResult, on_gold: EvalResult, has_gold: list[bool], accou
 
 def events_sweep(
     served: dict, gold: list[dict[int, float]], has_gold: list[bool], weights, metric: str
-) -> dict[str, float]:
-    """The sweep scored on the event labels of the questions that have them: the share chosen from
-    what users used, not from what an assessor (perhaps the teacher, itself a BM25 mix) prefers."""
+) -> tuple[dict[str, float], list[str]]:
+    """The sweep scored on the event labels of the questions that have them (the share chosen from what
+    users used, not from what an assessor, perhaps the teacher and itself a BM25 mix, prefers), and the
+    shares whose paired 95% interval against the sweep's best holds zero: those the events cannot tell
+    apart from it (an interleaved trial tries the candidate at the lowest of them, daemon/trials.py)."""
+    from stages.gate import paired_bootstrap
+
     rows = [row for row, flag in enumerate(has_gold) if flag]
-    return {
-        f"{w:g}": round(
-            evaluate_rankings([served[w][row] for row in rows], [gold[row] for row in rows], metric).primary,
-            5,
-        )
+    per_query = {
+        f"{w:g}": evaluate_rankings(
+            [served[w][row] for row in rows], [gold[row] for row in rows], metric
+        ).primary_per_query
         for w in weights
     }
+    sweep = {share: round(float(np.mean(values)), 5) for share, values in per_query.items()}
+    best = max(sweep, key=lambda share: sweep[share])
+    alike = []
+    for share, values in per_query.items():
+        interval = paired_bootstrap(values, per_query[best])
+        if share == best or (interval is not None and interval[0] <= 0.0 <= interval[1]):
+            alike.append(share)
+    return sweep, alike

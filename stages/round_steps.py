@@ -475,11 +475,27 @@ def retrieval_choice(table: dict[str, dict], variant: str, default: float) -> di
     asked = table.get(variant, {}).get(served_name(ASKED)) or {}
     if asked.get("gold_questions", 0) >= SWEEP_MIN_EVENTS and asked.get("bm25_sweep_events"):
         sweep = asked["bm25_sweep_events"]
-        return {"bm25_weight": pick_weight(sweep, default), "chosen_on": "asked (events)", "sweep": sweep}
+        chosen = pick_weight(sweep, default)
+        return {
+            "bm25_weight": chosen,
+            "chosen_on": "asked (events)",
+            "sweep": sweep,
+            "trial_shares": events_trial_shares(chosen, asked.get("bm25_sweep_events_alike") or []),
+        }
     if asked.get("bm25_sweep") and not asked.get("judging", {}).get("weak_assessor", True):
         sweep = asked["bm25_sweep"]
         return {"bm25_weight": pick_weight(sweep, default), "chosen_on": "asked (assessor)", "sweep": sweep}
     return None  # a weak assessor mixes BM25 itself: its preference would choose its own share
+
+
+def events_trial_shares(chosen: float, alike: list[str]) -> list[float]:
+    """The shares an interleaved trial tries a candidate at when events chose its share: the chosen one,
+    and the lowest the events cannot tell apart from it. The events only label what the model in service
+    showed, so a candidate's dense gains beyond those hits cannot lift a low share's score on them; a
+    tuned model wanted less BM25 than its round chose (zh-medqa, docs/benchmarks.md "Trials played
+    through serve": level at the chosen 0.3, +0.03 at 0.05-0.1). The trial lets the users decide."""
+    lowest = min((float(share) for share in alike), default=chosen)
+    return [chosen, lowest] if lowest < chosen else [chosen]
 
 
 SWEEP_MIN_EVENTS = 30  # asked questions with events before their sweep may choose the served share

@@ -332,6 +332,14 @@ MIGRATIONS: list[str] = [
     ALTER TABLE queries ADD COLUMN teams TEXT;
     CREATE INDEX queries_trial ON queries(trial_id) WHERE trial_id IS NOT NULL;
     """,
+    # 18: a trial's arms. A candidate whose round chose its BM25 share on events alone is tried at more
+    # than one share (`arms`, a JSON list; [] tries the share in its folder); each interleaved query
+    # remembers its arm, and an arm the served model beat is taken out (`arms_out`, JSON list of indexes).
+    """
+    ALTER TABLE trials ADD COLUMN arms TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE trials ADD COLUMN arms_out TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE queries ADD COLUMN trial_arm INTEGER;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

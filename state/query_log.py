@@ -47,6 +47,7 @@ class LoggedQuery:
     # an interleaved trial's search (state/trials.py): the trial, and the model that showed each hit
     trial_id: int | None = None
     teams: list[str] | None = None
+    trial_arm: int | None = None  # which of the trial's BM25 shares the candidate answered at
 
 
 @dataclass(frozen=True)
@@ -75,11 +76,11 @@ class QueryLog:
         if not entries:
             return
         at = utcnow()
-        # the trial columns (migration 17) only when a trial's answer is among them: a plain search
+        # the trial columns (migrations 17, 18) only when a trial's answer is among them: a plain search
         # writes the columns every schema since the log's has
         trial = any(e.trial_id is not None for e in entries)
         columns = "query_id, user_query, client_id, source, mode, model_version, collection, hit_ids, at"
-        columns += ", trial_id, teams" if trial else ""
+        columns += ", trial_id, teams, trial_arm" if trial else ""
         marks = ", ".join("?" * len(columns.split(", ")))
         rows = []
         for e in entries:
@@ -95,7 +96,7 @@ class QueryLog:
                 at,
             ]
             if trial:
-                row += [e.trial_id, json.dumps(e.teams) if e.teams is not None else None]
+                row += [e.trial_id, json.dumps(e.teams) if e.teams is not None else None, e.trial_arm]
             rows.append(row)
         with transaction(self.conn):
             self.conn.executemany(f"INSERT OR IGNORE INTO queries ({columns}) VALUES ({marks})", rows)
@@ -160,8 +161,11 @@ class QueryLog:
             self.conn.execute("BEGIN")
         try:
             split_of = _split_lookup(self.conn)
-            has_trials = "trial_id" in {row[1] for row in self.conn.execute("PRAGMA table_info(queries)")}
-            trial_columns = "q.trial_id, q.teams" if has_trials else "NULL AS trial_id, NULL AS teams"
+            columns = {row[1] for row in self.conn.execute("PRAGMA table_info(queries)")}
+            trial_columns = ", ".join(
+                f"q.{name}" if name in columns else f"NULL AS {name}"
+                for name in ("trial_id", "teams", "trial_arm")
+            )
             rows = self.conn.execute(
                 "SELECT q.query_id, q.user_query, q.client_id, q.source, q.mode, q.model_version, "
                 f"q.collection, q.hit_ids, q.at, {trial_columns}, e.id AS e_id, e.action_name AS e_action, "
@@ -187,6 +191,7 @@ class QueryLog:
                         "at": row["at"],
                         "trial_id": row["trial_id"],
                         "teams": json.loads(row["teams"]) if row["teams"] else None,
+                        "trial_arm": row["trial_arm"],
                         "split": split_of(row["user_query"]),
                         "events": [],
                     }
@@ -239,6 +244,8 @@ def _check_query(entry: LoggedQuery) -> None:
         or not all(t in TEAMS for t in entry.teams)
     ):
         raise ValueError(f"query {entry.query_id}: teams name {' or '.join(TEAMS)} for each hit of a trial")
+    if entry.trial_arm is not None and (entry.trial_id is None or entry.trial_arm < 0):
+        raise ValueError(f"query {entry.query_id}: a trial arm is a trial's (an index from 0)")
 
 
 def _check_event(event: LoggedEvent) -> tuple[str, str | None, str]:

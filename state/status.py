@@ -131,6 +131,8 @@ def _fill_trial(conn: sqlite3.Connection, status: dict[str, Any]) -> None:
                 "candidate": trial.version,
                 "against": f"v{trial.replacing_id}" if trial.replacing_id is not None else "base",
                 "share": trial.share,
+                "arms": list(trial.arms),
+                "arms_out": list(trial.arms_out),
                 "started": trial.started,
                 "ended": trial.ended,
                 "result": trial.result,
@@ -446,6 +448,12 @@ def _trial_lines(trial: dict[str, Any] | None) -> list[str]:
         f"trial     #{trial['id']}{origin} {trial['candidate']} against {trial['against']} "
         f"on {trial['share']:.0%} of searches, {trial['questions']} interleaved questions"
     )
+    if trial.get("arms"):
+        arms = ", ".join(
+            f"{share:g}" + (" (out)" if arm in trial.get("arms_out", []) else "")
+            for arm, share in enumerate(trial["arms"])
+        )
+        head += f", the candidate at BM25 shares {arms}"
     if trial["ended"]:
         return [f"{head}; ended {trial['ended']}: {trial['result']}", f"          {trial['reason']}"]
     return [f"{head}; running", f"          {trial['reason'] or 'no events tallied yet'}"]

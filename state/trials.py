@@ -1,9 +1,10 @@
-"""Interleaved trials in the database (migration 17): the running trial, its history, and its answers.
+"""Interleaved trials in the database (migrations 17, 18): the running trial, its history, its answers.
 
 A trial pits a registered, never-promoted candidate against the version it was judged against
 (`replacing_id`; None: the base model). `serve` reads the running trial every poll and mixes the
 candidate's hits into `share` of its searches; each such query is logged with the trial's id and the
-team of each hit. The daemon tallies those answers' events and ends the trial (stages/interleaving.py
+team of each hit, and the arm (the BM25 share the candidate was tried at) when the trial has more
+than one. The daemon tallies those answers' events and ends the trial (stages/interleaving.py
 decides, daemon/trials.py acts). At most one trial runs at a time: opening one ends the one before.
 """
 
@@ -41,14 +42,28 @@ class TrialRecord:
     ended: str | None
     result: str | None
     reason: str
+    arms: tuple[float, ...] = ()  # the BM25 shares the candidate is tried at; (): its folder's share
+    arms_out: tuple[int, ...] = ()  # arms the served model beat, no longer mixed
 
     @property
     def version(self) -> str:
         return f"v{self.model_id}"
 
+    @property
+    def arm_shares(self) -> list[float | None]:
+        """Each arm's share of BM25 for the candidate (None: the one its folder or config serves)."""
+        return list(self.arms) if self.arms else [None]
+
+    @property
+    def active_arms(self) -> list[int]:
+        return [arm for arm in range(len(self.arm_shares)) if arm not in self.arms_out]
+
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> TrialRecord:
-        return cls(*(row[name] for name in cls.__dataclass_fields__))
+        values = {name: row[name] for name in cls.__dataclass_fields__}
+        values["arms"] = tuple(float(w) for w in json.loads(values["arms"] or "[]"))
+        values["arms_out"] = tuple(int(a) for a in json.loads(values["arms_out"] or "[]"))
+        return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,7 @@ class TrialAnswer:
 
     answer: LoggedAnswer
     teams: list[str]
+    arm: int = 0
 
 
 _COLUMNS = ", ".join(TrialRecord.__dataclass_fields__)
@@ -89,17 +105,19 @@ class TrialStore:
         replacing_id: int | None,
         variant: str,
         share: float,
+        arms: list[float] | None = None,
     ) -> tuple[TrialRecord, TrialRecord | None]:
-        """Start a trial; the one running before (returned second) ends as superseded, in the same
-        transaction, so there is never a moment with two."""
+        """Start a trial (`arms`: the BM25 shares to try the candidate at; none: its folder's); the one
+        running before (returned second) ends as superseded, in the same transaction, so there is never
+        a moment with two."""
         with transaction(self.conn):
             before = self.running()
             if before is not None:
                 self.write_end(before.id, SUPERSEDED, f"superseded by round {round_id}'s candidate")
             trial_id = self.conn.execute(
-                "INSERT INTO trials (round_id, model_id, path, replacing_id, variant, share, started) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id",
-                (round_id, model_id, path, replacing_id, variant, share, utcnow()),
+                "INSERT INTO trials (round_id, model_id, path, replacing_id, variant, share, started, arms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                (round_id, model_id, path, replacing_id, variant, share, utcnow(), json.dumps(arms or [])),
             ).fetchone()[0]
         return self.get(trial_id), before
 
@@ -120,6 +138,19 @@ class TrialStore:
                 "UPDATE trials SET reason = ? WHERE id = ? AND ended IS NULL", (reason, trial_id)
             )
 
+    def take_out_arm(self, trial_id: int, arm: int, reason: str) -> None:
+        """An arm the served model beat stops being mixed; the trial goes on with the others."""
+        with transaction(self.conn):
+            row = self.conn.execute(
+                "SELECT arms_out FROM trials WHERE id = ? AND ended IS NULL", (trial_id,)
+            ).fetchone()
+            if row is None:
+                return
+            out = sorted({*json.loads(row[0] or "[]"), arm})
+            self.conn.execute(
+                "UPDATE trials SET arms_out = ?, reason = ? WHERE id = ?", (json.dumps(out), reason, trial_id)
+            )
+
     def end(self, trial_id: int, result: str, reason: str) -> bool:
         with transaction(self.conn):
             return self.write_end(trial_id, result, reason)
@@ -136,7 +167,8 @@ class TrialStore:
             self.conn.execute("BEGIN")
         try:
             rows = self.conn.execute(
-                "SELECT query_id, user_query, client_id, hit_ids, teams, model_version, mode, at FROM queries "
+                "SELECT query_id, user_query, client_id, hit_ids, teams, trial_arm, model_version, mode, at "
+                "FROM queries "
                 "WHERE trial_id = ? AND julianday(at) <= julianday(?) ORDER BY rowid",
                 (trial_id, cutoff),
             ).fetchall()
@@ -165,7 +197,8 @@ class TrialStore:
                 mode=row["mode"],
                 at=row["at"],
             )
-            out.append(TrialAnswer(answer, list(json.loads(row["teams"] or "[]"))))
+            teams = list(json.loads(row["teams"] or "[]"))
+            out.append(TrialAnswer(answer, teams, row["trial_arm"] or 0))
         return out
 
     def question_count(self, trial_id: int) -> int:

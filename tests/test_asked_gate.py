@@ -340,3 +340,19 @@ def test_too_few_wholly_graded_questions_leave_the_decision_to_rules_1_to_4():
     old = {"asked+served": _asked_result([0.5, 0.8], weak=False)}
     assert asked_evidence(new, old, GateParams(asked_min_queries=30)) is None
     assert asked_evidence(new, old, GateParams(asked_min_queries=2)) is not None
+
+
+def test_the_events_sweep_names_the_shares_its_questions_cannot_tell_from_the_best():
+    """Paired 95% intervals against the best share: one wrong on every question is told apart, one that
+    differs on a single question of forty is not."""
+    from stages.asked_eval import events_sweep
+
+    questions = 40
+    gold = [{1: 1.0} for _ in range(questions)]
+    right = [[1, 2, 3] for _ in range(questions)]
+    once_wrong = [[2, 1, 3]] + right[1:]
+    always_wrong = [[2, 3, 1] for _ in range(questions)]
+    served = {0.05: once_wrong, 0.3: right, 0.7: always_wrong}
+    sweep, alike = events_sweep(served, gold, [True] * questions, (0.05, 0.3, 0.7), "ndcg@10")
+    assert sweep["0.3"] == 1.0 and sweep["0.7"] < sweep["0.05"] < 1.0
+    assert alike == ["0.05", "0.3"]

@@ -145,6 +145,7 @@ def test_export_writes_one_line_per_query_with_its_events(make_settings, tmp_pat
         "at",
         "trial_id",
         "teams",
+        "trial_arm",
         "split",
         "events",
     }

@@ -34,9 +34,9 @@ MORE = [
 ]
 
 
-def _trial_state(make_settings, tmp_path, **promotion):
+def _trial_state(make_settings, tmp_path, arms=None, **promotion):
     """A state with ten chunks, the base model serving, and a registered candidate of other weights with
-    a running trial against the base model."""
+    a running trial against the base model (at the BM25 shares `arms`, when given)."""
     from state.registry import ModelRegistry
     from state.trials import TrialStore
     from tests.tiny_models import build_tiny_embedder
@@ -59,6 +59,7 @@ def _trial_state(make_settings, tmp_path, **promotion):
         replacing_id=None,
         variant="candidate",
         share=1.0,
+        arms=arms,
     )
     assert before is None
     return settings, layout, db, registry, trial
@@ -137,7 +138,7 @@ def test_searches_mix_both_models_and_the_log_credits_each_hit_to_its_model(make
             f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4, "mode": "lexical"}
         ).json()
         metrics = httpx.get(f"{url}/metrics").text
-    assert body["trial"] == {"id": trial.id, "candidate": trial.version} and body["model"] == "base"
+    assert body["trial"] == {"id": trial.id, "candidate": trial.version, "arm": 0} and body["model"] == "base"
     hits = [hit["chunk_id"] for hit in body["hits"]]
     assert len(hits) == len(set(hits)) == 4
     teams = _teams(layout, body["query_id"])
@@ -184,6 +185,88 @@ def test_a_candidate_whose_hits_are_used_more_is_promoted_and_then_served(make_s
     assert round_row["decision"] == "promoted" and round_row["model_id"] == trial.model_id
     assert round_row["reason"].startswith("gain inside the noise; then promoted by interleaved trial")
     assert check_trial(settings, layout, db.conn, now=_later()) is None  # nothing runs any more
+
+
+def _cite_by_arm(url: str, answers: list[dict], layout, favour: dict[int, str | None]) -> None:
+    """Cite, in each answer, the first hit of the team `favour` names for the answer's arm (None: none)."""
+    for arm, team in favour.items():
+        if team is not None:
+            _cite(url, layout, [a for a in answers if a["trial"]["arm"] == arm], team)
+
+
+def test_a_trial_with_two_shares_takes_out_the_arm_that_lost_and_promotes_the_one_that_won(
+    make_settings, tmp_path
+):
+    """A candidate tried at two BM25 shares: each question tries one; the arm whose hits lost is taken
+    out (and serve stops mixing it), the other goes on and wins, and its share is served with the model.
+    alpha 0.4 is split between the arms (evidence 5 each), so a few dozen questions decide."""
+    from daemon.trials import check_trial
+    from stages.fusion import RETRIEVAL_FILE, model_bm25_weight
+    from state.db import connect
+    from state.trials import TrialStore
+
+    settings, layout, db, registry, trial = _trial_state(
+        make_settings, tmp_path, arms=[0.3, 0.05], trial_alpha=0.4
+    )
+    assert trial.arm_shares == [0.3, 0.05] and trial.active_arms == [0, 1]
+    with _serving(settings) as (url, state):
+        wait_for(lambda: _ready(state), message="the trial's candidate loaded")
+        answers = _ask(url, 12)
+        assert {a["trial"]["arm"] for a in answers} == {0, 1}
+        conn = connect(layout.database, readonly=True)
+        logged = dict(conn.execute("SELECT query_id, trial_arm FROM queries WHERE trial_id = ?", (trial.id,)))
+        conn.close()
+        assert all(logged[a["query_id"]] == a["trial"]["arm"] for a in answers)
+        _cite_by_arm(url, answers, layout, {0: "served", 1: None})
+        first = check_trial(settings, layout, db.conn, now=_later())
+        assert first.result == "running", first.reason
+        running = TrialStore(db.conn).get(trial.id)
+        assert running.arms_out == (0,) and running.active_arms == [1] and "arm 0 lost" in running.reason
+        wait_for(lambda: state._trial.record.arms_out == (0,), message="serve read the arm's end")
+        answers = _ask(url, 3, "later")
+        assert {a["trial"]["arm"] for a in answers} == {1}
+        _cite_by_arm(url, answers, layout, {1: "candidate"})
+        done = check_trial(settings, layout, db.conn, now=_later())
+        wait_for(lambda: httpx.get(f"{url}/health").json()["model"] == trial.version, message="v1 served")
+    assert done.result == "gain" and "at BM25 share 0.05 (arm 1)" in done.reason, done.reason
+    assert registry.current().id == trial.model_id
+    assert model_bm25_weight(Path(trial.path)) == 0.05
+    written = json.loads((Path(trial.path) / RETRIEVAL_FILE).read_text())
+    assert written["chosen_on"] == f"interleaved trial {trial.id}, arm 1"
+
+
+def test_a_trial_loses_when_every_arm_lost(make_settings, tmp_path):
+    from daemon.trials import check_trial
+
+    settings, layout, db, registry, trial = _trial_state(
+        make_settings, tmp_path, arms=[0.3, 0.05], trial_alpha=0.4
+    )
+    with _serving(settings) as (url, state):
+        wait_for(lambda: _ready(state), message="the trial's candidate loaded")
+        answers = _ask(url, 12)
+        _cite_by_arm(url, answers, layout, {0: "served", 1: "served"})
+    done = check_trial(settings, layout, db.conn, now=_later())
+    assert done.result == "loss" and "arm 0" in done.reason and "arm 1" in done.reason, done.reason
+    assert registry.current() is None and not Path(trial.path).exists()
+
+
+def test_a_round_names_two_shares_only_where_the_events_chose_one_and_the_index_serves_each_models_own(
+    make_settings, tmp_path
+):
+    from daemon.trials import trial_arms
+    from stages.fusion import RETRIEVAL_FILE
+    from stages.round_steps import events_trial_shares
+
+    assert events_trial_shares(0.3, ["0.05", "0.1", "0.3"]) == [0.3, 0.05]
+    assert events_trial_shares(0.3, ["0.3", "0.5"]) == [0.3]  # nothing lower is alike: one arm
+    assert events_trial_shares(0.3, []) == [0.3]
+    folder = tmp_path / "candidate"
+    folder.mkdir()
+    (folder / RETRIEVAL_FILE).write_text(json.dumps({"bm25_weight": 0.3, "trial_shares": [0.3, 0.05]}))
+    assert trial_arms(make_settings(index={"bm25_weight": "auto"}), folder) == [0.3, 0.05]
+    assert trial_arms(make_settings(index={"bm25_weight": 0.2}), folder) == []  # one share serves all
+    (folder / RETRIEVAL_FILE).write_text(json.dumps({"bm25_weight": 0.3, "trial_shares": [0.3, "x"]}))
+    assert trial_arms(make_settings(index={"bm25_weight": "auto"}), folder) == []
 
 
 def test_a_candidate_whose_hits_are_passed_over_is_dropped_with_its_version(make_settings, tmp_path):
