@@ -410,7 +410,9 @@ class ServeState:
         )
 
     def _share_of(self, loaded: Loaded) -> float | None:
-        """The BM25 share `loaded` is served with: the configured one, or ("auto") its folder's choice."""
+        """The BM25 share `loaded` is served with: the configured one, or ("auto") its folder's choice.
+        Read at every poll, not once per load: a trial's candidate held in memory is promoted at the share
+        its winning arm wrote into its folder (daemon/trials.py)."""
         from daemon.serving import served_bm25_weight
 
         return served_bm25_weight(self.settings, loaded.path)

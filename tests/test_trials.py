@@ -38,8 +38,6 @@ def _trial_state(make_settings, tmp_path, arms=None, **promotion):
     """A state with ten chunks, the base model serving, and a registered candidate of other weights with
     a running trial against the base model (at the BM25 shares `arms`, when given)."""
     from state.registry import ModelRegistry
-    from state.trials import TrialStore
-    from tests.tiny_models import build_tiny_embedder
 
     settings = make_settings(
         index={"enabled": False},
@@ -48,12 +46,20 @@ def _trial_state(make_settings, tmp_path, arms=None, **promotion):
     layout, db = _state(settings)
     _add_document(db.conn, "/inbox/more.md", MORE)
     registry = ModelRegistry(db.conn, layout)
-    round_id = _rejected_round(db.conn)
+    return settings, layout, db, registry, _open_trial(registry, tmp_path, arms)
+
+
+def _open_trial(registry, tmp_path, arms=None):
+    """A candidate of other weights registered, and its trial against the base model opened for a
+    round the gate rejected for want of evidence."""
+    from state.trials import TrialStore
+    from tests.tiny_models import build_tiny_embedder
+
     candidate = registry.register(
         build_tiny_embedder(tmp_path / "candidate", seed=7), metrics={"trial": True}
     )
-    trial, before = TrialStore(db.conn).open(
-        round_id=round_id,
+    trial, before = TrialStore(registry.conn).open(
+        round_id=_rejected_round(registry.conn),
         model_id=candidate.id,
         path=str(candidate.path),
         replacing_id=None,
@@ -62,7 +68,7 @@ def _trial_state(make_settings, tmp_path, arms=None, **promotion):
         arms=arms,
     )
     assert before is None
-    return settings, layout, db, registry, trial
+    return trial
 
 
 def _rejected_round(conn) -> int:
@@ -389,8 +395,6 @@ def test_with_milvus_lite_the_candidate_answers_from_its_own_replica_of_the_live
     collection's chunks with its own vectors, which follows new chunks like the served one."""
     from daemon.indexing import IndexService
     from state.registry import ModelRegistry
-    from state.trials import TrialStore
-    from tests.tiny_models import build_tiny_embedder
 
     settings = make_settings(
         index={"enabled": True, "lock_timeout_s": 10.0},
@@ -398,16 +402,7 @@ def test_with_milvus_lite_the_candidate_answers_from_its_own_replica_of_the_live
     )
     layout, db = _state(settings)
     assert IndexService(settings, layout).sync(db.conn).swapped
-    registry = ModelRegistry(db.conn, layout)
-    candidate = registry.register(build_tiny_embedder(tmp_path / "candidate", seed=7))
-    trial, _ = TrialStore(db.conn).open(
-        round_id=_rejected_round(db.conn),
-        model_id=candidate.id,
-        path=str(candidate.path),
-        replacing_id=None,
-        variant="candidate",
-        share=1.0,
-    )
+    trial = _open_trial(ModelRegistry(db.conn, layout), tmp_path)
     with _serving(settings) as (url, state):
         wait_for(lambda: _ready(state), message="the candidate's replica built")
         body = httpx.post(f"{url}/v1/search", json={"query": QUESTIONS[0], "k": 4}, timeout=120).json()
