@@ -307,9 +307,14 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
             for answer in answers:
                 keep(answer)
             left = deadline - time.monotonic()
-            # BM25 alone is the same for both models; the candidate gets at most half of the time left,
-            # and a busy candidate is not waited for past a second, so the served answer is not lost
-            if trial is not None and mode != "lexical" and left > limits.request_timeout_s / 2:
+
+            def time_left() -> bool:
+                return deadline - time.monotonic() > limits.request_timeout_s / 2
+
+            # BM25 alone is the same for both models; the candidate searches only while half of the
+            # request's time is left, and a busy candidate is not waited for past a second, so the
+            # served answer is not lost
+            if trial is not None and mode != "lexical" and time_left():
                 from daemon.serve_trial import interleave
 
                 mixed = interleave(
@@ -321,6 +326,7 @@ def create_app(settings: Settings, state: ServeState, metrics: ServeMetrics | No
                     k=k,
                     keep=keep,
                     hold=lambda candidate: _model_lock(candidate, min(1.0, left / 2)),
+                    time_left=time_left,
                 )
                 metrics.trial_searches.inc(mixed)
             return answers

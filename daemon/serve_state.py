@@ -201,8 +201,11 @@ class ServeState:
             fresh = self._previous  # a rollback to the model served just before: no load
         elif self._trial is not None and self._trial.candidate.key == key:
             # the trial's candidate was promoted: already loaded, with its replica of the live collection
-            # (its own vectors), which serves until its own collection goes live
+            # (its own vectors), which serves until its own collection goes live, at the share its
+            # trial's winning arm wrote into its folder
             fresh = self._trial.candidate
+            if fresh.replica is not None:
+                fresh.replica.set_weight(self._share_of(fresh))
         else:
             started = time.monotonic()
             failed = self._failed
@@ -429,7 +432,9 @@ class ServeState:
         conn = connect(self.layout.database, readonly=True)
         try:
             return TrialStore(conn).running()
-        except sqlite3.OperationalError:  # no trials table: the daemon has not migrated yet
+        except (
+            sqlite3.OperationalError
+        ):  # no trials table or arms (schema < 18): the daemon has not migrated yet
             return None
         finally:
             conn.close()

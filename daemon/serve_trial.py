@@ -40,11 +40,14 @@ def interleave(
     k: int,
     keep: Callable[[SearchAnswer], None],
     hold: Callable[[Loaded], AbstractContextManager],
+    time_left: Callable[[], bool] = lambda: True,
     rng: random.Random | None = None,
 ) -> int:
     """Mix the candidate's hits into a share of `answers` (in place); returns how many were mixed.
     `keep` trims an answer's hits as the request asked (path prefix, k) and is applied to both models'
-    lists before they are mixed; `hold` takes the candidate's model lock within the request's time."""
+    lists before they are mixed; `hold` takes the candidate's model lock within the request's time;
+    `time_left` says whether the request may still spend time on the candidate (asked before each arm
+    of a batch searches)."""
     rng = rng or random.Random()
     rows = chosen_for_trial(answers, trial.share, rng)
     arms = trial.record.active_arms
@@ -53,8 +56,11 @@ def interleave(
     by_arm: dict[int, list[int]] = {}
     for row in rows:  # each question tries one of the arms still in the trial, at random
         by_arm.setdefault(rng.choice(arms), []).append(row)
-    return sum(
-        _mix_arm(
+    mixed = 0
+    for arm, arm_rows in sorted(by_arm.items()):
+        if not time_left():  # a batch's next arm: past half the request's time, its answers stand
+            break
+        mixed += _mix_arm(
             settings,
             answers,
             trial,
@@ -67,8 +73,7 @@ def interleave(
             hold=hold,
             rng=rng,
         )
-        for arm, arm_rows in sorted(by_arm.items())
-    )
+    return mixed
 
 
 def _mix_arm(

@@ -25,6 +25,7 @@ import sqlite3
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from daemon.logs import get_logger
 from daemon.settings import Settings
@@ -32,6 +33,9 @@ from state.layout import StateLayout
 from state.registry import ModelRegistry, RegistryError, ServingChanged
 from state.round_records import RoundStore
 from state.trials import EXPIRED, GAIN, LOSS, SERVING_CHANGED, STOPPED, TrialRecord, TrialStore
+
+if TYPE_CHECKING:
+    from stages.interleaving import TrialVerdict
 
 log = get_logger("embedtune.trials")
 
@@ -213,22 +217,25 @@ def check_trial(
         store.take_out_arm(trial.id, arm, f"arm {arm} lost: {reason}")
         log.info("trial_arm_out", trial_id=trial.id, arm=arm, share=trial.arm_shares[arm])
     days = (now - datetime.fromisoformat(trial.started)).total_seconds() / 86400
-    questions = sum(c.questions for c in counts.values())
-    if questions >= promotion.trial_max_questions or days >= promotion.trial_max_days:
+    # the cap is each arm's: an arm gets its share of the questions, and two arms need about twice those
+    # of one (docs/promotion.md, "Two shares")
+    spent = all(counts[arm].questions >= promotion.trial_max_questions for arm in verdicts)
+    if spent or days >= promotion.trial_max_days:
         return _end(registry, store, trial, EXPIRED, f"no difference found in {days:.1f} days: {reason}")
     if reason != trial.reason and not losses:
         store.note(trial.id, reason)
     return TrialCheck(trial.id, "running", reason)
 
 
-def _arm_reason(trial: TrialRecord, arm: int, verdict) -> str:
+def _arm_reason(trial: TrialRecord, arm: int, verdict: TrialVerdict) -> str:
     if len(trial.arm_shares) == 1:
         return verdict.reason
     return f"at BM25 share {trial.arm_shares[arm]:g} (arm {arm}): {verdict.reason}"
 
 
 def _standing(trial: TrialRecord, verdicts: dict) -> str:
-    """The tally of each arm still running, as `embedtune status` shows it."""
+    """The tally of each arm judged at this check (those not taken out before it), as `embedtune
+    status` shows it."""
     return "; ".join(_arm_reason(trial, arm, verdict) for arm, verdict in sorted(verdicts.items()))
 
 
@@ -259,23 +266,21 @@ def _promote(
     reason: str,
     arm: int = 0,
 ) -> TrialCheck:
-    """Serve the candidate (at the winning arm's BM25 share, written into its folder first), recording
-    the trial's end and its round's new decision in the serving transaction; the promotion hook runs
-    after, as for a round's own promotion."""
+    """Serve the candidate, recording the trial's end and its round's new decision in the serving
+    transaction; the promotion hook runs after, as for a round's own promotion. A winning arm's BM25
+    share is written into the candidate's folder in that transaction, once the trial is known to be
+    still running (nothing can end it or discard the folder meanwhile), before anything serves it."""
     from stages.fusion import write_model_bm25_weight
 
     records = RoundStore(registry.conn)
     said = f"the candidate's hits were used more: {reason}"
     share = trial.arm_shares[arm]
-    if share is not None:
-        try:
-            write_model_bm25_weight(Path(trial.path), share, f"interleaved trial {trial.id}, arm {arm}")
-        except OSError as exc:  # its folder went or cannot be written: the trial cannot serve it
-            return _end(registry, store, trial, STOPPED, f"not promoted: cannot write its share: {exc}")
 
     def with_serving() -> None:
         if not store.write_end(trial.id, GAIN, said):  # superseded or ended meanwhile: nothing serves
             raise TrialEnded(f"trial {trial.id} ended before its promotion")
+        if share is not None:
+            write_model_bm25_weight(Path(trial.path), share, f"interleaved trial {trial.id}, arm {arm}")
         if trial.round_id is not None:
             records.write_trial_promotion(
                 trial.round_id, trial.model_id, f"promoted by interleaved trial {trial.id}: {said}"
@@ -293,7 +298,7 @@ def _promote(
         return TrialCheck(trial.id, store.get(trial.id).result or "ended", str(exc))
     except ServingChanged as exc:
         return _end(registry, store, trial, SERVING_CHANGED, f"not promoted: {exc}")
-    except RegistryError as exc:  # its folder went between the check and the promotion
+    except (RegistryError, OSError) as exc:  # its folder went, or its share could not be written
         return _end(registry, store, trial, STOPPED, f"not promoted: {exc}")
     log.info("trial_promoted", trial_id=trial.id, version=trial.version, reason=said)
     if settings.promotion.on_promote and trial.round_id is not None:

@@ -229,7 +229,9 @@ def model_trial_shares(model_path: Path) -> list[float]:
         return []
     if not isinstance(shares, list):
         return []
-    valid = [float(w) for w in shares if isinstance(w, int | float) and 0.0 <= w <= 1.0]
+    valid = [
+        float(w) for w in shares if isinstance(w, int | float) and not isinstance(w, bool) and 0 <= w <= 1
+    ]
     return list(dict.fromkeys(valid)) if len(valid) == len(shares) else []
 
 

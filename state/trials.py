@@ -3,8 +3,8 @@
 A trial pits a registered, never-promoted candidate against the version it was judged against
 (`replacing_id`; None: the base model). `serve` reads the running trial every poll and mixes the
 candidate's hits into `share` of its searches; each such query is logged with the trial's id and the
-team of each hit, and the arm (the BM25 share the candidate was tried at) when the trial has more
-than one. The daemon tallies those answers' events and ends the trial (stages/interleaving.py
+team of each hit, and its arm (which of the trial's BM25 shares the candidate was tried at; 0 for a
+trial with one). The daemon tallies those answers' events and ends the trial (stages/interleaving.py
 decides, daemon/trials.py acts). At most one trial runs at a time: opening one ends the one before.
 """
 
@@ -61,9 +61,22 @@ class TrialRecord:
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> TrialRecord:
         values = {name: row[name] for name in cls.__dataclass_fields__}
-        values["arms"] = tuple(float(w) for w in json.loads(values["arms"] or "[]"))
-        values["arms_out"] = tuple(int(a) for a in json.loads(values["arms_out"] or "[]"))
+        values["arms"] = tuple(float(w) for w in _json_list(values["arms"]))
+        values["arms_out"] = tuple(int(a) for a in _json_list(values["arms_out"]))
         return cls(**values)
+
+
+def _json_list(text: str | None) -> list:
+    """A JSON list of numbers as this module writes them; anything else reads as [] (one arm, none out)
+    rather than stopping every reader of the trial (the daemon's start, `status`, `trial stop`)."""
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    ok = isinstance(value, list) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in value
+    )
+    return value if ok else []
 
 
 @dataclass(frozen=True)

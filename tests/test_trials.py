@@ -433,14 +433,77 @@ def test_at_start_a_version_a_kill_left_unserved_is_removed_and_the_trials_candi
     assert Path(trial.path).is_dir()
 
 
-def _log_trial_answer(conn, trial_id: int, query_id: str, text: str, teams: list[str], client: str = "app"):
+def _log_trial_answer(
+    conn,
+    trial_id: int,
+    query_id: str,
+    text: str,
+    teams: list[str],
+    client: str = "app",
+    arm: int | None = None,
+):
     from state.query_log import LoggedQuery, QueryLog
 
     hits = list(range(100, 100 + len(teams)))
     QueryLog(conn).record_queries(
-        [LoggedQuery(query_id, text, client, "http", "hybrid", "base", "x", hits, trial_id, teams)]
+        [LoggedQuery(query_id, text, client, "http", "hybrid", "base", "x", hits, trial_id, teams, arm)]
     )
     return hits
+
+
+def test_each_arm_has_its_own_question_cap_and_a_stale_gain_writes_no_share(make_settings, tmp_path):
+    from daemon.trials import _promote, check_trial
+    from stages.fusion import model_bm25_weight
+    from state.trials import SUPERSEDED, TrialStore
+
+    settings, layout, db, registry, trial = _trial_state(
+        make_settings, tmp_path, arms=[0.3, 0.05], trial_max_questions=3
+    )
+    teams = ["served", "candidate"]
+    for number in range(4):
+        _log_trial_answer(db.conn, trial.id, f"a{number}", QUESTIONS[number], teams, arm=0)
+    for number in range(2):
+        _log_trial_answer(db.conn, trial.id, f"b{number}", QUESTIONS[number], teams, "other", arm=1)
+    running = check_trial(settings, layout, db.conn, now=_later())
+    assert (
+        running.result == "running"
+        and "4 interleaved" in running.reason
+        and "2 interleaved" in running.reason
+    )
+    _log_trial_answer(db.conn, trial.id, "b2", QUESTIONS[2], teams, "other", arm=1)
+    spent = check_trial(settings, layout, db.conn, now=_later())
+    assert spent.result == "expired", spent.reason
+
+    store = TrialStore(db.conn)
+    store.conn.execute("DELETE FROM trials")  # the same candidate again (test set-up only)
+    again, _ = store.open(
+        round_id=trial.round_id,
+        model_id=registry.register(Path(settings.model.base)).id,
+        path=str(registry.register(Path(settings.model.base)).path),
+        replacing_id=None,
+        variant="candidate",
+        share=1.0,
+        arms=[0.3, 0.05],
+    )
+    assert store.end(again.id, SUPERSEDED, "superseded by round 9's candidate")
+    stale = _promote(settings, layout, registry, store, again, "40 won, 10 lost", arm=1)
+    assert stale.result == SUPERSEDED and registry.current() is None
+    assert model_bm25_weight(Path(again.path)) is None  # its share was not written
+
+
+def test_the_share_a_search_is_asked_with_changes_how_it_fuses(make_settings, tmp_path):
+    """An arm's share reaches the fusion: BM25 alone and dense alone rank the same chunks differently."""
+    from daemon.search import search_many
+
+    settings, _layout, _db, _registry, _trial = _trial_state(make_settings, tmp_path)
+    rankings = {
+        share: [
+            [hit.chunk_id for hit in a.hits]
+            for a in search_many(settings, QUESTIONS, k=4, mode="hybrid", bm25_weight=share)
+        ]
+        for share in (0.0, 1.0)
+    }
+    assert rankings[0.0] != rankings[1.0]
 
 
 def test_the_tally_reads_events_by_chunk_or_position_settled_and_once_per_client_and_question(
@@ -538,6 +601,31 @@ def test_a_database_from_before_trials_is_migrated_and_its_log_kept(tmp_path):
     [exported] = list(QueryLog(conn).export())
     assert exported["trial_id"] is None and exported["teams"] is None
     assert conn.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 0
+
+
+def test_a_trial_running_before_arms_reads_as_one_arm_and_its_questions_as_that_arms(tmp_path):
+    from datetime import UTC, datetime, timedelta
+
+    from state.db import connect, migrate
+    from state.trials import TrialStore
+
+    conn = connect(tmp_path / "embedtune.db")
+    migrate(conn, target=17)
+    conn.execute(
+        "INSERT INTO trials (round_id, model_id, path, replacing_id, variant, share, started) "
+        "VALUES (NULL, 4, '/x', NULL, 'candidate', 0.2, '2026-12-01T00:00:00+00:00')"
+    )
+    conn.execute(
+        "INSERT INTO queries (query_id, user_query, client_id, source, mode, model_version, collection, "
+        "hit_ids, at, trial_id, teams) VALUES ('q', 'what carves valleys', 'app', 'http', 'hybrid', 'base', "
+        "'c', '[1, 2]', '2026-12-01T00:00:00+00:00', 1, '[\"served\", \"candidate\"]')"
+    )
+    migrate(conn)
+    store = TrialStore(conn)
+    trial = store.running()
+    assert trial.arms == () and trial.arm_shares == [None] and trial.active_arms == [0]
+    [answer] = store.settled_answers(trial.id, datetime.now(UTC) + timedelta(days=30), 900)
+    assert answer.arm == 0 and answer.teams == ["served", "candidate"]
 
 
 def test_an_operator_stops_a_trial_and_serve_follows(make_settings, tmp_path, capsys):
