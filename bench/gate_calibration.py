@@ -347,9 +347,10 @@ def run_round(settings, prepared: Path, folder: Path, recipe: dict, seed: int) -
     settings = settings.model_copy(deep=True)
     settings.paths.state_dir = state
     settings.training.seed = seed
-    settings.training.learning_rate = recipe["learning_rate"]
+    if "learning_rate" in recipe:  # absent: the product's defaults (--defaults)
+        settings.training.learning_rate = recipe["learning_rate"]
     settings.training.epochs = recipe.get("epochs", settings.training.epochs)
-    settings.query_log.train_on_clicks = recipe["train_on_clicks"]
+    settings.query_log.train_on_clicks = recipe.get("train_on_clicks", settings.query_log.train_on_clicks)
     if "freeze_word_embeddings" in recipe:
         settings.training.freeze_word_embeddings = recipe["freeze_word_embeddings"]
     settings.logging.level = "info"
@@ -369,7 +370,13 @@ def run_round(settings, prepared: Path, folder: Path, recipe: dict, seed: int) -
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     steps_file = round_dir / "steps.json"
     return {
-        "recipe": {**recipe, "seed": seed, "epochs": settings.training.epochs},
+        "recipe": {
+            **recipe,
+            "seed": seed,
+            "epochs": settings.training.epochs,
+            "learning_rate": settings.training.learning_rate,
+            "train_on_clicks": settings.query_log.train_on_clicks,
+        },
         "state": row["state"],
         "decision": row["decision"],
         "cause": row["cause"],
@@ -381,12 +388,21 @@ def run_round(settings, prepared: Path, folder: Path, recipe: dict, seed: int) -
         "heldout_gain": (metrics.get("gains", {}).get("candidate") or {}).get("heldout"),
         "clicked_pairs": _count_lines(round_dir / "clicked.jsonl"),
         "steps": json.loads(steps_file.read_text()) if steps_file.exists() else [],
-        "candidate": str(round_dir / "candidate"),
+        # the variant a trial tries (else the round's best, else the candidate): with merges on, a merge
+        "candidate": str(round_dir / _judged_variant(trial, metrics.get("best"), round_dir)),
         "trial": {"id": trial.id, "variant": trial.variant, "model": trial.version, "arms": list(trial.arms)}
         if trial
         else None,
         "seconds": round(time.monotonic() - started, 1),
     }
+
+
+def _judged_variant(trial, best: str | None, round_dir: Path) -> str:
+    if trial is not None:
+        return trial.variant
+    if best and best != "current" and (round_dir / best).is_dir():
+        return best
+    return "candidate"
 
 
 def _count_lines(path: Path) -> int:
@@ -579,6 +595,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-minutes", type=float, default=4.0, help="training.max_minutes")
     parser.add_argument("--asked-min-queries", type=int, default=30, help="promotion.asked_min_queries")
     parser.add_argument("--ppi-min-gold", type=int, default=50, help="promotion.ppi_min_gold")
+    parser.add_argument(
+        "--defaults",
+        action="store_true",
+        help="train and merge on the product's defaults (learning rate, pairs, minutes, merges, clicks): "
+        "--max-pairs, --max-minutes and the recipes' settings are not applied; only the rounds' seeds vary",
+    )
     parser.add_argument("--work", type=Path, help="work folder, kept (default: a temporary one, removed)")
     parser.add_argument("--out", type=Path, help="write every number as JSON here")
     return parser
@@ -621,6 +643,9 @@ def main() -> int:
         },
         "logging": {"level": "warning", "format": "console"},
     }
+    if args.defaults:  # only what the bench needs: it starts the rounds itself
+        sections["training"] = {"min_new_samples": 10**9}
+        sections["promotion"] = {}
     if args.base:
         sections["model"] = {"base": args.base}
     config = write_config(work / "config.toml", sections)
@@ -655,7 +680,7 @@ def main() -> int:
     rounds = []
     numbers = [int(n) for n in args.recipes.split(",")] if args.recipes else range(1, args.rounds + 1)
     for number in numbers:
-        recipe = RECIPES[(number - 1) % len(RECIPES)]
+        recipe = {} if args.defaults else RECIPES[(number - 1) % len(RECIPES)]
         folder = work / f"round-{number}"
         shutil.rmtree(folder, ignore_errors=True)
         result = run_round(settings, settings.paths.state_dir, folder, recipe, args.seed + number)
