@@ -388,21 +388,13 @@ def run_round(settings, prepared: Path, folder: Path, recipe: dict, seed: int) -
         "heldout_gain": (metrics.get("gains", {}).get("candidate") or {}).get("heldout"),
         "clicked_pairs": _count_lines(round_dir / "clicked.jsonl"),
         "steps": json.loads(steps_file.read_text()) if steps_file.exists() else [],
-        # the variant a trial tries (else the round's best, else the candidate): with merges on, a merge
-        "candidate": str(round_dir / _judged_variant(trial, metrics.get("best"), round_dir)),
+        # the model a trial tries (a merge is kept only in its version folder), else the candidate
+        "candidate": trial.path if trial is not None else str(round_dir / "candidate"),
         "trial": {"id": trial.id, "variant": trial.variant, "model": trial.version, "arms": list(trial.arms)}
         if trial
         else None,
         "seconds": round(time.monotonic() - started, 1),
     }
-
-
-def _judged_variant(trial, best: str | None, round_dir: Path) -> str:
-    if trial is not None:
-        return trial.variant
-    if best and best != "current" and (round_dir / best).is_dir():
-        return best
-    return "candidate"
 
 
 def _count_lines(path: Path) -> int:

@@ -111,6 +111,8 @@ def main() -> int:
     from state.registry import ModelRegistry
 
     source = layout.round_dir(trial.round_id) / trial.variant
+    if not source.is_dir():  # a merge is written only into its version folder (this copy's)
+        source = layout.versions / str(trial.model_id)
     copy = ModelRegistry(conn, layout).register(source, round_id=trial.round_id, metrics={"trial": True})
     arms = list(trial.arms)  # the shares its round named for the trial (two arms, or none)
     if args.candidate_share is not None:
