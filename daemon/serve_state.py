@@ -432,9 +432,8 @@ class ServeState:
         conn = connect(self.layout.database, readonly=True)
         try:
             return TrialStore(conn).running()
-        except (
-            sqlite3.OperationalError
-        ):  # no trials table or arms (schema < 18): the daemon has not migrated yet
+        # no trials table, or no arms (schema < 18): the daemon has not migrated yet
+        except sqlite3.OperationalError:
             return None
         finally:
             conn.close()

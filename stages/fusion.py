@@ -220,32 +220,34 @@ def pick_weight(sweep: Mapping[str, float], default: float) -> float:
     return min(tied, key=lambda w: abs(w - default))
 
 
+def read_model_choice(model_path: Path) -> dict:
+    """The model version's retrieval file (its BM25 share and how it was chosen); {} when it has none
+    or it cannot be read."""
+    try:
+        choice = json.loads((Path(model_path) / RETRIEVAL_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return choice if isinstance(choice, dict) else {}
+
+
+def _is_share(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 def model_trial_shares(model_path: Path) -> list[float]:
     """The BM25 shares its round asked an interleaved trial to try this model at (stages/round_steps.py
     `events_trial_shares`); [] when it named none (the trial tries its `bm25_weight`)."""
-    try:
-        shares = json.loads((Path(model_path) / RETRIEVAL_FILE).read_text(encoding="utf-8"))["trial_shares"]
-    except (OSError, ValueError, KeyError, TypeError):
+    shares = read_model_choice(model_path).get("trial_shares")
+    if not isinstance(shares, list) or not all(_is_share(w) for w in shares):
         return []
-    if not isinstance(shares, list):
-        return []
-    valid = [
-        float(w) for w in shares if isinstance(w, int | float) and not isinstance(w, bool) and 0 <= w <= 1
-    ]
-    return list(dict.fromkeys(valid)) if len(valid) == len(shares) else []
+    return list(dict.fromkeys(float(w) for w in shares))
 
 
 def write_model_bm25_weight(model_path: Path, weight: float, chosen_on: str) -> None:
     """Set the share this model version is served with (a trial's winning arm), keeping the rest of
     its retrieval file; written whole to a temporary file and renamed, so no reader sees half of it."""
+    choice = {**read_model_choice(model_path), "bm25_weight": weight, "chosen_on": chosen_on}
     path = Path(model_path) / RETRIEVAL_FILE
-    try:
-        choice = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(choice, dict):
-            choice = {}
-    except (OSError, ValueError):
-        choice = {}
-    choice.update({"bm25_weight": weight, "chosen_on": chosen_on})
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(choice, indent=2), encoding="utf-8")
     partial.replace(path)
@@ -253,8 +255,5 @@ def write_model_bm25_weight(model_path: Path, weight: float, chosen_on: str) -> 
 
 def model_bm25_weight(model_path: Path) -> float | None:
     """The BM25 share chosen for this model version on the user's queries, if one was."""
-    try:
-        value = json.loads((Path(model_path) / RETRIEVAL_FILE).read_text(encoding="utf-8"))["bm25_weight"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return float(value) if isinstance(value, int | float) and 0.0 <= value <= 1.0 else None
+    value = read_model_choice(model_path).get("bm25_weight")
+    return float(value) if _is_share(value) else None
