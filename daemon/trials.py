@@ -49,7 +49,8 @@ def trial_refusal(cause: str | None, interval: tuple[float, float] | None, best:
         return "no variant ranked above the model in service"
     if cause not in TRIAL_CAUSES:
         return f"the round was rejected for {cause}, not for want of evidence"
-    if interval is not None and interval[1] <= 0:
+    # a point interval at zero (the held-out set ranks both models alike) is no evidence either way
+    if interval is not None and interval[1] <= 0 and interval[0] < 0:
         return "its interval lies at or below zero"
     return ""
 
